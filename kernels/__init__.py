@@ -1,0 +1,1 @@
+"""Fused Triton kernels of sambayes, one file per phase (installed as ``sambayes.kernels``)."""

@@ -1,0 +1,332 @@
+"""What bSAM and SAM share: two gradient passes per sub-batch, the phase API,
+gradient bookkeeping, non-finite skipping, tier dispatch and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+
+# phases of a step, in order: at rest -> sampled -> perturbed -> (sampled -> perturbed)* -> at rest
+_REST, _SAMPLED, _PERTURBED = "at rest", "sampled", "perturbed"
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """float64 state for float64 parameters, float32 master state otherwise."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None) -> None:
+    """ValueError naming the argument unless low <(=) value (< high)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: expected a finite number")
+    if value < low or (low_open and value == low) or (high is not None and value >= high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name}={value!r}: must be {bound}")
+
+
+def check_betas(betas: Any) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas={betas!r}: expected a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, high=1.0)
+
+
+def split_batch(*tensors: torch.Tensor, splits: int) -> list[tuple[torch.Tensor, ...]]:
+    """Cut a minibatch into ``splits`` equal consecutive sub-batches (ALGORITHM.md's B_1..B_k).
+
+    Returns one tuple of views per sub-batch. ValueError if ``splits`` does not
+    divide the batch size (dimension 0) or the tensors disagree on it.
+    """
+    _check_splits(splits)
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"split_batch: tensors have different batch sizes {sorted(sizes)}")
+    (size,) = sizes
+    if size % splits:
+        raise ValueError(f"splits={splits} does not divide the batch size {size}")
+    return list(zip(*(t.chunk(splits) for t in tensors)))
+
+
+def _check_splits(splits: Any) -> None:
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits={splits!r}: must be an integer >= 1")
+
+
+class TwoPassOptimizer(Optimizer):
+    """Base of :class:`BSAM` and :class:`SAM`.
+
+    Subclasses set ``_rest_key`` (the state tensor the parameters equal at rest),
+    implement ``_init_state``, ``_sample_group``, ``_perturb`` and ``_update_group``,
+    and validate their hyperparameters in ``_check_group``.
+    """
+
+    _rest_key = "mean"
+
+    def __init__(self, params, defaults: dict[str, Any], backend: str) -> None:
+        self.backend = backends.check_backend(backend)
+        defaults = dict(defaults, step=0, skipped_steps=0)
+        super().__init__(params, defaults)
+        self._phase = _REST
+        self._split = 0  # sub-batches sampled since the last update
+        self._skip = False  # a non-finite gradient was seen in this step
+        self._grad_sums: dict[torch.Tensor, torch.Tensor | None] = {}  # perturbed-gradient sums, stashed
+        self._versions: dict[torch.Tensor, int] = {}  # param._version when we last wrote it
+        self._ascended: set[torch.Tensor] = set()  # params that got a gradient in perturb() this step
+        self._stats: dict[torch.Tensor, torch.Tensor] = {}  # per-step scratch of subclasses
+
+    # ---- hyperparameters -------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name, value in (("_phase", _REST), ("_split", 0), ("_skip", False)):
+            self.__dict__.setdefault(name, value)
+        self.__dict__.setdefault("_grad_sums", {})
+        self.__dict__.setdefault("_versions", {})
+        self.__dict__.setdefault("_ascended", set())
+        self.__dict__.setdefault("_stats", {})
+
+    # ---- bookkeeping ------------------------------------------------------------------
+    @staticmethod
+    def _trainable(group: dict[str, Any]) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.requires_grad]
+
+    def _buckets(self, params: list[torch.Tensor]):
+        """(tier module, params) per (device, dtype): one tier call each."""
+        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for p in params:
+            buckets[(p.device, p.dtype)].append(p)
+        return [(backends.resolve(self.backend, device), ps) for (device, _), ps in buckets.items()]
+
+    def _states(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+        return [self.state[p][key] for p in params]
+
+    def _prepare_state(self, group: dict[str, Any]) -> None:
+        """Create state lazily; follow parameters that were moved or overwritten since we last wrote them."""
+        for p in self._trainable(group):
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state, group)
+                self._versions[p] = p._version
+                continue
+            rest = state[self._rest_key]
+            if rest.device != p.device:  # module.to(device) moved the parameters
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        state[key] = value.to(p.device)
+                rest = state[self._rest_key]
+            if self._versions.get(p) != p._version:
+                # the user changed the weights (e.g. model.load_state_dict): they win,
+                # unless they are just the rounding of our higher-precision copy
+                if not torch.equal(p.detach(), rest.to(p.dtype)):
+                    rest.copy_(p.detach())
+                self._versions[p] = p._version
+
+    def _record_versions(self) -> None:
+        for group in self.param_groups:
+            for p in self._trainable(group):
+                self._versions[p] = p._version
+
+    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+        return grads
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor]) -> bool:
+        """One host sync per device: a norm is non-finite iff some element is."""
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        return all(
+            bool(torch.stack([n.float() for n in torch._foreach_norm(gs)]).isfinite().all())
+            for gs in by_device.values()
+        )
+
+    def _with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(params with a gradient, params without one) of the group's trainable params."""
+        params = self._trainable(group)
+        return [p for p in params if p.grad is not None], [p for p in params if p.grad is None]
+
+    def _restore(self, params: list[torch.Tensor]) -> None:
+        for tier, ps in self._buckets(params):
+            tier.restore(ps, self._states(ps, self._rest_key))
+
+    def _expect(self, *phases: str, action: str) -> None:
+        if self._phase not in phases:
+            raise RuntimeError(
+                f"{action}() called while the optimizer is {self._phase}; a step is "
+                "sample() -> backward -> perturb() -> backward [repeat per sub-batch] -> update()"
+            )
+
+    # ---- the phase API ----------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self) -> None:
+        """Start sub-batch j: put the parameters where the first gradient is taken.
+
+        bSAM: a sample θ = m + z/sqrt(N·s) of the posterior. SAM: the weights w
+        (a point-mass posterior). Clears the gradients; from the second
+        sub-batch on, it sets aside the running sum of the perturbed-point
+        gradients, which :meth:`perturb` puts back.
+        """
+        self._expect(_REST, _PERTURBED, action="sample")
+        for group in self.param_groups:
+            if self._split == 0:
+                self._prepare_state(group)
+            for p in self._trainable(group):
+                if self._split > 0:
+                    self._grad_sums[p] = p.grad
+                p.grad = None
+        for index, group in enumerate(self.param_groups):
+            self._sample_group(index, group)
+        self._phase = _SAMPLED
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        """Move to the adversarial point from the gradients now in ``.grad``.
+
+        Consumes those gradients and hands ``.grad`` back to the perturbed-point
+        pass (holding the sum of the previous sub-batches' perturbed gradients).
+        A non-finite gradient marks the step as skipped and puts the
+        parameters back at rest.
+        """
+        self._expect(_SAMPLED, action="perturb")
+        with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
+        if not self._skip and not self._all_finite(self._grads(with_grad)):
+            self._skip = True
+        if self._skip:
+            for group in self.param_groups:
+                self._restore(self._trainable(group))
+        else:
+            self._perturb()
+            self._ascended.update(with_grad)
+        for group in self.param_groups:
+            for p in self._trainable(group):
+                p.grad = self._grad_sums.pop(p, None)
+        self._split += 1
+        self._phase = _PERTURBED
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Average the sub-batches' perturbed gradients (now in ``.grad``), update the
+        state, and put the parameters back at rest. Skips the whole step, state
+        untouched, if a gradient of either pass was not finite."""
+        self._expect(_PERTURBED, action="update")
+        with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
+        if not self._skip and not self._all_finite(self._grads(with_grad)):
+            self._skip = True
+        for group in self.param_groups:
+            if self._skip:
+                self._restore(self._trainable(group))
+                group["skipped_steps"] += 1
+                continue
+            updated = [p for p in self._with_grad(group)[0] if self._has_ascent(p)]
+            untouched = [p for p in self._trainable(group) if p not in set(updated)]
+            group["step"] += 1
+            self._update_group(group, updated)
+            self._restore(untouched)
+        if self._skip:
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient, step skipped "
+                f"(skipped so far: {self.param_groups[0]['skipped_steps']})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._end_step()
+
+    def _has_ascent(self, p: torch.Tensor) -> bool:
+        return True
+
+    def _end_step(self) -> None:
+        self._split, self._skip, self._phase = 0, False, _REST
+        self._grad_sums.clear()
+        self._ascended.clear()
+        self._record_versions()
+        self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
+
+    # ---- the closure API --------------------------------------------------------------
+    def step(self, closure: Callable[..., Any] | None = None, splits: int = 1) -> torch.Tensor | None:
+        """One whole step of ALGORITHM.md.
+
+        ``closure()`` (``closure(j)`` for sub-batch j when ``splits > 1``) computes
+        the loss, calls ``backward()`` and returns the loss; it is called twice per
+        sub-batch. Do not zero the gradients in it: the optimizer manages them.
+        Returns the mean loss at the perturbed points, detached.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss and calls backward(): "
+                "the method takes two gradients per step; for custom loops use sample(), perturb(), update()"
+            )
+        _check_splits(splits)
+        self._expect(_REST, action="step")
+        losses = []
+        for j in range(splits):
+            self.sample()
+            with torch.enable_grad():
+                closure(j) if splits > 1 else closure()
+            self.perturb()
+            with torch.enable_grad():
+                loss = closure(j) if splits > 1 else closure()
+            losses.append(loss)
+        self.update()
+        if any(loss is None for loss in losses):
+            return None
+        return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._phase != _REST:
+            raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._phase})")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint from any tier. Refuses one for other parameter shapes.
+
+        Unlike ``torch.optim.Optimizer``, keeps float32 master state for
+        low-precision parameters instead of casting it to the parameter dtype.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}"
+            )
+        by_id = dict(zip(saved_ids, params))
+        for pid, saved in state_dict["state"].items():
+            p = by_id.get(pid)
+            for key, value in saved.items():
+                if p is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape "
+                        f"{tuple(value.shape)}, the parameter has shape {tuple(p.shape)}"
+                    )
+        super().load_state_dict(state_dict)
+        for pid, saved in state_dict["state"].items():
+            p = by_id.get(pid)
+            if p is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
+        # between steps the model holds the state it was saved with
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._restore([p for p in self._trainable(group) if self.state.get(p)])
+        self._phase, self._split, self._skip = _REST, 0, False
+        self._grad_sums.clear()
+        self._record_versions()

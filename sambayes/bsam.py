@@ -1,0 +1,185 @@
+"""bSAM: the Bayesian, Adam-like SAM of "SAM as an Optimal Relaxation of Bayes"."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from . import _philox
+from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
+
+
+class BSAM(TwoPassOptimizer):
+    r"""bSAM (Möllenhoff & Khan, ICLR 2023), exactly as the authors' code computes it.
+
+    Learns a Gaussian posterior :math:`q(θ) = N(m, \mathrm{diag}(1/(N s)))` over the
+    weights. One step, with the minibatch cut into ``splits`` sub-batches
+    :math:`B_1..B_k`::
+
+        for j in 1..k:
+            z_j ~ N(0, I)                       # Philox, a function of (seed, step, j, element)
+            θ   = m + z_j / sqrt(N·s)            # noisy sample of the posterior
+            g_j = ∇ L_Bj(θ)
+            θ   = m + ρ · g_j / s                # adversarial point, from the mean
+            h_j = ∇ L_Bj(θ)
+        h̄ = mean_j h_j ;  ā = mean_j sqrt(s)·|g_j|
+        g_m = β1·g_m + (1 − β1)·(h̄ + δ·m)       # momentum
+        m   = m − α·g_m / s                      # mean, with the old precision
+        s   = β2·s + (1 − β2)·(ā + δ + γ)        # precision
+        θ   = m
+
+    Args:
+        params: parameters or parameter groups (every hyperparameter below may be set per group).
+        num_data: N, the training-set size (times the augmentation factor, if any). > 0.
+        lr: α. ``betas``: (β1, β2) in [0, 1). ``rho``: ρ >= 0, the adversarial radius.
+        weight_decay: δ >= 0, the prior precision divided by N.
+        damping: γ >= 0. ``init_precision``: s0 > 0.
+        seed: the noise seed (an int); None draws one from ``torch``'s global generator.
+        backend: "auto", "eager", "foreach", "triton", "cpu" or "cuda" (see :mod:`sambayes.backends`).
+
+    State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
+    for float64 parameters, float32 otherwise. Per group: ``step`` (updates
+    taken), ``skipped_steps`` (steps skipped for a non-finite gradient), ``seed``.
+    The noise of a step is ``noise_seed(seed, group index, step + skipped_steps, j)``
+    (see :mod:`sambayes._philox`), so the same seed gives the same run on every tier.
+    Between steps the model's parameters hold the mean.
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        num_data: float,
+        lr: float = 0.5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        rho: float = 0.01,
+        weight_decay: float = 0.0,
+        damping: float = 0.1,
+        init_precision: float = 1.0,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
+        defaults = dict(
+            num_data=num_data, lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, rho=rho,
+            weight_decay=weight_decay, damping=damping, init_precision=init_precision, seed=seed,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_number("num_data", group["num_data"], low_open=True)
+        check_number("lr", group["lr"])
+        check_betas(group["betas"])
+        check_number("rho", group["rho"])
+        check_number("weight_decay", group["weight_decay"])
+        check_number("damping", group["damping"])
+        check_number("init_precision", group["init_precision"], low_open=True)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = state_dtype(p)
+        state["mean"] = p.detach().to(dtype, copy=True)
+        state["precision"] = torch.full_like(p, group["init_precision"], dtype=dtype)
+        state["momentum"] = torch.zeros_like(p, dtype=dtype)
+
+    # ---- phases -----------------------------------------------------------------------
+    def _sample_group(self, index: int, group: dict[str, Any]) -> None:
+        seed = _philox.noise_seed(group["seed"], index, group["step"] + group["skipped_steps"], self._split)
+        self._draw(group, seed)
+
+    def _draw(self, group: dict[str, Any], seed: int) -> None:
+        """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed)."""
+        offsets, start = {}, 0
+        for p in group["params"]:  # element index: position in the group's flat concatenation
+            offsets[p] = start
+            start += p.numel()
+        for tier, ps in self._buckets(self._trainable(group)):
+            tier.bsam_sample(
+                ps, self._states(ps, "mean"), self._states(ps, "precision"), [offsets[p] for p in ps],
+                num_data=group["num_data"], seed=seed,
+            )
+
+    def _perturb(self) -> None:
+        for group in self.param_groups:
+            params, missing = self._with_grad(group)
+            if self._split > 0:
+                for p in params:
+                    if p not in self._ascended:  # its first gradient of this step came late: sum from 0
+                        self._stat(p).zero_()
+            for tier, ps in self._buckets(params):
+                tier.bsam_perturb(
+                    ps, self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
+                    [self._stat(p) for p in ps], rho=group["rho"], accumulate=self._split > 0,
+                )
+            self._restore(missing)
+
+    def _has_ascent(self, p: torch.Tensor) -> bool:
+        # the precision update needs this step's statistic sqrt(s)·|g|
+        return p in self._ascended
+
+    def _stat(self, p: torch.Tensor) -> torch.Tensor:
+        """Running sum of sqrt(s)·|g| over this step's sub-batches (scratch, not checkpointed)."""
+        stat = self._stats.get(p)
+        if stat is None or stat.device != p.device:
+            stat = self._stats[p] = torch.zeros_like(p, dtype=state_dtype(p))
+        return stat
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        for tier, ps in self._buckets(params):
+            tier.bsam_update(
+                ps, self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
+                self._states(ps, "momentum"), [self._stat(p) for p in ps],
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                damping=group["damping"], splits=self._split,
+            )
+
+    # ---- the posterior ----------------------------------------------------------------
+    def _posterior(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """(param, precision, group) for every trainable parameter; s0 where no state yet."""
+        for group in self.param_groups:
+            for p in self._trainable(group):
+                state = self.state.get(p)
+                if state:
+                    yield p, state["precision"], group
+                else:
+                    yield p, torch.full_like(p, group["init_precision"], dtype=state_dtype(p)), group
+
+    @torch.no_grad()
+    def posterior_variance(self) -> list[torch.Tensor]:
+        """σ² = 1/(N·s) for every trainable parameter, in its shape (state dtype)."""
+        return [1.0 / (group["num_data"] * precision) for _, precision, group in self._posterior()]
+
+    @torch.no_grad()
+    def posterior_std(self) -> list[torch.Tensor]:
+        """σ = 1/sqrt(N·s) for every trainable parameter, in its shape (state dtype)."""
+        return [torch.rsqrt(group["num_data"] * precision) for _, precision, group in self._posterior()]
+
+    @contextlib.contextmanager
+    def sampled_params(self, seed: int = 0) -> Iterator[None]:
+        """Within the block the model holds one sample θ ~ N(m, 1/(N·s)) of the posterior.
+
+        The sample is a pure function of ``seed`` (and the state). On exit, also on
+        an exception, the parameters hold the mean again, exactly. Not allowed in
+        the middle of a step.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+        self._expect("at rest", action="sampled_params")
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._prepare_state(group)
+        try:
+            with torch.no_grad():
+                for index, group in enumerate(self.param_groups):
+                    self._draw(group, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
+            yield
+        finally:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    self._restore(self._trainable(group))
+                self._record_versions()

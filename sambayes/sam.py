@@ -1,0 +1,130 @@
+"""SAM (Foret et al., 2021), the paper's SAM-SGD baseline, with adaptive SAM and an AdamW base."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
+
+BASES = ("sgd", "adamw")
+
+
+class SAM(TwoPassOptimizer):
+    r"""Sharpness-aware minimization; with ``base="sgd"`` exactly the paper's SAM-SGD::
+
+        for j in 1..k:
+            g_j = ∇ L_Bj(w)
+            w'  = w + ρ · g_j / ‖g_j‖₂             # global 2-norm over all parameters
+            h_j = ∇ L_Bj(w')
+        h̄   = mean_j h_j
+        buf = μ·buf + h̄ + δ·w                     # heavy ball, no dampening
+        w   = w − α·buf                            # (nesterov: w − α·(h̄ + δ·w + μ·buf))
+
+    ``adaptive=True`` is ASAM (Kwon et al., 2021): w' = w + ρ·T²g/‖T·g‖₂ with T = |w|.
+    ``base="adamw"`` replaces the last two lines with AdamW on h̄ (``betas``, ``eps``,
+    decoupled ``weight_decay``).
+
+    State per parameter: ``weight`` (w; float32 master weights for low-precision
+    parameters), ``momentum`` (the heavy-ball buffer, or AdamW's first moment) and,
+    for AdamW, ``variance`` (its second moment). Per group: ``step``, ``skipped_steps``.
+    Between steps the model's parameters hold w.
+    """
+
+    _rest_key = "weight"
+
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        rho: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        adaptive: bool = False,
+        base: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        backend: str = "auto",
+    ) -> None:
+        if base not in BASES:
+            raise ValueError(f"base={base!r}: choose one of {BASES}")
+        self.base = base
+        defaults = dict(
+            lr=lr, rho=rho, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+            adaptive=adaptive, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+        )
+        super().__init__(params, defaults, backend)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_number("lr", group["lr"])
+        check_number("rho", group["rho"])
+        check_number("momentum", group["momentum"], high=1.0)
+        check_number("weight_decay", group["weight_decay"])
+        check_betas(group["betas"])
+        check_number("eps", group["eps"], low_open=True)
+        for flag in ("nesterov", "adaptive"):
+            if not isinstance(group[flag], bool):
+                raise ValueError(f"{flag}={group[flag]!r}: expected True or False")
+        if group["nesterov"] and (self.base != "sgd" or group["momentum"] == 0):
+            raise ValueError("nesterov=True needs base='sgd' and momentum > 0")
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        dtype = state_dtype(p)
+        state["weight"] = p.detach().to(dtype, copy=True)
+        state["momentum"] = torch.zeros_like(p, dtype=dtype)
+        if self.base == "adamw":
+            state["variance"] = torch.zeros_like(p, dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["base"] = self.base
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base = state_dict.get("base", self.base)
+        if base != self.base:
+            raise ValueError(f"state_dict is for SAM(base={base!r}), this optimizer has base={self.base!r}")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})
+
+    # ---- phases -----------------------------------------------------------------------
+    def _sample_group(self, index: int, group: dict[str, Any]) -> None:
+        if self._split > 0:  # the previous sub-batch left the parameters at its adversarial point
+            self._restore(self._trainable(group))
+
+    def _perturb(self) -> None:
+        work = []
+        for group in self.param_groups:
+            params, missing = self._with_grad(group)
+            self._restore(missing)
+            work += [(group, tier, ps) for tier, ps in self._buckets(params)]
+        if not work:
+            return
+        # the global 2-norm over all parameters, kept on the device (no host sync)
+        sq = [tier.sam_sq_norm(self._grads(ps), self._states(ps, "weight"), adaptive=g["adaptive"]) for g, tier, ps in work]
+        device = sq[0].device
+        norm = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum().sqrt()
+        for group, tier, ps in work:
+            scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
+            tier.sam_perturb(
+                ps, self._grads(ps), self._states(ps, "weight"),
+                scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])), adaptive=group["adaptive"],
+            )
+
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        for tier, ps in self._buckets(params):
+            grads, weights, momentums = self._grads(ps), self._states(ps, "weight"), self._states(ps, "momentum")
+            if self.base == "sgd":
+                tier.sam_update_sgd(
+                    ps, grads, weights, momentums, lr=group["lr"], momentum=group["momentum"],
+                    weight_decay=group["weight_decay"], nesterov=group["nesterov"], splits=self._split,
+                )
+            else:
+                beta1, beta2 = group["betas"]
+                tier.sam_update_adamw(
+                    ps, grads, weights, momentums, self._states(ps, "variance"), lr=group["lr"],
+                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    step=group["step"], splits=self._split,
+                )
