@@ -15,7 +15,8 @@ setup(
     install_requires=["torch>=2.4", "tqdm>=4.60"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6", "pytorch-optimizer>=3.0"],
+        "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-learn>=1.2", "matplotlib>=3.6", "pytorch-optimizer>=3.0", "ninja", "pybind11"],
     },
     entry_points={"console_scripts": ["sambayes=sambayes.__main__:main"]},
 )

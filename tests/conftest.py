@@ -1,10 +1,23 @@
 import json
+import os
 import pathlib
 
-import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors:
+# set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sambayes import backends  # noqa: E402
+
 DATA = pathlib.Path(__file__).parent / "data"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: Every tier that can run here, on the device the tests use.
+AVAILABLE_TIERS = [t for t in backends.TIERS if backends.why_unavailable(t, DEVICE) is None]
 
 
 def load_golden(name: str) -> dict:
@@ -14,10 +27,10 @@ def load_golden(name: str) -> dict:
 class GoldenMLP(torch.nn.Module):
     """The golden files' model: logits = tanh(x @ w1 + b1) @ w2 + b2 (w stored [in, out])."""
 
-    def __init__(self, init: dict, dtype=torch.float64):
+    def __init__(self, init: dict, dtype=torch.float64, device="cpu"):
         super().__init__()
         for name in ("w1", "b1", "w2", "b2"):
-            setattr(self, name, torch.nn.Parameter(torch.tensor(init[name], dtype=dtype)))
+            setattr(self, name, torch.nn.Parameter(torch.tensor(init[name], dtype=dtype, device=device)))
 
     def forward(self, x):
         return torch.tanh(x @ self.w1 + self.b1) @ self.w2 + self.b2

@@ -1,0 +1,221 @@
+// The per-element math of every phase, shared by the CPU kernels (cpu_kernels.cpp)
+// and the CUDA kernels (cuda_kernels.cu) so that both run the very same arithmetic.
+//
+// Each phase is one function of the element's loaded values; `acc_t` is the
+// state dtype (float for float32/bfloat16/float16 parameters, double for
+// float64 ones) and all math runs in it. Line for line with sambayes/_eager.py.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SB_HD __host__ __device__ __forceinline__
+#else
+#define SB_HD inline __attribute__((always_inline))
+#endif
+
+namespace sambayes {
+
+// ---- Philox4x32-10 + Box-Muller: z(seed, offset), exactly Triton's tl.randn ----------
+
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
+constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
+constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
+
+struct PhiloxWords {
+  uint32_t w0, w1, w2, w3;
+};
+
+// The four words for counter (c0, c1, 0, 0) and key (k0, k1) = (seed lo, seed hi).
+SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+  uint32_t c2 = 0, c3 = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p = static_cast<uint64_t>(kPhiloxRoundA) * c0;
+    const uint64_t q = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(q >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(q);
+    c3 = static_cast<uint32_t>(p);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return {c0, c1, c2, c3};
+}
+
+// Triton's uint_to_uniform_float: the word read as int32, bit-inverted when negative.
+SB_HD float uint_to_uniform(uint32_t x) {
+  const int32_t s = static_cast<int32_t>(x);
+  const int32_t folded = s < 0 ? ~s : s;
+  return static_cast<float>(folded) * 4.6566127342e-10f;
+}
+
+// ln(x) for normal x > 0, float32, Cephes logf (peak error about 1 ulp). Branch-free
+// (selects only) so that compilers vectorize it; the same polynomial on CPU and GPU.
+SB_HD float log_f32(float x) {
+  union {
+    float f;
+    uint32_t u;
+  } bits = {x};
+  int32_t exponent = static_cast<int32_t>(bits.u >> 23) - 126;  // x = m * 2^exponent, m in [0.5, 1)
+  bits.u = (bits.u & 0x007FFFFFu) | 0x3F000000u;
+  float m = bits.f;
+  const bool small = m < 0.707106781186547524f;  // fold m into [sqrt(1/2), sqrt(2))
+  exponent -= small ? 1 : 0;
+  const float f = (small ? m + m : m) - 1.0f;
+  const float e = static_cast<float>(exponent);
+  const float f2 = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * f2;
+  y += -2.12194440e-4f * e;  // ln 2 split in two parts keeps e*ln2 exact
+  y += -0.5f * f2;
+  return (f + y) + 0.693359375f * e;
+}
+
+// cos(x) for 0 <= x < 8192, float32, Cephes cosf (peak error about 1 ulp): octant
+// reduction with pi/4 in three parts, then the sine or cosine polynomial.
+SB_HD float cos_f32(float x) {
+  int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
+  j += j & 1;                                               // even octant: reduce to [-pi/4, pi/4]
+  const float y = static_cast<float>(j);
+  j &= 7;
+  const bool negate = j == 2 || j == 4;  // cos(x) over octants 0, 2, 4, 6 is cos r, -sin r, -cos r, sin r
+  const bool use_sin = j == 2 || j == 6;
+  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const float r2 = r * r;
+  const float sin_r = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
+  const float cos_r =
+      ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 - 0.5f * r2 + 1.0f;
+  const float v = use_sin ? sin_r : cos_r;
+  return negate ? -v : v;
+}
+
+// Box-Muller on Philox words 0 and 1 (cosine branch), all in float32 as tl.randn does.
+SB_HD float randn_from_words(uint32_t w0, uint32_t w1) {
+  float u1 = uint_to_uniform(w0);
+  u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
+  const float u2 = uint_to_uniform(w1);
+  const float radius = -2.0f * log_f32(u1);
+  return sqrtf(radius) * cos_f32(6.2831855f * u2);
+}
+
+// z = tl.randn(seed, offset) with offset = (c1 << 32) | c0.
+SB_HD float philox_randn(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+  const PhiloxWords w = philox4x32_10(c0, c1, k0, k1);
+  return randn_from_words(w.w0, w.w1);
+}
+
+// ---- bSAM ------------------------------------------------------------------------------
+
+template <typename T>
+SB_HD T sqrt_acc(T x);
+template <>
+SB_HD float sqrt_acc<float>(float x) {
+  return sqrtf(x);
+}
+template <>
+SB_HD double sqrt_acc<double>(double x) {
+  return sqrt(x);
+}
+
+template <typename T>
+SB_HD T abs_acc(T x) {
+  return x < T(0) ? -x : x;
+}
+
+// θ = m + z / sqrt(N·s): a sample of the posterior.
+template <typename T>
+SB_HD T bsam_sample_param(T mean, T precision, T z, T num_data) {
+  return mean + z / sqrt_acc<T>(num_data * precision);
+}
+
+// θ = m + ρ·g/s (from the mean); a = sqrt(s)·|g|, summed over sub-batches into the stat.
+template <typename T>
+SB_HD T bsam_perturb_param(T grad, T mean, T precision, T rho) {
+  return mean + rho * grad / precision;
+}
+template <typename T>
+SB_HD T bsam_precision_stat(T grad, T precision) {
+  return sqrt_acc<T>(precision) * abs_acc<T>(grad);
+}
+
+template <typename T>
+struct BsamUpdateCoeffs {
+  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping;
+};
+
+// momentum, mean (with the precision before this step's update), precision; θ = m after.
+template <typename T>
+SB_HD void bsam_update_element(T grad_sum, T stat_sum, T& mean, T& precision, T& momentum,
+                               const BsamUpdateCoeffs<T>& c) {
+  const T h = grad_sum / c.splits;
+  const T a = stat_sum / c.splits;
+  // momentum
+  momentum = c.beta1 * momentum + c.one_minus_beta1 * (h + c.weight_decay * mean);
+  // mean step, divided by the old precision
+  mean = mean - c.lr * momentum / precision;
+  // precision
+  precision = c.beta2 * precision + c.one_minus_beta2 * (a + c.weight_decay + c.damping);
+}
+
+// ---- SAM ------------------------------------------------------------------------------
+
+// (T·g)², T = |w| if adaptive else 1: one term of the squared global norm.
+template <typename T>
+SB_HD T sam_sq_term(T grad, T weight, bool adaptive) {
+  const T tg = adaptive ? grad * abs_acc<T>(weight) : grad;
+  return tg * tg;
+}
+
+// w' = w + scale·T²·g with scale = ρ/‖T·g‖₂.
+template <typename T>
+SB_HD T sam_perturb_param(T grad, T weight, T scale, bool adaptive) {
+  return weight + scale * (adaptive ? weight * weight : T(1)) * grad;
+}
+
+template <typename T>
+struct SgdCoeffs {
+  T splits, lr, momentum, weight_decay;
+  bool nesterov;
+};
+
+// heavy ball without dampening on the mean perturbed-point gradient.
+template <typename T>
+SB_HD void sam_sgd_element(T grad_sum, T& weight, T& buf, const SgdCoeffs<T>& c) {
+  const T d = grad_sum / c.splits + c.weight_decay * weight;
+  buf = c.momentum * buf + d;
+  // nesterov looks ahead along the new buffer
+  const T direction = c.nesterov ? d + c.momentum * buf : buf;
+  weight = weight - c.lr * direction;
+}
+
+template <typename T>
+struct AdamwCoeffs {
+  T splits, decay_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size;
+};
+
+// AdamW with decoupled weight decay; step_size = lr / (1 - beta1^step).
+template <typename T>
+SB_HD void sam_adamw_element(T grad_sum, T& weight, T& m, T& v, const AdamwCoeffs<T>& c) {
+  const T h = grad_sum / c.splits;
+  weight = weight * c.decay_factor;
+  m = c.beta1 * m + c.one_minus_beta1 * h;
+  v = c.beta2 * v + c.one_minus_beta2 * h * h;
+  const T denom = sqrt_acc<T>(v / c.bias2) + c.eps;
+  weight = weight - c.step_size * m / denom;
+}
+
+}  // namespace sambayes

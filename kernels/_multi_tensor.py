@@ -1,0 +1,172 @@
+"""Multi-tensor launching: one kernel launch for all tensors of a (device, dtype) group.
+
+Parameters stay ordinary, separately allocated tensors, so a kernel finds them
+through a *tensor table*: one int64 device buffer laid out as
+
+    [tensor index, element start] * num_blocks      one pair per program (block)
+    [numel, noise offset, ptr_0, ..., ptr_{R-1}] * T  one record per tensor
+
+where ``ptr_r`` is the address of the tensor's role ``r`` (param, grad, mean,
+...). Program ``pid`` reads its pair, then its tensor's record, casts the
+addresses to typed pointers and processes ``BLOCK`` elements starting at
+``start``. The table is built on the host once per list of tensors and cached,
+keyed by its own content (addresses, sizes, noise offsets): a reallocated tensor
+changes the key, and an equal key means an identical table, so a cached table
+is never stale.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+#: Elements per program: 8 per thread at 4 warps, i.e. two 128-bit accesses per fp32 stream.
+BLOCK = 1024
+NUM_WARPS = 4
+#: Cached tables (LRU): a few per optimizer and parameter group is the working set.
+_CACHE_SIZE = 256
+_cache: OrderedDict[tuple, "TensorTable"] = OrderedDict()
+
+TL_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+class TensorTable:
+    """A device tensor table (see the module docstring) and what a launch needs from it."""
+
+    __slots__ = ("table", "num_blocks", "aligned", "_pinned")
+
+    def __init__(self, roles: list[list[torch.Tensor]], noise_offsets: list[int] | None) -> None:
+        first = roles[0]
+        device = first[0].device
+        numels = torch.tensor([t.numel() for t in first], dtype=torch.int64)
+        for role in roles[1:]:
+            for a, b in zip(first, role):
+                if a.numel() != b.numel():
+                    raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
+        offsets = torch.tensor(noise_offsets if noise_offsets is not None else [0] * len(first), dtype=torch.int64)
+        ptrs = torch.tensor([[t.data_ptr() for t in role] for role in roles], dtype=torch.int64).reshape(len(roles), -1)
+        records = torch.cat([numels[None], offsets[None], ptrs]).T.reshape(-1)
+        blocks_per_tensor = (numels + BLOCK - 1) // BLOCK
+        num_blocks = int(blocks_per_tensor.sum())
+        tensor_index = torch.repeat_interleave(torch.arange(len(first), dtype=torch.int64), blocks_per_tensor)
+        first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
+        start = (torch.arange(num_blocks, dtype=torch.int64) - first_block[tensor_index]) * BLOCK
+        host = torch.cat([torch.stack([tensor_index, start], 1).reshape(-1), records])
+        self._pinned = None
+        if device.type == "cuda":
+            # pinned + non_blocking: building a table never synchronises the host with the device
+            self._pinned = host.pin_memory()
+            self.table = self._pinned.to(device, non_blocking=True)
+        else:
+            self.table = host.to(device)
+        self.num_blocks = num_blocks
+        # 16-byte aligned bases let the compiler emit 128-bit loads and stores
+        self.aligned = bool(all(t.data_ptr() % 16 == 0 for role in roles for t in role))
+
+
+def tensor_table(roles: list[list[torch.Tensor]], noise_offsets: list[int] | None = None) -> TensorTable:
+    """The (cached) table for parallel lists of tensors; ``roles[r][i]`` is role r of tensor i.
+
+    All tensors must be contiguous; tensor i of every role has the same numel.
+    """
+    key = (
+        roles[0][0].device,
+        tuple(t.numel() for t in roles[0]),
+        tuple(noise_offsets) if noise_offsets is not None else None,
+        *(tuple(t.data_ptr() for t in role) for role in roles),
+    )
+    entry = _cache.get(key)
+    if entry is None:
+        entry = _cache[key] = TensorTable(roles, noise_offsets)
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return entry
+
+
+def split_float(x: float) -> tuple[float, float]:
+    """(hi, lo) float32 values with hi + lo == x to ~48 bits: a float64 scalar for a kernel.
+
+    Triton passes Python floats as float32; the float64 kernels rebuild the value
+    as hi + lo, the float32 ones use hi = float32(x), the rounding PyTorch applies.
+    """
+    hi = ctypes.c_float(x).value
+    return hi, ctypes.c_float(x - hi).value if math.isfinite(hi) else 0.0
+
+
+@triton.jit
+def locate(table, NUM_ROLES: tl.constexpr):
+    """(start, remaining, noise offset, record) of this program's block in the tensor table."""
+    pid = tl.program_id(0)
+    index = tl.load(table + 2 * pid)
+    start = tl.load(table + 2 * pid + 1)
+    record = table + 2 * tl.num_programs(0) + index * (2 + NUM_ROLES)
+    remaining = tl.load(record) - start
+    noise_offset = tl.load(record + 1) + start
+    return start, remaining, noise_offset, record
+
+
+@triton.jit
+def role_pointer(record, start, ROLE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to element ``start`` of role ``ROLE`` of the record's tensor."""
+    ptr = tl.load(record + 2 + ROLE).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:
+        # start is a multiple of BLOCK, so the block's base keeps the tensor's 16-byte alignment
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def scalar(hi, lo, DTYPE: tl.constexpr):
+    """A hyperparameter in the math dtype: hi + lo in float64, hi (= float32(x)) in float32."""
+    if DTYPE == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, DTYPE)
+
+
+@triton.jit
+def div(x, y):
+    """x / y correctly rounded (IEEE), as PyTorch divides."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def sqrt(x):
+    """sqrt(x) correctly rounded (IEEE), as PyTorch computes it."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def load(ptr, offs, mask, DTYPE: tl.constexpr, OTHER: tl.constexpr = 0.0):
+    """Load a block and convert it to the math dtype (``mask`` None: a full block; masked lanes read OTHER)."""
+    if mask is None:
+        return tl.load(ptr + offs).to(DTYPE)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=OTHER).to(DTYPE)
+
+
+@triton.jit
+def store(ptr, offs, value, mask):
+    """Round ``value`` to the pointer's dtype (nearest even) and store it."""
+    if mask is None:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)

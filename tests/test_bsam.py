@@ -1,0 +1,273 @@
+"""BSAM and SAM: the algorithm (against a hand-written reference), tiers, noise, posterior, API."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+import sambayes
+from conftest import AVAILABLE_TIERS
+
+CPU_TIERS = [t for t in AVAILABLE_TIERS if t in ("eager", "foreach", "cpu")]
+
+
+def small_mlp(dtype=torch.float32):
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def data(n=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def closure_for(model, chunks):
+    def closure(j=0):
+        x, y = chunks[j]
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+# ---------------------------------------------------------------------------------------
+# the algorithm, written out independently of the package, with splits > 1
+
+
+def reference_bsam_step(model, params, state, chunks, *, lr, b1, b2, rho, wd, damping):
+    """ALGORITHM.md line by line, noise-free (N -> inf), on dicts of tensors."""
+
+    def loss_grad(theta, x, y):
+        return grad(lambda t: F.cross_entropy(functional_call(model, t, (x,)), y))(theta)
+
+    m, s, gm = state["mean"], state["precision"], state["momentum"]
+    hs, stats = [], []
+    for x, y in chunks:
+        g = loss_grad(dict(m), x, y)  # θ = m + z/sqrt(N s) with N -> inf
+        theta = {k: m[k] + rho * g[k] / s[k] for k in m}
+        hs.append(loss_grad(theta, x, y))
+        stats.append({k: torch.sqrt(s[k] * g[k] ** 2) for k in m})
+    k = len(chunks)
+    for n in m:
+        h = sum(hj[n] for hj in hs) / k
+        a = sum(st[n] for st in stats) / k
+        gm[n] = b1 * gm[n] + (1 - b1) * (h + wd * m[n])
+        m[n] = m[n] - lr * gm[n] / s[n]
+        s[n] = b2 * s[n] + (1 - b2) * (a + wd + damping)
+
+
+def reference_sam_step(model, w, buf, chunks, *, lr, mu, rho, wd):
+    def loss_grad(theta, x, y):
+        return grad(lambda t: F.cross_entropy(functional_call(model, t, (x,)), y))(theta)
+
+    hs = []
+    for x, y in chunks:
+        g = loss_grad(dict(w), x, y)
+        norm = torch.sqrt(sum((v**2).sum() for v in g.values()))
+        hs.append(loss_grad({n: w[n] + rho * g[n] / norm for n in w}, x, y))
+    for n in w:
+        buf[n] = mu * buf[n] + sum(h[n] for h in hs) / len(hs) + wd * w[n]
+        w[n] = w[n] - lr * buf[n]
+
+
+@pytest.mark.parametrize("tier", CPU_TIERS)
+@pytest.mark.parametrize("splits", [1, 4])
+def test_bsam_matches_written_out_algorithm(tier, splits):
+    model = small_mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    hyper = dict(lr=0.05, b1=0.8, b2=0.95, rho=0.1, wd=0.01, damping=0.2)
+    names = [n for n, _ in model.named_parameters()]
+    ref = {
+        "mean": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "precision": {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()},
+        "momentum": {n: torch.zeros_like(p) for n, p in model.named_parameters()},
+    }
+    opt = sambayes.BSAM(
+        model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), rho=hyper["rho"],
+        weight_decay=hyper["wd"], damping=hyper["damping"], init_precision=2.0, seed=3, backend=tier,
+    )
+    chunks = sambayes.split_batch(x, y, splits=splits)
+    for _ in range(5):
+        reference_bsam_step(model, None, ref, chunks, **hyper)
+        opt.step(closure_for(model, chunks), splits=splits)
+    for n, p in zip(names, model.parameters()):
+        for key in ("mean", "precision", "momentum"):
+            torch.testing.assert_close(opt.state[p][key], ref[key][n], rtol=1e-12, atol=1e-13)
+        assert torch.equal(p.detach(), opt.state[p]["mean"])  # at rest the model holds the mean
+
+
+@pytest.mark.parametrize("tier", CPU_TIERS)
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sam_matches_written_out_algorithm(tier, splits):
+    model = small_mlp(torch.float64)
+    x, y = data(dtype=torch.float64)
+    w = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buf = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    opt = sambayes.SAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, weight_decay=0.01, backend=tier)
+    chunks = sambayes.split_batch(x, y, splits=splits)
+    for _ in range(5):
+        reference_sam_step(model, w, buf, chunks, lr=0.1, mu=0.9, rho=0.05, wd=0.01)
+        opt.step(closure_for(model, chunks), splits=splits)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), w[n], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(opt.state[p]["momentum"], buf[n], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("tier", CPU_TIERS)
+def test_sam_adaptive_and_adamw_match_eager(tier):
+    """The variants against the eager tier (the spec), including nesterov."""
+    for kwargs in (dict(adaptive=True), dict(base="adamw", lr=0.01, weight_decay=0.1), dict(nesterov=True)):
+        finals = []
+        for backend in ("eager", tier):
+            model = small_mlp()
+            x, y = data()
+            opt = sambayes.SAM(model.parameters(), **{"lr": 0.1, **kwargs}, backend=backend)
+            for _ in range(5):
+                opt.step(closure_for(model, [(x, y)]))
+            finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# tiers agree on a small CNN with BatchNorm
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_eager_and_foreach_agree_on_cnn_with_batchnorm(method):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    finals = {}
+    for tier in ("eager", "foreach"):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        if method == "bsam":
+            opt = sambayes.BSAM(model.parameters(), num_data=1000, lr=0.1, rho=0.05, weight_decay=1e-3, seed=11, backend=tier)
+        else:
+            opt = sambayes.SAM(model.parameters(), lr=0.05, backend=tier)
+        for step in range(50):
+            idx = torch.arange(step % 2 * 16, step % 2 * 16 + 16)
+            opt.step(closure_for(model, sambayes.split_batch(x[idx], y[idx], splits=2)), splits=2)
+        finals[tier] = (model.state_dict(), {k: v for k, v in opt.state_dict()["state"].items()})
+    for key, value in finals["eager"][0].items():
+        torch.testing.assert_close(finals["foreach"][0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for pid, state in finals["eager"][1].items():
+        for key, value in state.items():
+            torch.testing.assert_close(finals["foreach"][1][pid][key], value, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# the noise
+
+
+@pytest.mark.parametrize("tier", CPU_TIERS)
+def test_noise_has_posterior_mean_and_variance(tier):
+    # 20,000 elements, precision varying per element: z = (θ - m)·sqrt(N·s) must be N(0, 1).
+    # |mean(z)| < 5/sqrt(n) and |var(z) - 1| < 5·sqrt(2/n) fail by chance with probability < 1e-6.
+    n, num_data = 20_000, 50.0
+    p = torch.nn.Parameter(torch.randn(100, 200))
+    opt = sambayes.BSAM([p], num_data=num_data, seed=7, backend=tier)
+    opt.sample()
+    state = opt.state[p]
+    state["precision"].uniform_(0.5, 4.0)
+    opt.perturb()  # no gradient: back to the mean
+    p.grad = torch.zeros_like(p)
+    opt.update()
+    mean, precision = state["mean"].clone(), state["precision"].clone()
+    opt.sample()
+    z = ((p.detach() - mean) * torch.sqrt(num_data * precision)).double()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    expected_var = 1 / (num_data * precision)
+    torch.testing.assert_close(opt.posterior_variance()[0], expected_var)
+    torch.testing.assert_close(opt.posterior_std()[0], expected_var.sqrt())
+
+
+def test_noise_is_a_function_of_seed_step_split_and_index():
+    a, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(10))
+    opt = sambayes.BSAM([a, b], num_data=1.0, seed=42)
+    opt.sample()
+    za, zb = a.detach().clone(), b.detach().clone()
+    seed = sambayes.noise_seed(42, 0, 0, 0)
+    from sambayes import _philox
+
+    assert torch.equal(za.flatten(), _philox.randn(seed, torch.arange(12)))  # s0 = 1, N = 1: θ = z
+    assert torch.equal(zb, _philox.randn(seed, torch.arange(12, 22)))  # index continues across tensors
+    opt.perturb()
+    opt.update()
+    opt.sample()
+    assert not torch.equal(a.detach(), za)  # next step, new noise
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    def run(seed):
+        model = small_mlp()
+        x, y = data()
+        opt = sambayes.BSAM(model.parameters(), num_data=100, seed=seed)
+        for _ in range(3):
+            opt.step(closure_for(model, [(x, y)]))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_seed_none_follows_torch_manual_seed():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    torch.manual_seed(3)
+    s1 = sambayes.BSAM(p, num_data=1).param_groups[0]["seed"]
+    torch.manual_seed(3)
+    s2 = sambayes.BSAM(p, num_data=1).param_groups[0]["seed"]
+    assert s1 == s2
+
+
+# ---------------------------------------------------------------------------------------
+# dtypes
+
+
+@pytest.mark.parametrize("tier", CPU_TIERS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_and_state_dtypes(tier, dtype):
+    model = small_mlp(dtype)
+    x, y = data(dtype=dtype)
+    opt = sambayes.BSAM(model.parameters(), num_data=100, lr=0.1, seed=0, backend=tier)
+    for _ in range(3):
+        loss = opt.step(closure_for(model, [(x, y)]))
+    assert torch.isfinite(loss)
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    for p in model.parameters():
+        assert p.dtype == dtype
+        assert all(opt.state[p][k].dtype == expected for k in ("mean", "precision", "momentum"))
+        assert torch.equal(p.detach(), opt.state[p]["mean"].to(dtype))  # at rest: the rounded mean
+    sam = sambayes.SAM(model.parameters(), lr=0.1, backend=tier)
+    sam.step(closure_for(model, [(x, y)]))
+    assert all(sam.state[p]["weight"].dtype == expected for p in model.parameters())
+
+
+def test_bfloat16_keeps_float32_master_mean():
+    """Updates smaller than bf16's resolution accumulate in the float32 mean."""
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    opt = sambayes.BSAM([p], num_data=1e30, lr=1e-4, betas=(0.0, 0.999), rho=0.0, damping=0.0)
+    for _ in range(10):
+        opt.sample()
+        p.grad = torch.ones_like(p)
+        opt.perturb()
+        p.grad = torch.ones_like(p)
+        opt.update()
+    mean = opt.state[p]["mean"]
+    assert (mean < 1 - 5e-4).all()  # ten steps of 1e-4 / s
+    assert torch.equal(p.detach(), mean.to(torch.bfloat16))
