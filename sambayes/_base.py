@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import _model, backends
 
 # phases of a step, in order: at rest -> sampled -> perturbed -> (sampled -> perturbed)* -> at rest
 _REST, _SAMPLED, _PERTURBED = "at rest", "sampled", "perturbed"
@@ -69,8 +69,21 @@ class TwoPassOptimizer(Optimizer):
 
     _rest_key = "mean"
 
-    def __init__(self, params, defaults: dict[str, Any], backend: str) -> None:
+    def __init__(
+        self, params, defaults: dict[str, Any], backend: str, model: torch.nn.Module | None, bn_stats: str
+    ) -> None:
         self.backend = backends.check_backend(backend)
+        if isinstance(params, torch.nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("pass the model either as params or as model=, not two different ones")
+            model, params = params, params.parameters()
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model={type(model).__name__}: expected a torch.nn.Module (or DDP / FSDP2 module)")
+        if bn_stats not in _model.BN_POLICIES:
+            raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_model.BN_POLICIES}")
+        #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
+        self.model, self.bn_stats = model, bn_stats
+        self._bn_saved: dict | None = None  # BatchNorm flags while their statistics are frozen
         defaults = dict(defaults, step=0, skipped_steps=0)
         super().__init__(params, defaults)
         self._phase = _REST
@@ -130,8 +143,9 @@ class TwoPassOptimizer(Optimizer):
             if self._versions.get(p) != p._version:
                 # the user changed the weights (e.g. model.load_state_dict): they win,
                 # unless they are just the rounding of our higher-precision copy
-                if not torch.equal(p.detach(), rest.to(p.dtype)):
-                    rest.copy_(p.detach())
+                weights = _model.local(p).detach()
+                if not torch.equal(weights, rest.to(p.dtype)):
+                    rest.copy_(weights)
                 self._versions[p] = p._version
 
     def _record_versions(self) -> None:
@@ -139,8 +153,13 @@ class TwoPassOptimizer(Optimizer):
             for p in self._trainable(group):
                 self._versions[p] = p._version
 
+    @staticmethod
+    def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the tiers write: the tensors themselves, or this rank's shards (FSDP2)."""
+        return [_model.local(p) for p in params]
+
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [p.grad for p in params]
+        grads = [_model.local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if g.is_sparse:
                 raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})")
@@ -164,7 +183,7 @@ class TwoPassOptimizer(Optimizer):
 
     def _restore(self, params: list[torch.Tensor]) -> None:
         for tier, ps in self._buckets(params):
-            tier.restore(ps, self._states(ps, self._rest_key))
+            tier.restore(self._local(ps), self._states(ps, self._rest_key))
 
     def _expect(self, *phases: str, action: str) -> None:
         if self._phase not in phases:
@@ -172,6 +191,41 @@ class TwoPassOptimizer(Optimizer):
                 f"{action}() called while the optimizer is {self._phase}; a step is "
                 "sample() -> backward -> perturb() -> backward [repeat per sub-batch] -> update()"
             )
+
+    # ---- the model between passes ------------------------------------------------------
+    def _freeze_bn(self, frozen: bool) -> None:
+        if self.model is None or frozen == (self._bn_saved is not None):
+            return
+        if frozen:
+            self._bn_saved = _model.set_bn_stats_frozen(self.model, True)
+        else:
+            _model.set_bn_stats_frozen(self.model, False, self._bn_saved)
+            self._bn_saved = None
+
+    def _noise_split(self) -> int:
+        """Sub-batch index for the noise: DDP replicas interleave, so each draws its own."""
+        rank, world = _model.replica_rank(self.model)
+        return self._split * world + rank
+
+    def _sync_group(self):
+        """The process group over which the skip decision must agree, or None."""
+        if (_model.is_ddp(self.model) or _model.is_fsdp2(self.model)) and torch.distributed.is_initialized():
+            return getattr(self.model, "process_group", None) or torch.distributed.group.WORLD
+        return None
+
+    @staticmethod
+    def _unscale(grads: list[torch.Tensor], grad_scaler) -> bool:
+        """Divide gradients by the scaler's scale in place; True if all are finite."""
+        inv_scale = 1.0 / grad_scaler.get_scale()
+        finite = True
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for g in grads:
+            by_device[g.device].append(g)
+        for device, gs in by_device.items():
+            found_inf = torch.zeros((), device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, torch.full((), inv_scale, device=device))
+            finite = finite and not bool(found_inf)
+        return finite
 
     # ---- the phase API ----------------------------------------------------------------
     @torch.no_grad()
@@ -181,7 +235,9 @@ class TwoPassOptimizer(Optimizer):
         bSAM: a sample θ = m + z/sqrt(N·s) of the posterior. SAM: the weights w
         (a point-mass posterior). Clears the gradients; from the second
         sub-batch on, it sets aside the running sum of the perturbed-point
-        gradients, which :meth:`perturb` puts back.
+        gradients, which :meth:`perturb` puts back. With a DDP ``model`` the
+        backward pass that follows is not all-reduced (its gradient is only
+        needed locally); BatchNorm statistics follow ``bn_stats``.
         """
         self._expect(_REST, _PERTURBED, action="sample")
         for group in self.param_groups:
@@ -193,21 +249,27 @@ class TwoPassOptimizer(Optimizer):
                 p.grad = None
         for index, group in enumerate(self.param_groups):
             self._sample_group(index, group)
+        if _model.is_ddp(self.model):
+            _model.set_grad_sync(self.model, False)
+        self._freeze_bn(self.bn_stats == "perturbed")
         self._phase = _SAMPLED
 
     @torch.no_grad()
-    def perturb(self) -> None:
+    def perturb(self, *, grad_scaler: torch.amp.GradScaler | None = None, sync: bool = True) -> None:
         """Move to the adversarial point from the gradients now in ``.grad``.
 
-        Consumes those gradients and hands ``.grad`` back to the perturbed-point
-        pass (holding the sum of the previous sub-batches' perturbed gradients).
-        A non-finite gradient marks the step as skipped and puts the
-        parameters back at rest.
+        Consumes those gradients (unscaling them first if ``grad_scaler`` is given)
+        and hands ``.grad`` back to the perturbed-point pass, holding the sum of the
+        previous sub-batches' perturbed gradients. A non-finite gradient marks the
+        step as skipped and puts the parameters back at rest. ``sync=False`` keeps
+        DDP from all-reducing the next backward pass: correct for all but the last
+        sub-batch, since the sums are all-reduced with the last one.
         """
         self._expect(_SAMPLED, action="perturb")
         with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
-        if not self._skip and not self._all_finite(self._grads(with_grad)):
-            self._skip = True
+        grads = self._grads(with_grad)
+        finite = self._unscale(grads, grad_scaler) if grad_scaler is not None else self._all_finite(grads)
+        self._skip = self._skip or not finite
         if self._skip:
             for group in self.param_groups:
                 self._restore(self._trainable(group))
@@ -218,17 +280,43 @@ class TwoPassOptimizer(Optimizer):
             for p in self._trainable(group):
                 p.grad = self._grad_sums.pop(p, None)
         self._split += 1
+        if _model.is_ddp(self.model):
+            _model.set_grad_sync(self.model, sync)
+        self._freeze_bn(self.bn_stats == "noisy")
         self._phase = _PERTURBED
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, *, grad_scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None) -> None:
         """Average the sub-batches' perturbed gradients (now in ``.grad``), update the
-        state, and put the parameters back at rest. Skips the whole step, state
-        untouched, if a gradient of either pass was not finite."""
+        state, and put the parameters back at rest.
+
+        ``grad_scaler``: unscales the gradients through ``grad_scaler.unscale_(self)``
+        and records an inf of either pass there, so that the ``grad_scaler.update()``
+        you call next backs off as PyTorch would. ``max_grad_norm``: clips the
+        averaged perturbed-point gradient to this global 2-norm first. Skips the
+        whole step, state untouched, if a gradient of either pass was not finite
+        (on any rank).
+        """
         self._expect(_PERTURBED, action="update")
+        if max_grad_norm is not None:
+            check_number("max_grad_norm", max_grad_norm, low_open=True)
         with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
-        if not self._skip and not self._all_finite(self._grads(with_grad)):
-            self._skip = True
+        grads = self._grads(with_grad)
+        if grad_scaler is not None:
+            if self._skip and grads:  # the scaler sees only this pass: show it the first pass's inf
+                grads[0].view(-1)[0] = float("inf")
+            grad_scaler.unscale_(self)
+        self._skip = self._skip or not self._all_finite(grads)
+        group_ = self._sync_group()
+        if group_ is not None:
+            flag = torch.tensor(float(self._skip), device=with_grad[0].device if with_grad else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group_)
+            self._skip = bool(flag)
+        if not self._skip:
+            self._reduce_across_replicas()
+            if max_grad_norm is not None and with_grad:
+                # .grad holds the sum over sub-batches: clip that to splits × the bound
+                torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm * self._split)
         for group in self.param_groups:
             if self._skip:
                 self._restore(self._trainable(group))
@@ -248,6 +336,9 @@ class TwoPassOptimizer(Optimizer):
             )
         self._end_step()
 
+    def _reduce_across_replicas(self) -> None:
+        """Average per-replica statistics other than the gradients (DDP averages those)."""
+
     def _has_ascent(self, p: torch.Tensor) -> bool:
         return True
 
@@ -255,17 +346,29 @@ class TwoPassOptimizer(Optimizer):
         self._split, self._skip, self._phase = 0, False, _REST
         self._grad_sums.clear()
         self._ascended.clear()
+        if _model.is_ddp(self.model):
+            _model.set_grad_sync(self.model, True)
+        self._freeze_bn(False)
         self._record_versions()
         self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
 
     # ---- the closure API --------------------------------------------------------------
-    def step(self, closure: Callable[..., Any] | None = None, splits: int = 1) -> torch.Tensor | None:
+    def step(
+        self,
+        closure: Callable[..., Any] | None = None,
+        splits: int = 1,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+    ) -> torch.Tensor | None:
         """One whole step of ALGORITHM.md.
 
         ``closure()`` (``closure(j)`` for sub-batch j when ``splits > 1``) computes
-        the loss, calls ``backward()`` and returns the loss; it is called twice per
-        sub-batch. Do not zero the gradients in it: the optimizer manages them.
-        Returns the mean loss at the perturbed points, detached.
+        the loss, calls ``backward()`` (``grad_scaler.scale(loss).backward()`` with
+        AMP) and returns the loss; it is called twice per sub-batch. Do not zero
+        the gradients in it: the optimizer manages them. Returns the mean loss at
+        the perturbed points, detached. With ``grad_scaler``, call
+        ``grad_scaler.update()`` after the step, as usual.
         """
         if closure is None:
             raise TypeError(
@@ -279,11 +382,11 @@ class TwoPassOptimizer(Optimizer):
             self.sample()
             with torch.enable_grad():
                 closure(j) if splits > 1 else closure()
-            self.perturb()
+            self.perturb(grad_scaler=grad_scaler, sync=j == splits - 1)
             with torch.enable_grad():
                 loss = closure(j) if splits > 1 else closure()
             losses.append(loss)
-        self.update()
+        self.update(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         if any(loss is None for loss in losses):
             return None
         return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _philox
+from . import _model, _philox
 from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
 
 
@@ -38,6 +38,13 @@ class BSAM(TwoPassOptimizer):
         damping: γ >= 0. ``init_precision``: s0 > 0.
         seed: the noise seed (an int); None draws one from ``torch``'s global generator.
         backend: "auto", "eager", "foreach", "triton", "cpu" or "cuda" (see :mod:`sambayes.backends`).
+        model: the module being trained (also accepted in place of ``params``). When
+            given, the optimizer manages its BatchNorm statistics (``bn_stats``) and, for a
+            DDP module, skips the all-reduce of the noisy pass and averages the precision
+            statistic across replicas; each replica draws its own noise (m-sharpness
+            across devices: sub-batch index ``j * world_size + rank``).
+        bn_stats: which pass updates BatchNorm running statistics: "noisy" (default),
+            "perturbed" or "both". Needs ``model``.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
     for float64 parameters, float32 otherwise. Per group: ``step`` (updates
@@ -60,6 +67,8 @@ class BSAM(TwoPassOptimizer):
         init_precision: float = 1.0,
         seed: int | None = None,
         backend: str = "auto",
+        model: torch.nn.Module | None = None,
+        bn_stats: str = "noisy",
     ) -> None:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
@@ -69,7 +78,14 @@ class BSAM(TwoPassOptimizer):
             num_data=num_data, lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, rho=rho,
             weight_decay=weight_decay, damping=damping, init_precision=init_precision, seed=seed,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, model, bn_stats)
+        if self._sync_group() is not None:  # replicas share one seed, whatever each was given
+            seed_tensor = torch.tensor([self.param_groups[0]["seed"]], dtype=torch.int64)
+            if torch.distributed.get_backend(self._sync_group()) == "nccl":
+                seed_tensor = seed_tensor.cuda()
+            torch.distributed.broadcast(seed_tensor, src=0, group=self._sync_group())
+            for group in self.param_groups:
+                group["seed"] = int(seed_tensor)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("num_data", group["num_data"], low_open=True)
@@ -82,24 +98,24 @@ class BSAM(TwoPassOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
-        state["mean"] = p.detach().to(dtype, copy=True)
-        state["precision"] = torch.full_like(p, group["init_precision"], dtype=dtype)
-        state["momentum"] = torch.zeros_like(p, dtype=dtype)
+        state["mean"] = _model.local(p).detach().to(dtype, copy=True)
+        state["precision"] = torch.full_like(state["mean"], group["init_precision"])
+        state["momentum"] = torch.zeros_like(state["mean"])
 
     # ---- phases -----------------------------------------------------------------------
     def _sample_group(self, index: int, group: dict[str, Any]) -> None:
-        seed = _philox.noise_seed(group["seed"], index, group["step"] + group["skipped_steps"], self._split)
+        seed = _philox.noise_seed(group["seed"], index, group["step"] + group["skipped_steps"], self._noise_split())
         self._draw(group, seed)
 
     def _draw(self, group: dict[str, Any], seed: int) -> None:
         """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed)."""
         offsets, start = {}, 0
         for p in group["params"]:  # element index: position in the group's flat concatenation
-            offsets[p] = start
+            offsets[p] = start + _model.global_offset(p)  # a shard draws what the whole tensor would
             start += p.numel()
         for tier, ps in self._buckets(self._trainable(group)):
             tier.bsam_sample(
-                ps, self._states(ps, "mean"), self._states(ps, "precision"), [offsets[p] for p in ps],
+                self._local(ps), self._states(ps, "mean"), self._states(ps, "precision"), [offsets[p] for p in ps],
                 num_data=group["num_data"], seed=seed,
             )
 
@@ -112,7 +128,7 @@ class BSAM(TwoPassOptimizer):
                         self._stat(p).zero_()
             for tier, ps in self._buckets(params):
                 tier.bsam_perturb(
-                    ps, self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
+                    self._local(ps), self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
                     [self._stat(p) for p in ps], rho=group["rho"], accumulate=self._split > 0,
                 )
             self._restore(missing)
@@ -125,14 +141,27 @@ class BSAM(TwoPassOptimizer):
         """Running sum of sqrt(s)·|g| over this step's sub-batches (scratch, not checkpointed)."""
         stat = self._stats.get(p)
         if stat is None or stat.device != p.device:
-            stat = self._stats[p] = torch.zeros_like(p, dtype=state_dtype(p))
+            stat = self._stats[p] = torch.zeros_like(self.state[p]["mean"])
         return stat
+
+    def _reduce_across_replicas(self) -> None:
+        # DDP averages the gradients; the precision statistic is averaged here, in one call
+        if not _model.is_ddp(self.model) or self._sync_group() is None:
+            return
+        stats = [self._stat(p) for p in self._ascended]
+        world = torch.distributed.get_world_size(self._sync_group())
+        for dtype in {s.dtype for s in stats}:
+            same = [s for s in stats if s.dtype == dtype]
+            flat = torch.cat([s.flatten() for s in same])
+            torch.distributed.all_reduce(flat, group=self._sync_group())
+            flat /= world
+            torch._foreach_copy_(same, [f.view_as(s) for f, s in zip(flat.split([s.numel() for s in same]), same)])
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
         for tier, ps in self._buckets(params):
             tier.bsam_update(
-                ps, self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
+                self._local(ps), self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
                 self._states(ps, "momentum"), [self._stat(p) for p in ps],
                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                 damping=group["damping"], splits=self._split,
@@ -147,7 +176,7 @@ class BSAM(TwoPassOptimizer):
                 if state:
                     yield p, state["precision"], group
                 else:
-                    yield p, torch.full_like(p, group["init_precision"], dtype=state_dtype(p)), group
+                    yield p, torch.full_like(_model.local(p), group["init_precision"], dtype=state_dtype(p)), group
 
     @torch.no_grad()
     def posterior_variance(self) -> list[torch.Tensor]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from . import _model
 from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
 
 BASES = ("sgd", "adamw")
@@ -29,7 +30,8 @@ class SAM(TwoPassOptimizer):
     State per parameter: ``weight`` (w; float32 master weights for low-precision
     parameters), ``momentum`` (the heavy-ball buffer, or AdamW's first moment) and,
     for AdamW, ``variance`` (its second moment). Per group: ``step``, ``skipped_steps``.
-    Between steps the model's parameters hold w.
+    Between steps the model's parameters hold w. ``model`` and ``bn_stats``: as for
+    :class:`BSAM` (with DDP, each replica takes its own ascent: m-sharpness across devices).
     """
 
     _rest_key = "weight"
@@ -48,6 +50,8 @@ class SAM(TwoPassOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         backend: str = "auto",
+        model: torch.nn.Module | None = None,
+        bn_stats: str = "noisy",
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base={base!r}: choose one of {BASES}")
@@ -56,7 +60,7 @@ class SAM(TwoPassOptimizer):
             lr=lr, rho=rho, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
             adaptive=adaptive, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
         )
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, model, bn_stats)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"])
@@ -73,10 +77,10 @@ class SAM(TwoPassOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
-        state["weight"] = p.detach().to(dtype, copy=True)
-        state["momentum"] = torch.zeros_like(p, dtype=dtype)
+        state["weight"] = _model.local(p).detach().to(dtype, copy=True)
+        state["momentum"] = torch.zeros_like(state["weight"])
         if self.base == "adamw":
-            state["variance"] = torch.zeros_like(p, dtype=dtype)
+            state["variance"] = torch.zeros_like(state["weight"])
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -109,7 +113,7 @@ class SAM(TwoPassOptimizer):
         for group, tier, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
             tier.sam_perturb(
-                ps, self._grads(ps), self._states(ps, "weight"),
+                self._local(ps), self._grads(ps), self._states(ps, "weight"),
                 scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])), adaptive=group["adaptive"],
             )
 
@@ -118,13 +122,13 @@ class SAM(TwoPassOptimizer):
             grads, weights, momentums = self._grads(ps), self._states(ps, "weight"), self._states(ps, "momentum")
             if self.base == "sgd":
                 tier.sam_update_sgd(
-                    ps, grads, weights, momentums, lr=group["lr"], momentum=group["momentum"],
+                    self._local(ps), grads, weights, momentums, lr=group["lr"], momentum=group["momentum"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"], splits=self._split,
                 )
             else:
                 beta1, beta2 = group["betas"]
                 tier.sam_update_adamw(
-                    ps, grads, weights, momentums, self._states(ps, "variance"), lr=group["lr"],
+                    self._local(ps), grads, weights, momentums, self._states(ps, "variance"), lr=group["lr"],
                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     step=group["step"], splits=self._split,
                 )

@@ -1,0 +1,88 @@
+"""What the optimizer does to the model between passes: BatchNorm statistics and
+gradient synchronisation of DDP / FSDP2, plus rank helpers and DTensor shards."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BN_POLICIES = ("noisy", "perturbed", "both")
+
+
+def _batchnorms(model: torch.nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def set_bn_stats_frozen(model: torch.nn.Module, frozen: bool, saved: dict | None = None) -> dict:
+    """Stop (or resume) updates of BatchNorm running statistics; the forward pass is unchanged.
+
+    A BatchNorm in training mode with ``track_running_stats=False`` normalises with
+    the batch statistics, as before, but passes no running buffers, so they and
+    ``num_batches_tracked`` stay as they are. Returns what to pass back to undo it.
+    """
+    if frozen:
+        saved = {m: m.track_running_stats for m in model.modules() if isinstance(m, _BatchNorm)}
+        for m in _batchnorms(model):
+            m.track_running_stats = False
+        return saved
+    for m, tracked in (saved or {}).items():
+        m.track_running_stats = tracked
+    return {}
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, BatchNorm layers of ``model`` do not update their running
+    statistics (mean, variance, batch count); outputs are unchanged."""
+    saved = set_bn_stats_frozen(model, True)
+    try:
+        yield
+    finally:
+        set_bn_stats_frozen(model, False, saved)
+
+
+def is_fsdp2(model: torch.nn.Module | None) -> bool:
+    return model is not None and hasattr(model, "set_requires_gradient_sync")
+
+
+def is_ddp(model: torch.nn.Module | None) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def set_grad_sync(model: torch.nn.Module | None, enabled: bool) -> None:
+    """DDP's ``no_sync()`` / FSDP2's ``set_requires_gradient_sync``, as a switch (for the phase API)."""
+    if is_ddp(model):
+        model.require_backward_grad_sync = enabled
+    elif is_fsdp2(model):
+        model.set_requires_gradient_sync(enabled)
+
+
+def replica_rank(model: torch.nn.Module | None) -> tuple[int, int]:
+    """(rank, world size) among data-parallel replicas that draw their own noise (DDP); (0, 1) otherwise."""
+    if is_ddp(model) and dist.is_initialized():
+        group = model.process_group
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def global_offset(p: torch.Tensor) -> int:
+    """Flat index, in the whole parameter, of the first element of this rank's shard."""
+    if not hasattr(p, "device_mesh"):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)) for pl in p.placements):
+        raise NotImplementedError(f"sambayes supports DTensor parameters sharded on dim 0 only, got {p.placements}")
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[0]) * math.prod(p.shape[1:]) if len(offset) else 0
