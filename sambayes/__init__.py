@@ -8,9 +8,10 @@
 __version__ = "0.1.0"
 
 from ._base import split_batch
+from ._model import frozen_bn_stats
 from ._philox import noise_seed
 from .bsam import BSAM
 from .predict import predict
 from .sam import SAM
 
-__all__ = ["BSAM", "SAM", "predict", "split_batch", "noise_seed", "__version__"]
+__all__ = ["BSAM", "SAM", "predict", "split_batch", "frozen_bn_stats", "noise_seed", "__version__"]

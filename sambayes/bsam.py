@@ -148,7 +148,8 @@ class BSAM(TwoPassOptimizer):
         # DDP averages the gradients; the precision statistic is averaged here, in one call
         if not _model.is_ddp(self.model) or self._sync_group() is None:
             return
-        stats = [self._stat(p) for p in self._ascended]
+        # in parameter order: every rank must concatenate the same tensors in the same order
+        stats = [self._stat(p) for group in self.param_groups for p in group["params"] if p in self._ascended]
         world = torch.distributed.get_world_size(self._sync_group())
         for dtype in {s.dtype for s in stats}:
             same = [s for s in stats if s.dtype == dtype]

@@ -1,0 +1,64 @@
+"""Worker processes for tests/test_distributed.py (spawned, two ranks on gloo)."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import sambayes
+
+STEPS = 10
+
+
+def model_and_data():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4))
+    g = torch.Generator().manual_seed(3)
+    return model, torch.randn(STEPS, 16, 6, generator=g), torch.randint(0, 4, (STEPS, 16), generator=g)
+
+
+def make_optimizer(method, model, seed):
+    if method == "bsam":
+        return sambayes.BSAM(model, num_data=200, lr=0.1, rho=0.05, weight_decay=1e-3, seed=seed)
+    return sambayes.SAM(model, lr=0.1, rho=0.05, weight_decay=1e-3)
+
+
+def single_process(method, splits):
+    """The reference: one process, the whole batch of 16, ``splits`` sub-batches."""
+    model, xs, ys = model_and_data()
+    opt = make_optimizer(method, model, seed=123)
+    for x, y in zip(xs, ys):
+        chunks = sambayes.split_batch(x, y, splits=splits)
+
+        def closure(j=0):
+            loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
+            loss.backward()
+            return loss
+
+        opt.step(closure, splits=splits)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def worker(rank, world, init_file, out_dir, method, wrapper):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, xs, ys = model_and_data()
+    if wrapper == "ddp":
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        net = fully_shard(model)
+    # ranks pass different seeds: the optimizer must agree on rank 0's
+    opt = make_optimizer(method, net, seed=123 + rank)
+    for x, y in zip(xs, ys):
+        xb, yb = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+
+        def closure():
+            loss = F.cross_entropy(net(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+    torch.save([p.detach().clone() for p in params], f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,43 @@
+"""DDP and FSDP2 with two real processes on gloo (CPU)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_workers
+from sambayes import _model
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def run_two_ranks(tmp_path, method, wrapper):
+    mp.spawn(dist_workers.worker, args=(2, str(tmp_path / "init"), str(tmp_path), method, wrapper), nprocs=2)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_ddp_replicas_agree_and_equal_single_process_m_sharpness(tmp_path, method):
+    rank0, rank1 = run_two_ranks(tmp_path, method, "ddp")
+    for a, b in zip(rank0, rank1):
+        assert torch.equal(a, b)  # replicas identical
+    # each rank drew its own noise and ascent: 2 ranks x 1 split = 1 process x 2 splits
+    reference = dist_workers.single_process(method, splits=2)
+    for a, r in zip(rank0, reference):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    moved = max((a - p).abs().max().item() for a, p in zip(rank0, dist_workers.model_and_data()[0].parameters()))
+    assert moved > 1e-3  # and training did move the weights
+
+
+def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path):
+    rank0, rank1 = run_two_ranks(tmp_path, "bsam", "fsdp2")
+    for a, b in zip(rank0, rank1):
+        assert torch.equal(a, b)
+    # one global sample, one ascent on the averaged gradient: 1 process x 1 split on the whole batch
+    reference = dist_workers.single_process("bsam", splits=1)
+    for a, r in zip(rank0, reference):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_global_offset_of_a_plain_tensor_is_zero():
+    assert _model.global_offset(torch.zeros(3, 4)) == 0
