@@ -302,16 +302,17 @@ class TwoPassOptimizer(Optimizer):
             check_number("max_grad_norm", max_grad_norm, low_open=True)
         with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
         grads = self._grads(with_grad)
-        if grad_scaler is not None:
-            if self._skip and grads:  # the scaler sees only this pass: show it the first pass's inf
-                grads[0].view(-1)[0] = float("inf")
-            grad_scaler.unscale_(self)
+        # scaled or not, a non-finite gradient stays non-finite: decide before unscaling
         self._skip = self._skip or not self._all_finite(grads)
-        group_ = self._sync_group()
-        if group_ is not None:
-            flag = torch.tensor(float(self._skip), device=with_grad[0].device if with_grad else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group_)
+        sync_group = self._sync_group()
+        if sync_group is not None:  # a rank's noisy pass (or FSDP2 shard) is its own: agree on skipping
+            flag = torch.tensor(float(self._skip), device=grads[0].device if grads else _model.comm_device(sync_group))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=sync_group)
             self._skip = bool(flag)
+        if grad_scaler is not None:
+            if self._skip and grads:  # the scaler inspects this pass only: show it the step's inf
+                grads[0].fill_(float("inf"))
+            grad_scaler.unscale_(self)
         if not self._skip:
             self._reduce_across_replicas()
             if max_grad_norm is not None and with_grad:

@@ -70,6 +70,11 @@ def replica_rank(model: torch.nn.Module | None) -> tuple[int, int]:
     return 0, 1
 
 
+def comm_device(group) -> torch.device:
+    """Where tensors for collectives of ``group`` must live (CUDA for NCCL)."""
+    return torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t

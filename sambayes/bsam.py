@@ -80,9 +80,7 @@ class BSAM(TwoPassOptimizer):
         )
         super().__init__(params, defaults, backend, model, bn_stats)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
-            seed_tensor = torch.tensor([self.param_groups[0]["seed"]], dtype=torch.int64)
-            if torch.distributed.get_backend(self._sync_group()) == "nccl":
-                seed_tensor = seed_tensor.cuda()
+            seed_tensor = torch.tensor([self.param_groups[0]["seed"]], device=_model.comm_device(self._sync_group()))
             torch.distributed.broadcast(seed_tensor, src=0, group=self._sync_group())
             for group in self.param_groups:
                 group["seed"] = int(seed_tensor)

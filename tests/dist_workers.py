@@ -22,12 +22,14 @@ def make_optimizer(method, model, seed):
     return sambayes.SAM(model, lr=0.1, rho=0.05, weight_decay=1e-3)
 
 
-def single_process(method, splits):
-    """The reference: one process, the whole batch of 16, ``splits`` sub-batches."""
+def single_process(method, splits, order=None):
+    """The reference: one process, the whole batch of 16, ``splits`` sub-batches
+    (sub-batch j is chunk ``order[j]`` of the batch)."""
     model, xs, ys = model_and_data()
     opt = make_optimizer(method, model, seed=123)
     for x, y in zip(xs, ys):
         chunks = sambayes.split_batch(x, y, splits=splits)
+        chunks = [chunks[i] for i in order] if order else chunks
 
         def closure(j=0):
             loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
@@ -38,7 +40,7 @@ def single_process(method, splits):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def worker(rank, world, init_file, out_dir, method, wrapper):
+def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, xs, ys = model_and_data()
@@ -51,14 +53,14 @@ def worker(rank, world, init_file, out_dir, method, wrapper):
     # ranks pass different seeds: the optimizer must agree on rank 0's
     opt = make_optimizer(method, net, seed=123 + rank)
     for x, y in zip(xs, ys):
-        xb, yb = x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8]
+        chunks = sambayes.split_batch(x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8], splits=splits)
 
-        def closure():
-            loss = F.cross_entropy(net(xb), yb)
+        def closure(j=0):
+            loss = F.cross_entropy(net(chunks[j][0]), chunks[j][1])
             loss.backward()
             return loss
 
-        opt.step(closure)
+        opt.step(closure, splits=splits)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     torch.save([p.detach().clone() for p in params], f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -11,8 +11,8 @@ from sambayes import _model
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def run_two_ranks(tmp_path, method, wrapper):
-    mp.spawn(dist_workers.worker, args=(2, str(tmp_path / "init"), str(tmp_path), method, wrapper), nprocs=2)
+def run_two_ranks(tmp_path, method, wrapper, splits=1):
+    mp.spawn(dist_workers.worker, args=(2, str(tmp_path / "init"), str(tmp_path), method, wrapper, splits), nprocs=2)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -27,6 +27,18 @@ def test_ddp_replicas_agree_and_equal_single_process_m_sharpness(tmp_path, metho
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
     moved = max((a - p).abs().max().item() for a, p in zip(rank0, dist_workers.model_and_data()[0].parameters()))
     assert moved > 1e-3  # and training did move the weights
+
+
+def test_ddp_with_splits_all_reduces_the_sum_once(tmp_path):
+    """2 ranks x 2 splits (perturbed passes synced only on the last split) = 1 process x 4 splits.
+
+    Rank r's sub-batch j draws the noise of sub-batch 2j + r, which holds chunk 2r + j of the batch.
+    """
+    rank0, rank1 = run_two_ranks(tmp_path, "bsam", "ddp", splits=2)
+    reference = dist_workers.single_process("bsam", splits=4, order=[0, 2, 1, 3])
+    for a, b, r in zip(rank0, rank1, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
 def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path):

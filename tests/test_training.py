@@ -258,3 +258,28 @@ def test_compiled_model_trains_like_the_eager_model(method):
             opt.step(closure)
         finals.append(flat(model))
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast + GradScaler on CUDA needs a GPU")
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_float16_autocast_with_grad_scaler_on_cuda(method):
+    x, y = (t.cuda() for t in batch())
+    finals = {}
+    for amp in (False, True):
+        model = mlp().cuda()
+        opt = make(method, model)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+        def closure():
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        losses = []
+        for _ in range(30):
+            losses.append(opt.step(closure, grad_scaler=scaler if amp else None).item())
+            scaler.update()
+        assert losses[-1] < losses[0] - 0.1
+        finals[amp] = flat(model)
+    torch.testing.assert_close(finals[True], finals[False], rtol=0, atol=0.05)

@@ -1,0 +1,218 @@
+"""BSAM and SAM on the triton tier, whole trajectories against the eager tier and the golden files.
+
+Runs natively on a GPU and on the CPU under the Triton interpreter (set below,
+before Triton is imported).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from conftest import GoldenMLP, load_golden  # noqa: E402
+
+pytest.importorskip("triton")
+
+import sambayes  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_model(dtype, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 5))
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def make_data(steps, batch=24, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    xs = torch.randn(steps, batch, 13, generator=generator)
+    ys = torch.randint(0, 5, (steps, batch), generator=generator)
+    return xs.to(DEVICE), ys.to(DEVICE)
+
+
+def train(model, opt, xs, ys, splits=1):
+    dtype = next(model.parameters()).dtype
+    for x, y in zip(xs, ys):
+        x = x.to(dtype)
+        chunks = sambayes.split_batch(x, y, splits=splits)
+
+        def closure(j=0):
+            xb, yb = chunks[j]
+            loss = torch.nn.functional.cross_entropy(model(xb).float(), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure, splits=splits) if splits > 1 else opt.step(closure)
+
+
+def relative_error(got, want):
+    """Largest over tensors of ‖got − want‖ / ‖want‖, in float64."""
+    return max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item() for g, w in zip(got, want))
+
+
+def state_of(opt, model, keys):
+    return [opt.state[p][k] for k in keys for p in model.parameters()]
+
+
+def bsam(model, backend, **kw):
+    return sambayes.BSAM(model.parameters(), num_data=500, lr=0.1, rho=0.05, weight_decay=1e-3, seed=7,
+                         backend=backend, **kw)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_bsam_float32_trajectory_matches_eager(splits):
+    xs, ys = make_data(20 if splits == 1 else 10)
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = make_model(torch.float32)
+        opt = bsam(model, backend)
+        train(model, opt, xs, ys, splits=splits)
+        runs[backend] = (list(model.parameters()), state_of(opt, model, ("mean", "precision", "momentum")))
+    assert relative_error(runs["triton"][1], runs["eager"][1]) <= 1e-6
+    assert relative_error(runs["triton"][0], runs["eager"][0]) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(nesterov=True), dict(adaptive=True), dict(base="adamw", lr=1e-2, weight_decay=0.01)],
+    ids=["sgd", "nesterov", "adaptive", "adamw"],
+)
+def test_sam_float32_trajectory_matches_eager(options):
+    xs, ys = make_data(20 if not options else 10)
+    runs = {}
+    for backend in ("eager", "triton"):
+        model = make_model(torch.float32)
+        hyper = dict(lr=0.05, rho=0.05, weight_decay=1e-3)
+        hyper.update(options)
+        opt = sambayes.SAM(model.parameters(), backend=backend, **hyper)
+        train(model, opt, xs, ys, splits=2)
+        runs[backend] = state_of(opt, model, ("weight", "momentum"))
+    assert relative_error(runs["triton"], runs["eager"]) <= 1e-6
+
+
+def test_bsam_bfloat16_within_twice_eager_error():
+    """bf16 parameters, float32 state: the triton tier is as accurate as the eager tier against float64."""
+    xs, ys = make_data(20)
+    reference = make_model(torch.float64)
+    train(reference, bsam(reference, "eager"), xs, ys)
+    errors = {}
+    for backend in ("eager", "triton"):
+        model = make_model(torch.bfloat16)
+        for p, r in zip(model.parameters(), make_model(torch.float64).parameters()):
+            p.data.copy_(r)  # the same start as the float64 run, rounded to bf16
+        opt = bsam(model, backend)
+        train(model, opt, xs, ys)
+        errors[backend] = relative_error(state_of(opt, model, ("mean",)), list(reference.parameters()))
+    assert 0 < errors["eager"] < 0.1
+    assert errors["triton"] <= 2 * errors["eager"], errors
+
+
+def run_golden(name, backend, dtype):
+    """Max abs error of the state against the golden trajectory, every step (see ALGORITHM.md)."""
+    golden = load_golden(name)
+    hyper = golden["hyper"]
+    model = GoldenMLP(golden["init"], dtype=dtype).to(DEVICE)
+    x = torch.tensor(golden["data"]["x"], dtype=dtype, device=DEVICE)
+    y = torch.tensor(golden["data"]["y"], device=DEVICE)
+    bayes = golden["optimizer"] == "bsam"
+    if bayes:
+        opt = sambayes.BSAM(
+            model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
+            rho=hyper["rho"], weight_decay=hyper["weight_decay"], damping=hyper["damping"],
+            init_precision=hyper["init_precision"], backend=backend,
+        )
+    else:
+        opt = sambayes.SAM(model.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], rho=hyper["rho"],
+                           weight_decay=hyper["weight_decay"], backend=backend)
+    error = 0.0
+    for batch, factor, want in zip(golden["batches"], golden["lr_factor"], golden["trajectory"]):
+        for group in opt.param_groups:
+            group["lr"] = hyper["lr"] * factor
+        xb, yb = x[batch], y[batch]
+
+        def closure():
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        for key in ("mean", "momentum") + (("precision",) if bayes else ()):
+            state_key = key if bayes or key != "mean" else "weight"
+            for pname, p in model.named_parameters():
+                ref = torch.tensor(want[key][pname], dtype=torch.float64)
+                error = max(error, (opt.state[p][state_key].double().cpu() - ref).abs().max().item())
+    return error
+
+
+@pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
+def test_golden_float64(name):
+    assert run_golden(name, "triton", torch.float64) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
+def test_golden_float32(name):
+    """float32 through the triton tier: as close to the authors' trajectory as the eager tier in float32."""
+    eager = run_golden(name, "eager", torch.float32)
+    triton = run_golden(name, "triton", torch.float32)
+    assert triton <= max(2 * eager, 1e-6), (triton, eager)
+
+
+def test_checkpoint_resume_and_recreate():
+    """state_dict / load_state_dict / a fresh optimizer: the resumed run equals the uninterrupted one."""
+    xs, ys = make_data(6)
+    model = make_model(torch.float32)
+    opt = bsam(model, "triton")
+    train(model, opt, xs, ys)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model = make_model(torch.float32)
+    opt = bsam(model, "triton")
+    train(model, opt, xs[:3], ys[:3])
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict()}
+    resumed = make_model(torch.float32, seed=99)
+    resumed.load_state_dict(checkpoint["model"])
+    opt = bsam(resumed, "triton")
+    opt.load_state_dict(checkpoint["opt"])
+    train(resumed, opt, xs[3:], ys[3:])
+    for a, b in zip(resumed.parameters(), straight):
+        assert torch.equal(a, b)
+
+
+def test_model_to_and_load_state_dict_between_steps():
+    """The user overwrites the weights between steps: the tier follows (the cached tables stay right)."""
+    xs, ys = make_data(4)
+    model = make_model(torch.float32)
+    opt = bsam(model, "triton")
+    train(model, opt, xs[:2], ys[:2])
+    fresh = make_model(torch.float32, seed=3)
+    model.load_state_dict(fresh.state_dict())
+    model.to(DEVICE)
+    train(model, opt, xs[2:], ys[2:])
+    eager_model = make_model(torch.float32)
+    eager_opt = bsam(eager_model, "eager")
+    train(eager_model, eager_opt, xs[:2], ys[:2])
+    eager_model.load_state_dict(fresh.state_dict())
+    train(eager_model, eager_opt, xs[2:], ys[2:])
+    assert relative_error(list(model.parameters()), list(eager_model.parameters())) <= 1e-6
+
+
+def test_without_triton_the_package_imports_and_says_how_to_get_it():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail, as when it is not installed
+        "import torch, sambayes\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "opt = sambayes.BSAM(model.parameters(), num_data=10, backend='triton')\n"
+        "try:\n"
+        "    opt.step(lambda: model(torch.ones(1, 3)).sum().backward())\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'sambayes[triton]'" in out.stdout, out.stdout + out.stderr
