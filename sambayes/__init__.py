@@ -14,4 +14,4 @@ from .bsam import BSAM
 from .predict import predict
 from .sam import SAM
 
-__all__ = ["BSAM", "SAM", "predict", "split_batch", "frozen_bn_stats", "noise_seed", "__version__"]
+__all__ = ["BSAM", "SAM", "__version__", "frozen_bn_stats", "noise_seed", "predict", "split_batch"]

@@ -71,7 +71,7 @@ class SAM(TwoPassOptimizer):
         check_number("eps", group["eps"], low_open=True)
         for flag in ("nesterov", "adaptive"):
             if not isinstance(group[flag], bool):
-                raise ValueError(f"{flag}={group[flag]!r}: expected True or False")
+                raise TypeError(f"{flag}={group[flag]!r}: expected True or False")
         if group["nesterov"] and (self.base != "sgd" or group["momentum"] == 0):
             raise ValueError("nesterov=True needs base='sgd' and momentum > 0")
 

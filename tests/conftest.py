@@ -9,9 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from sambayes import backends  # noqa: E402
+from sambayes import backends
 
 DATA = pathlib.Path(__file__).parent / "data"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

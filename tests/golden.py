@@ -1,9 +1,9 @@
 """Run a golden file (the paper authors' trajectories) through sambayes and measure the error."""
 
 import torch
+from conftest import GoldenMLP, load_golden
 
 import sambayes
-from conftest import GoldenMLP, load_golden
 
 
 def golden_errors(name: str, backend: str, dtype=torch.float64, device="cpu") -> dict[str, float]:
@@ -44,11 +44,11 @@ def golden_errors(name: str, backend: str, dtype=torch.float64, device="cpu") ->
 
         loss = opt.step(closure, splits=splits)
         errors["loss"] = max(errors["loss"], abs(loss.item() - expected["loss"]))
-        for name, p in model.named_parameters():
+        for pname, p in model.named_parameters():
             for field, key in fields.items():
-                ref = torch.tensor(expected[field][name], dtype=torch.float64)
+                ref = torch.tensor(expected[field][pname], dtype=torch.float64)
                 got = opt.state[p][key].double().cpu()
                 errors[field] = max(errors[field], (got - ref).abs().max().item())
-            ref = torch.tensor(expected["mean"][name], dtype=torch.float64)
+            ref = torch.tensor(expected["mean"][pname], dtype=torch.float64)
             errors["params"] = max(errors["params"], (p.detach().double().cpu() - ref).abs().max().item())
     return errors

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AVAILABLE_TIERS
 
 import sambayes
-from conftest import AVAILABLE_TIERS
 
 CPU_TIERS = [t for t in AVAILABLE_TIERS if t in ("eager", "foreach", "cpu")]
 
@@ -177,10 +177,9 @@ def test_sampled_params_restores_the_mean_exactly_even_on_error():
         sample1 = flat(model)
         assert not torch.equal(sample1, torch.cat([b.flatten() for b in before]))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    with pytest.raises(KeyError):
-        with opt.sampled_params(seed=1):
-            assert torch.equal(flat(model), sample1)  # a pure function of the seed
-            raise KeyError("boom")
+    with pytest.raises(KeyError), opt.sampled_params(seed=1):
+        assert torch.equal(flat(model), sample1)  # a pure function of the seed
+        raise KeyError("boom")
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     with opt.sampled_params(seed=2):
         assert not torch.equal(flat(model), sample1)
@@ -239,7 +238,7 @@ def test_two_groups_with_their_own_hyperparameters():
     """A two-group optimizer equals one optimizer per group run in lockstep (noise-free)."""
     x, y = data()
     model = small_mlp()
-    groups = lambda m: [  # noqa: E731
+    groups = lambda m: [
         {"params": list(m[0].parameters()), "lr": 0.05, "rho": 0.2, "weight_decay": 0.1},
         {"params": list(m[2].parameters()), "lr": 0.3, "betas": (0.5, 0.9), "damping": 1.0},
     ]

@@ -1,15 +1,14 @@
 """BSAM and SAM: the algorithm (against a hand-written reference), tiers, noise, posterior, API."""
 
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AVAILABLE_TIERS
 from torch.func import functional_call, grad
 
 import sambayes
-from conftest import AVAILABLE_TIERS
 
 CPU_TIERS = [t for t in AVAILABLE_TIERS if t in ("eager", "foreach", "cpu")]
 

@@ -1,11 +1,11 @@
 """DDP and FSDP2 with two real processes on gloo (CPU)."""
 
+import dist_workers
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dist_workers
 from sambayes import _model
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")

@@ -217,10 +217,9 @@ def test_frozen_bn_stats_context_manager():
         if k in buffers and "num_batches" in k:
             assert v.item() == 1
     buffers = {k: v.clone() for k, v in model.state_dict().items() if k in buffers}
-    with pytest.raises(KeyError):
-        with sambayes.frozen_bn_stats(model):
-            out = model(x)
-            raise KeyError("restored anyway")
+    with pytest.raises(KeyError), sambayes.frozen_bn_stats(model):
+        out = model(x)
+        raise KeyError("restored anyway")
     torch.testing.assert_close(out, expected)  # same outputs
     for k, v in model.state_dict().items():
         if k in buffers:
