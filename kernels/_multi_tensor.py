@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from collections import OrderedDict
 
 import torch
 import triton
 import triton.language as tl
 
-#: Elements per program: 8 per thread at 4 warps, i.e. two 128-bit accesses per fp32 stream.
-BLOCK = 1024
+#: Elements per program: 8 per thread at 4 warps, i.e. two 128-bit accesses per fp32 stream. Under
+#: the interpreter (kernels defined with TRITON_INTERPRET set) each program costs milliseconds of
+#: Python whatever its size, so blocks are larger there.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BLOCK = 8192 if INTERPRETED else 1024
 NUM_WARPS = 4
 #: Cached tables (LRU): a few per optimizer and parameter group is the working set.
 _CACHE_SIZE = 256
-_cache: OrderedDict[tuple, "TensorTable"] = OrderedDict()
+_cache: OrderedDict[tuple, TensorTable] = OrderedDict()
 
 TL_DTYPES = {
     torch.float64: tl.float64,
@@ -43,7 +47,7 @@ TL_DTYPES = {
 class TensorTable:
     """A device tensor table (see the module docstring) and what a launch needs from it."""
 
-    __slots__ = ("table", "num_blocks", "aligned", "_pinned")
+    __slots__ = ("_pinned", "aligned", "num_blocks", "table")
 
     def __init__(self, roles: list[list[torch.Tensor]], noise_offsets: list[int] | None) -> None:
         first = roles[0]
@@ -164,9 +168,26 @@ def load(ptr, offs, mask, DTYPE: tl.constexpr, OTHER: tl.constexpr = 0.0):
 
 
 @triton.jit
-def store(ptr, offs, value, mask):
-    """Round ``value`` to the pointer's dtype (nearest even) and store it."""
-    if mask is None:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+def rounded(value, DTYPE: tl.constexpr):
+    """``value`` rounded to DTYPE to nearest even, as PyTorch rounds.
+
+    float32 -> bfloat16 is done on the bits: the same on a GPU and under the
+    interpreter, which would otherwise truncate.
+    """
+    if DTYPE == tl.bfloat16 and value.dtype != DTYPE:
+        x = value.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        half = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        half = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, half).to(tl.uint16)  # NaN stays a quiet NaN
+        return half.to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+        return value.to(DTYPE)
+
+
+@triton.jit
+def store(ptr, offs, value, mask):
+    """Round ``value`` to the pointer's dtype and store it (``mask`` None: a full block)."""
+    if mask is None:
+        tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty))
+    else:
+        tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty), mask=mask)

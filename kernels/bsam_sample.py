@@ -12,8 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import BLOCK, NUM_WARPS, TL_DTYPES, div, load, locate, role_pointer, scalar, split_float, sqrt
-from ._multi_tensor import store, tensor_table
+from ._multi_tensor import (
+    BLOCK,
+    NUM_WARPS,
+    TL_DTYPES,
+    div,
+    load,
+    locate,
+    role_pointer,
+    scalar,
+    split_float,
+    sqrt,
+    store,
+    tensor_table,
+)
 
 
 @triton.jit

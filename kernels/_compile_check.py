@@ -1,0 +1,106 @@
+"""Compile every kernel ahead of time for a GPU architecture (no GPU needed) and report
+what the machine code does: 128-bit global loads/stores, registers, local memory.
+
+    python -m sambayes.kernels._compile_check [--arch 90]    # prints one JSON object per kernel
+
+Needs Triton's NVIDIA backend (ptxas and cuobjdump ship with the wheel) and
+TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _multi_tensor, bsam_perturb, bsam_sample, bsam_update, restore, sam
+
+# kernel, its extra constexprs; PARAM/STATE/ALIGNED/BLOCK are filled in per dtype
+KERNELS = [
+    (bsam_sample._bsam_sample_kernel, {}),
+    (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
+    (bsam_update._bsam_update_kernel, {}),
+    (restore._restore_kernel, {}),
+    (sam._sq_norm_kernel, {"ADAPTIVE": False}),
+    (sam._perturb_kernel, {"ADAPTIVE": False}),
+    (sam._sgd_kernel, {"NESTEROV": False}),
+    (sam._adamw_kernel, {}),
+]
+
+
+def _arg_type(name: str, state: str) -> str:
+    if name == "table":
+        return "*i64"
+    if name in ("partials", "scale_ptr"):
+        return "*" + state
+    if name == "seed":
+        return "i64"
+    if name == "splits":
+        return "i32"
+    return "fp32"  # hyperparameters: (hi, lo) float32 pairs
+
+
+def compile_kernel(kernel, constexprs: dict, param, arch: int):
+    """The CompiledKernel of ``kernel`` for params of tl dtype ``param`` on sm_<arch>."""
+    state = tl.float64 if param == tl.float64 else tl.float32
+    values = dict(PARAM=param, GRAD=param, STATE=state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK, **constexprs)
+    signature, constants = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constants[p.name] = values[p.name]
+        else:
+            signature[p.name] = _arg_type(p.name, "fp64" if state == tl.float64 else "fp32")
+    # the table comes from the caching allocator: 16-byte aligned, as Triton assumes for tensor arguments
+    attrs = {(kernel.arg_names.index("table"),): [["tt.divisibility", 16]]}
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _multi_tensor.NUM_WARPS})
+
+
+def sass_report(compiled) -> dict:
+    """Counts of global load/store widths and the resource usage, from the cubin's SASS."""
+    cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"\b(LDG|STG|LDL|STL)(\.[A-Z0-9.]+)?", sass)
+    resources = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return {
+        "ldg128": sum(1 for op, mod in ops if op == "LDG" and ".128" in mod),
+        "stg128": sum(1 for op, mod in ops if op == "STG" and ".128" in mod),
+        "ldg": sum(1 for op, _ in ops if op == "LDG"),
+        "stg": sum(1 for op, _ in ops if op == "STG"),
+        "local_ops": sum(1 for op, _ in ops if op in ("LDL", "STL")),
+        "registers": int(resources.get("REG", -1)),
+        "local_bytes": int(resources.get("LOCAL", -1)),
+        "stack_bytes": int(resources.get("STACK", -1)),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="parameter dtypes: fp32, bf16, fp16, fp64")
+    args = parser.parse_args(argv)
+    if _multi_tensor.INTERPRETED:
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
+    names = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+    for dtype in args.dtypes.split(","):
+        for kernel, constexprs in KERNELS:
+            compiled = compile_kernel(kernel, constexprs, names[dtype], args.arch)
+            report = dict(kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}", **sass_report(compiled))
+            print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
