@@ -3,6 +3,7 @@ and its determinism."""
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import pathlib
@@ -14,7 +15,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from sambayes import demo  # noqa: E402
+from sambayes import demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)"]
@@ -23,7 +24,8 @@ ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)"]
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "sambayes", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        [sys.executable, "-m", "sambayes", *args], check=False, capture_output=True, text=True, cwd=ROOT, env=env,
+        timeout=300,
     )
 
 
@@ -67,14 +69,14 @@ def test_missing_extras_name_the_extra_to_install():
     # a child interpreter where scikit-learn cannot be imported
     code = "import sys; sys.modules['sklearn'] = None; from sambayes.__main__ import main; main(['demo', '--quick'])"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode != 0
     assert "pip install 'sambayes[demo]'" in result.stderr and "scikit-learn" in result.stderr
 
 
 def test_import_sambayes_does_not_need_the_demo_extras():
     code = "import sambayes, sambayes.metrics, sys; print('sklearn' in sys.modules, 'matplotlib' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.split() == ["False", "False"], result.stderr
 
 
@@ -104,7 +106,7 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
     assert factors[55] == pytest.approx(0.5)  # cosine halfway
     assert factors[total] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
 
 
 def test_load_digits_split_sizes_and_shift():
