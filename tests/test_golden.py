@@ -1,7 +1,6 @@
 """Every tier reproduces the paper authors' trajectories (tests/data, from their JAX code)."""
 
 import pytest
-
 from conftest import AVAILABLE_TIERS, DEVICE
 from golden import golden_errors
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import load_golden
 
 import sambayes
-from conftest import load_golden
 from sambayes import _philox
 
 
