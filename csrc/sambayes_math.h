@@ -7,6 +7,9 @@
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
 
 #if defined(__CUDACC__)
 #define SB_HD __host__ __device__ __forceinline__
@@ -32,6 +35,8 @@ SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t 
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDACC__)
 #pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t p = static_cast<uint64_t>(kPhiloxRoundA) * c0;

@@ -18,13 +18,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _philox
+from . import _cext, _philox
 
 
 def _noise(seed: int, offset: int, like: torch.Tensor) -> torch.Tensor:
-    # z for elements offset .. offset + numel of the group's flat concatenation
-    z = _philox.randn_range(seed, offset, like.numel(), device=like.device)
+    # z for elements offset .. offset + numel of the group's flat concatenation; the compiled
+    # Philox when built (same words, z within a few float32 ulps), else the integer-op emulation
+    draw = _cext.randn_range if _cext_kernels(like.device) else _philox.randn_range
+    z = draw(seed, offset, like.numel(), device=like.device)
     return z.view(like.shape).to(like.dtype)
+
+
+def _cext_kernels(device: torch.device) -> bool:
+    try:
+        return _cext.has_kernels(device)
+    except Exception:  # noqa: BLE001 - an unbuilt or broken extension just means: emulate
+        return False
 
 
 @torch.no_grad()

@@ -1,0 +1,63 @@
+// The op schemas of sambayes._C (namespace torch.ops.sambayes_C) and the Python module.
+//
+// Each op takes one (device, dtype) group as parallel tensor lists, with the arguments
+// of the tier functions in sambayes/_eager.py; the (a!) annotations name the lists an
+// op writes, so that torch.compile functionalizes calls correctly. The CPU kernels
+// register in cpu_kernels.cpp, the CUDA ones in cuda_kernels.cu; the fake (meta)
+// implementations in sambayes/_cext.py.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+// Why setup.py left the CUDA kernels out (codes from setup.py's CUDA_SKIPPED).
+static const char* cuda_note() {
+#if defined(SAMBAYES_WITH_CUDA)
+  return "";
+#elif SAMBAYES_CUDA_SKIPPED == 1
+  return "its CUDA kernels were skipped at build time (SAMBAYES_NO_CUDA=1)";
+#elif SAMBAYES_CUDA_SKIPPED == 2
+  return "it was built against a CPU-only PyTorch, so without CUDA kernels";
+#elif SAMBAYES_CUDA_SKIPPED == 3
+  return "it was built without CUDA kernels: no CUDA toolkit (nvcc, CUDA_HOME) was found";
+#elif SAMBAYES_CUDA_SKIPPED == 4
+  return "compiling its CUDA kernels failed at build time (see the pip install log); only the CPU kernels were built";
+#else
+  return "it was built without CUDA kernels";
+#endif
+}
+
+TORCH_LIBRARY(sambayes_C, m) {
+  m.def(
+      "bsam_sample(Tensor(a!)[] params, Tensor[] means, Tensor[] precisions, int[] offsets, float num_data, "
+      "int seed) -> ()");
+  m.def(
+      "bsam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, Tensor(b!)[] stats, "
+      "float rho, bool accumulate) -> ()");
+  m.def(
+      "bsam_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] means, Tensor(c!)[] precisions, "
+      "Tensor(d!)[] momentums, Tensor[] stats, float lr, float beta1, float beta2, float weight_decay, "
+      "float damping, int splits) -> ()");
+  m.def("restore(Tensor(a!)[] params, Tensor[] weights) -> ()");
+  m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, bool adaptive) -> Tensor");
+  m.def("sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] weights, Tensor scale, bool adaptive) -> ()");
+  m.def(
+      "sam_update_sgd(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] weights, Tensor(c!)[] momentums, float lr, "
+      "float momentum, float weight_decay, bool nesterov, int splits) -> ()");
+  m.def(
+      "sam_update_adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] weights, Tensor(c!)[] momentums, "
+      "Tensor(d!)[] variances, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
+      "int splits) -> ()");
+  // z(seed, start + i) into a contiguous float32 tensor
+  m.def("philox_randn_(Tensor(a!) out, int seed, int start) -> ()");
+  // the four Philox4x32-10 words per offset, int64 [n, 4]: a test hook
+  m.def("philox_words(Tensor offsets, int seed) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "sambayes C++/CUDA kernels; the ops live in torch.ops.sambayes_C";
+#ifdef SAMBAYES_WITH_CUDA
+  module.attr("cuda_compiled") = true;
+#else
+  module.attr("cuda_compiled") = false;
+#endif
+  module.attr("cuda_note") = cuda_note();
+}

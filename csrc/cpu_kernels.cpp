@@ -1,0 +1,498 @@
+// The CPU kernels: one pass per phase over all tensors of a (device, dtype) group,
+// chunks spread over threads with at::parallel_for, and the per-element math of
+// sambayes_math.h in plain loops over raw pointers that the compiler vectorizes.
+//
+// The loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) with
+// target_clones; the dynamic loader picks the best for the machine at load time.
+// The Philox noise is the costly part; docs/cext.md has the measurements.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "multi_tensor.h"
+#include "sambayes_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SB_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SB_CLONES
+#endif
+
+namespace sambayes {
+namespace {
+
+constexpr int64_t kCpuChunk = 1 << 15;    // elements per task: a few hundred KiB over all arrays, cache-sized
+constexpr int64_t kNoiseBlock = 1 << 10;  // z drawn into an L1-resident buffer this many at a time
+
+// float64 state for float64 parameters, float32 otherwise.
+template <typename P>
+using acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+// ---- noise -------------------------------------------------------------------------------
+
+constexpr int64_t kWordBlock = 256;  // Philox words of this many elements at a time, in L1
+
+// Philox words 0 and 1 for counters (c0 + i, c1, 0, 0): the portable loop, vectorized by the compiler.
+SB_CLONES void philox_words01(uint32_t* __restrict w0, uint32_t* __restrict w1, int64_t n, uint32_t c0, uint32_t c1,
+                              uint32_t k0, uint32_t k1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const PhiloxWords w = philox4x32_10(c0 + static_cast<uint32_t>(i), c1, k0, k1);
+    w0[i] = w.w0;
+    w1[i] = w.w1;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define SB_HAVE_AVX512_PHILOX 1
+
+// (hi, lo) of a * c in 32-bit lanes: even and odd lanes through two 32x32->64 multiplies.
+__attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m512i a, __m512i c, __m512i& hi,
+                                                                             __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, c);
+  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// philox_words01 in AVX-512 intrinsics, 16 counters at a time: twice the compiler's speed, which
+// widens to 64-bit lanes. Same words as philox4x32_10 (checked by the noise tests).
+__attribute__((target("avx512f"))) void philox_words01_avx512(uint32_t* __restrict w0, uint32_t* __restrict w1,
+                                                              int64_t n, uint32_t c0, uint32_t c1, uint32_t k0,
+                                                              uint32_t k1) {
+  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
+  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0 + static_cast<uint32_t>(i))), lane);
+    __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1));
+    __m512i x2 = _mm512_setzero_si512();
+    __m512i x3 = _mm512_setzero_si512();
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      __m512i p_hi, p_lo, q_hi, q_lo;
+      mulhilo_avx512(round_a, x0, p_hi, p_lo);
+      mulhilo_avx512(round_b, x2, q_hi, q_lo);
+      x0 = _mm512_xor_si512(_mm512_xor_si512(q_hi, x1), _mm512_set1_epi32(static_cast<int>(key0)));
+      x2 = _mm512_xor_si512(_mm512_xor_si512(p_hi, x3), _mm512_set1_epi32(static_cast<int>(key1)));
+      x1 = q_lo;
+      x3 = p_lo;
+      key0 += kPhiloxKeyA;
+      key1 += kPhiloxKeyB;
+    }
+    _mm512_storeu_si512(w0 + i, x0);
+    _mm512_storeu_si512(w1 + i, x1);
+  }
+  philox_words01(w0 + i, w1 + i, n - i, c0 + static_cast<uint32_t>(i), c1, k0, k1);
+}
+#endif
+
+SB_CLONES void box_muller_block(float* __restrict out, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
+                                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = randn_from_words(w0[i], w1[i]);
+}
+
+// out[i] = z(offset = (c1 << 32) | (c0 + i)); the caller keeps c0 + i from wrapping.
+void randn_block(float* out, int64_t n, uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+#ifdef SB_HAVE_AVX512_PHILOX
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+#endif
+  alignas(64) uint32_t w0[kWordBlock], w1[kWordBlock];
+  for (int64_t i = 0; i < n; i += kWordBlock) {
+    const int64_t len = std::min(kWordBlock, n - i);
+    const uint32_t c = c0 + static_cast<uint32_t>(i);
+#ifdef SB_HAVE_AVX512_PHILOX
+    if (avx512) {
+      philox_words01_avx512(w0, w1, len, c, c1, k0, k1);
+    } else {
+      philox_words01(w0, w1, len, c, c1, k0, k1);
+    }
+#else
+    philox_words01(w0, w1, len, c, c1, k0, k1);
+#endif
+    box_muller_block(out + i, w0, w1, len);
+  }
+}
+
+// out[i] = z(start + i) for i < n, in blocks that never cross a multiple of 2^32 (c0 + i must not wrap).
+void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
+  for (int64_t i = 0; i < n;) {
+    const uint64_t offset = static_cast<uint64_t>(start) + static_cast<uint64_t>(i);
+    const uint32_t lo = static_cast<uint32_t>(offset);
+    const int64_t len = std::min<int64_t>(n - i, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+    randn_block(out + i, len, lo, static_cast<uint32_t>(offset >> 32), k0, k1);
+    i += len;
+  }
+}
+
+// ---- per-phase loops (inlined into the clones below) --------------------------------------
+
+template <typename P, typename A>
+SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* __restrict precision,
+                       const float* __restrict z, int64_t n, A num_data) {
+  for (int64_t i = 0; i < n; ++i) {
+    param[i] = static_cast<P>(bsam_sample_param<A>(mean[i], precision[i], static_cast<A>(z[i]), num_data));
+  }
+}
+
+template <bool Accumulate, typename P, typename A>
+SB_HD void bsam_perturb_loop(P* __restrict param, const P* __restrict grad, const A* __restrict mean,
+                             const A* __restrict precision, A* __restrict stat, int64_t n, A rho) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A g = static_cast<A>(grad[i]);
+    param[i] = static_cast<P>(bsam_perturb_param<A>(g, mean[i], precision[i], rho));
+    const A a = bsam_precision_stat<A>(g, precision[i]);
+    stat[i] = Accumulate ? stat[i] + a : a;
+  }
+}
+
+template <typename P, typename A>
+SB_HD void bsam_update_loop(P* __restrict param, const P* __restrict grad, A* __restrict mean, A* __restrict precision,
+                            A* __restrict momentum, const A* __restrict stat, int64_t n,
+                            const BsamUpdateCoeffs<A>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    A m = mean[i], s = precision[i], gm = momentum[i];
+    bsam_update_element<A>(static_cast<A>(grad[i]), stat[i], m, s, gm, c);
+    mean[i] = m;
+    precision[i] = s;
+    momentum[i] = gm;
+    param[i] = static_cast<P>(m);
+  }
+}
+
+template <typename P, typename A>
+SB_HD void restore_loop(P* __restrict param, const A* __restrict weight, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) param[i] = static_cast<P>(weight[i]);
+}
+
+// Σ (T·g)² with 16 independent partial sums, so that the sum vectorizes without reassociation flags.
+template <bool Adaptive, typename P, typename A>
+SB_HD double sq_norm_loop(const P* __restrict grad, const A* __restrict weight, int64_t n) {
+  constexpr int kLanes = 16;
+  A lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += sam_sq_term<A>(static_cast<A>(grad[i + j]), weight[i + j], Adaptive);
+  }
+  double total = 0;
+  for (; i < n; ++i) total += sam_sq_term<A>(static_cast<A>(grad[i]), weight[i], Adaptive);
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+template <bool Adaptive, typename P, typename A>
+SB_HD void sam_perturb_loop(P* __restrict param, const P* __restrict grad, const A* __restrict weight, int64_t n,
+                            A scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    param[i] = static_cast<P>(sam_perturb_param<A>(static_cast<A>(grad[i]), weight[i], scale, Adaptive));
+  }
+}
+
+template <bool Nesterov, typename P, typename A>
+SB_HD void sgd_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict buf, int64_t n,
+                    SgdCoeffs<A> c) {
+  c.nesterov = Nesterov;
+  for (int64_t i = 0; i < n; ++i) {
+    A w = weight[i], b = buf[i];
+    sam_sgd_element<A>(static_cast<A>(grad[i]), w, b, c);
+    weight[i] = w;
+    buf[i] = b;
+    param[i] = static_cast<P>(w);
+  }
+}
+
+template <typename P, typename A>
+SB_HD void adamw_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict m,
+                      A* __restrict v, int64_t n, const AdamwCoeffs<A>& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    A w = weight[i], mi = m[i], vi = v[i];
+    sam_adamw_element<A>(static_cast<A>(grad[i]), w, mi, vi, c);
+    weight[i] = w;
+    m[i] = mi;
+    v[i] = vi;
+    param[i] = static_cast<P>(w);
+  }
+}
+
+// ---- the clones: one set of non-inline functions per parameter dtype -----------------------
+
+template <typename P>
+struct Kernels;
+
+#define SB_DEFINE_CPU_KERNELS(P, TAG)                                                                              \
+  using A_##TAG = acc_t<P>;                                                                                        \
+  SB_CLONES void sample_##TAG(P* p, const A_##TAG* m, const A_##TAG* s, const float* z, int64_t n, A_##TAG nd) {  \
+    sample_loop<P, A_##TAG>(p, m, s, z, n, nd);                                                                    \
+  }                                                                                                                \
+  SB_CLONES void bsam_perturb_##TAG(P* p, const P* g, const A_##TAG* m, const A_##TAG* s, A_##TAG* st, int64_t n, \
+                                    A_##TAG rho, bool acc) {                                                       \
+    if (acc)                                                                                                       \
+      bsam_perturb_loop<true, P, A_##TAG>(p, g, m, s, st, n, rho);                                                 \
+    else                                                                                                           \
+      bsam_perturb_loop<false, P, A_##TAG>(p, g, m, s, st, n, rho);                                                \
+  }                                                                                                                \
+  SB_CLONES void bsam_update_##TAG(P* p, const P* g, A_##TAG* m, A_##TAG* s, A_##TAG* gm, const A_##TAG* st,       \
+                                   int64_t n, const BsamUpdateCoeffs<A_##TAG>& c) {                                \
+    bsam_update_loop<P, A_##TAG>(p, g, m, s, gm, st, n, c);                                                        \
+  }                                                                                                                \
+  SB_CLONES void restore_##TAG(P* p, const A_##TAG* w, int64_t n) { restore_loop<P, A_##TAG>(p, w, n); }           \
+  SB_CLONES double sq_norm_##TAG(const P* g, const A_##TAG* w, int64_t n, bool adaptive) {                         \
+    return adaptive ? sq_norm_loop<true, P, A_##TAG>(g, w, n) : sq_norm_loop<false, P, A_##TAG>(g, w, n);          \
+  }                                                                                                                \
+  SB_CLONES void sam_perturb_##TAG(P* p, const P* g, const A_##TAG* w, int64_t n, A_##TAG scale, bool adaptive) {  \
+    if (adaptive)                                                                                                  \
+      sam_perturb_loop<true, P, A_##TAG>(p, g, w, n, scale);                                                       \
+    else                                                                                                           \
+      sam_perturb_loop<false, P, A_##TAG>(p, g, w, n, scale);                                                      \
+  }                                                                                                                \
+  SB_CLONES void sgd_##TAG(P* p, const P* g, A_##TAG* w, A_##TAG* b, int64_t n, const SgdCoeffs<A_##TAG>& c) {     \
+    if (c.nesterov)                                                                                                \
+      sgd_loop<true, P, A_##TAG>(p, g, w, b, n, c);                                                                \
+    else                                                                                                           \
+      sgd_loop<false, P, A_##TAG>(p, g, w, b, n, c);                                                               \
+  }                                                                                                                \
+  SB_CLONES void adamw_##TAG(P* p, const P* g, A_##TAG* w, A_##TAG* m, A_##TAG* v, int64_t n,                      \
+                             const AdamwCoeffs<A_##TAG>& c) {                                                      \
+    adamw_loop<P, A_##TAG>(p, g, w, m, v, n, c);                                                                   \
+  }                                                                                                                \
+  template <>                                                                                                      \
+  struct Kernels<P> {                                                                                              \
+    static constexpr auto sample = &sample_##TAG;                                                                  \
+    static constexpr auto bsam_perturb = &bsam_perturb_##TAG;                                                      \
+    static constexpr auto bsam_update = &bsam_update_##TAG;                                                        \
+    static constexpr auto restore = &restore_##TAG;                                                                \
+    static constexpr auto sq_norm = &sq_norm_##TAG;                                                                \
+    static constexpr auto sam_perturb = &sam_perturb_##TAG;                                                        \
+    static constexpr auto sgd = &sgd_##TAG;                                                                        \
+    static constexpr auto adamw = &adamw_##TAG;                                                                    \
+  };
+
+SB_DEFINE_CPU_KERNELS(float, f32)
+SB_DEFINE_CPU_KERNELS(double, f64)
+SB_DEFINE_CPU_KERNELS(c10::BFloat16, bf16)
+SB_DEFINE_CPU_KERNELS(c10::Half, f16)
+
+#undef SB_DEFINE_CPU_KERNELS
+
+// ---- the group driver ---------------------------------------------------------------------
+
+// Run body(row, begin, end) over every chunk of the rows, chunks spread over the threads.
+template <int N, typename F>
+void for_each_chunk(const std::vector<TensorRow<N>>& rows, F&& body) {
+  const auto chunks = plan_chunks(rows, kCpuChunk);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) body(rows[chunks[c].row], chunks[c].begin, chunks[c].end);
+  });
+}
+
+template <typename T>
+T* at_(void* base, int64_t begin) {
+  return static_cast<T*>(base) + begin;
+}
+
+#define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
+                     at::IntArrayRef offsets, double num_data, int64_t seed) {
+  check_group("bsam_sample", params, {}, {{"means", means}, {"precisions", precisions}});
+  TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
+              " params");
+  const auto key = philox_key(seed);
+  const uint32_t k0 = key.first, k1 = key.second;
+  const auto rows = make_rows<3>({params, means, precisions}, offsets);
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_sample", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    for_each_chunk(rows, [&](const TensorRow<3>& row, int64_t begin, int64_t end) {
+      alignas(64) float z[kNoiseBlock];
+      for (int64_t i = begin; i < end; i += kNoiseBlock) {
+        const int64_t len = std::min(kNoiseBlock, end - i);
+        randn_range(z, row.offset + i, len, k0, k1);
+        Kernels<P>::sample(at_<P>(row.ptr[0], i), at_<A>(row.ptr[1], i), at_<A>(row.ptr[2], i), z, len,
+                           static_cast<A>(num_data));
+      }
+    });
+  });
+}
+
+void bsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
+                      at::TensorList stats, double rho, bool accumulate) {
+  check_group("bsam_perturb", params, {{"grads", grads}},
+              {{"means", means}, {"precisions", precisions}, {"stats", stats}});
+  const auto rows = make_rows<5>({params, grads, means, precisions, stats});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    for_each_chunk(rows, [&](const TensorRow<5>& row, int64_t b, int64_t e) {
+      Kernels<P>::bsam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
+                               at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), e - b, static_cast<A>(rho), accumulate);
+    });
+  });
+}
+
+void bsam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
+                     at::TensorList momentums, at::TensorList stats, double lr, double beta1, double beta2,
+                     double weight_decay, double damping, int64_t splits) {
+  check_group("bsam_update", params, {{"grads", grads}},
+              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"stats", stats}});
+  TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
+  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, stats});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    const BsamUpdateCoeffs<A> c{static_cast<A>(splits), static_cast<A>(lr),      static_cast<A>(beta1),
+                                static_cast<A>(1 - beta1), static_cast<A>(beta2), static_cast<A>(1 - beta2),
+                                static_cast<A>(weight_decay), static_cast<A>(damping)};
+    for_each_chunk(rows, [&](const TensorRow<6>& row, int64_t b, int64_t e) {
+      Kernels<P>::bsam_update(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
+                              at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), at_<A>(row.ptr[5], b), e - b, c);
+    });
+  });
+}
+
+void restore_cpu(at::TensorList params, at::TensorList weights) {
+  check_group("restore", params, {}, {{"weights", weights}});
+  const auto rows = make_rows<2>({params, weights});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "restore", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    for_each_chunk(rows, [&](const TensorRow<2>& row, int64_t b, int64_t e) {
+      Kernels<P>::restore(at_<P>(row.ptr[0], b), at_<A>(row.ptr[1], b), e - b);
+    });
+  });
+}
+
+at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, bool adaptive) {
+  check_group("sam_sq_norm", grads, {}, {{"weights", weights}});
+  const auto rows = make_rows<2>({grads, weights});
+  const auto chunks = plan_chunks(rows, kCpuChunk);
+  // one partial per chunk, summed in chunk order: the result does not depend on the thread count
+  std::vector<double> partial(chunks.size(), 0.0);
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        const auto& row = rows[chunks[c].row];
+        const int64_t b = chunks[c].begin;
+        partial[c] = Kernels<P>::sq_norm(at_<P>(row.ptr[0], b), at_<A>(row.ptr[1], b), chunks[c].end - b, adaptive);
+      }
+    });
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return at::scalar_tensor(total, weights[0].options());
+}
+
+void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& scale,
+                     bool adaptive) {
+  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
+  TORCH_CHECK(scale.numel() == 1, "sam_perturb: scale must hold one number, got shape ", scale.sizes());
+  const auto rows = make_rows<3>({params, grads, weights});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    const A s = scale.to(at::kCPU, weights[0].scalar_type()).item<A>();
+    for_each_chunk(rows, [&](const TensorRow<3>& row, int64_t b, int64_t e) {
+      Kernels<P>::sam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), e - b, s, adaptive);
+    });
+  });
+}
+
+void sam_update_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights,
+                        at::TensorList momentums, double lr, double momentum, double weight_decay, bool nesterov,
+                        int64_t splits) {
+  check_group("sam_update_sgd", params, {{"grads", grads}}, {{"weights", weights}, {"momentums", momentums}});
+  TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
+  const auto rows = make_rows<4>({params, grads, weights, momentums});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_sgd", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    const SgdCoeffs<A> c{static_cast<A>(splits), static_cast<A>(lr), static_cast<A>(momentum),
+                         static_cast<A>(weight_decay), nesterov};
+    for_each_chunk(rows, [&](const TensorRow<4>& row, int64_t b, int64_t e) {
+      Kernels<P>::sgd(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), at_<A>(row.ptr[3], b),
+                      e - b, c);
+    });
+  });
+}
+
+void sam_update_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights,
+                          at::TensorList momentums, at::TensorList variances, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, int64_t step, int64_t splits) {
+  check_group("sam_update_adamw", params, {{"grads", grads}},
+              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
+  TORCH_CHECK(splits >= 1 && step >= 1, "sam_update_adamw: splits and step must be >= 1");
+  const auto rows = make_rows<5>({params, grads, weights, momentums, variances});
+  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_adamw", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    const double bias1 = 1 - std::pow(beta1, static_cast<double>(step));
+    const double bias2 = 1 - std::pow(beta2, static_cast<double>(step));
+    const AdamwCoeffs<A> c{static_cast<A>(splits),    static_cast<A>(1 - lr * weight_decay),
+                           static_cast<A>(beta1),     static_cast<A>(1 - beta1),
+                           static_cast<A>(beta2),     static_cast<A>(1 - beta2),
+                           static_cast<A>(bias2),     static_cast<A>(eps),
+                           static_cast<A>(lr / bias1)};
+    for_each_chunk(rows, [&](const TensorRow<5>& row, int64_t b, int64_t e) {
+      Kernels<P>::adamw(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), at_<A>(row.ptr[3], b),
+                        at_<A>(row.ptr[4], b), e - b, c);
+    });
+  });
+}
+
+// out[i] = z(seed, start + i), float32.
+void philox_randn_cpu(const at::Tensor& out, int64_t seed, int64_t start) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "philox_randn_: out must be contiguous float32");
+  TORCH_CHECK(start >= 0, "philox_randn_: start must be >= 0, got ", start);
+  const auto key = philox_key(seed);
+  const uint32_t k0 = key.first, k1 = key.second;
+  float* data = out.data_ptr<float>();
+  at::parallel_for(0, out.numel(), kCpuChunk, [&](int64_t lo, int64_t hi) {
+    randn_range(data + lo, start + lo, hi - lo, k0, k1);
+  });
+}
+
+// The four Philox words of each offset, as int64 [n, 4] (unsigned 32-bit values): for tests.
+at::Tensor philox_words_cpu(const at::Tensor& offsets, int64_t seed) {
+  const auto key = philox_key(seed);
+  const uint32_t k0 = key.first, k1 = key.second;
+  const auto flat = offsets.to(at::kLong).contiguous();
+  auto out = at::empty({flat.numel(), 4}, flat.options());
+  const int64_t* off = flat.data_ptr<int64_t>();
+  int64_t* words = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    const auto o = static_cast<uint64_t>(off[i]);
+    const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(o), static_cast<uint32_t>(o >> 32), k0, k1);
+    words[4 * i + 0] = w.w0;
+    words[4 * i + 1] = w.w1;
+    words[4 * i + 2] = w.w2;
+    words[4 * i + 3] = w.w3;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sambayes_C, CPU, m) {
+  m.impl("bsam_sample", &bsam_sample_cpu);
+  m.impl("bsam_perturb", &bsam_perturb_cpu);
+  m.impl("bsam_update", &bsam_update_cpu);
+  m.impl("restore", &restore_cpu);
+  m.impl("sam_sq_norm", &sam_sq_norm_cpu);
+  m.impl("sam_perturb", &sam_perturb_cpu);
+  m.impl("sam_update_sgd", &sam_update_sgd_cpu);
+  m.impl("sam_update_adamw", &sam_update_adamw_cpu);
+  m.impl("philox_randn_", &philox_randn_cpu);
+  m.impl("philox_words", &philox_words_cpu);
+}
+
+}  // namespace sambayes

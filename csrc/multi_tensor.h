@@ -1,0 +1,104 @@
+// Multi-tensor launching, shared by the CPU and CUDA kernels: one pass per phase over
+// all tensors of a (device, dtype) group. The group's tensors are cut into chunks of
+// at most `chunk` elements; a CPU task or a CUDA block handles one chunk.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
+namespace sambayes {
+
+// One tensor index of the group: the base pointer of each of the N parallel lists,
+// the element count and the element offset of its noise stream.
+template <int N>
+struct TensorRow {
+  void* ptr[N];
+  int64_t numel;
+  int64_t offset;
+  int64_t aligned;  // every pointer is 16-byte aligned (CUDA vector loads)
+};
+
+// Elements [begin, end) of tensor `row`.
+struct Chunk {
+  int64_t row;
+  int64_t begin;
+  int64_t end;
+};
+
+// The state dtype of a parameter dtype: float64 for float64, float32 otherwise.
+inline at::ScalarType state_dtype(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+using NamedList = std::pair<const char*, at::TensorList>;
+
+// Parallel lists of one group: same length, same numel at each index, contiguous, one
+// device; `param_like` lists hold the parameter dtype, `state_like` ones the state dtype.
+inline void check_group(const char* op, at::TensorList params, std::initializer_list<NamedList> param_like,
+                        std::initializer_list<NamedList> state_like) {
+  TORCH_CHECK(!params.empty(), op, ": empty parameter list");
+  const auto device = params[0].device();
+  const auto dtype = params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": parameters must be float32, float64, bfloat16 or float16, got ", dtype);
+  const auto check_list = [&](const char* name, at::TensorList list, at::ScalarType want) {
+    TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(), " tensors, params has ",
+                params.size());
+    for (size_t i = 0; i < list.size(); ++i) {
+      const auto& t = list[i];
+      TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", params[0] on ", device);
+      TORCH_CHECK(t.scalar_type() == want, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
+                  want);
+      TORCH_CHECK(t.numel() == params[i].numel(), op, ": ", name, "[", i, "] has ", t.numel(),
+                  " elements, params[", i, "] has ", params[i].numel());
+      TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] is not contiguous");
+    }
+  };
+  check_list("params", params, dtype);
+  for (const auto& [name, list] : param_like) check_list(name, list, dtype);
+  for (const auto& [name, list] : state_like) check_list(name, list, state_dtype(dtype));
+}
+
+// The rows of N parallel lists (the first list decides numel); offsets may be empty.
+template <int N>
+std::vector<TensorRow<N>> make_rows(const std::array<at::TensorList, N>& lists, at::IntArrayRef offsets = {}) {
+  std::vector<TensorRow<N>> rows(lists[0].size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    bool aligned = true;
+    for (int k = 0; k < N; ++k) {
+      rows[i].ptr[k] = lists[k][i].data_ptr();
+      aligned = aligned && reinterpret_cast<uintptr_t>(rows[i].ptr[k]) % 16 == 0;
+    }
+    rows[i].numel = lists[0][i].numel();
+    rows[i].offset = offsets.empty() ? 0 : offsets[i];
+    rows[i].aligned = aligned;
+  }
+  return rows;
+}
+
+// Cut every row into chunks of at most `chunk` elements (empty tensors give none).
+template <int N>
+std::vector<Chunk> plan_chunks(const std::vector<TensorRow<N>>& rows, int64_t chunk) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (int64_t begin = 0; begin < rows[i].numel; begin += chunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(rows[i].numel, begin + chunk)});
+    }
+  }
+  return chunks;
+}
+
+// Philox key (seed lo, seed hi); a Python int seed below 2^63 arrives as int64.
+inline std::pair<uint32_t, uint32_t> philox_key(int64_t seed) {
+  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
+  const auto s = static_cast<uint64_t>(seed);
+  return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
+}
+
+}  // namespace sambayes
