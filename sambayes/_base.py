@@ -328,12 +328,12 @@ class TwoPassOptimizer(Optimizer):
             group["step"] += 1
             self._update_group(group, updated)
             self._restore(untouched)
-        if self._skip:
+        if self._skip and grad_scaler is None:  # with a scaler, skipped steps are its calibration
             warnings.warn(
                 f"{type(self).__name__}: non-finite gradient, step skipped "
                 f"(skipped so far: {self.param_groups[0]['skipped_steps']})",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of update(), past torch.no_grad's wrapper
             )
         self._end_step()
 

@@ -389,8 +389,13 @@ def test_non_finite_gradient_skips_the_step(bad_pass, method):
         loss.backward()
         return loss
 
-    with pytest.warns(RuntimeWarning, match="non-finite gradient, step skipped"):
-        opt.step(closure)
+    opt.sample()
+    closure()
+    opt.perturb()
+    closure()
+    with pytest.warns(RuntimeWarning, match="non-finite gradient, step skipped") as record:
+        opt.update()
+    assert record[0].filename == __file__  # the warning points at the caller
     assert torch.equal(flat(model), params_before)
     for pid, state in opt.state_dict()["state"].items():
         for key, value in state.items():
