@@ -63,4 +63,7 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
         opt.step(closure, splits=splits)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     torch.save([p.detach().clone() for p in params], f"{out_dir}/rank{rank}.pt")
+    # leave together, with the DDP reducer gone, so no gloo thread outlives its group
+    dist.barrier()
+    del opt, net
     dist.destroy_process_group()
