@@ -41,7 +41,15 @@ from sambayes import backends
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_step.csv"
 PHASES = ("sample", "perturb", "update", "step")
-HYPER = {"num_data": 50_000.0, "rho": 0.05, "lr": 0.1, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-4, "damping": 0.1}
+HYPER = {
+    "num_data": 50_000.0,
+    "rho": 0.05,
+    "lr": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "weight_decay": 1e-4,
+    "damping": 0.1,
+}
 
 
 # ---- shapes ------------------------------------------------------------------------------
@@ -61,8 +69,17 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for block in range(blocks):
             out = 4 * width
-            shapes += [(width, in_channels, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (out, width, 1, 1), (out,), (out,)]
+            shapes += [
+                (width, in_channels, 1, 1),
+                (width,),
+                (width,),
+                (width, width, 3, 3),
+                (width,),
+                (width,),
+                (out, width, 1, 1),
+                (out,),
+                (out,),
+            ]
             if block == 0:
                 shapes += [(out, in_channels, 1, 1), (out,), (out,)]
             in_channels = out
@@ -109,12 +126,26 @@ class Problem:
 def tier_phases(tier, pb: Problem):
     h = HYPER
     phases = {
-        "sample": lambda: tier.bsam_sample(pb.params, pb.means, pb.precisions, pb.offsets, num_data=h["num_data"], seed=1),
-        "perturb": lambda: tier.bsam_perturb(pb.params, pb.grads, pb.means, pb.precisions, pb.stats, rho=h["rho"],
-                                             accumulate=False),
-        "update": lambda: tier.bsam_update(pb.params, pb.grads, pb.means, pb.precisions, pb.momentums, pb.stats,
-                                           lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
-                                           weight_decay=h["weight_decay"], damping=h["damping"], splits=1),
+        "sample": lambda: tier.bsam_sample(
+            pb.params, pb.means, pb.precisions, pb.offsets, num_data=h["num_data"], seed=1
+        ),
+        "perturb": lambda: tier.bsam_perturb(
+            pb.params, pb.grads, pb.means, pb.precisions, pb.stats, rho=h["rho"], accumulate=False
+        ),
+        "update": lambda: tier.bsam_update(
+            pb.params,
+            pb.grads,
+            pb.means,
+            pb.precisions,
+            pb.momentums,
+            pb.stats,
+            lr=h["lr"],
+            beta1=h["beta1"],
+            beta2=h["beta2"],
+            weight_decay=h["weight_decay"],
+            damping=h["damping"],
+            splits=1,
+        ),
     }
     return phases
 
@@ -145,8 +176,19 @@ def plain_phases(pb: Problem, wrap=lambda f: f):
     return {
         "sample": lambda: sample(pb.params, pb.means, pb.precisions, h["num_data"]),
         "perturb": lambda: perturb(pb.params, pb.grads, pb.means, pb.precisions, pb.stats, h["rho"]),
-        "update": lambda: update(pb.params, pb.grads, pb.means, pb.precisions, pb.momentums, pb.stats, h["lr"],
-                                 h["beta1"], h["beta2"], h["weight_decay"], h["damping"]),
+        "update": lambda: update(
+            pb.params,
+            pb.grads,
+            pb.means,
+            pb.precisions,
+            pb.momentums,
+            pb.stats,
+            h["lr"],
+            h["beta1"],
+            h["beta2"],
+            h["weight_decay"],
+            h["damping"],
+        ),
     }
 
 
@@ -213,10 +255,22 @@ def measure_copy(numel: int, dtype, device, budget_s: float, max_reps: int):
 # ---- main ----------------------------------------------------------------------------------
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             check=False, cwd=pathlib.Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, check=False,
-                               text=True, timeout=10, cwd=pathlib.Path(__file__).parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            cwd=pathlib.Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=10,
+            cwd=pathlib.Path(__file__).parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -280,11 +334,19 @@ def implementations(args, device, pb: Problem):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("gpt2", "resnet50"), help="parameter shapes of a real model")
-    parser.add_argument("--numel", type=lambda s: int(s.replace("_", "")), default=262_144,
-                        help="total parameters of the synthetic problem (ignored with --preset)")
+    parser.add_argument(
+        "--numel",
+        type=lambda s: int(s.replace("_", "")),
+        default=262_144,
+        help="total parameters of the synthetic problem (ignored with --preset)",
+    )
     parser.add_argument("--tensors", type=int, default=16, help="number of synthetic tensors")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="parameter dtype (state is float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="parameter dtype (state is float32)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--impls", default="", help="comma-separated subset, e.g. triton,cuda,torch,adamw_fused,copy")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
@@ -299,8 +361,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = {"gpt2": gpt2_shapes, "resnet50": resnet50_shapes}[args.preset]() if args.preset else \
-        synthetic_shapes(args.numel, args.tensors)
+    shapes = (
+        {"gpt2": gpt2_shapes, "resnet50": resnet50_shapes}[args.preset]()
+        if args.preset
+        else synthetic_shapes(args.numel, args.tensors)
+    )
     size_name = args.preset or f"{args.numel}x{args.tensors}"
     torch.manual_seed(0)
     pb = Problem(shapes, dtype, device)
@@ -312,8 +377,9 @@ def main(argv=None) -> None:
     copy_gbps = 2 * pb.numel * param_bytes / copy_ms[0] / 1e6
 
     impls, skipped = implementations(args, device, pb)
-    cases = [(name, phase, fn) for name, table in impls for phase, fn in table.items()
-             if phase in phases or phase == "adamw"]
+    cases = [
+        (name, phase, fn) for name, table in impls for phase, fn in table.items() if phase in phases or phase == "adamw"
+    ]
     triton_version = "none"
     try:
         import triton
@@ -322,29 +388,81 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     common = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
-        "sambayes": sambayes.__version__, "commit": git_commit(), "torch": torch.__version__, "triton": triton_version,
-        "size": size_name, "numel": pb.numel, "tensors": len(shapes), "dtype": args.dtype, "note": args.note,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "sambayes": sambayes.__version__,
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "size": size_name,
+        "numel": pb.numel,
+        "tensors": len(shapes),
+        "dtype": args.dtype,
+        "note": args.note,
     }
-    rows = [dict(common, impl="copy", phase="copy", median_ms=copy_ms[0], q20_ms=copy_ms[1], q80_ms=copy_ms[2],
-                 reps=copy_ms[3], bytes=2 * pb.numel * param_bytes, gbps=copy_gbps, pct_copy=100.0,
-                 peak_mb=copy_ms[4], error="")]
+    rows = [
+        dict(
+            common,
+            impl="copy",
+            phase="copy",
+            median_ms=copy_ms[0],
+            q20_ms=copy_ms[1],
+            q80_ms=copy_ms[2],
+            reps=copy_ms[3],
+            bytes=2 * pb.numel * param_bytes,
+            gbps=copy_gbps,
+            pct_copy=100.0,
+            peak_mb=copy_ms[4],
+            error="",
+        )
+    ]
     for name, phase, fn in tqdm(cases, desc="bench_step", unit="case"):
         nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
             gbps = nbytes / median / 1e6
-            rows.append(dict(common, impl=name, phase=phase, median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps,
-                             bytes=nbytes, gbps=gbps, pct_copy=100 * gbps / copy_gbps, peak_mb=peak, error=""))
+            rows.append(
+                dict(
+                    common,
+                    impl=name,
+                    phase=phase,
+                    median_ms=median,
+                    q20_ms=q20,
+                    q80_ms=q80,
+                    reps=reps,
+                    bytes=nbytes,
+                    gbps=gbps,
+                    pct_copy=100 * gbps / copy_gbps,
+                    peak_mb=peak,
+                    error="",
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
-            rows.append(dict(common, impl=name, phase=phase, median_ms=math.nan, q20_ms=math.nan, q80_ms=math.nan,
-                             reps=0, bytes=nbytes, gbps=math.nan, pct_copy=math.nan, peak_mb=None,
-                             error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
+            rows.append(
+                dict(
+                    common,
+                    impl=name,
+                    phase=phase,
+                    median_ms=math.nan,
+                    q20_ms=math.nan,
+                    q80_ms=math.nan,
+                    reps=0,
+                    bytes=nbytes,
+                    gbps=math.nan,
+                    pct_copy=math.nan,
+                    peak_mb=None,
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                )
+            )
 
-    print(f"\n{common['device']} | torch {torch.__version__} | triton {triton_version} | {size_name}: "
-          f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s")
-    header = f"{'impl':18s} {'phase':8s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'GB/s':>8s} {'% copy':>7s} " \
-             f"{'peak MB':>8s}"
+    print(
+        f"\n{common['device']} | torch {torch.__version__} | triton {triton_version} | {size_name}: "
+        f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s"
+    )
+    header = (
+        f"{'impl':18s} {'phase':8s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'GB/s':>8s} {'% copy':>7s} "
+        f"{'peak MB':>8s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -352,15 +470,20 @@ def main(argv=None) -> None:
             print(f"{r['impl']:18s} {r['phase']:8s} error: {r['error']}")
             continue
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-        print(f"{r['impl']:18s} {r['phase']:8s} {r['median_ms']:10.3f} {r['q20_ms']:9.3f} {r['q80_ms']:9.3f} "
-              f"{r['gbps']:8.2f} {r['pct_copy']:7.1f} {peak:>8s}")
+        print(
+            f"{r['impl']:18s} {r['phase']:8s} {r['median_ms']:10.3f} {r['q20_ms']:9.3f} {r['q80_ms']:9.3f} "
+            f"{r['gbps']:8.2f} {r['pct_copy']:7.1f} {peak:>8s}"
+        )
     for name, reason in skipped:
         print(f"skipped {name}: {reason}")
     step = {r["impl"]: r["median_ms"] for r in rows if r["phase"] == "step" and not r["error"]}
     for fused in ("triton", "cuda", "cpu"):
         if fused in step:
-            ratios = ", ".join(f"{step[other] / step[fused]:.1f}x vs {other}" for other in ("torch", "torch.compile",
-                               "pytorch_optimizer", "eager", "foreach") if other in step)
+            ratios = ", ".join(
+                f"{step[other] / step[fused]:.1f}x vs {other}"
+                for other in ("torch", "torch.compile", "pytorch_optimizer", "eager", "foreach")
+                if other in step
+            )
             print(f"whole step, {fused}: {ratios}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -48,8 +48,23 @@ from cifar_resnet import ResNet18, train_step
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.csv"
 FIELDS = (
-    "date", "sambayes", "torch", "device", "threads", "model", "batch", "amp", "method", "backend", "splits",
-    "median_ms", "q20_ms", "q80_ms", "vs_sgd", "above_passes", "peak_mib",
+    "date",
+    "sambayes",
+    "torch",
+    "device",
+    "threads",
+    "model",
+    "batch",
+    "amp",
+    "method",
+    "backend",
+    "splits",
+    "median_ms",
+    "q20_ms",
+    "q80_ms",
+    "vs_sgd",
+    "above_passes",
+    "peak_mib",
 )
 # lr small enough that random data cannot drive the weights to inf (a skipped step would time less)
 LR = 1e-4
@@ -148,8 +163,9 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
                 for method in ("sam", "bsam"):
                     model = copy.deepcopy(base)
                     if method == "bsam":
-                        opt = sambayes.BSAM(model, num_data=200_000, lr=LR, rho=0.01, weight_decay=40 / 200_000,
-                                            seed=0, backend=backend)
+                        opt = sambayes.BSAM(
+                            model, num_data=200_000, lr=LR, rho=0.01, weight_decay=40 / 200_000, seed=0, backend=backend
+                        )
                     else:
                         opt = sambayes.SAM(model, lr=LR, rho=0.05, momentum=0.9, weight_decay=5e-4, backend=backend)
                     step = alone(list(model.parameters()), grads, opt, k) if alone_ else whole(model, opt, k)
@@ -218,31 +234,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
         quantiles = statistics.quantiles(seconds, n=10)
         median = statistics.median(seconds)
         peak = peak_mib(case.step, device)
-        rows.append({
-            "date": date, "sambayes": sambayes.__version__, "torch": torch.__version__, "device": device_name(device),
-            "threads": torch.get_num_threads(), "model": f"resnet18-w{args.width}", "batch": args.batch,
-            "amp": args.amp, "method": case.method, "backend": tier_name(case.backend, device) if case.backend else "",
-            "splits": case.splits, "median_ms": round(1e3 * median, 3), "q20_ms": round(1e3 * quantiles[1], 3),
-            "q80_ms": round(1e3 * quantiles[7], 3), "vs_sgd": round(median / sgd, 3),
-            "above_passes": round((median - case.passes * unit) / unit, 3),
-            "peak_mib": round(peak, 1) if peak is not None else "",
-        })
+        rows.append(
+            {
+                "date": date,
+                "sambayes": sambayes.__version__,
+                "torch": torch.__version__,
+                "device": device_name(device),
+                "threads": torch.get_num_threads(),
+                "model": f"resnet18-w{args.width}",
+                "batch": args.batch,
+                "amp": args.amp,
+                "method": case.method,
+                "backend": tier_name(case.backend, device) if case.backend else "",
+                "splits": case.splits,
+                "median_ms": round(1e3 * median, 3),
+                "q20_ms": round(1e3 * quantiles[1], 3),
+                "q80_ms": round(1e3 * quantiles[7], 3),
+                "vs_sgd": round(median / sgd, 3),
+                "above_passes": round((median - case.passes * unit) / unit, 3),
+                "peak_mib": round(peak, 1) if peak is not None else "",
+            }
+        )
 
-    print(f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"ResNet-18 width {args.width}, batch {args.batch}, amp {args.amp}, {args.reps} rounds")
-    print(f"{'method':9s} {'tier':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
-          f"{'above passes':>13s}" + ("  peak MiB" if gpu else ""))
+    print(
+        f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"ResNet-18 width {args.width}, batch {args.batch}, amp {args.amp}, {args.reps} rounds"
+    )
+    print(
+        f"{'method':9s} {'tier':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
+        f"{'above passes':>13s}" + ("  peak MiB" if gpu else "")
+    )
     for r in rows:
-        print(f"{r['method']:9s} {r['backend']:8s} {r['splits']:2d} {r['median_ms']:10.2f} {r['q20_ms']:9.2f} "
-              f"{r['q80_ms']:9.2f} {r['vs_sgd']:7.3f} {r['above_passes']:13.3f}"
-              + (f"  {r['peak_mib']:8.0f}" if gpu else ""))
-    print("'above passes': (median − passes × fwd+bwd) / fwd+bwd; for the -opt rows (no passes): optimizer time / fwd+bwd")
+        print(
+            f"{r['method']:9s} {r['backend']:8s} {r['splits']:2d} {r['median_ms']:10.2f} {r['q20_ms']:9.2f} "
+            f"{r['q80_ms']:9.2f} {r['vs_sgd']:7.3f} {r['above_passes']:13.3f}"
+            + (f"  {r['peak_mib']:8.0f}" if gpu else "")
+        )
+    print(
+        "'above passes': (median − passes × fwd+bwd) / fwd+bwd; for the -opt rows (no passes): optimizer time / fwd+bwd"
+    )
     for (method, backend, k), median in medians.items():
         if method in ("sam", "bsam"):
             alone = medians[(method + "-opt", backend, k)]
-            print(f"{method} ({backend}, k={k}): step / SGD step = {median / sgd:.3f} (floor 2); "
-                  f"from the parts: (2 fwd+bwd + {method}-opt) / (fwd+bwd + sgd-opt) = "
-                  f"{(2 * unit + alone) / (unit + medians[('sgd-opt', '', 1)]):.3f}")
+            print(
+                f"{method} ({backend}, k={k}): step / SGD step = {median / sgd:.3f} (floor 2); "
+                f"from the parts: (2 fwd+bwd + {method}-opt) / (fwd+bwd + sgd-opt) = "
+                f"{(2 * unit + alone) / (unit + medians[('sgd-opt', '', 1)]):.3f}"
+            )
     if args.csv:
         path = pathlib.Path(args.csv)
         path.parent.mkdir(parents=True, exist_ok=True)

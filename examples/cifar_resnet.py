@@ -200,33 +200,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--epochs", type=int, default=180)
     arg("--warmup-epochs", type=int, default=5, help="linear warm-up of the learning rate, then cosine decay to 0")
     arg("--batch-size", type=int, default=200, help="images per step (with train_ddp.py: over all processes)")
-    arg("--splits", type=int, default=8,
-        help="k: sub-batches with their own noise and ascent (m-sharpness); with train_ddp.py: over all processes")
+    arg(
+        "--splits",
+        type=int,
+        default=8,
+        help="k: sub-batches with their own noise and ascent (m-sharpness); with train_ddp.py: over all processes",
+    )
     arg("--lr", type=float, default=None, help="default: 0.5 for bsam, 0.03 for sam and sgd")
     arg("--rho", type=float, default=None, help="default: 0.01 for bsam, 0.05 for sam")
     arg("--prior-precision", type=float, default=40.0, help="bsam: weight_decay = prior precision / N")
     arg("--data-factor", type=float, default=4.0, help="bsam: N = data factor × training images (augmentation)")
     arg("--damping", type=float, default=0.1, help="bsam: γ")
     arg("--init-precision", type=float, default=1.0, help="bsam: s0")
-    arg("--weight-decay", type=float, default=5e-4,
-        help="sam and sgd: 5e-4, i.e. the paper's prior precision 25 over CIFAR-10's 50,000 images")
+    arg(
+        "--weight-decay",
+        type=float,
+        default=5e-4,
+        help="sam and sgd: 5e-4, i.e. the paper's prior precision 25 over CIFAR-10's 50,000 images",
+    )
     arg("--max-grad-norm", type=float, default=None, help="clip the (perturbed-point) gradient to this 2-norm")
-    arg("--bn-stats", choices=("noisy", "perturbed", "both"), default="noisy",
-        help="bsam/sam: which pass updates the BatchNorm running statistics")
+    arg(
+        "--bn-stats",
+        choices=("noisy", "perturbed", "both"),
+        default="noisy",
+        help="bsam/sam: which pass updates the BatchNorm running statistics",
+    )
     arg("--width", type=int, default=64, help="channels of ResNet-18's first stage (64: the standard model)")
     arg("--data", default="data", help="folder holding cifar-10-batches-py/ (synthetic data if it is missing)")
     arg("--synthetic", type=int, default=None, metavar="N", help="use N synthetic training images instead of CIFAR-10")
     arg("--device", default=default_device)
     arg("--backend", default="auto", help="sambayes tier: auto, eager, foreach, triton, cpu or cuda")
-    arg("--amp", choices=("none", "bf16", "fp16"), default="none",
-        help="autocast dtype; fp16 adds a GradScaler")
+    arg("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype; fp16 adds a GradScaler")
     arg("--seed", type=int, default=0, help="fixes the initialisation, the batch order, augmentation and noise")
     arg("--samples", type=int, default=32, help="bsam: posterior samples of the final Bayesian model average")
     arg("--eval-batch-size", type=int, default=500)
     arg("--out", default="out/train", help="folder for checkpoint.pt, log.jsonl and results.json")
     arg("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    arg("--stop-after", type=int, default=None, metavar="EPOCH",
-        help="exit after this epoch, as a job time limit would (continue with --resume)")
+    arg(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="exit after this epoch, as a job time limit would (continue with --resume)",
+    )
     arg("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -248,14 +264,27 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, num_train: 
     if args.optimizer == "bsam":
         num_data = args.data_factor * num_train
         return sambayes.BSAM(
-            model, num_data=num_data, lr=lr, betas=(0.9, 0.999), rho=args.rho if args.rho is not None else 0.01,
-            weight_decay=args.prior_precision / num_data, damping=args.damping, init_precision=args.init_precision,
-            seed=args.seed, backend=args.backend, bn_stats=args.bn_stats,
+            model,
+            num_data=num_data,
+            lr=lr,
+            betas=(0.9, 0.999),
+            rho=args.rho if args.rho is not None else 0.01,
+            weight_decay=args.prior_precision / num_data,
+            damping=args.damping,
+            init_precision=args.init_precision,
+            seed=args.seed,
+            backend=args.backend,
+            bn_stats=args.bn_stats,
         )
     if args.optimizer == "sam":
         return sambayes.SAM(
-            model, lr=lr, rho=args.rho if args.rho is not None else 0.05, momentum=0.9,
-            weight_decay=args.weight_decay, backend=args.backend, bn_stats=args.bn_stats,
+            model,
+            lr=lr,
+            rho=args.rho if args.rho is not None else 0.05,
+            momentum=0.9,
+            weight_decay=args.weight_decay,
+            backend=args.backend,
+            bn_stats=args.bn_stats,
         )
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=args.weight_decay)
 
@@ -284,8 +313,15 @@ def amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 # ---- one step -----------------------------------------------------------------------------
 def train_step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
-    splits: int, dtype: torch.dtype | None, scaler: torch.amp.GradScaler | None, max_grad_norm: float | None,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    splits: int,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    max_grad_norm: float | None,
 ) -> torch.Tensor:
     """One optimizer step on a normalized batch [batch, 3, 32, 32] with labels [batch]; returns
     the mean loss (for bSAM and SAM: at the perturbed points), detached, on the device.
@@ -337,17 +373,25 @@ def evaluate(
     weights) with ``samples=0``, else the Bayesian model average of ``samples`` posterior
     samples (bSAM only; sample s is the same for every batch). Keys: accuracy, nll and,
     when ``sambayes.metrics`` exists, ece (20 bins)."""
-    probs = torch.cat([
-        sambayes.predict(model, opt, normalize(test.images[i:i + batch_size]), samples=samples).double().cpu()
-        if samples else _softmax(model, normalize(test.images[i:i + batch_size]))
-        for i in range(0, len(test), batch_size)
-    ])
+    probs = torch.cat(
+        [
+            sambayes.predict(model, opt, normalize(test.images[i : i + batch_size]), samples=samples).double().cpu()
+            if samples
+            else _softmax(model, normalize(test.images[i : i + batch_size]))
+            for i in range(0, len(test), batch_size)
+        ]
+    )
     labels = test.labels.cpu()
     if metrics is not None:
-        return {"accuracy": metrics.accuracy(probs, labels), "nll": metrics.nll(probs, labels),
-                "ece": metrics.ece(probs, labels, bins=20)}
-    return {"accuracy": (probs.argmax(1) == labels).double().mean().item(),
-            "nll": -probs[torch.arange(len(labels)), labels].log().mean().item()}
+        return {
+            "accuracy": metrics.accuracy(probs, labels),
+            "nll": metrics.nll(probs, labels),
+            "ece": metrics.ece(probs, labels, bins=20),
+        }
+    return {
+        "accuracy": (probs.argmax(1) == labels).double().mean().item(),
+        "nll": -probs[torch.arange(len(labels)), labels].log().mean().item(),
+    }
 
 
 def _softmax(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

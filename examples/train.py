@@ -65,11 +65,17 @@ def main(argv: list[str] | None = None) -> dict:
         loss_sum, start = torch.zeros((), device=device), time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
         for i in bar:
-            batch = order[i * args.batch_size:(i + 1) * args.batch_size]
+            batch = order[i * args.batch_size : (i + 1) * args.batch_size]
             images = cr.normalize(cr.augment(train.images[batch], generator))
             loss = cr.train_step(
-                model, opt, images, train.labels[batch], splits=args.splits, dtype=cr.amp_dtype(args),
-                scaler=scaler, max_grad_norm=args.max_grad_norm,
+                model,
+                opt,
+                images,
+                train.labels[batch],
+                splits=args.splits,
+                dtype=cr.amp_dtype(args),
+                scaler=scaler,
+                max_grad_norm=args.max_grad_norm,
             )
             schedule.step()
             loss_sum += loss.float()
@@ -78,11 +84,21 @@ def main(argv: list[str] | None = None) -> dict:
         seconds = time.perf_counter() - start
         test_metrics = cr.evaluate(model, opt, test, batch_size=args.eval_batch_size)
         cr.save_checkpoint(
-            out, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=schedule.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, args=vars(args),
+            out,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            scheduler=schedule.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            epoch=epoch + 1,
+            args=vars(args),
         )
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": schedule.get_last_lr()[0],
-               "seconds": round(seconds, 3), **{f"test_{k}": v for k, v in test_metrics.items()}}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / steps_per_epoch,
+            "lr": schedule.get_last_lr()[0],
+            "seconds": round(seconds, 3),
+            **{f"test_{k}": v for k, v in test_metrics.items()},
+        }
         cr.append_log(out, row)
         print(json.dumps(row))
 

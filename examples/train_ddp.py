@@ -57,8 +57,9 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
     train_set, test, described = cr.load_data(args.data, args.synthetic)
     train_set, test = train_set.to(device), test.to(device)
     # DistributedSampler hands each process its own shard of a permutation that changes every epoch
-    sampler = DistributedSampler(range(len(train_set)), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=True)
+    sampler = DistributedSampler(
+        range(len(train_set)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
+    )
     steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
@@ -90,14 +91,21 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
         indices = torch.tensor(list(sampler), device=device)
         generator = cr.epoch_generator(args.seed, epoch, rank)
         loss_sum, start = torch.zeros((), device=device), time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=rank != 0 or args.no_progress)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0 or args.no_progress
+        )
         for i in bar:
-            batch = indices[i * batch_size:(i + 1) * batch_size]
+            batch = indices[i * batch_size : (i + 1) * batch_size]
             images = cr.normalize(cr.augment(train_set.images[batch], generator))
             loss = cr.train_step(
-                ddp, opt, images, train_set.labels[batch], splits=splits, dtype=cr.amp_dtype(args),
-                scaler=scaler, max_grad_norm=args.max_grad_norm,
+                ddp,
+                opt,
+                images,
+                train_set.labels[batch],
+                splits=splits,
+                dtype=cr.amp_dtype(args),
+                scaler=scaler,
+                max_grad_norm=args.max_grad_norm,
             )
             schedule.step()
             loss_sum += loss.float()
@@ -106,15 +114,26 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
         seconds = time.perf_counter() - start
         dist.all_reduce(loss_sum)  # the mean over all processes, for the log
         if rank == 0:
-            test_metrics = cr.evaluate(model, opt, test, batch_size=args.eval_batch_size)  # the plain module: no collectives
+            test_metrics = cr.evaluate(
+                model, opt, test, batch_size=args.eval_batch_size
+            )  # the plain module: no collectives
             cr.save_checkpoint(
-                out, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=schedule.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None, epoch=epoch + 1, args=vars(args),
+                out,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=schedule.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                epoch=epoch + 1,
+                args=vars(args),
                 world_size=world,
             )
-            row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / (world * steps_per_epoch),
-                   "lr": schedule.get_last_lr()[0], "seconds": round(seconds, 3),
-                   **{f"test_{k}": v for k, v in test_metrics.items()}}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum.item() / (world * steps_per_epoch),
+                "lr": schedule.get_last_lr()[0],
+                "seconds": round(seconds, 3),
+                **{f"test_{k}": v for k, v in test_metrics.items()},
+            }
             cr.append_log(out, row)
             print(json.dumps(row))
         dist.barrier()  # nobody runs ahead while process 0 evaluates and writes

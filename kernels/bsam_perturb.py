@@ -46,8 +46,14 @@ def _perturb_block(param, grad, mean, precision, stat, offs, mask, rho, STATE: t
 
 @triton.jit
 def _bsam_perturb_kernel(
-    table, rho_hi, rho_lo,
-    PARAM: tl.constexpr, STATE: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    rho_hi,
+    rho_lo,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 5)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -64,8 +70,14 @@ def _bsam_perturb_kernel(
 
 
 def bsam_perturb(
-    params: list[torch.Tensor], grads: list[torch.Tensor], means: list[torch.Tensor],
-    precisions: list[torch.Tensor], stats: list[torch.Tensor], *, rho: float, accumulate: bool,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    means: list[torch.Tensor],
+    precisions: list[torch.Tensor],
+    stats: list[torch.Tensor],
+    *,
+    rho: float,
+    accumulate: bool,
 ) -> None:
     """θ_i = m_i + ρ·g_i/s_i and stat_i (+)= sqrt(s_i)·|g_i| for every tensor, one launch.
 
@@ -77,7 +89,12 @@ def bsam_perturb(
     if table.num_blocks == 0:
         return
     _bsam_perturb_kernel[(table.num_blocks,)](
-        table.table, *split_float(rho),
-        PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[means[0].dtype], ACCUMULATE=bool(accumulate),
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        *split_float(rho),
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[means[0].dtype],
+        ACCUMULATE=bool(accumulate),
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

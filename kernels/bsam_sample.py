@@ -39,8 +39,14 @@ def _sample_block(param, mean, precision, offs, mask, noise_offset, seed, num_da
 
 @triton.jit
 def _bsam_sample_kernel(
-    table, seed, num_data_hi, num_data_lo,
-    PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    seed,
+    num_data_hi,
+    num_data_lo,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, noise_offset, record = locate(table, 3)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -55,8 +61,13 @@ def _bsam_sample_kernel(
 
 
 def bsam_sample(
-    params: list[torch.Tensor], means: list[torch.Tensor], precisions: list[torch.Tensor], offsets: list[int],
-    *, num_data: float, seed: int,
+    params: list[torch.Tensor],
+    means: list[torch.Tensor],
+    precisions: list[torch.Tensor],
+    offsets: list[int],
+    *,
+    num_data: float,
+    seed: int,
 ) -> None:
     """θ_i = m_i + z / sqrt(N·s_i) for every tensor, one launch.
 
@@ -70,7 +81,12 @@ def bsam_sample(
     if table.num_blocks == 0:
         return
     _bsam_sample_kernel[(table.num_blocks,)](
-        table.table, seed, *split_float(num_data),
-        PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[means[0].dtype], ALIGNED=table.aligned,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        seed,
+        *split_float(num_data),
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[means[0].dtype],
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

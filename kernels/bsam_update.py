@@ -31,8 +31,23 @@ from ._multi_tensor import (
 
 @triton.jit
 def _update_block(
-    param, grad, mean, precision, momentum, stat, offs, mask,
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits, STATE: tl.constexpr,
+    param,
+    grad,
+    mean,
+    precision,
+    momentum,
+    stat,
+    offs,
+    mask,
+    lr,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    weight_decay,
+    damping,
+    splits,
+    STATE: tl.constexpr,
 ):
     h = div(load(grad, offs, mask, STATE), splits)
     a = div(load(stat, offs, mask, STATE), splits)
@@ -54,10 +69,26 @@ def _update_block(
 
 @triton.jit
 def _bsam_update_kernel(
-    table, lr_hi, lr_lo, beta1_hi, beta1_lo, one_minus_beta1_hi, one_minus_beta1_lo,
-    beta2_hi, beta2_lo, one_minus_beta2_hi, one_minus_beta2_lo, weight_decay_hi, weight_decay_lo,
-    damping_hi, damping_lo, splits,
-    PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    lr_hi,
+    lr_lo,
+    beta1_hi,
+    beta1_lo,
+    one_minus_beta1_hi,
+    one_minus_beta1_lo,
+    beta2_hi,
+    beta2_lo,
+    one_minus_beta2_hi,
+    one_minus_beta2_lo,
+    weight_decay_hi,
+    weight_decay_lo,
+    damping_hi,
+    damping_lo,
+    splits,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 6)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -77,20 +108,60 @@ def _bsam_update_kernel(
     offs = tl.arange(0, BLOCK)
     if remaining >= BLOCK:  # full block: no mask, so loads and stores vectorize
         _update_block(
-            param, grad, mean, precision, momentum, stat, offs, None,
-            lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, k, STATE,
+            param,
+            grad,
+            mean,
+            precision,
+            momentum,
+            stat,
+            offs,
+            None,
+            lr,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            weight_decay,
+            damping,
+            k,
+            STATE,
         )
     else:
         _update_block(
-            param, grad, mean, precision, momentum, stat, offs, offs < remaining,
-            lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, k, STATE,
+            param,
+            grad,
+            mean,
+            precision,
+            momentum,
+            stat,
+            offs,
+            offs < remaining,
+            lr,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            weight_decay,
+            damping,
+            k,
+            STATE,
         )
 
 
 def bsam_update(
-    params: list[torch.Tensor], grads: list[torch.Tensor], means: list[torch.Tensor],
-    precisions: list[torch.Tensor], momentums: list[torch.Tensor], stats: list[torch.Tensor],
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float, splits: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    means: list[torch.Tensor],
+    precisions: list[torch.Tensor],
+    momentums: list[torch.Tensor],
+    stats: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
 ) -> None:
     """The bSAM update of every tensor, one launch (see ALGORITHM.md)::
 
@@ -109,7 +180,12 @@ def bsam_update(
         return
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     _bsam_update_kernel[(table.num_blocks,)](
-        table.table, *(part for x in scalars for part in split_float(x)), int(splits),
-        PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[means[0].dtype],
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        *(part for x in scalars for part in split_float(x)),
+        int(splits),
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[means[0].dtype],
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

@@ -32,6 +32,10 @@ def restore(params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
     if table.num_blocks == 0:
         return
     _restore_kernel[(table.num_blocks,)](
-        table.table, PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[weights[0].dtype],
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[weights[0].dtype],
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

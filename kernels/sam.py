@@ -52,8 +52,13 @@ def _sq_norm_block(grad, weight, offs, mask, STATE: tl.constexpr, ADAPTIVE: tl.c
 
 @triton.jit
 def _sq_norm_kernel(
-    table, partials, STATE: tl.constexpr, GRAD: tl.constexpr, ADAPTIVE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    partials,
+    STATE: tl.constexpr,
+    GRAD: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 2)
     grad = role_pointer(record, start, 0, GRAD, ALIGNED)
@@ -80,8 +85,13 @@ def _perturb_block(param, grad, weight, offs, mask, scale, STATE: tl.constexpr, 
 
 @triton.jit
 def _perturb_kernel(
-    table, scale_ptr, PARAM: tl.constexpr, STATE: tl.constexpr, ADAPTIVE: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    scale_ptr,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 3)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -97,8 +107,18 @@ def _perturb_kernel(
 
 @triton.jit
 def _sgd_block(
-    param, grad, weight, buf, offs, mask, lr, momentum, weight_decay, splits,
-    STATE: tl.constexpr, NESTEROV: tl.constexpr,
+    param,
+    grad,
+    weight,
+    buf,
+    offs,
+    mask,
+    lr,
+    momentum,
+    weight_decay,
+    splits,
+    STATE: tl.constexpr,
+    NESTEROV: tl.constexpr,
 ):
     w = load(weight, offs, mask, STATE)
     d = div(load(grad, offs, mask, STATE), splits) + weight_decay * w
@@ -115,8 +135,19 @@ def _sgd_block(
 
 @triton.jit
 def _sgd_kernel(
-    table, lr_hi, lr_lo, momentum_hi, momentum_lo, weight_decay_hi, weight_decay_lo, splits,
-    PARAM: tl.constexpr, STATE: tl.constexpr, NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    lr_hi,
+    lr_lo,
+    momentum_hi,
+    momentum_lo,
+    weight_decay_hi,
+    weight_decay_lo,
+    splits,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 4)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -136,8 +167,23 @@ def _sgd_kernel(
 
 @triton.jit
 def _adamw_block(
-    param, grad, weight, exp_avg, exp_avg_sq, offs, mask,
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, splits, STATE: tl.constexpr,
+    param,
+    grad,
+    weight,
+    exp_avg,
+    exp_avg_sq,
+    offs,
+    mask,
+    decay,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    bias2,
+    eps,
+    step_size,
+    splits,
+    STATE: tl.constexpr,
 ):
     h = div(load(grad, offs, mask, STATE), splits)
     # decoupled weight decay
@@ -154,10 +200,28 @@ def _adamw_block(
 
 @triton.jit
 def _adamw_kernel(
-    table, decay_hi, decay_lo, beta1_hi, beta1_lo, one_minus_beta1_hi, one_minus_beta1_lo,
-    beta2_hi, beta2_lo, one_minus_beta2_hi, one_minus_beta2_lo, bias2_hi, bias2_lo, eps_hi, eps_lo,
-    step_size_hi, step_size_lo, splits,
-    PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    table,
+    decay_hi,
+    decay_lo,
+    beta1_hi,
+    beta1_lo,
+    one_minus_beta1_hi,
+    one_minus_beta1_lo,
+    beta2_hi,
+    beta2_lo,
+    one_minus_beta2_hi,
+    one_minus_beta2_lo,
+    bias2_hi,
+    bias2_lo,
+    eps_hi,
+    eps_lo,
+    step_size_hi,
+    step_size_lo,
+    splits,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 5)
     param = role_pointer(record, start, 0, PARAM, ALIGNED)
@@ -177,13 +241,43 @@ def _adamw_kernel(
     offs = tl.arange(0, BLOCK)
     if remaining >= BLOCK:  # full block: no mask, so loads and stores vectorize
         _adamw_block(
-            param, grad, weight, exp_avg, exp_avg_sq, offs, None,
-            decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, k, STATE,
+            param,
+            grad,
+            weight,
+            exp_avg,
+            exp_avg_sq,
+            offs,
+            None,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias2,
+            eps,
+            step_size,
+            k,
+            STATE,
         )
     else:
         _adamw_block(
-            param, grad, weight, exp_avg, exp_avg_sq, offs, offs < remaining,
-            decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, k, STATE,
+            param,
+            grad,
+            weight,
+            exp_avg,
+            exp_avg_sq,
+            offs,
+            offs < remaining,
+            decay,
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            bias2,
+            eps,
+            step_size,
+            k,
+            STATE,
         )
 
 
@@ -198,16 +292,26 @@ def sam_sq_norm(grads: list[torch.Tensor], weights: list[torch.Tensor], *, adapt
         return torch.zeros((), dtype=state, device=weights[0].device)
     partials = torch.empty(table.num_blocks, dtype=state, device=weights[0].device)
     _sq_norm_kernel[(table.num_blocks,)](
-        table.table, partials, STATE=TL_DTYPES[state], GRAD=TL_DTYPES[grads[0].dtype], ADAPTIVE=bool(adaptive),
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        partials,
+        STATE=TL_DTYPES[state],
+        GRAD=TL_DTYPES[grads[0].dtype],
+        ADAPTIVE=bool(adaptive),
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
     # second stage
     return partials.sum()
 
 
 def sam_perturb(
-    params: list[torch.Tensor], grads: list[torch.Tensor], weights: list[torch.Tensor],
-    *, scale: torch.Tensor, adaptive: bool,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    *,
+    scale: torch.Tensor,
+    adaptive: bool,
 ) -> None:
     """θ_i = w_i + scale·T_i²·g_i for every tensor, one launch; ``scale`` = ρ/‖T·g‖₂ is a
     0-dim device tensor (read in-kernel: no host synchronisation)."""
@@ -215,30 +319,62 @@ def sam_perturb(
     if table.num_blocks == 0:
         return
     _perturb_kernel[(table.num_blocks,)](
-        table.table, scale, PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[weights[0].dtype],
-        ADAPTIVE=bool(adaptive), ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        scale,
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[weights[0].dtype],
+        ADAPTIVE=bool(adaptive),
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
 
 
 def sam_update_sgd(
-    params: list[torch.Tensor], grads: list[torch.Tensor], weights: list[torch.Tensor], momentums: list[torch.Tensor],
-    *, lr: float, momentum: float, weight_decay: float, nesterov: bool, splits: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    momentums: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
 ) -> None:
     """Heavy ball on grad/splits + δ·w, then θ = w, for every tensor in one launch."""
     table = tensor_table([params, grads, weights, momentums])
     if table.num_blocks == 0:
         return
     _sgd_kernel[(table.num_blocks,)](
-        table.table, *split_float(lr), *split_float(momentum), *split_float(weight_decay), int(splits),
-        PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[weights[0].dtype], NESTEROV=bool(nesterov),
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        *split_float(lr),
+        *split_float(momentum),
+        *split_float(weight_decay),
+        int(splits),
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[weights[0].dtype],
+        NESTEROV=bool(nesterov),
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )
 
 
 def sam_update_adamw(
-    params: list[torch.Tensor], grads: list[torch.Tensor], weights: list[torch.Tensor],
-    momentums: list[torch.Tensor], variances: list[torch.Tensor],
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, splits: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    momentums: list[torch.Tensor],
+    variances: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
 ) -> None:
     """AdamW (``step`` counts from 1) on grad/splits, then θ = w, for every tensor in one launch."""
     table = tensor_table([params, grads, weights, momentums, variances])
@@ -247,7 +383,12 @@ def sam_update_adamw(
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, bias2, eps, lr / bias1)
     _adamw_kernel[(table.num_blocks,)](
-        table.table, *(part for x in scalars for part in split_float(x)), int(splits),
-        PARAM=TL_DTYPES[params[0].dtype], STATE=TL_DTYPES[weights[0].dtype],
-        ALIGNED=table.aligned, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        table.table,
+        *(part for x in scalars for part in split_float(x)),
+        int(splits),
+        PARAM=TL_DTYPES[params[0].dtype],
+        STATE=TL_DTYPES[weights[0].dtype],
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )

@@ -1,7 +1,7 @@
 """The ``sambayes`` command (also ``python -m sambayes``).
 
-    sambayes demo [--quick] [--seeds 0 1 2] [--device cpu] [--backend auto] [--out DIR]
-    sambayes info
+sambayes demo [--quick] [--seeds 0 1 2] [--device cpu] [--backend auto] [--out DIR]
+sambayes info
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sambayes", description="bSAM and SAM optimizers for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser(
-        "demo", help="SGD, Adam, SAM and bSAM on the digits: accuracy, calibration, uncertainty, plots",
-        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="SGD, Adam, SAM and bSAM on the digits: accuracy, calibration, uncertainty, plots",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
     commands.add_parser("info", help="which backends (tiers) are available here, and why not")

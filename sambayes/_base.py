@@ -162,7 +162,9 @@ class TwoPassOptimizer(Optimizer):
         grads = [_model.local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if g.is_sparse:
-                raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+                raise TypeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})"
+                )
         return grads
 
     @staticmethod
@@ -407,9 +409,7 @@ class TwoPassOptimizer(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         if len(saved_ids) != len(params):
-            raise ValueError(
-                f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}"
-            )
+            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
         by_id = dict(zip(saved_ids, params))
         for pid, saved in state_dict["state"].items():
             p = by_id.get(pid)

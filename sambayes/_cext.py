@@ -103,20 +103,51 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
 
 @torch.no_grad()
 def bsam_update(
-    params, grads, means, precisions, momentums, stats,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float, splits: int,
+    params,
+    grads,
+    means,
+    precisions,
+    momentums,
+    stats,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
 ) -> None:
     """Momentum, mean (with the old precision), precision, then θ = m; grads and stats are sums over ``splits``."""
     if not params:
         return
     if not _contiguous(params, means, precisions, momentums, stats):
         return _eager.bsam_update(
-            params, grads, means, precisions, momentums, stats, lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, damping=damping, splits=splits,
+            params,
+            grads,
+            means,
+            precisions,
+            momentums,
+            stats,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            damping=damping,
+            splits=splits,
         )
     _ops().bsam_update(
-        params, _dense(grads), means, precisions, momentums, stats,
-        float(lr), float(beta1), float(beta2), float(weight_decay), float(damping), int(splits),
+        params,
+        _dense(grads),
+        means,
+        precisions,
+        momentums,
+        stats,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        float(damping),
+        int(splits),
     )
 
 
@@ -150,39 +181,92 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 
 @torch.no_grad()
 def sam_update_sgd(
-    params, grads, weights, momentums,
-    *, lr: float, momentum: float, weight_decay: float, nesterov: bool, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
 ) -> None:
     """Heavy ball on the mean perturbed-point gradient, then θ = w."""
     if not params:
         return
     if not _contiguous(params, weights, momentums):
         return _eager.sam_update_sgd(
-            params, grads, weights, momentums, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            nesterov=nesterov, splits=splits,
+            params,
+            grads,
+            weights,
+            momentums,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            splits=splits,
         )
     _ops().sam_update_sgd(
-        params, _dense(grads), weights, momentums,
-        float(lr), float(momentum), float(weight_decay), bool(nesterov), int(splits),
+        params,
+        _dense(grads),
+        weights,
+        momentums,
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        bool(nesterov),
+        int(splits),
     )
 
 
 @torch.no_grad()
 def sam_update_adamw(
-    params, grads, weights, momentums, variances,
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    variances,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
 ) -> None:
     """AdamW on the mean perturbed-point gradient (``step`` counts from 1), then θ = w."""
     if not params:
         return
     if not _contiguous(params, weights, momentums, variances):
         return _eager.sam_update_adamw(
-            params, grads, weights, momentums, variances, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, step=step, splits=splits,
+            params,
+            grads,
+            weights,
+            momentums,
+            variances,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            splits=splits,
         )
     _ops().sam_update_adamw(
-        params, _dense(grads), weights, momentums, variances,
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step), int(splits),
+        params,
+        _dense(grads),
+        weights,
+        momentums,
+        variances,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        int(step),
+        int(splits),
     )
 
 
@@ -193,8 +277,14 @@ def _register_fakes() -> None:
         return None
 
     for op in (
-        "bsam_sample", "bsam_perturb", "bsam_update", "restore", "sam_perturb",
-        "sam_update_sgd", "sam_update_adamw", "philox_randn_",
+        "bsam_sample",
+        "bsam_perturb",
+        "bsam_update",
+        "restore",
+        "sam_perturb",
+        "sam_update_sgd",
+        "sam_update_adamw",
+        "philox_randn_",
     ):
         torch.library.register_fake(f"sambayes_C::{op}", nothing)
 

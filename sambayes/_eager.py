@@ -59,13 +59,22 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
 
 @torch.no_grad()
 def bsam_update(
-    params, grads, means, precisions, momentums, stats,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float, splits: int,
+    params,
+    grads,
+    means,
+    precisions,
+    momentums,
+    stats,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
 ) -> None:
     """Momentum, mean (with the old precision), precision, then θ = m."""
-    for param, grad, mean, precision, momentum, stat in zip(
-        params, grads, means, precisions, momentums, stats
-    ):
+    for param, grad, mean, precision, momentum, stat in zip(params, grads, means, precisions, momentums, stats):
         h = grad.to(mean.dtype) / splits
         a = stat / splits
         # momentum
@@ -106,8 +115,16 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 
 @torch.no_grad()
 def sam_update_sgd(
-    params, grads, weights, momentums,
-    *, lr: float, momentum: float, weight_decay: float, nesterov: bool, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
 ) -> None:
     """Heavy ball on the mean perturbed-point gradient, then θ = w."""
     for param, grad, weight, buf in zip(params, grads, weights, momentums):
@@ -122,8 +139,19 @@ def sam_update_sgd(
 
 @torch.no_grad()
 def sam_update_adamw(
-    params, grads, weights, momentums, variances,
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    variances,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
 ) -> None:
     """AdamW on the mean perturbed-point gradient (``step`` counts from 1), then θ = w."""
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step

@@ -41,8 +41,19 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
 
 @torch.no_grad()
 def bsam_update(
-    params, grads, means, precisions, momentums, stats,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float, splits: int,
+    params,
+    grads,
+    means,
+    precisions,
+    momentums,
+    stats,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
 ) -> None:
     h = torch._foreach_div(_upcast(grads, means[0].dtype), splits)
     torch._foreach_add_(h, means, alpha=weight_decay)
@@ -81,8 +92,16 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 
 @torch.no_grad()
 def sam_update_sgd(
-    params, grads, weights, momentums,
-    *, lr: float, momentum: float, weight_decay: float, nesterov: bool, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
 ) -> None:
     d = torch._foreach_div(_upcast(grads, weights[0].dtype), splits)
     torch._foreach_add_(d, weights, alpha=weight_decay)
@@ -98,8 +117,19 @@ def sam_update_sgd(
 
 @torch.no_grad()
 def sam_update_adamw(
-    params, grads, weights, momentums, variances,
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    variances,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
 ) -> None:
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     h = torch._foreach_div(_upcast(grads, weights[0].dtype), splits)

@@ -81,12 +81,30 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
 
 @torch.no_grad()
 def bsam_update(
-    params, grads, means, precisions, momentums, stats,
-    *, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float, splits: int,
+    params,
+    grads,
+    means,
+    precisions,
+    momentums,
+    stats,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
 ) -> None:
     """Momentum, mean (with the old precision), precision, then θ = m."""
     roles = (params, grads, means, precisions, momentums, stats)
-    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": weight_decay, "damping": damping, "splits": splits}
+    hyper = {
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "weight_decay": weight_decay,
+        "damping": damping,
+        "splits": splits,
+    }
     fused, rest = _split(*roles)
     if rest:
         _eager.bsam_update(*_pick(rest, *roles), **hyper)
@@ -127,8 +145,16 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 
 @torch.no_grad()
 def sam_update_sgd(
-    params, grads, weights, momentums,
-    *, lr: float, momentum: float, weight_decay: float, nesterov: bool, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
 ) -> None:
     """Heavy ball on the mean perturbed-point gradient, then θ = w."""
     roles = (params, grads, weights, momentums)
@@ -142,12 +168,31 @@ def sam_update_sgd(
 
 @torch.no_grad()
 def sam_update_adamw(
-    params, grads, weights, momentums, variances,
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, splits: int,
+    params,
+    grads,
+    weights,
+    momentums,
+    variances,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
 ) -> None:
     """AdamW on the mean perturbed-point gradient (``step`` counts from 1), then θ = w."""
     roles = (params, grads, weights, momentums, variances)
-    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "step": step, "splits": splits}
+    hyper = {
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": eps,
+        "weight_decay": weight_decay,
+        "step": step,
+        "splits": splits,
+    }
     fused, rest = _split(*roles)
     if rest:
         _eager.sam_update_adamw(*_pick(rest, *roles), **hyper)

@@ -76,8 +76,14 @@ class BSAM(TwoPassOptimizer):
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
         defaults = dict(
-            num_data=num_data, lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, rho=rho,
-            weight_decay=weight_decay, damping=damping, init_precision=init_precision, seed=seed,
+            num_data=num_data,
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            rho=rho,
+            weight_decay=weight_decay,
+            damping=damping,
+            init_precision=init_precision,
+            seed=seed,
         )
         super().__init__(params, defaults, backend, model, bn_stats)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
@@ -114,8 +120,12 @@ class BSAM(TwoPassOptimizer):
             start += p.numel()
         for tier, ps in self._buckets(self._trainable(group)):
             tier.bsam_sample(
-                self._local(ps), self._states(ps, "mean"), self._states(ps, "precision"), [offsets[p] for p in ps],
-                num_data=group["num_data"], seed=seed,
+                self._local(ps),
+                self._states(ps, "mean"),
+                self._states(ps, "precision"),
+                [offsets[p] for p in ps],
+                num_data=group["num_data"],
+                seed=seed,
             )
 
     def _perturb(self) -> None:
@@ -127,8 +137,13 @@ class BSAM(TwoPassOptimizer):
                         self._stat(p).zero_()
             for tier, ps in self._buckets(params):
                 tier.bsam_perturb(
-                    self._local(ps), self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
-                    [self._stat(p) for p in ps], rho=group["rho"], accumulate=self._split > 0,
+                    self._local(ps),
+                    self._grads(ps),
+                    self._states(ps, "mean"),
+                    self._states(ps, "precision"),
+                    [self._stat(p) for p in ps],
+                    rho=group["rho"],
+                    accumulate=self._split > 0,
                 )
             self._restore(missing)
 
@@ -161,10 +176,18 @@ class BSAM(TwoPassOptimizer):
         beta1, beta2 = group["betas"]
         for tier, ps in self._buckets(params):
             tier.bsam_update(
-                self._local(ps), self._grads(ps), self._states(ps, "mean"), self._states(ps, "precision"),
-                self._states(ps, "momentum"), [self._stat(p) for p in ps],
-                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                damping=group["damping"], splits=self._split,
+                self._local(ps),
+                self._grads(ps),
+                self._states(ps, "mean"),
+                self._states(ps, "precision"),
+                self._states(ps, "momentum"),
+                [self._stat(p) for p in ps],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                damping=group["damping"],
+                splits=self._split,
             )
 
     # ---- the posterior ----------------------------------------------------------------

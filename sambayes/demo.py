@@ -36,7 +36,11 @@ METHODS = ("SGD", "Adam", "SAM", "bSAM")
 NUM_TEST = 450  # of the 1,797 digits; the rest train
 METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "train_s")
 _HEADERS = {
-    "accuracy": "accuracy %", "nll": "NLL", "ece": "ECE", "auroc": "AUROC", "ood_auroc": "OOD AUROC",
+    "accuracy": "accuracy %",
+    "nll": "NLL",
+    "ece": "ECE",
+    "auroc": "AUROC",
+    "ood_auroc": "OOD AUROC",
     "train_s": "train s",
 }
 
@@ -93,9 +97,7 @@ def _require_extras() -> None:
         except ImportError:
             missing.append({"sklearn": "scikit-learn"}.get(module, module))
     if missing:
-        raise SystemExit(
-            f"the demo needs {' and '.join(missing)}: pip install 'sambayes[demo]'"
-        )
+        raise SystemExit(f"the demo needs {' and '.join(missing)}: pip install 'sambayes[demo]'")
 
 
 def load_digits(validation: bool = False, device: torch.device | str = "cpu") -> Data:
@@ -136,15 +138,26 @@ def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_trai
         return torch.optim.Adam(params, lr=recipe.adam_lr, weight_decay=recipe.adam_prior_precision / num_train)
     if method == "SAM":
         return SAM(
-            params, lr=recipe.sam_lr, rho=recipe.sam_rho, momentum=0.9,
-            weight_decay=recipe.sgd_prior_precision / num_train, backend=backend,
+            params,
+            lr=recipe.sam_lr,
+            rho=recipe.sam_rho,
+            momentum=0.9,
+            weight_decay=recipe.sgd_prior_precision / num_train,
+            backend=backend,
         )
     if method == "bSAM":
         num_data = recipe.bsam_data_factor * num_train
         return BSAM(
-            params, num_data=num_data, lr=recipe.bsam_lr, betas=recipe.bsam_betas, rho=recipe.bsam_rho,
-            weight_decay=recipe.bsam_prior_precision / num_data, damping=recipe.bsam_damping,
-            init_precision=recipe.bsam_init_precision, seed=seed, backend=backend,
+            params,
+            num_data=num_data,
+            lr=recipe.bsam_lr,
+            betas=recipe.bsam_betas,
+            rho=recipe.bsam_rho,
+            weight_decay=recipe.bsam_prior_precision / num_data,
+            damping=recipe.bsam_damping,
+            init_precision=recipe.bsam_init_precision,
+            seed=seed,
+            backend=backend,
         )
     raise ValueError(f"method={method!r}: choose one of {METHODS}")
 
@@ -157,7 +170,11 @@ class Trained(NamedTuple):
 
 
 def train(
-    method: str, data: Data, recipe: Recipe, seed: int, backend: str = "auto",
+    method: str,
+    data: Data,
+    recipe: Recipe,
+    seed: int,
+    backend: str = "auto",
     on_epoch: Callable[[], None] | None = None,
 ) -> Trained:
     """Train the recipe's MLP with ``method``; ``seed`` fixes init, batch order and bSAM noise.
@@ -181,7 +198,7 @@ def train(
         order = torch.randperm(num_train, generator=order_generator).to(device)
         losses = []
         for i in range(steps_per_epoch):
-            batch = order[i * recipe.batch_size:(i + 1) * recipe.batch_size]
+            batch = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             x, y = data.x_train[batch], data.y_train[batch]
             if splits > 1:
                 subs = split_batch(x, y, splits=splits)
@@ -257,17 +274,19 @@ def evaluate(method: str, trained: Trained, data: Data, recipe: Recipe) -> list[
     labels = data.y_test.cpu()
     for name, probs in predictions:
         test, ood = probs[:n], probs[n:]
-        rows.append({
-            "method": name,
-            "accuracy": 100 * metrics.accuracy(test, labels),
-            "nll": bma_nll if "BMA" in name else metrics.nll(test, labels),
-            "ece": metrics.ece(test, labels, bins=recipe.ece_bins),
-            "auroc": metrics.auroc(test, labels),
-            "ood_auroc": metrics.ood_auroc(test, ood),
-            "train_s": trained.seconds,
-            "probs": test,
-            "labels": labels,
-        })
+        rows.append(
+            {
+                "method": name,
+                "accuracy": 100 * metrics.accuracy(test, labels),
+                "nll": bma_nll if "BMA" in name else metrics.nll(test, labels),
+                "ece": metrics.ece(test, labels, bins=recipe.ece_bins),
+                "auroc": metrics.auroc(test, labels),
+                "ood_auroc": metrics.ood_auroc(test, ood),
+                "train_s": trained.seconds,
+                "probs": test,
+                "labels": labels,
+            }
+        )
     return rows
 
 
@@ -343,8 +362,15 @@ def plot_reliability(rows: list[dict[str, Any]], path: pathlib.Path, bins: int =
         acc, conf = rel.accuracy.numpy(), rel.confidence.numpy()
         top.bar(centers[full], acc[full], width=width, color="tab:blue", edgecolor="white", lw=0.5, label="accuracy")
         top.bar(
-            centers[full], (conf - acc)[full], bottom=acc[full], width=width, color="tab:red", alpha=0.3,
-            edgecolor="tab:red", lw=0.5, label="gap to mean confidence",
+            centers[full],
+            (conf - acc)[full],
+            bottom=acc[full],
+            width=width,
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            lw=0.5,
+            label="gap to mean confidence",
         )
         top.plot([0, 1], [0, 1], "k--", lw=0.8)
         top.set_xlim(0, 1)
@@ -388,7 +414,11 @@ def plot_curves(curves: dict[str, list[dict[str, list[float]]]], path: pathlib.P
 
 
 def two_moons(
-    path: pathlib.Path, seed: int = 0, steps: int = 800, samples: int = 32, backend: str = "auto",
+    path: pathlib.Path,
+    seed: int = 0,
+    steps: int = 800,
+    samples: int = 32,
+    backend: str = "auto",
     device: torch.device | str = "cpu",
 ) -> None:
     """The authors' 2D picture: SAM's point estimate next to bSAM's posterior on two moons.
@@ -415,8 +445,14 @@ def two_moons(
             opt = SAM(model.parameters(), lr=0.05, rho=0.05, momentum=0.9, weight_decay=1 / len(y), backend=backend)
         else:
             opt = BSAM(
-                model.parameters(), num_data=len(y), lr=1.0, betas=(0.9, 0.99), rho=0.01, weight_decay=1 / len(y),
-                seed=seed, backend=backend,
+                model.parameters(),
+                num_data=len(y),
+                lr=1.0,
+                betas=(0.9, 0.99),
+                rho=0.01,
+                weight_decay=1 / len(y),
+                seed=seed,
+                backend=backend,
             )
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, steps // 10))
 
@@ -441,8 +477,15 @@ def two_moons(
             log_probs = _bma(model, opt, grid, samples)
             probs = metrics.bma_log_probs(log_probs).exp()[:, 1].reshape(shape)
             for s in range(min(10, samples)):
-                ax.contour(gx, gy, log_probs[s, :, 1].exp().reshape(shape).numpy(), levels=[0.5],
-                           colors="tab:red", linewidths=0.7, alpha=0.8)
+                ax.contour(
+                    gx,
+                    gy,
+                    log_probs[s, :, 1].exp().reshape(shape).numpy(),
+                    levels=[0.5],
+                    colors="tab:red",
+                    linewidths=0.7,
+                    alpha=0.8,
+                )
             title = f"bSAM: {samples}-sample BMA; red: {min(10, samples)} posterior samples"
         else:
             probs = mean_probs
@@ -463,15 +506,29 @@ def two_moons(
 # ---- the command ------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="2 epochs, 4 BMA samples, short two-moons fit (for tests)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
-                        help="seeds to run and average over (default: 0 1 2)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        metavar="SEED",
+        help="seeds to run and average over (default: 0 1 2)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--backend", default="auto", choices=backends.BACKENDS, help="sambayes tier (default: auto)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("sambayes-demo"),
-                        help="folder for the table and the figures (default: ./sambayes-demo)")
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("sambayes-demo"),
+        help="folder for the table and the figures (default: ./sambayes-demo)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: fastest for this tiny MLP, and thread-count-proof results)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for this tiny MLP, and thread-count-proof results)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
 
 
@@ -492,8 +549,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     tier = tier_name(args.backend, args.device)
-    print(f"sambayes demo: digits, {len(args.seeds)} seed(s) {args.seeds}, device {args.device}, "
-          f"backend {args.backend} -> {tier}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"sambayes demo: digits, {len(args.seeds)} seed(s) {args.seeds}, device {args.device}, "
+        f"backend {args.backend} -> {tier}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     data = load_digits(device=args.device)
     start = time.perf_counter()
     rows, curves = [], {}
@@ -512,8 +572,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.no_plots:
         plot_reliability(rows, out / "reliability.png", recipe.ece_bins)
         plot_curves(curves, out / "training_curves.png")
-        two_moons(out / "two_moons.png", seed=args.seeds[0], steps=100 if args.quick else 800,
-                  samples=recipe.samples, backend=args.backend, device=args.device)
+        two_moons(
+            out / "two_moons.png",
+            seed=args.seeds[0],
+            steps=100 if args.quick else 800,
+            samples=recipe.samples,
+            backend=args.backend,
+            device=args.device,
+        )
         written += ["reliability.png", "training_curves.png", "two_moons.png"]
     print(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s (backend {tier})")
     return table

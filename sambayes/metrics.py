@@ -22,8 +22,17 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
-    "Reliability", "accuracy", "auroc", "binary_auroc", "bma_log_probs", "bma_nll", "confidence", "ece", "nll",
-    "ood_auroc", "reliability",
+    "Reliability",
+    "accuracy",
+    "auroc",
+    "binary_auroc",
+    "bma_log_probs",
+    "bma_nll",
+    "confidence",
+    "ece",
+    "nll",
+    "ood_auroc",
+    "reliability",
 ]
 
 

@@ -57,8 +57,14 @@ class SAM(TwoPassOptimizer):
             raise ValueError(f"base={base!r}: choose one of {BASES}")
         self.base = base
         defaults = dict(
-            lr=lr, rho=rho, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-            adaptive=adaptive, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            lr=lr,
+            rho=rho,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            adaptive=adaptive,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
         )
         super().__init__(params, defaults, backend, model, bn_stats)
 
@@ -107,14 +113,20 @@ class SAM(TwoPassOptimizer):
         if not work:
             return
         # the global 2-norm over all parameters, kept on the device (no host sync)
-        sq = [tier.sam_sq_norm(self._grads(ps), self._states(ps, "weight"), adaptive=g["adaptive"]) for g, tier, ps in work]
+        sq = [
+            tier.sam_sq_norm(self._grads(ps), self._states(ps, "weight"), adaptive=g["adaptive"])
+            for g, tier, ps in work
+        ]
         device = sq[0].device
         norm = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum().sqrt()
         for group, tier, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
             tier.sam_perturb(
-                self._local(ps), self._grads(ps), self._states(ps, "weight"),
-                scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])), adaptive=group["adaptive"],
+                self._local(ps),
+                self._grads(ps),
+                self._states(ps, "weight"),
+                scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])),
+                adaptive=group["adaptive"],
             )
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -122,13 +134,29 @@ class SAM(TwoPassOptimizer):
             grads, weights, momentums = self._grads(ps), self._states(ps, "weight"), self._states(ps, "momentum")
             if self.base == "sgd":
                 tier.sam_update_sgd(
-                    self._local(ps), grads, weights, momentums, lr=group["lr"], momentum=group["momentum"],
-                    weight_decay=group["weight_decay"], nesterov=group["nesterov"], splits=self._split,
+                    self._local(ps),
+                    grads,
+                    weights,
+                    momentums,
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"],
+                    splits=self._split,
                 )
             else:
                 beta1, beta2 = group["betas"]
                 tier.sam_update_adamw(
-                    self._local(ps), grads, weights, momentums, self._states(ps, "variance"), lr=group["lr"],
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    step=group["step"], splits=self._split,
+                    self._local(ps),
+                    grads,
+                    weights,
+                    momentums,
+                    self._states(ps, "variance"),
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    step=group["step"],
+                    splits=self._split,
                 )

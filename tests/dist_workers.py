@@ -65,5 +65,5 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
     torch.save([p.detach().clone() for p in params], f"{out_dir}/rank{rank}.pt")
     # leave together, with the DDP reducer gone, so no gloo thread outlives its group
     dist.barrier()
-    del opt, net
+    opt = net = None  # drop the DDP reducer before its process group
     dist.destroy_process_group()

@@ -19,15 +19,26 @@ def golden_errors(name: str, backend: str, dtype=torch.float64, device="cpu") ->
     splits = hyper["msharpness"]
     if golden["optimizer"] == "bsam":
         opt = sambayes.BSAM(
-            model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
-            rho=hyper["rho"], weight_decay=hyper["weight_decay"], damping=hyper["damping"],
-            init_precision=hyper["init_precision"], seed=0, backend=backend,
+            model.parameters(),
+            num_data=1e30,
+            lr=hyper["lr"],
+            betas=(hyper["beta1"], hyper["beta2"]),
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            damping=hyper["damping"],
+            init_precision=hyper["init_precision"],
+            seed=0,
+            backend=backend,
         )
         fields = {"mean": "mean", "momentum": "momentum", "precision": "precision"}
     else:
         opt = sambayes.SAM(
-            model.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"], backend=backend,
+            model.parameters(),
+            lr=hyper["lr"],
+            momentum=hyper["momentum"],
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            backend=backend,
         )
         fields = {"mean": "weight", "momentum": "momentum"}
     errors = dict.fromkeys([*fields, "loss", "params"], 0.0)

@@ -377,7 +377,11 @@ def test_frozen_and_unused_parameters_are_skipped():
 def test_non_finite_gradient_skips_the_step(bad_pass, method):
     model = small_mlp()
     x, y = data()
-    opt = sambayes.BSAM(model.parameters(), num_data=100) if method == "bsam" else sambayes.SAM(model.parameters(), lr=0.1)
+    opt = (
+        sambayes.BSAM(model.parameters(), num_data=100)
+        if method == "bsam"
+        else sambayes.SAM(model.parameters(), lr=0.1)
+    )
     opt.step(closure_for(model, x, y))
     params_before = flat(model)
     state_before = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()}

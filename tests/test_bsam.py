@@ -86,8 +86,16 @@ def test_bsam_matches_written_out_algorithm(tier, splits):
         "momentum": {n: torch.zeros_like(p) for n, p in model.named_parameters()},
     }
     opt = sambayes.BSAM(
-        model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["b1"], hyper["b2"]), rho=hyper["rho"],
-        weight_decay=hyper["wd"], damping=hyper["damping"], init_precision=2.0, seed=3, backend=tier,
+        model.parameters(),
+        num_data=1e30,
+        lr=hyper["lr"],
+        betas=(hyper["b1"], hyper["b2"]),
+        rho=hyper["rho"],
+        weight_decay=hyper["wd"],
+        damping=hyper["damping"],
+        init_precision=2.0,
+        seed=3,
+        backend=tier,
     )
     chunks = sambayes.split_batch(x, y, splits=splits)
     for _ in range(5):
@@ -155,7 +163,9 @@ def test_eager_and_foreach_agree_on_cnn_with_batchnorm(method):
         torch.manual_seed(0)
         model = SmallCNN()
         if method == "bsam":
-            opt = sambayes.BSAM(model.parameters(), num_data=1000, lr=0.1, rho=0.05, weight_decay=1e-3, seed=11, backend=tier)
+            opt = sambayes.BSAM(
+                model.parameters(), num_data=1000, lr=0.1, rho=0.05, weight_decay=1e-3, seed=11, backend=tier
+            )
         else:
             opt = sambayes.SAM(model.parameters(), lr=0.05, backend=tier)
         for step in range(50):

@@ -153,8 +153,13 @@ def test_bsam_phases_match_eager(case):
     for accumulate in (False, True):
         want, got = _clone(base), _clone(base)
         _eager.bsam_perturb(
-            want["params"], want["grads"], want["means"], want["precisions"], want["stats"],
-            rho=0.05, accumulate=accumulate,
+            want["params"],
+            want["grads"],
+            want["means"],
+            want["precisions"],
+            want["stats"],
+            rho=0.05,
+            accumulate=accumulate,
         )
         _poison(got["params"])
         if not accumulate:
@@ -317,14 +322,24 @@ def test_golden_trajectory(name):
     bsam = golden["optimizer"] == "bsam"
     if bsam:
         opt = sambayes.BSAM(
-            model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
-            rho=hyper["rho"], weight_decay=hyper["weight_decay"], damping=hyper["damping"],
-            init_precision=hyper["init_precision"], backend="cpu",
+            model.parameters(),
+            num_data=1e30,
+            lr=hyper["lr"],
+            betas=(hyper["beta1"], hyper["beta2"]),
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            damping=hyper["damping"],
+            init_precision=hyper["init_precision"],
+            backend="cpu",
         )
     else:
         opt = sambayes.SAM(
-            model.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"], backend="cpu",
+            model.parameters(),
+            lr=hyper["lr"],
+            momentum=hyper["momentum"],
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            backend="cpu",
         )
     splits = hyper.get("msharpness", 1)
     worst = 0.0

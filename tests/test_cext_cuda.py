@@ -38,19 +38,38 @@ def test_phases_match_eager(dtype, numels):
         ts = [torch.randn(n, generator=gen, dtype=torch.float64) for n in numels]
         return [(0.5 + t.abs() if positive else t).to(device="cuda", dtype=dt) for t in ts]
 
-    base = {"params": make(dtype), "grads": make(dtype), "means": make(sd), "precisions": make(sd, True),
-                "momentums": make(sd), "stats": make(sd, True), "variances": make(sd, True)}
+    base = {
+        "params": make(dtype),
+        "grads": make(dtype),
+        "means": make(sd),
+        "precisions": make(sd, True),
+        "momentums": make(sd),
+        "stats": make(sd, True),
+        "variances": make(sd, True),
+    }
     rtol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
     offsets = [sum(numels[:i]) for i in range(len(numels))]
     calls = [
         ("bsam_sample", ("params", "means", "precisions"), {"offsets": offsets, "num_data": 1.0, "seed": 9}, 8e-6),
         ("bsam_perturb", ("params", "grads", "means", "precisions", "stats"), {"rho": 0.05, "accumulate": True}, 2e-6),
-        ("bsam_update", ("params", "grads", "means", "precisions", "momentums", "stats"),
-         {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "damping": 0.1, "splits": 3}, 2e-6),
-        ("sam_update_sgd", ("params", "grads", "means", "momentums"),
-         {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True, "splits": 2}, 2e-6),
-        ("sam_update_adamw", ("params", "grads", "means", "momentums", "variances"),
-         {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "step": 3, "splits": 2}, 2e-6),
+        (
+            "bsam_update",
+            ("params", "grads", "means", "precisions", "momentums", "stats"),
+            {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "damping": 0.1, "splits": 3},
+            2e-6,
+        ),
+        (
+            "sam_update_sgd",
+            ("params", "grads", "means", "momentums"),
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True, "splits": 2},
+            2e-6,
+        ),
+        (
+            "sam_update_adamw",
+            ("params", "grads", "means", "momentums", "variances"),
+            {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05, "step": 3, "splits": 2},
+            2e-6,
+        ),
     ]
     for name, keys, kwargs, atol in calls:
         want = {k: [t.clone() for t in v] for k, v in base.items()}
@@ -70,7 +89,9 @@ def test_phases_match_eager(dtype, numels):
 
     for adaptive in (False, True):
         sq = _cext.sam_sq_norm(base["grads"], base["means"], adaptive=adaptive)
-        torch.testing.assert_close(sq, _eager.sam_sq_norm(base["grads"], base["means"], adaptive=adaptive), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            sq, _eager.sam_sq_norm(base["grads"], base["means"], adaptive=adaptive), rtol=1e-5, atol=0
+        )
 
 
 def test_bsam_trajectory_matches_cpu_tier():

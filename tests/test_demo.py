@@ -24,7 +24,12 @@ ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)"]
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-m", "sambayes", *args], check=False, capture_output=True, text=True, cwd=ROOT, env=env,
+        [sys.executable, "-m", "sambayes", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
         timeout=300,
     )
 
@@ -69,7 +74,9 @@ def test_missing_extras_name_the_extra_to_install():
     # a child interpreter where scikit-learn cannot be imported
     code = "import sys; sys.modules['sklearn'] = None; from sambayes.__main__ import main; main(['demo', '--quick'])"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert result.returncode != 0
     assert "pip install 'sambayes[demo]'" in result.stderr and "scikit-learn" in result.stderr
 
@@ -82,7 +89,13 @@ def test_import_sambayes_does_not_need_the_demo_extras():
 
 def _quick_table(out: pathlib.Path, seeds: list[int]) -> list[dict]:
     args = argparse.Namespace(
-        quick=True, seeds=seeds, device="cpu", backend="auto", out=out, methods=["SGD", "bSAM"], threads=1,
+        quick=True,
+        seeds=seeds,
+        device="cpu",
+        backend="auto",
+        out=out,
+        methods=["SGD", "bSAM"],
+        threads=1,
         no_plots=True,
     )
     return demo.run(args)

@@ -6,7 +6,6 @@ import math
 import os
 import pathlib
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+
 
 def _load_example_module(name: str):
     """Import ``examples/<name>.py`` without putting examples/ on sys.path for every other test."""
@@ -27,25 +27,33 @@ cifar_resnet = _load_example_module("cifar_resnet")
 
 # 64 synthetic images, a ResNet-18 with 4 channels in its first stage, 4 steps per epoch
 TINY = [
-    "--synthetic", "64", "--width", "4", "--epochs", "2", "--batch-size", "16", "--splits", "2",
-    "--samples", "2", "--device", "cpu", "--no-progress",
+    "--synthetic",
+    "64",
+    "--width",
+    "4",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--splits",
+    "2",
+    "--samples",
+    "2",
+    "--device",
+    "cpu",
+    "--no-progress",
 ]
 
 
 def run(command: list[str], timeout: float = 120) -> str:
     """Run ``command`` from the repository root; its stdout, or a failure showing both streams."""
     # one thread: two threads per process on a busy 2-core machine run several times slower
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(out: pathlib.Path) -> dict:
@@ -95,18 +103,42 @@ def test_train_checkpoints_and_resumes_bit_for_bit(tmp_path):
 
 
 def test_train_sgd_with_bfloat16_autocast_and_clipping(tmp_path):
-    run([sys.executable, str(EXAMPLES / "train.py"), *TINY, "--optimizer", "sgd", "--amp", "bf16",
-         "--max-grad-norm", "1.0", "--out", str(tmp_path)])
+    run(
+        [
+            sys.executable,
+            str(EXAMPLES / "train.py"),
+            *TINY,
+            "--optimizer",
+            "sgd",
+            "--amp",
+            "bf16",
+            "--max-grad-norm",
+            "1.0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     check_results(tmp_path, epochs=2, bma=False)
     assert load(tmp_path)["optimizer"]["state"], "SGD never stepped"
 
 
 def test_train_ddp_two_processes_checkpoints_and_resumes(tmp_path):
     def launch(*extra: str) -> str:
-        return run([
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            str(EXAMPLES / "train_ddp.py"), *TINY, "--out", str(tmp_path), *extra,
-        ], timeout=180)
+        return run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",  # torchrun picks a free port itself: no race for one
+                "--nproc_per_node=2",
+                str(EXAMPLES / "train_ddp.py"),
+                *TINY,
+                "--out",
+                str(tmp_path),
+                *extra,
+            ],
+            timeout=180,
+        )
 
     launch("--stop-after", "1")
     first = load(tmp_path)
@@ -152,8 +184,10 @@ def test_augment_is_a_padded_crop_then_maybe_a_flip():
     for image, result in zip(padded, out):
         matches = [
             (top, left, flip)
-            for top in range(9) for left in range(9) for flip in (False, True)
-            if torch.equal(result.flip(-1) if flip else result, image[:, top:top + 32, left:left + 32])
+            for top in range(9)
+            for left in range(9)
+            for flip in (False, True)
+            if torch.equal(result.flip(-1) if flip else result, image[:, top : top + 32, left : left + 32])
         ]
         assert len(matches) == 1, "not a single crop of the padded image"
         flips += matches[0][2]

@@ -33,7 +33,11 @@ def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = subprocess.run(
         [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90", "--dtypes", "fp32"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     reports = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}

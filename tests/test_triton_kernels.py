@@ -315,8 +315,22 @@ def test_split_float_keeps_float64_precision():
 def test_bfloat16_rounding_matches_torch():
     """float32 -> bfloat16 in the kernels rounds to nearest even like PyTorch: ties, overflow, NaN, subnormals."""
     values = torch.tensor(
-        [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 1.0 + 2**-8 + 2**-20, 3.4e38, -3.4e38, float("inf"),
-         float("nan"), 1e-40, -1e-41, 0.0, -0.0, 65504.0, 1.0 - 2**-25],
+        [
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+            -(1.0 + 2**-8),
+            1.0 + 2**-8 + 2**-20,
+            3.4e38,
+            -3.4e38,
+            float("inf"),
+            float("nan"),
+            1e-40,
+            -1e-41,
+            0.0,
+            -0.0,
+            65504.0,
+            1.0 - 2**-25,
+        ],
         device=DEVICE,
     )
     params = [torch.full(values.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)]

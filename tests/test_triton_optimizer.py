@@ -54,7 +54,9 @@ def train(model, opt, xs, ys, splits=1):
 
 def relative_error(got, want):
     """Largest over tensors of ‖got − want‖ / ‖want‖, in float64."""
-    return max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item() for g, w in zip(got, want))
+    return max(
+        ((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item() for g, w in zip(got, want)
+    )
 
 
 def state_of(opt, model, keys):
@@ -62,8 +64,9 @@ def state_of(opt, model, keys):
 
 
 def bsam(model, backend, **kw):
-    return sambayes.BSAM(model.parameters(), num_data=500, lr=0.1, rho=0.05, weight_decay=1e-3, seed=7,
-                         backend=backend, **kw)
+    return sambayes.BSAM(
+        model.parameters(), num_data=500, lr=0.1, rho=0.05, weight_decay=1e-3, seed=7, backend=backend, **kw
+    )
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -124,13 +127,25 @@ def run_golden(name, backend, dtype):
     bayes = golden["optimizer"] == "bsam"
     if bayes:
         opt = sambayes.BSAM(
-            model.parameters(), num_data=1e30, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
-            rho=hyper["rho"], weight_decay=hyper["weight_decay"], damping=hyper["damping"],
-            init_precision=hyper["init_precision"], backend=backend,
+            model.parameters(),
+            num_data=1e30,
+            lr=hyper["lr"],
+            betas=(hyper["beta1"], hyper["beta2"]),
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            damping=hyper["damping"],
+            init_precision=hyper["init_precision"],
+            backend=backend,
         )
     else:
-        opt = sambayes.SAM(model.parameters(), lr=hyper["lr"], momentum=hyper["momentum"], rho=hyper["rho"],
-                           weight_decay=hyper["weight_decay"], backend=backend)
+        opt = sambayes.SAM(
+            model.parameters(),
+            lr=hyper["lr"],
+            momentum=hyper["momentum"],
+            rho=hyper["rho"],
+            weight_decay=hyper["weight_decay"],
+            backend=backend,
+        )
     error = 0.0
     for batch, factor, want in zip(golden["batches"], golden["lr_factor"], golden["trajectory"]):
         for group in opt.param_groups:
