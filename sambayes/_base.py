@@ -4,6 +4,7 @@ gradient bookkeeping, non-finite skipping, tier dispatch and checkpoints."""
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from typing import Any, Callable
@@ -24,7 +25,7 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 
 def check_number(name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None) -> None:
     """ValueError naming the argument unless low <(=) value (< high)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r}: expected a finite number")
     if value < low or (low_open and value == low) or (high is not None and value >= high):
         bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
@@ -90,25 +91,37 @@ class TwoPassOptimizer(Optimizer):
         self._split = 0  # sub-batches sampled since the last update
         self._skip = False  # a non-finite gradient was seen in this step
         self._grad_sums: dict[torch.Tensor, torch.Tensor | None] = {}  # perturbed-gradient sums, stashed
-        self._versions: dict[torch.Tensor, int] = {}  # param._version when we last wrote it
+        self._versions: dict[torch.Tensor, tuple[int, int]] = {}  # (version, storage) when we last wrote it
         self._ascended: set[torch.Tensor] = set()  # params that got a gradient in perturb() this step
+        self._handed_back: dict[torch.Tensor, torch.Tensor] = {}  # gradient sums perturb() put back in .grad
         self._stats: dict[torch.Tensor, torch.Tensor] = {}  # per-step scratch of subclasses
 
     # ---- hyperparameters -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a refused group must not stay and train
+            raise
 
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups: add what this class needs to step
+        return {**super().__getstate__(), "backend": self.backend, "model": self.model, "bn_stats": self.bn_stats}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for name, value in (("backend", "auto"), ("model", None), ("bn_stats", "noisy"), ("_bn_saved", None)):
+            self.__dict__.setdefault(name, value)
         for name, value in (("_phase", _REST), ("_split", 0), ("_skip", False)):
             self.__dict__.setdefault(name, value)
         self.__dict__.setdefault("_grad_sums", {})
         self.__dict__.setdefault("_versions", {})
         self.__dict__.setdefault("_ascended", set())
+        self.__dict__.setdefault("_handed_back", {})
         self.__dict__.setdefault("_stats", {})
 
     # ---- bookkeeping ------------------------------------------------------------------
@@ -132,26 +145,31 @@ class TwoPassOptimizer(Optimizer):
             state = self.state[p]
             if not state:
                 self._init_state(p, state, group)
-                self._versions[p] = p._version
+                self._versions[p] = self._version_of(p)
                 continue
             rest = state[self._rest_key]
-            if rest.device != p.device:  # module.to(device) moved the parameters
+            if rest.device != p.device or rest.dtype != state_dtype(p):  # module.to(...) moved or cast them
                 for key, value in state.items():
-                    if isinstance(value, torch.Tensor):
-                        state[key] = value.to(p.device)
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        state[key] = value.to(p.device, state_dtype(p))
                 rest = state[self._rest_key]
-            if self._versions.get(p) != p._version:
+            if self._versions.get(p) != self._version_of(p):
                 # the user changed the weights (e.g. model.load_state_dict): they win,
                 # unless they are just the rounding of our higher-precision copy
                 weights = _model.local(p).detach()
                 if not torch.equal(weights, rest.to(p.dtype)):
                     rest.copy_(weights)
-                self._versions[p] = p._version
+                self._versions[p] = self._version_of(p)
+
+    @staticmethod
+    def _version_of(p: torch.Tensor) -> tuple[int, int]:
+        # in-place writes bump _version; `p.data = new` swaps the storage
+        return p._version, _model.local(p).data_ptr()
 
     def _record_versions(self) -> None:
         for group in self.param_groups:
             for p in self._trainable(group):
-                self._versions[p] = p._version
+                self._versions[p] = self._version_of(p)
 
     @staticmethod
     def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -169,12 +187,13 @@ class TwoPassOptimizer(Optimizer):
 
     @staticmethod
     def _all_finite(grads: list[torch.Tensor]) -> bool:
-        """One host sync per device: a norm is non-finite iff some element is."""
+        """One host sync per device. The max-norm is non-finite iff some element is (a 2-norm
+        could overflow: float16 gradients of 800 over 10^4 elements)."""
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for g in grads:
             by_device[g.device].append(g)
         return all(
-            bool(torch.stack([n.float() for n in torch._foreach_norm(gs)]).isfinite().all())
+            bool(torch.stack([n.float() for n in torch._foreach_norm(gs, ord=math.inf)]).isfinite().all())
             for gs in by_device.values()
         )
 
@@ -186,6 +205,18 @@ class TwoPassOptimizer(Optimizer):
     def _restore(self, params: list[torch.Tensor]) -> None:
         for tier, ps in self._buckets(params):
             tier.restore(self._local(ps), self._states(ps, self._rest_key))
+
+    def _check_grad_sums_kept(self, action: str) -> None:
+        """The perturbed gradients of earlier sub-batches live in .grad: zeroing them loses them."""
+        if self.model is not None and (_model.is_ddp(self.model) or _model.is_fsdp2(self.model)):
+            return  # their reducers may legitimately swap .grad for a bucket view
+        for p, grad_sum in self._handed_back.items():
+            if p.grad is not grad_sum:
+                raise RuntimeError(
+                    f"{action}(): the gradients that perturb() put back in .grad were replaced (zero_grad() or "
+                    "set to None inside the step?); they hold the earlier sub-batches' perturbed gradients. "
+                    "Don't zero gradients between sample() and update(): the optimizer manages them"
+                )
 
     def _expect(self, *phases: str, action: str) -> None:
         if self._phase not in phases:
@@ -242,6 +273,7 @@ class TwoPassOptimizer(Optimizer):
         needed locally); BatchNorm statistics follow ``bn_stats``.
         """
         self._expect(_REST, _PERTURBED, action="sample")
+        self._check_grad_sums_kept("sample")
         for group in self.param_groups:
             if self._split == 0:
                 self._prepare_state(group)
@@ -281,6 +313,8 @@ class TwoPassOptimizer(Optimizer):
         for group in self.param_groups:
             for p in self._trainable(group):
                 p.grad = self._grad_sums.pop(p, None)
+                if p.grad is not None:
+                    self._handed_back[p] = p.grad
         self._split += 1
         if _model.is_ddp(self.model):
             _model.set_grad_sync(self.model, sync)
@@ -300,6 +334,7 @@ class TwoPassOptimizer(Optimizer):
         (on any rank).
         """
         self._expect(_PERTURBED, action="update")
+        self._check_grad_sums_kept("update")
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_open=True)
         with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
@@ -326,7 +361,8 @@ class TwoPassOptimizer(Optimizer):
                 group["skipped_steps"] += 1
                 continue
             updated = [p for p in self._with_grad(group)[0] if self._has_ascent(p)]
-            untouched = [p for p in self._trainable(group) if p not in set(updated)]
+            updated_set = set(updated)
+            untouched = [p for p in self._trainable(group) if p not in updated_set]
             group["step"] += 1
             self._update_group(group, updated)
             self._restore(untouched)
@@ -348,12 +384,28 @@ class TwoPassOptimizer(Optimizer):
     def _end_step(self) -> None:
         self._split, self._skip, self._phase = 0, False, _REST
         self._grad_sums.clear()
+        self._handed_back.clear()
         self._ascended.clear()
         if _model.is_ddp(self.model):
             _model.set_grad_sync(self.model, True)
         self._freeze_bn(False)
         self._record_versions()
         self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
+
+    @torch.no_grad()
+    def abort(self) -> None:
+        """Abandon the step in progress: parameters back at rest, state untouched, gradients cleared.
+
+        :meth:`step` calls it when the closure raises; call it yourself when a loop built
+        on the phases gives up on a step halfway. A no-op at rest.
+        """
+        if self._phase == _REST:
+            return
+        for group in self.param_groups:
+            self._restore(self._trainable(group))
+            for p in self._trainable(group):
+                p.grad = None
+        self._end_step()
 
     # ---- the closure API --------------------------------------------------------------
     def step(
@@ -381,15 +433,19 @@ class TwoPassOptimizer(Optimizer):
         _check_splits(splits)
         self._expect(_REST, action="step")
         losses = []
-        for j in range(splits):
-            self.sample()
-            with torch.enable_grad():
-                closure(j) if splits > 1 else closure()
-            self.perturb(grad_scaler=grad_scaler, sync=j == splits - 1)
-            with torch.enable_grad():
-                loss = closure(j) if splits > 1 else closure()
-            losses.append(loss)
-        self.update(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        try:
+            for j in range(splits):
+                self.sample()
+                with torch.enable_grad():
+                    closure(j) if splits > 1 else closure()
+                self.perturb(grad_scaler=grad_scaler, sync=j == splits - 1)
+                with torch.enable_grad():
+                    loss = closure(j) if splits > 1 else closure()
+                losses.append(loss)
+            self.update(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        except BaseException:
+            self.abort()  # e.g. an out-of-memory error the loop catches: leave the model at rest
+            raise
         if any(loss is None for loss in losses):
             return None
         return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
@@ -414,10 +470,11 @@ class TwoPassOptimizer(Optimizer):
         for pid, saved in state_dict["state"].items():
             p = by_id.get(pid)
             for key, value in saved.items():
-                if p is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                shape = _model.local(p).shape if p is not None else None  # FSDP2: this rank's shard
+                if p is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
                     raise ValueError(
                         f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape "
-                        f"{tuple(value.shape)}, the parameter has shape {tuple(p.shape)}"
+                        f"{tuple(value.shape)}, the parameter has shape {tuple(shape)}"
                     )
         super().load_state_dict(state_dict)
         for pid, saved in state_dict["state"].items():

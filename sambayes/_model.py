@@ -72,7 +72,9 @@ def replica_rank(model: torch.nn.Module | None) -> tuple[int, int]:
 
 def comm_device(group) -> torch.device:
     """Where tensors for collectives of ``group`` must live (CUDA for NCCL)."""
-    return torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ class BSAM(TwoPassOptimizer):
         # in parameter order: every rank must concatenate the same tensors in the same order
         stats = [self._stat(p) for group in self.param_groups for p in group["params"] if p in self._ascended]
         world = torch.distributed.get_world_size(self._sync_group())
-        for dtype in {s.dtype for s in stats}:
+        for dtype in dict.fromkeys(s.dtype for s in stats):  # first-seen order: the same on every rank
             same = [s for s in stats if s.dtype == dtype]
             flat = torch.cat([s.flatten() for s in same])
             torch.distributed.all_reduce(flat, group=self._sync_group())

@@ -88,6 +88,13 @@ class SAM(TwoPassOptimizer):
         if self.base == "adamw":
             state["variance"] = torch.zeros_like(state["weight"])
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "base": self.base}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("base", "sgd")
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["base"] = self.base
@@ -118,7 +125,13 @@ class SAM(TwoPassOptimizer):
             for g, tier, ps in work
         ]
         device = sq[0].device
-        norm = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum().sqrt()
+        total = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum()
+        if _model.is_fsdp2(self.model) and self._sync_group() is not None:
+            # each rank holds shards: the global norm sums the squares of all of them
+            total = total.to(_model.comm_device(self._sync_group()))
+            torch.distributed.all_reduce(total, group=self._sync_group())
+            total = total.to(device)
+        norm = total.sqrt()
         for group, tier, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
             tier.sam_perturb(

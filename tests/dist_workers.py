@@ -1,5 +1,7 @@
 """Worker processes for tests/test_distributed.py (spawned, two ranks on gloo)."""
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -9,9 +11,16 @@ import sambayes
 STEPS = 10
 
 
-def model_and_data():
+class ToDouble(torch.nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def model_and_data(mixed=False):
+    """A small MLP (with ``mixed``, its last layer in float64: float32 and float64 state) and 10 batches."""
     torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4))
+    layers = [torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 4)]
+    model = torch.nn.Sequential(*layers[:2], ToDouble(), layers[2].double()) if mixed else torch.nn.Sequential(*layers)
     g = torch.Generator().manual_seed(3)
     return model, torch.randn(STEPS, 16, 6, generator=g), torch.randint(0, 4, (STEPS, 16), generator=g)
 
@@ -22,10 +31,10 @@ def make_optimizer(method, model, seed):
     return sambayes.SAM(model, lr=0.1, rho=0.05, weight_decay=1e-3)
 
 
-def single_process(method, splits, order=None):
+def single_process(method, splits, order=None, mixed=False):
     """The reference: one process, the whole batch of 16, ``splits`` sub-batches
     (sub-batch j is chunk ``order[j]`` of the batch)."""
-    model, xs, ys = model_and_data()
+    model, xs, ys = model_and_data(mixed)
     opt = make_optimizer(method, model, seed=123)
     for x, y in zip(xs, ys):
         chunks = sambayes.split_batch(x, y, splits=splits)
@@ -43,8 +52,8 @@ def single_process(method, splits, order=None):
 def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model, xs, ys = model_and_data()
-    if wrapper == "ddp":
+    model, xs, ys = model_and_data(mixed=wrapper == "ddp-mixed")
+    if wrapper.startswith("ddp"):
         net = torch.nn.parallel.DistributedDataParallel(model)
     else:
         from torch.distributed.fsdp import fully_shard
@@ -61,9 +70,18 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
             return loss
 
         opt.step(closure, splits=splits)
+    # a checkpoint of this rank's state loads into a fresh optimizer (FSDP2: shard shapes)
+    fresh = make_optimizer(method, net, seed=0)
+    fresh.load_state_dict(opt.state_dict())
+    for p in model.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(fresh.state[p][key], value), key
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     torch.save([p.detach().clone() for p in params], f"{out_dir}/rank{rank}.pt")
     # leave together, with the DDP reducer gone, so no gloo thread outlives its group
     dist.barrier()
-    opt = net = None  # drop the DDP reducer before its process group
+    opt = fresh = net = None  # drop the DDP reducer before its process group
     dist.destroy_process_group()
+    # skip interpreter teardown: gloo's threads can abort it ("terminate called without an
+    # active exception") once in a few dozen runs; the results are saved already
+    os._exit(0)

@@ -294,6 +294,7 @@ def test_bad_group_hyperparameter_is_refused():
     opt = sambayes.BSAM(P, num_data=10)
     with pytest.raises(ValueError, match="rho=-2"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "rho": -2})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
 
 
 @pytest.mark.parametrize(
@@ -408,3 +409,99 @@ def test_non_finite_gradient_skips_the_step(bad_pass, method):
     assert group["skipped_steps"] == 1 and group["step"] == 1
     opt.step(closure_for(model, x, y))  # and training goes on
     assert group["step"] == 2 and torch.isfinite(flat(model)).all()
+
+
+# ---------------------------------------------------------------------------------------
+# what a demanding user does to an optimizer
+
+
+def test_float16_gradients_with_a_large_finite_norm_are_not_skipped():
+    lin = torch.nn.Linear(100, 100, bias=False).half()
+    opt = sambayes.BSAM(lin, num_data=100, lr=1e-3, seed=1)
+    x = torch.ones(4, 100, dtype=torch.float16)
+
+    def closure():
+        loss = (lin(x).float() * 200.0).sum()  # elements of 800: a float16 2-norm would overflow
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)
+    assert opt.param_groups[0]["skipped_steps"] == 0 and opt.param_groups[0]["step"] == 1
+
+
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_deepcopy_and_pickle_give_working_optimizers(method):
+    import pickle
+
+    model = small_mlp()
+    x, y = data()
+    opt = (
+        sambayes.BSAM(model, num_data=50, seed=3, backend="foreach")
+        if method == "bsam"
+        else sambayes.SAM(model, lr=0.1, base="adamw", backend="foreach")
+    )
+    opt.step(closure_for(model, x, y))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.backend == "foreach" and clone.model is not None
+        assert getattr(clone, "base", "sgd") == getattr(opt, "base", "sgd")
+        clone_model = clone.model
+        clone.step(closure_for(clone_model, x, y))
+    opt.step(closure_for(model, x, y))
+    torch.testing.assert_close(flat(clone_model), flat(model), rtol=0, atol=0)
+
+
+def test_an_exception_in_the_closure_leaves_the_model_at_rest():
+    model = small_mlp()
+    x, y = data()
+    opt = sambayes.BSAM(model, num_data=10, seed=0)
+    opt.step(closure_for(model, x, y))
+    at_rest = flat(model)
+
+    def failing():
+        raise MemoryError("out of memory (simulated)")
+
+    with pytest.raises(MemoryError):
+        opt.step(failing)
+    assert torch.equal(flat(model), at_rest)
+    assert all(p.grad is None for p in model.parameters())
+    opt.state_dict()  # usable again
+    opt.step(closure_for(model, x, y))
+    assert opt.param_groups[0]["step"] == 2
+    opt.sample()
+    opt.abort()  # the same by hand, for the phase API
+    assert torch.equal(flat(model), torch.cat([opt.state[p]["mean"].flatten() for p in model.parameters()]))
+
+
+def test_weights_assigned_through_data_are_used():
+    model = small_mlp()
+    x, y = data()
+    opt = sambayes.BSAM(model, num_data=1e30, lr=0.0, rho=0.0)
+    opt.step(closure_for(model, x, y))
+    model[0].weight.data = torch.ones_like(model[0].weight)  # a new storage: the version counter stays
+    opt.step(closure_for(model, x, y))
+    assert torch.equal(opt.state[model[0].weight]["mean"], torch.ones_like(model[0].weight))
+
+
+def test_zeroing_gradients_inside_a_split_step_is_an_error():
+    model = small_mlp()
+    x, y = data()
+    opt = sambayes.BSAM(model, num_data=10, seed=0)
+    chunks = sambayes.split_batch(x, y, splits=2)
+
+    def closure(j):
+        opt.zero_grad()  # the habit of other SAM libraries: it would drop sub-batch 0's gradients
+        loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        opt.step(closure, splits=2)
+    assert torch.equal(flat(model), torch.cat([opt.state[p]["mean"].flatten() for p in model.parameters()]))
+
+
+def test_numpy_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    opt = sambayes.BSAM(P, num_data=np.int64(1000), lr=np.float32(0.1))
+    assert opt.param_groups[0]["num_data"] == 1000

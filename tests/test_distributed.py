@@ -41,13 +41,24 @@ def test_ddp_with_splits_all_reduces_the_sum_once(tmp_path):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
-def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path):
-    rank0, rank1 = run_two_ranks(tmp_path, "bsam", "fsdp2")
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
+    rank0, rank1 = run_two_ranks(tmp_path, method, "fsdp2")
     for a, b in zip(rank0, rank1):
         assert torch.equal(a, b)
-    # one global sample, one ascent on the averaged gradient: 1 process x 1 split on the whole batch
-    reference = dist_workers.single_process("bsam", splits=1)
+    # one global sample, one ascent on the averaged gradient (SAM: the norm over all shards):
+    # 1 process x 1 split on the whole batch
+    reference = dist_workers.single_process(method, splits=1)
     for a, r in zip(rank0, reference):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_with_float32_and_float64_state(tmp_path):
+    """Statistics of two dtypes are all-reduced in the same order on every rank."""
+    rank0, rank1 = run_two_ranks(tmp_path, "bsam", "ddp-mixed")
+    reference = dist_workers.single_process("bsam", splits=2, mixed=True)
+    for a, b, r in zip(rank0, rank1, reference):
+        assert torch.equal(a, b) and a.dtype == r.dtype
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
