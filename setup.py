@@ -108,7 +108,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "tqdm>=4.60"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.4"],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6"],
         "test": [
             "pytest>=7",

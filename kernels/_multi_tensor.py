@@ -85,7 +85,7 @@ def tensor_table(roles: list[list[torch.Tensor]], noise_offsets: list[int] | Non
     """
     key = (
         roles[0][0].device,
-        tuple(t.numel() for t in roles[0]),
+        *(tuple(t.numel() for t in role) for role in roles),  # every role's sizes: checked when built
         tuple(noise_offsets) if noise_offsets is not None else None,
         *(tuple(t.data_ptr() for t in role) for role in roles),
     )

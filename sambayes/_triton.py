@@ -13,12 +13,21 @@ says how to get it, which :mod:`sambayes.backends` reports when the tier is aske
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
+
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("Triton is not installed; pip install 'sambayes[triton]'") from exc
+
+# tl.randn with 64-bit offsets is Philox4x32 (the noise of every other tier) from Triton 3.4 on;
+# older versions switch to Philox4x64 and would draw other numbers
+if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):  # pragma: no cover
+    raise ImportError(f"Triton {triton.__version__} is too old: the triton tier needs Triton >= 3.4")
 
 from . import _eager
 from .kernels import bsam_perturb as _bsam_perturb
@@ -46,6 +55,18 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     return f"the Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1), not {device.type}"
 
 
+def _on_their_device(fn):
+    """Launch on the tensors' GPU: Triton launches on the current device and its stream."""
+
+    @functools.wraps(fn)
+    def wrapper(tensors, *args, **kwargs):
+        device = tensors[0].device if len(tensors) else torch.device("cpu")
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return fn(tensors, *args, **kwargs)
+
+    return wrapper
+
+
 def _split(*roles: list) -> tuple[list[int], list[int]]:
     """(indices every kernel can take: all roles contiguous, the other indices)."""
     fused, rest = [], []
@@ -59,6 +80,7 @@ def _pick(indices: list[int], *roles: list) -> list[list]:
 
 
 @torch.no_grad()
+@_on_their_device
 def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
     """θ = m + z / sqrt(N·s): a sample of the posterior, z ~ N(0, I) from Philox."""
     fused, rest = _split(params, means, precisions)
@@ -69,6 +91,7 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
+@_on_their_device
 def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumulate: bool) -> None:
     """θ = m + ρ·g/s (from the mean, not the noisy point); stats += sqrt(s)·|g|."""
     roles = (params, grads, means, precisions, stats)
@@ -80,6 +103,7 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
 
 
 @torch.no_grad()
+@_on_their_device
 def bsam_update(
     params,
     grads,
@@ -113,6 +137,7 @@ def bsam_update(
 
 
 @torch.no_grad()
+@_on_their_device
 def restore(params, weights) -> None:
     """θ = m (or w for SAM): the model back at rest."""
     fused, rest = _split(params, weights)
@@ -123,6 +148,7 @@ def restore(params, weights) -> None:
 
 
 @torch.no_grad()
+@_on_their_device
 def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
     """Σ (T·g)², T = |w| if adaptive else 1, as a 0-dim tensor in the state dtype (no host sync)."""
     fused, rest = _split(grads, weights)
@@ -134,6 +160,7 @@ def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
+@_on_their_device
 def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) -> None:
     """w' = w + scale·T²·g with scale = ρ/‖T·g‖₂ (a 0-dim tensor: no host sync)."""
     fused, rest = _split(params, grads, weights)
@@ -144,6 +171,7 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 
 
 @torch.no_grad()
+@_on_their_device
 def sam_update_sgd(
     params,
     grads,
@@ -167,6 +195,7 @@ def sam_update_sgd(
 
 
 @torch.no_grad()
+@_on_their_device
 def sam_update_adamw(
     params,
     grads,

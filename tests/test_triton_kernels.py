@@ -296,6 +296,14 @@ def test_table_follows_reallocated_tensors():
         assert torch.equal(b, m)
 
 
+def test_a_cached_table_does_not_skip_the_size_check():
+    """Same addresses, a shorter view in one role: refused, as on a cold cache (not read out of bounds)."""
+    param, weight = torch.zeros(10, device=DEVICE), torch.arange(10.0, device=DEVICE)
+    tier.restore([param], [weight])
+    with pytest.raises((ValueError, RuntimeError)):
+        tier.restore([param], [weight[:4]])
+
+
 def test_non_contiguous_tensors_take_the_eager_path():
     """A parameter that is a transposed view still gets the right values (eager path for it only)."""
     base = torch.randn(33, 17, device=DEVICE)
