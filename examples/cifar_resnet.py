@@ -23,11 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import sambayes
-
-try:  # accuracy, NLL and ECE as the paper computes them
-    from sambayes import metrics
-except ImportError:  # an older sambayes: accuracy and NLL only
-    metrics = None
+from sambayes import metrics
 
 OPTIMIZERS = ("bsam", "sam", "sgd")
 CLASSES = 10
@@ -369,38 +365,44 @@ def train_step(
 def evaluate(
     model: torch.nn.Module, opt: torch.optim.Optimizer, test: Images, *, batch_size: int, samples: int = 0
 ) -> dict[str, float]:
-    """Test metrics of the predictive distribution ``probs`` [n, classes]: at the mean (or the
-    weights) with ``samples=0``, else the Bayesian model average of ``samples`` posterior
-    samples (bSAM only; sample s is the same for every batch). Keys: accuracy, nll and,
-    when ``sambayes.metrics`` exists, ece (20 bins)."""
-    probs = torch.cat(
-        [
-            sambayes.predict(model, opt, normalize(test.images[i : i + batch_size]), samples=samples).double().cpu()
-            if samples
-            else _softmax(model, normalize(test.images[i : i + batch_size]))
-            for i in range(0, len(test), batch_size)
-        ]
-    )
-    labels = test.labels.cpu()
-    if metrics is not None:
-        return {
-            "accuracy": metrics.accuracy(probs, labels),
-            "nll": metrics.nll(probs, labels),
-            "ece": metrics.ece(probs, labels, bins=20),
-        }
-    return {
-        "accuracy": (probs.argmax(1) == labels).double().mean().item(),
-        "nll": -probs[torch.arange(len(labels)), labels].log().mean().item(),
-    }
-
-
-def _softmax(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Test accuracy, NLL and ECE (20 bins) of the predictive distribution: at the mean (or the
+    weights) with ``samples=0``, else the Bayesian model average of ``samples`` posterior samples
+    (bSAM only; sample s is ``opt.sampled_params(seed=s)`` for every batch). The model runs in
+    eval mode (BatchNorm uses its running statistics). The BMA's NLL is the log-mean-exp of the
+    per-sample float64 log-softmax (ALGORITHM.md), so a confident mistake gives a large finite
+    NLL, not the inf of log(0) that averaging float32 softmaxes would."""
+    if samples > 0 and not isinstance(opt, sambayes.BSAM):
+        raise TypeError(f"samples={samples} needs a BSAM optimizer (a posterior); got {type(opt).__name__}")
     was_training = model.training
     model.eval()
     try:
-        return torch.softmax(model(x).double(), dim=-1).cpu()
+        if samples == 0:
+            log_probs = _log_softmax(model, test, batch_size)[None]
+        else:
+            sample_log_probs = []
+            for s in range(samples):
+                with opt.sampled_params(seed=s):
+                    sample_log_probs.append(_log_softmax(model, test, batch_size))
+            log_probs = torch.stack(sample_log_probs)
     finally:
         model.train(was_training)
+    labels = test.labels.cpu()
+    probs = metrics.bma_log_probs(log_probs).exp()
+    return {
+        "accuracy": metrics.accuracy(probs, labels),
+        "nll": metrics.bma_nll(log_probs, labels),
+        "ece": metrics.ece(probs, labels, bins=20),
+    }
+
+
+def _log_softmax(model: torch.nn.Module, test: Images, batch_size: int) -> torch.Tensor:
+    """Float64 log-softmax [n, classes] of the model on every test image, on the CPU."""
+    return torch.cat(
+        [
+            torch.log_softmax(model(normalize(test.images[i : i + batch_size])).double(), dim=-1).cpu()
+            for i in range(0, len(test), batch_size)
+        ]
+    )
 
 
 def final_metrics(model: torch.nn.Module, opt: torch.optim.Optimizer, test: Images, args) -> dict[str, Any]:

@@ -17,6 +17,7 @@ replicas stay identical. Process 0 writes the checkpoints, logs and results.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -37,9 +38,19 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.device(args.device).type == "cuda"
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     try:
-        return train(args, cuda)
-    finally:
-        dist.destroy_process_group()
+        results, exit_message = train(args, cuda), None
+    except SystemExit as exc:  # a bad argument or checkpoint: every process raises the same one
+        results, exit_message = {}, exc.code
+    # Leave together, with the DDP module and optimizer (train's locals) freed first: gloo can
+    # abort a process ("terminate called without an active exception") that destroys its group
+    # while another still uses it. Any other exception ends this process alone (torchrun stops
+    # the rest), so it skips the barrier, which the others might never reach.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    if exit_message is not None:
+        raise SystemExit(exit_message)
+    return results
 
 
 def train(args: argparse.Namespace, cuda: bool) -> dict:

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(backends.info())
     else:
+        try:
+            demo.check_arguments(args)  # every flag, before any training
+        except ValueError as exc:
+            demo_parser.error(str(exc))  # exits with code 2
         demo.run(args)
     return 0
 

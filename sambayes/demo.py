@@ -7,7 +7,8 @@ The data are the 1,797 bundled 8×8 digits (no download), split once and for all
 the same MLP with the same warm-up + cosine schedule; each seed fixes the
 initialisation, the batch order and bSAM's noise, so the same seeds give the same table.
 
-Needs the ``[demo]`` extra (scikit-learn, matplotlib), imported only when used.
+Needs the ``[demo]`` extra (scikit-learn, matplotlib), imported only when used;
+``--no-plots`` needs scikit-learn only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import csv
 import dataclasses
 import math
+import os
 import pathlib
 import statistics
 import sys
@@ -89,15 +91,15 @@ class Data(NamedTuple):
     x_ood: torch.Tensor  # the test images rotated by 90°: same pixels, not a digit pose seen in training
 
 
-def _require_extras() -> None:
+def _missing_extras(plots: bool) -> list[str]:
+    """The packages of the ``[demo]`` extra that cannot be imported (matplotlib only for ``plots``)."""
     missing = []
-    for module in ("sklearn", "matplotlib"):
+    for module in ("sklearn", "matplotlib") if plots else ("sklearn",):
         try:
             __import__(module)
         except ImportError:
             missing.append({"sklearn": "scikit-learn"}.get(module, module))
-    if missing:
-        raise SystemExit(f"the demo needs {' and '.join(missing)}: pip install 'sambayes[demo]'")
+    return missing
 
 
 def load_digits(validation: bool = False, device: torch.device | str = "cpu") -> Data:
@@ -347,59 +349,82 @@ def _figure(width: float, height: float):
 
 def plot_reliability(rows: list[dict[str, Any]], path: pathlib.Path, bins: int = 20) -> None:
     """One reliability diagram per method (test predictions of all seeds pooled), with the
-    share of points per confidence bin underneath."""
+    number of points per confidence bin underneath (log scale: a bin of one point shows).
+
+    Each panel's title gives the *pooled* ECE, of all seeds' points together; the table's
+    ECE is the mean of the per-seed ECEs, so the two differ slightly.
+    """
+    from matplotlib.patches import Patch
+
     names = list(dict.fromkeys(r["method"] for r in rows))
-    fig = _figure(2.9 * len(names), 4.4)
+    fig = _figure(2.9 * len(names), 4.8)
     axes = fig.subplots(2, len(names), sharex=True, sharey="row", height_ratios=(3, 1), squeeze=False)
+    width = 1.0 / bins
+    over = {"facecolor": "none", "edgecolor": "tab:red", "hatch": "////", "lw": 0.8}
+    under = {"facecolor": "none", "edgecolor": "tab:orange", "hatch": "\\\\\\\\", "lw": 0.8}
+    most = 1
     for column, name in enumerate(names):
         top, bottom = axes[0, column], axes[1, column]
         runs = [r for r in rows if r["method"] == name]
         probs, labels = torch.cat([r["probs"] for r in runs]), torch.cat([r["labels"] for r in runs])
         rel = metrics.reliability(probs, labels, bins)
-        centers = ((rel.edges[1:] + rel.edges[:-1]) / 2).numpy()
-        full = (rel.counts > 0).numpy()
-        width = 1.0 / bins
-        acc, conf = rel.accuracy.numpy(), rel.confidence.numpy()
-        top.bar(centers[full], acc[full], width=width, color="tab:blue", edgecolor="white", lw=0.5, label="accuracy")
-        top.bar(
-            centers[full],
-            (conf - acc)[full],
-            bottom=acc[full],
-            width=width,
-            color="tab:red",
-            alpha=0.3,
-            edgecolor="tab:red",
-            lw=0.5,
-            label="gap to mean confidence",
-        )
+        full = rel.counts > 0
+        centers = ((rel.edges[1:] + rel.edges[:-1]) / 2)[full].numpy()
+        acc, conf = rel.accuracy[full], rel.confidence[full]
+        top.bar(centers, acc.numpy(), width=width, color="tab:blue", edgecolor="white", lw=0.5)
+        # the gap spans accuracy .. mean confidence: red above the accuracy bar, orange inside it
+        overconfident = (conf > acc).numpy()
+        for mask, style in ((overconfident, over), (~overconfident, under)):
+            top.bar(
+                centers[mask],
+                (conf - acc).abs().numpy()[mask],
+                bottom=torch.minimum(acc, conf).numpy()[mask],
+                width=width,
+                **style,
+            )
         top.plot([0, 1], [0, 1], "k--", lw=0.8)
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
-        top.set_title(f"{name}\nECE {rel.ece:.4f}", fontsize=9)
-        share = (rel.counts / rel.counts.sum()).numpy()
-        bottom.bar(centers, share, width=width, color="0.5")
+        top.set_title(f"{name}\npooled ECE {rel.ece:.4f}", fontsize=9)
+        bottom.bar(centers, rel.counts[full].numpy(), width=width, color="0.5")
         bottom.set_yscale("log")
-        bottom.set_ylim(1e-3, 1)
         bottom.set_xlabel("confidence (max probability)", fontsize=8)
+        most = max(most, int(rel.counts.max()))
+    axes[1, 0].set_ylim(0.5, 2 * most)  # below 1, so that a bin holding one point has a visible bar
     axes[0, 0].set_ylabel("accuracy")
-    axes[1, 0].set_ylabel("share of points", fontsize=8)
-    axes[0, 0].legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"Reliability on the digits test set ({bins} bins, all seeds pooled)", fontsize=10)
+    axes[1, 0].set_ylabel("points (log)", fontsize=8)
+    handles = [
+        Patch(color="tab:blue", label="accuracy of the bin"),
+        Patch(**over, label="gap, overconfident: mean confidence above accuracy"),
+        Patch(**under, label="gap, underconfident: mean confidence below accuracy"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7, frameon=False)
+    fig.suptitle(
+        f"Reliability on the digits test set ({bins} bins, all seeds pooled; dashed: perfect calibration)",
+        fontsize=10,
+    )
     fig.savefig(path, bbox_inches="tight")
 
 
 def plot_curves(curves: dict[str, list[dict[str, list[float]]]], path: pathlib.Path) -> None:
-    """Per-epoch train loss, test accuracy and test NLL at the mean; mean over seeds, band = min..max."""
+    """Per-epoch train loss, test error and test NLL at the mean; mean over seeds, band = min..max.
+
+    The test error (1 − accuracy) is on a log scale, so that epoch 1 and the last epochs'
+    fractions of a percent both show.
+    """
     fig = _figure(12, 3.4)
     axes = fig.subplots(1, 3)
     panels = (
         ("train_loss", "train loss (SAM, bSAM: at the perturbed point)", True),
-        ("test_accuracy", "test accuracy", False),
+        ("test_error", "test error (1 − accuracy, at the mean)", True),
         ("test_nll", "test NLL (at the mean)", True),
     )
     for ax, (key, title, log) in zip(axes, panels):
         for method, runs in curves.items():
-            values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
+            if key == "test_error":
+                values = 1 - torch.tensor([run["test_accuracy"] for run in runs], dtype=torch.float64)
+            else:
+                values = torch.tensor([run[key] for run in runs], dtype=torch.float64)
             epochs = torch.arange(1, values.shape[1] + 1)
             line = ax.plot(epochs, values.mean(0), label=method, lw=1.5)[0]
             ax.fill_between(epochs, values.min(0).values, values.max(0).values, color=line.get_color(), alpha=0.2)
@@ -408,7 +433,7 @@ def plot_curves(curves: dict[str, list[dict[str, list[float]]]], path: pathlib.P
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[1].set_ylim(0.8, 1.0)
+    axes[1].yaxis.set_major_formatter(lambda value, _: f"{100 * value:g} %")
     axes[1].legend(fontsize=8)
     fig.savefig(path, bbox_inches="tight")
 
@@ -466,6 +491,8 @@ def two_moons(
             schedule.step()
         fits[method] = (model, opt)
 
+    from matplotlib.lines import Line2D
+
     fig = _figure(11, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
     gx, gy = grid_x.numpy(), grid_y.numpy()
@@ -494,8 +521,21 @@ def two_moons(
         filled = ax.contourf(gx, gy, conf, levels=levels, cmap="viridis", extend="min")
         ax.contour(gx, gy, mean_probs.numpy(), levels=[0.5], colors="black", linewidths=1.8)
         pts = points
-        ax.scatter(pts[classes == 0, 0], pts[classes == 0, 1], s=10, c="white", edgecolors="black", linewidths=0.5)
-        ax.scatter(pts[classes == 1, 0], pts[classes == 1, 1], s=10, c="tab:orange", edgecolors="black", linewidths=0.5)
+        for label, color in ((0, "white"), (1, "tab:orange")):
+            ax.scatter(
+                pts[classes == label, 0],
+                pts[classes == label, 1],
+                s=10,
+                c=color,
+                edgecolors="black",
+                linewidths=0.5,
+                label=f"class {label} (training point)",
+            )
+        handles, _ = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], color="black", lw=1.8, label="decision boundary at the mean"))
+        if method == "bSAM":
+            handles.append(Line2D([], [], color="tab:red", lw=0.7, label="boundaries of posterior samples"))
+        ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.9)
         ax.set_title(title + "; black: boundary at the mean", fontsize=9)
         ax.set_xlim(-2.5, 3.5)
         ax.set_ylim(-2.0, 2.5)
@@ -529,7 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch CPU threads (default 1: fastest for this tiny MLP, and thread-count-proof results)",
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures (then matplotlib is not needed)")
 
 
 def tier_name(backend: str, device: torch.device | str) -> str:
@@ -538,16 +578,64 @@ def tier_name(backend: str, device: torch.device | str) -> str:
     return {"cext": torch.device(device).type}.get(module, module)
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Check everything :func:`run` needs before any training starts, and create ``args.out``.
+
+    Raises ValueError with one line saying which flag is wrong and why (the command turns
+    it into a usage error, exit code 2).
+    """
+    missing = _missing_extras(plots=not args.no_plots)
+    if missing:
+        raise ValueError(f"the demo needs {' and '.join(missing)}: pip install 'sambayes[demo]'")
+    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ValueError(f"{flag}: {repeated[0]} is given twice")
+    negative = [seed for seed in args.seeds if seed < 0]
+    if negative:
+        raise ValueError(f"--seeds: {negative[0]} is negative; seeds are integers >= 0")
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: need at least 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA device")
+    if device.type == "meta":
+        raise ValueError("--device meta: meta tensors hold no data to train on")
+    try:
+        torch.empty(1, device=device)  # an index out of range, or a device type this build lacks
+    except Exception as exc:  # noqa: BLE001 - whatever the device type, the reason is in the message
+        raise ValueError(f"--device {args.device} is not usable here: {_first_line(exc)}") from None
+    try:
+        backends.resolve(args.backend, device)
+    except RuntimeError as exc:
+        raise ValueError(f"--backend {args.backend}: {_first_line(exc)}") from None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, or no permission
+        raise ValueError(f"--out {args.out}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: the folder is not writable")
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Train, evaluate, print and write everything; returns the summary table."""
-    _require_extras()
+    """Train, evaluate, print and write everything; returns the summary table.
+
+    ValueError (before any training) if an argument is wrong; see :func:`check_arguments`.
+    """
+    check_arguments(args)
     from tqdm.auto import tqdm
 
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
     recipe = Recipe().quick() if args.quick else Recipe()
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     tier = tier_name(args.backend, args.device)
     print(
         f"sambayes demo: digits, {len(args.seeds)} seed(s) {args.seeds}, device {args.device}, "

@@ -1,9 +1,12 @@
 """Accuracy, calibration and uncertainty metrics for classifiers, as the paper evaluates them.
 
-Every function takes class probabilities ``probs`` [batch, classes] (rows sum to 1;
-for a Bayesian model average, the mean over samples of the softmax) and integer
-``labels`` [batch], as torch tensors or anything ``torch.as_tensor`` accepts, and
-returns a Python float. The math runs in float64.
+Every function takes class probabilities ``probs`` [batch, classes] (values in [0, 1],
+rows summing to 1 within ``1e-3``; for a Bayesian model average, the mean over samples
+of the softmax) and integer ``labels`` [batch] in [0, classes), as torch tensors or
+anything ``torch.as_tensor`` accepts, and returns a Python float. The math runs in
+float64. Anything else raises ValueError, except NaN: a NaN in ``probs`` (or in the
+scores of :func:`binary_auroc`) is let through and makes :func:`nll`, :func:`ece` and
+the AUROCs NaN, so a diverged model shows up as NaN rather than as a plausible number.
 
 - :func:`nll`: mean of -log p(y|x); :func:`bma_nll` from per-sample log-probabilities.
 - :func:`ece`: expected calibration error over equal-width bins of the max probability.
@@ -36,17 +39,35 @@ __all__ = [
 ]
 
 
+SUM_TOLERANCE = 1e-3  # |row sum − 1| allowed in probs: float16 softmax rows are off by a few 1e-4
+
+
 def _probs(probs) -> torch.Tensor:
     probs = torch.as_tensor(probs).detach().to("cpu", torch.float64)
     if probs.dim() != 2:
         raise ValueError(f"probs: expected shape [batch, classes], got {tuple(probs.shape)}")
+    outside = (probs < 0) | (probs > 1)  # NaN compares false: let through, the result is NaN
+    if outside.any():
+        raise ValueError(f"probs: {probs[outside][0].item()!r} is not a probability in [0, 1]")
+    off = (probs.sum(dim=1) - 1).abs() > SUM_TOLERANCE
+    if off.any():
+        row = int(off.nonzero()[0])
+        raise ValueError(
+            f"probs: row {row} sums to {probs[row].sum().item()!r}, not 1 (pass probabilities, not logits)"
+        )
     return probs
 
 
-def _labels(labels, batch: int) -> torch.Tensor:
-    labels = torch.as_tensor(labels).detach().to("cpu", torch.int64)
+def _labels(labels, batch: int, classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(labels).detach().cpu()
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected integer class indices, got dtype {labels.dtype}")
     if labels.shape != (batch,):
         raise ValueError(f"labels: expected shape [{batch}], got {tuple(labels.shape)}")
+    labels = labels.to(torch.int64)
+    outside = (labels < 0) | (labels >= classes)
+    if outside.any():
+        raise ValueError(f"labels: {labels[outside][0].item()} is not a class index in [0, {classes})")
     return labels
 
 
@@ -58,7 +79,7 @@ def confidence(probs) -> torch.Tensor:
 def accuracy(probs, labels) -> float:
     """Fraction of rows whose argmax is the label, in [0, 1]."""
     probs = _probs(probs)
-    return (probs.argmax(dim=1) == _labels(labels, probs.shape[0])).double().mean().item()
+    return (probs.argmax(dim=1) == _labels(labels, *probs.shape)).double().mean().item()
 
 
 def nll(probs, labels) -> float:
@@ -67,7 +88,7 @@ def nll(probs, labels) -> float:
     A probability of exactly 0 gives ``inf`` (it is not clipped).
     """
     probs = _probs(probs)
-    labels = _labels(labels, probs.shape[0])
+    labels = _labels(labels, *probs.shape)
     return -probs[torch.arange(len(labels)), labels].log().mean().item()
 
 
@@ -86,7 +107,7 @@ def bma_nll(sample_log_probs, labels) -> float:
     ``mean_i -log mean_s p_s(labels[i] | x_i)`` by log-mean-exp, so that tiny per-sample
     probabilities do not underflow to log 0."""
     logp = bma_log_probs(sample_log_probs)
-    labels = _labels(labels, logp.shape[0])
+    labels = _labels(labels, *logp.shape)
     return -logp[torch.arange(len(labels)), labels].mean().item()
 
 
@@ -118,7 +139,7 @@ def reliability(probs, labels, bins: int = 20) -> Reliability:
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins={bins!r}: expected an integer >= 1")
     probs = _probs(probs)
-    labels = _labels(labels, probs.shape[0])
+    labels = _labels(labels, *probs.shape)
     conf, pred = probs.max(dim=1)
     correct = (pred == labels).double()
     # bin b = (b/bins, (b+1)/bins]: ceil(c·bins) − 1, and c = 0 joins bin 0
@@ -138,7 +159,8 @@ def reliability(probs, labels, bins: int = 20) -> Reliability:
 
 def ece(probs, labels, bins: int = 20) -> float:
     """Expected calibration error with ``bins`` equal-width bins (the paper uses 20):
-    ``Σ_b |acc_b − conf_b| · n_b / n``. In [0, 1]; NaN for an empty batch."""
+    ``Σ_b |acc_b − conf_b| · n_b / n``. In [0, 1] (``probs`` are checked to be probabilities);
+    NaN for an empty batch or a NaN in ``probs``."""
     return reliability(probs, labels, bins).ece
 
 
@@ -146,8 +168,8 @@ def binary_auroc(scores, positive) -> float:
     """Area under the ROC curve: the probability that a random positive scores higher
     than a random negative, ties counting one half (the Mann–Whitney U statistic).
 
-    ``scores`` [n] float, ``positive`` [n] bool. NaN if either class is empty.
-    Computed from average ranks, O(n log n).
+    ``scores`` [n] float, ``positive`` [n] bool. NaN if either class is empty or any
+    score is NaN (a NaN has no rank). Computed from average ranks, O(n log n).
     """
     scores = torch.as_tensor(scores).detach().to("cpu", torch.float64).flatten()
     positive = torch.as_tensor(positive).detach().to("cpu").flatten().bool()
@@ -155,7 +177,7 @@ def binary_auroc(scores, positive) -> float:
         raise ValueError(f"scores {tuple(scores.shape)} and positive {tuple(positive.shape)} differ in shape")
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or scores.isnan().any():
         return float("nan")
     # average rank (1-based) of each distinct score, so tied scores share it
     _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
@@ -170,7 +192,7 @@ def auroc(probs, labels) -> float:
     classified points. 1 means every correct prediction is more confident than every
     mistake; 0.5 is chance. NaN when all points are right (or all wrong)."""
     probs = _probs(probs)
-    labels = _labels(labels, probs.shape[0])
+    labels = _labels(labels, *probs.shape)
     conf, pred = probs.max(dim=1)
     return binary_auroc(conf, pred == labels)
 

@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -193,3 +194,22 @@ def test_augment_is_a_padded_crop_then_maybe_a_flip():
         flips += matches[0][2]
         shifts += matches[0][:2] != (4, 4)
     assert 16 < flips < 48 and shifts > 48  # both happen, about half of the images flipped
+
+
+def test_evaluate_bma_nll_of_a_confident_mistake_is_finite():
+    # a linear model that puts logit 200 on class 1 for every image: in float32 the softmax
+    # of class 0 underflows to 0, so averaging softmaxes and then taking the log gives inf
+    import sambayes
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 200.0]))
+    opt = sambayes.BSAM(model.parameters(), num_data=10**9, init_precision=1.0)  # tiny posterior noise
+    test = cifar_resnet.Images(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]))
+    for samples in (0, 3):
+        result = cifar_resnet.evaluate(model, opt, test, batch_size=3, samples=samples)
+        assert result["accuracy"] == 0.5
+        assert math.isfinite(result["nll"]) and result["nll"] == pytest.approx(100, rel=1e-3)  # (200 + 0) / 2
+        assert result["ece"] == pytest.approx(0.5, abs=1e-6)
+    assert model.training  # put back in its mode

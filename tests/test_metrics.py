@@ -143,3 +143,55 @@ def test_shapes_are_checked():
         metrics.bma_nll(PROBS.log(), LABELS)
     with pytest.raises(ValueError, match="bins"):
         metrics.reliability(PROBS, LABELS, bins=0)
+
+
+def test_nan_propagates_to_nll_ece_and_auroc():
+    probs = PROBS.clone()
+    probs[1] = float("nan")  # a diverged prediction
+    assert math.isnan(metrics.nll(probs, LABELS))
+    assert math.isnan(metrics.ece(probs, LABELS))
+    assert math.isnan(metrics.auroc(probs, LABELS))
+    assert math.isnan(metrics.ood_auroc(PROBS, probs))
+    assert math.isnan(metrics.bma_nll(probs.log()[None], LABELS))
+
+
+def test_binary_auroc_of_a_nan_score_is_nan():
+    # without the check, torch.unique sorts NaN last and the AUROC looks finite (here 1.0)
+    assert math.isnan(metrics.binary_auroc([0.1, 0.4, float("nan"), 0.8], [False, False, True, True]))
+    assert math.isnan(metrics.binary_auroc([float("nan")] * 2, [True, False]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0, 0, 0, -1]), "-1 is not a class index in \\[0, 3\\)"),
+        (torch.tensor([0, 3, 0, 2]), "3 is not a class index in \\[0, 3\\)"),
+        (torch.tensor([0.0, 0.0, 0.0, 2.0]), "integer class indices, got dtype torch.float32"),
+        ([0.0, 0.9, 0.0, 2.0], "integer class indices, got dtype torch.float32"),
+        (torch.tensor([True, False, True, False]), "integer class indices, got dtype torch.bool"),
+    ],
+)
+def test_labels_must_be_class_indices(labels, message):
+    for metric in (metrics.accuracy, metrics.nll, metrics.ece, metrics.auroc, metrics.reliability):
+        with pytest.raises(ValueError, match=message):
+            metric(PROBS, labels)
+    with pytest.raises(ValueError, match=message):
+        metrics.bma_nll(PROBS.log()[None], labels)
+
+
+def test_labels_of_any_integer_dtype_are_accepted():
+    for dtype in (torch.uint8, torch.int32, torch.int64):
+        assert metrics.accuracy(PROBS, LABELS.to(dtype)) == 0.5
+    assert metrics.accuracy(PROBS, [0, 0, 0, 2]) == 0.5
+
+
+def test_probs_must_be_probabilities():
+    with pytest.raises(ValueError, match="1.5 is not a probability"):
+        metrics.ece(torch.tensor([[1.5, -0.5]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="row 1 sums to 2.0, not 1"):
+        metrics.ece(torch.tensor([[0.5, 0.5], [1.0, 1.0]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not 1 \\(pass probabilities, not logits\\)"):
+        metrics.nll(torch.tensor([[0.2, 0.3]]), torch.tensor([0]))
+    # float32 softmax rows are off by ~1e-7: accepted
+    probs = torch.softmax(torch.randn(100, 7, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert 0 <= metrics.ece(probs, torch.zeros(100, dtype=torch.int64)) <= 1
