@@ -192,6 +192,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const TensorRow<
   int64_t tail = chunk.begin;
   if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
     const int64_t vectors = (chunk.end - chunk.begin) / V;
+#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
     for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
     tail = chunk.begin + vectors * V;
   }

@@ -5,6 +5,7 @@ PyTorch lacks one generated CUDA header, which the test writes into a temp dir.
 """
 
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -33,3 +34,5 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     report = result.stdout + result.stderr
     for arch in ("sm_80", "sm_90"):
         assert f"for '{arch}'" in report, f"no ptxas report for {arch}"
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills and all(stores == loads == "0" for stores, loads in spills), "a kernel spills registers"
