@@ -92,6 +92,20 @@ def resolve(backend: str, device: torch.device | str) -> ModuleType:
     return _import(backend)
 
 
+def pick(backend: str, device: torch.device | str) -> str:
+    """The name of the backend that ``backend`` ("auto" included) runs on ``device``; RuntimeError if none can."""
+    device = torch.device(device)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, _DEFAULT_AUTO):
+            if why_unavailable(name, device) is None:
+                return name
+        return "eager"
+    reason = why_unavailable(backend, device)
+    if reason:
+        raise RuntimeError(reason)
+    return backend
+
+
 def check_backend(backend: object) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
