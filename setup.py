@@ -102,7 +102,7 @@ setup(
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8") if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["sambayes", "sambayes.kernels"],
+    packages=["sambayes", "sambayes.backends", "sambayes.demo", "sambayes.kernels"],
     package_dir={"sambayes": "sambayes", "sambayes.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

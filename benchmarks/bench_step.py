@@ -5,14 +5,14 @@
     python benchmarks/bench_step.py --preset resnet50
     python benchmarks/bench_step.py --numel 10_000_000 --tensors 100 --impls cpu,eager,torch
 
-Implementations: every tier of ``sambayes.backends.TIERS`` available on the device
+Implementations: every backend of ``sambayes.backends.NAMES`` available on the device
 (called directly, one call per phase), ``torch`` (a plain per-tensor PyTorch step
 as a user would write it, noise from ``torch.randn_like``), ``torch.compile`` of
 that step, ``pytorch_optimizer``'s BSAM, ``torch.optim.AdamW(fused=True)`` (the
 bandwidth anchor, its own step) and a device-to-device copy.
 
 Phases: ``sample`` (θ = m + z/sqrt(N·s)), ``perturb`` (θ = m + ρ·g/s and the
-statistic), ``update`` and ``step`` (the three in a row, one sub-batch: the
+curvature sum), ``update`` and ``step`` (the three in a row, one sub-batch: the
 optimizer work of a step, no forward/backward). GB/s divides the documented
 minimal bytes of a phase (docs/triton.md) by the time, whatever the implementation
 moves; "% copy" compares with the copy measured in the same run. Timing: median
@@ -123,16 +123,16 @@ class Problem:
         self.numel = sum(p.numel() for p in self.params)
 
 
-def tier_phases(tier, pb: Problem):
+def backend_phases(backend, pb: Problem):
     h = HYPER
     phases = {
-        "sample": lambda: tier.bsam_sample(
+        "sample": lambda: backend.bsam_sample(
             pb.params, pb.means, pb.precisions, pb.offsets, num_data=h["num_data"], seed=1
         ),
-        "perturb": lambda: tier.bsam_perturb(
+        "perturb": lambda: backend.bsam_perturb(
             pb.params, pb.grads, pb.means, pb.precisions, pb.stats, rho=h["rho"], accumulate=False
         ),
-        "update": lambda: tier.bsam_update(
+        "update": lambda: backend.bsam_update(
             pb.params,
             pb.grads,
             pb.means,
@@ -299,7 +299,7 @@ def implementations(args, device, pb: Problem):
     def want(name):
         return wanted is None or name in wanted
 
-    for name in backends.TIERS:
+    for name in backends.NAMES:
         if not want(name):
             continue
         reason = backends.why_unavailable(name, device)
@@ -308,7 +308,7 @@ def implementations(args, device, pb: Problem):
         if reason:
             skipped.append((name, reason))
             continue
-        out.append((name, with_step(tier_phases(backends.resolve(name, device), pb))))
+        out.append((name, with_step(backend_phases(backends.resolve(name, device), pb))))
     if want("torch"):
         out.append(("torch", with_step(plain_phases(pb))))
     if want("torch.compile"):

@@ -81,10 +81,9 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def tier_name(backend: str, device: torch.device) -> str:
-    """What ``backend`` runs on ``device``: "auto" resolved to the tier it picks."""
-    name = backends.resolve(backend, device).__name__.rsplit("._", 1)[-1]
-    return {"cext": device.type}.get(name, name)
+def backend_name(backend: str, device: torch.device) -> str:
+    """What ``backend`` runs on ``device``: "auto" resolved to the backend it picks."""
+    return backends.pick(backend, device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "batch": args.batch,
                 "amp": args.amp,
                 "method": case.method,
-                "backend": tier_name(case.backend, device) if case.backend else "",
+                "backend": backend_name(case.backend, device) if case.backend else "",
                 "splits": case.splits,
                 "median_ms": round(1e3 * median, 3),
                 "q20_ms": round(1e3 * quantiles[1], 3),
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"ResNet-18 width {args.width}, batch {args.batch}, amp {args.amp}, {args.reps} rounds"
     )
     print(
-        f"{'method':9s} {'tier':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
+        f"{'method':9s} {'backend':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
         f"{'above passes':>13s}" + ("  peak MiB" if gpu else "")
     )
     for r in rows:

@@ -1,10 +1,10 @@
 // The op schemas of sambayes._C (namespace torch.ops.sambayes_C) and the Python module.
 //
-// Each op takes one (device, dtype) group as parallel tensor lists, with the arguments
-// of the tier functions in sambayes/_eager.py; the (a!) annotations name the lists an
+// Each op takes one bucket (device, dtype) as parallel tensor lists, with the arguments
+// of the backend functions in sambayes/backends/eager.py; the (a!) annotations name the lists an
 // op writes, so that torch.compile functionalizes calls correctly. The CPU kernels
 // register in cpu_kernels.cpp, the CUDA ones in cuda_kernels.cu; the fake (meta)
-// implementations in sambayes/_cext.py.
+// implementations in sambayes/backends/extension.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -30,20 +30,20 @@ TORCH_LIBRARY(sambayes_C, m) {
       "bsam_sample(Tensor(a!)[] params, Tensor[] means, Tensor[] precisions, int[] offsets, float num_data, "
       "int seed) -> ()");
   m.def(
-      "bsam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, Tensor(b!)[] stats, "
+      "bsam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, Tensor(b!)[] curvature_sums, "
       "float rho, bool accumulate) -> ()");
   m.def(
-      "bsam_update(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] means, Tensor(c!)[] precisions, "
-      "Tensor(d!)[] momentums, Tensor[] stats, float lr, float beta1, float beta2, float weight_decay, "
+      "bsam_update(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] means, Tensor(c!)[] precisions, "
+      "Tensor(d!)[] momentums, Tensor[] curvature_sums, float lr, float beta1, float beta2, float weight_decay, "
       "float damping, int splits) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] weights) -> ()");
   m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, bool adaptive) -> Tensor");
   m.def("sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] weights, Tensor scale, bool adaptive) -> ()");
   m.def(
-      "sam_update_sgd(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] weights, Tensor(c!)[] momentums, float lr, "
+      "sam_update_sgd(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] weights, Tensor(c!)[] momentums, float lr, "
       "float momentum, float weight_decay, bool nesterov, int splits) -> ()");
   m.def(
-      "sam_update_adamw(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] weights, Tensor(c!)[] momentums, "
+      "sam_update_adamw(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] weights, Tensor(c!)[] momentums, "
       "Tensor(d!)[] variances, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
       "int splits) -> ()");
   // z(seed, start + i) into a contiguous float32 tensor

@@ -144,22 +144,22 @@ SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* _
 
 template <bool Accumulate, typename P, typename A>
 SB_HD void bsam_perturb_loop(P* __restrict param, const P* __restrict grad, const A* __restrict mean,
-                             const A* __restrict precision, A* __restrict stat, int64_t n, A rho) {
+                             const A* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho) {
   for (int64_t i = 0; i < n; ++i) {
     const A g = static_cast<A>(grad[i]);
     param[i] = static_cast<P>(bsam_perturb_param<A>(g, mean[i], precision[i], rho));
-    const A a = bsam_precision_stat<A>(g, precision[i]);
-    stat[i] = Accumulate ? stat[i] + a : a;
+    const A a = bsam_curvature<A>(g, precision[i]);
+    curvature_sum[i] = Accumulate ? curvature_sum[i] + a : a;
   }
 }
 
 template <typename P, typename A>
 SB_HD void bsam_update_loop(P* __restrict param, const P* __restrict grad, A* __restrict mean, A* __restrict precision,
-                            A* __restrict momentum, const A* __restrict stat, int64_t n,
+                            A* __restrict momentum, const A* __restrict curvature_sum, int64_t n,
                             const BsamUpdateCoeffs<A>& c) {
   for (int64_t i = 0; i < n; ++i) {
     A m = mean[i], s = precision[i], gm = momentum[i];
-    bsam_update_element<A>(static_cast<A>(grad[i]), stat[i], m, s, gm, c);
+    bsam_update_element<A>(static_cast<A>(grad[i]), curvature_sum[i], m, s, gm, c);
     mean[i] = m;
     precision[i] = s;
     momentum[i] = gm;
@@ -209,14 +209,14 @@ SB_HD void sgd_loop(P* __restrict param, const P* __restrict grad, A* __restrict
 }
 
 template <typename P, typename A>
-SB_HD void adamw_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict m,
-                      A* __restrict v, int64_t n, const AdamwCoeffs<A>& c) {
+SB_HD void adamw_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict momentum,
+                      A* __restrict variance, int64_t n, const AdamwCoeffs<A>& c) {
   for (int64_t i = 0; i < n; ++i) {
-    A w = weight[i], mi = m[i], vi = v[i];
-    sam_adamw_element<A>(static_cast<A>(grad[i]), w, mi, vi, c);
+    A w = weight[i], m = momentum[i], v = variance[i];
+    sam_adamw_element<A>(static_cast<A>(grad[i]), w, m, v, c);
     weight[i] = w;
-    m[i] = mi;
-    v[i] = vi;
+    momentum[i] = m;
+    variance[i] = v;
     param[i] = static_cast<P>(w);
   }
 }
@@ -324,10 +324,10 @@ void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList
 }
 
 void bsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                      at::TensorList stats, double rho, bool accumulate) {
+                      at::TensorList curvature_sums, double rho, bool accumulate) {
   check_group("bsam_perturb", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"stats", stats}});
-  const auto rows = make_rows<5>({params, grads, means, precisions, stats});
+              {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
+  const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
@@ -339,12 +339,12 @@ void bsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 void bsam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                     at::TensorList momentums, at::TensorList stats, double lr, double beta1, double beta2,
+                     at::TensorList momentums, at::TensorList curvature_sums, double lr, double beta1, double beta2,
                      double weight_decay, double damping, int64_t splits) {
   check_group("bsam_update", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"stats", stats}});
+              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, stats});
+  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, curvature_sums});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
     using P = scalar_t;
     using A = acc_t<P>;

@@ -72,18 +72,18 @@ struct BsamPerturbOp {
     const auto grad = load<P, W>(row.ptr[1], i);
     const auto mean = load<A, W>(row.ptr[2], i);
     const auto precision = load<A, W>(row.ptr[3], i);
-    Pack<A, W> stat;
-    if (accumulate) stat = load<A, W>(row.ptr[4], i);
+    Pack<A, W> curvature_sum;
+    if (accumulate) curvature_sum = load<A, W>(row.ptr[4], i);
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const A g = static_cast<A>(grad.v[j]);
       param.v[j] = static_cast<P>(bsam_perturb_param<A>(g, mean.v[j], precision.v[j], rho));
-      const A a = bsam_precision_stat<A>(g, precision.v[j]);
-      stat.v[j] = accumulate ? stat.v[j] + a : a;
+      const A a = bsam_curvature<A>(g, precision.v[j]);
+      curvature_sum.v[j] = accumulate ? curvature_sum.v[j] + a : a;
     }
     store<P, W>(row.ptr[0], i, param);
-    store<A, W>(row.ptr[4], i, stat);
+    store<A, W>(row.ptr[4], i, curvature_sum);
   }
 };
 
@@ -96,11 +96,11 @@ struct BsamUpdateOp {
     auto mean = load<A, W>(row.ptr[2], i);
     auto precision = load<A, W>(row.ptr[3], i);
     auto momentum = load<A, W>(row.ptr[4], i);
-    const auto stat = load<A, W>(row.ptr[5], i);
+    const auto curvature_sum = load<A, W>(row.ptr[5], i);
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      bsam_update_element<A>(static_cast<A>(grad.v[j]), stat.v[j], mean.v[j], precision.v[j], momentum.v[j], c);
+      bsam_update_element<A>(static_cast<A>(grad.v[j]), curvature_sum.v[j], mean.v[j], precision.v[j], momentum.v[j], c);
       param.v[j] = static_cast<P>(mean.v[j]);
     }
     store<A, W>(row.ptr[2], i, mean);
@@ -167,17 +167,17 @@ struct AdamwOp {
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
     const auto grad = load<P, W>(row.ptr[1], i);
     auto weight = load<A, W>(row.ptr[2], i);
-    auto m = load<A, W>(row.ptr[3], i);
-    auto v = load<A, W>(row.ptr[4], i);
+    auto momentum = load<A, W>(row.ptr[3], i);
+    auto variance = load<A, W>(row.ptr[4], i);
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      sam_adamw_element<A>(static_cast<A>(grad.v[j]), weight.v[j], m.v[j], v.v[j], c);
+      sam_adamw_element<A>(static_cast<A>(grad.v[j]), weight.v[j], momentum.v[j], variance.v[j], c);
       param.v[j] = static_cast<P>(weight.v[j]);
     }
     store<A, W>(row.ptr[2], i, weight);
-    store<A, W>(row.ptr[3], i, m);
-    store<A, W>(row.ptr[4], i, v);
+    store<A, W>(row.ptr[3], i, momentum);
+    store<A, W>(row.ptr[4], i, variance);
     store<P, W>(row.ptr[0], i, param);
   }
 };
@@ -244,11 +244,11 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
 }
 
 void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                       at::TensorList stats, double rho, bool accumulate) {
+                       at::TensorList curvature_sums, double rho, bool accumulate) {
   check_group("bsam_perturb", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"stats", stats}});
+              {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto rows = make_rows<5>({params, grads, means, precisions, stats});
+  const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
     using A = acc_t<scalar_t>;
     launch<5, A>(rows, params[0].device(), BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate});
@@ -256,13 +256,13 @@ void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 void bsam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                      at::TensorList momentums, at::TensorList stats, double lr, double beta1, double beta2,
+                      at::TensorList momentums, at::TensorList curvature_sums, double lr, double beta1, double beta2,
                       double weight_decay, double damping, int64_t splits) {
   check_group("bsam_update", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"stats", stats}});
+              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, stats});
+  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, curvature_sums});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
     using A = acc_t<scalar_t>;
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits),       static_cast<A>(lr),        static_cast<A>(beta1),

@@ -3,7 +3,8 @@
 //
 // Each phase is one function of the element's loaded values; `acc_t` is the
 // state dtype (float for float32/bfloat16/float16 parameters, double for
-// float64 ones) and all math runs in it. Line for line with sambayes/_eager.py.
+// float64 ones) and all math runs in it. Line for line with sambayes/backends/eager.py,
+// the executable spec of ALGORITHM.md.
 #pragma once
 
 #include <cstdint>
@@ -147,13 +148,13 @@ SB_HD T bsam_sample_param(T mean, T precision, T z, T num_data) {
   return mean + z / sqrt_acc<T>(num_data * precision);
 }
 
-// θ = m + ρ·g/s (from the mean); a = sqrt(s)·|g|, summed over sub-batches into the stat.
+// θ = m + ρ·g/s (from the mean); a = sqrt(s)·|g|, the curvature estimate, summed over sub-batches.
 template <typename T>
 SB_HD T bsam_perturb_param(T grad, T mean, T precision, T rho) {
   return mean + rho * grad / precision;
 }
 template <typename T>
-SB_HD T bsam_precision_stat(T grad, T precision) {
+SB_HD T bsam_curvature(T grad, T precision) {
   return sqrt_acc<T>(precision) * abs_acc<T>(grad);
 }
 
@@ -164,10 +165,10 @@ struct BsamUpdateCoeffs {
 
 // momentum, mean (with the precision before this step's update), precision; θ = m after.
 template <typename T>
-SB_HD void bsam_update_element(T grad_sum, T stat_sum, T& mean, T& precision, T& momentum,
+SB_HD void bsam_update_element(T grad_sum, T curvature_sum, T& mean, T& precision, T& momentum,
                                const BsamUpdateCoeffs<T>& c) {
   const T h = grad_sum / c.splits;
-  const T a = stat_sum / c.splits;
+  const T a = curvature_sum / c.splits;
   // momentum
   momentum = c.beta1 * momentum + c.one_minus_beta1 * (h + c.weight_decay * mean);
   // mean step, divided by the old precision
@@ -214,13 +215,13 @@ struct AdamwCoeffs {
 
 // AdamW with decoupled weight decay; step_size = lr / (1 - beta1^step).
 template <typename T>
-SB_HD void sam_adamw_element(T grad_sum, T& weight, T& m, T& v, const AdamwCoeffs<T>& c) {
+SB_HD void sam_adamw_element(T grad_sum, T& weight, T& momentum, T& variance, const AdamwCoeffs<T>& c) {
   const T h = grad_sum / c.splits;
   weight = weight * c.decay_factor;
-  m = c.beta1 * m + c.one_minus_beta1 * h;
-  v = c.beta2 * v + c.one_minus_beta2 * h * h;
-  const T denom = sqrt_acc<T>(v / c.bias2) + c.eps;
-  weight = weight - c.step_size * m / denom;
+  momentum = c.beta1 * momentum + c.one_minus_beta1 * h;
+  variance = c.beta2 * variance + c.one_minus_beta2 * h * h;
+  const T denom = sqrt_acc<T>(variance / c.bias2) + c.eps;
+  weight = weight - c.step_size * momentum / denom;
 }
 
 }  // namespace sambayes

@@ -21,7 +21,17 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _multi_tensor, bsam_perturb, bsam_sample, bsam_update, restore, sam
+from . import (
+    _multi_tensor,
+    bsam_perturb,
+    bsam_sample,
+    bsam_update,
+    restore,
+    sam_perturb,
+    sam_sq_norm,
+    sam_update_adamw,
+    sam_update_sgd,
+)
 
 # kernel, its extra constexprs; PARAM/STATE/ALIGNED/BLOCK are filled in per dtype
 KERNELS = [
@@ -29,36 +39,38 @@ KERNELS = [
     (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
     (bsam_update._bsam_update_kernel, {}),
     (restore._restore_kernel, {}),
-    (sam._sq_norm_kernel, {"ADAPTIVE": False}),
-    (sam._perturb_kernel, {"ADAPTIVE": False}),
-    (sam._sgd_kernel, {"NESTEROV": False}),
-    (sam._adamw_kernel, {}),
+    (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
+    (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
+    (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
+    (sam_update_adamw._sam_update_adamw_kernel, {}),
 ]
 
 
-def _arg_type(name: str, state: str) -> str:
-    if name == "table":
+def _arg_type(param, state: str) -> str:
+    if param.annotation_type:  # hyperparameters: annotated tl.float64
+        return param.annotation_type
+    if param.name == "table":
         return "*i64"
-    if name in ("partials", "scale_ptr"):
+    if param.name in ("partials", "scale_ptr"):
         return "*" + state
-    if name == "seed":
+    if param.name == "seed":
         return "i64"
-    if name == "splits":
+    if param.name == "splits":
         return "i32"
-    return "fp32"  # hyperparameters: (hi, lo) float32 pairs
+    raise ValueError(f"no type for kernel argument {param.name!r}")
 
 
 def compile_kernel(kernel, constexprs: dict, param, arch: int):
     """The CompiledKernel of ``kernel`` for params of tl dtype ``param`` on sm_<arch>."""
     state = tl.float64 if param == tl.float64 else tl.float32
-    values = dict(PARAM=param, GRAD=param, STATE=state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK, **constexprs)
+    values = dict(PARAM=param, STATE=state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK, **constexprs)
     signature, constants = {}, {}
     for p in kernel.params:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             constants[p.name] = values[p.name]
         else:
-            signature[p.name] = _arg_type(p.name, "fp64" if state == tl.float64 else "fp32")
+            signature[p.name] = _arg_type(p, "fp64" if state == tl.float64 else "fp32")
     # the table comes from the caching allocator: 16-byte aligned, as Triton assumes for tensor arguments
     attrs = {(kernel.arg_names.index("table"),): [["tt.divisibility", 16]]}
     source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)

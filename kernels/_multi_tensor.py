@@ -1,4 +1,5 @@
-"""Multi-tensor launching: one kernel launch for all tensors of a (device, dtype) group.
+"""Multi-tensor launching, written once for every phase: one kernel launch for all tensors
+of a bucket (see :mod:`sambayes.backends`), through a table of addresses.
 
 Parameters stay ordinary, separately allocated tensors, so a kernel finds them
 through a *tensor table*: one int64 device buffer laid out as
@@ -17,8 +18,6 @@ is never stale.
 
 from __future__ import annotations
 
-import ctypes
-import math
 import os
 from collections import OrderedDict
 
@@ -99,14 +98,24 @@ def tensor_table(roles: list[list[torch.Tensor]], noise_offsets: list[int] | Non
     return entry
 
 
-def split_float(x: float) -> tuple[float, float]:
-    """(hi, lo) float32 values with hi + lo == x to ~48 bits: a float64 scalar for a kernel.
+def launch(kernel, table: TensorTable, *args, param: torch.dtype, state: torch.dtype, **constexprs) -> None:
+    """``kernel[(one program per block)](table, *args, PARAM=, STATE=, ALIGNED=, BLOCK=, **constexprs)``.
 
-    Triton passes Python floats as float32; the float64 kernels rebuild the value
-    as hi + lo, the float32 ones use hi = float32(x), the rounding PyTorch applies.
+    Hyperparameters go as Python floats to arguments annotated ``tl.float64``; the kernel
+    rounds them to its math dtype with :func:`scalar`.
     """
-    hi = ctypes.c_float(x).value
-    return hi, ctypes.c_float(x - hi).value if math.isfinite(hi) else 0.0
+    if table.num_blocks == 0:
+        return
+    kernel[(table.num_blocks,)](
+        table.table,
+        *args,
+        PARAM=TL_DTYPES[param],
+        STATE=TL_DTYPES[state],
+        ALIGNED=table.aligned,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        **constexprs,
+    )
 
 
 @triton.jit
@@ -132,12 +141,36 @@ def role_pointer(record, start, ROLE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED
 
 
 @triton.jit
-def scalar(hi, lo, DTYPE: tl.constexpr):
-    """A hyperparameter in the math dtype: hi + lo in float64, hi (= float32(x)) in float32."""
+def scalar(x, DTYPE: tl.constexpr):
+    """A float64 hyperparameter in the math dtype: as is for float64; else rounded to nearest,
+    as PyTorch rounds a Python float that meets a float32 tensor."""
     if DTYPE == tl.float64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+        return x
     else:
-        return tl.cast(hi, DTYPE)
+        return tl.cast(x, DTYPE)
+
+
+@triton.jit
+def for_block(
+    BODY: tl.constexpr,
+    pointers,
+    scalars,
+    remaining,
+    noise_offset,
+    STATE: tl.constexpr,
+    OPTION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``BODY(pointers, offs, mask, scalars, noise_offset, STATE, OPTION)`` on this program's block.
+
+    A full block runs without a mask, so that its loads and stores vectorize; only the
+    last block of a tensor runs masked. Returns what BODY returns.
+    """
+    offs = tl.arange(0, BLOCK)
+    if remaining >= BLOCK:
+        return BODY(pointers, offs, None, scalars, noise_offset, STATE, OPTION)
+    else:
+        return BODY(pointers, offs, offs < remaining, scalars, noise_offset, STATE, OPTION)
 
 
 @triton.jit

@@ -1,11 +1,11 @@
-"""bSAM ascent: θ = m + ρ·g/s, and the precision statistic sqrt(s)·|g| summed over sub-batches, in one pass.
+"""bSAM ascent: θ = m + ρ·g/s, and the curvature estimate sqrt(s)·|g| summed over sub-batches, in one pass.
 
 Bytes per parameter: reads g (param dtype), m, s (state), and for sub-batches
-after the first the running statistic; writes θ (param dtype) and the statistic.
+after the first the running curvature sum; writes θ (param dtype) and the sum.
 float32: 20 B (24 B when accumulating); bfloat16/float16: 16 B (20 B). Minimal
-for the state layout: g is needed twice here (θ and the statistic), is read
+for the state layout: g is needed twice here (θ and the curvature), is read
 once, and is consumed now because the next backward pass overwrites it; the
-statistic cannot fold into s because s must stay the old precision until the update.
+curvature cannot fold into s because s must stay the old precision until the update.
 """
 
 from __future__ import annotations
@@ -14,41 +14,29 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    TL_DTYPES,
-    div,
-    load,
-    locate,
-    role_pointer,
-    scalar,
-    split_float,
-    sqrt,
-    store,
-    tensor_table,
-)
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table
 
 
 @triton.jit
-def _perturb_block(param, grad, mean, precision, stat, offs, mask, rho, STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
+def _perturb_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
+    param, grad, mean, precision, curvature_sum = pointers
+    (rho,) = scalars
     g = load(grad, offs, mask, STATE)
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)
     # adversarial point, from the mean
     store(param, offs, m + div(rho * g, s), mask)
-    # precision statistic, summed over sub-batches
+    # curvature estimate of the precision update, summed over sub-batches
     a = sqrt(s) * tl.abs(g)
     if ACCUMULATE:
-        a = load(stat, offs, mask, STATE) + a
-    store(stat, offs, a, mask)
+        a = load(curvature_sum, offs, mask, STATE) + a
+    store(curvature_sum, offs, a, mask)
 
 
 @triton.jit
 def _bsam_perturb_kernel(
     table,
-    rho_hi,
-    rho_lo,
+    rho: tl.float64,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -56,17 +44,14 @@ def _bsam_perturb_kernel(
     BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 5)
-    param = role_pointer(record, start, 0, PARAM, ALIGNED)
-    grad = role_pointer(record, start, 1, PARAM, ALIGNED)
-    mean = role_pointer(record, start, 2, STATE, ALIGNED)
-    precision = role_pointer(record, start, 3, STATE, ALIGNED)
-    stat = role_pointer(record, start, 4, STATE, ALIGNED)
-    rho = scalar(rho_hi, rho_lo, STATE)
-    offs = tl.arange(0, BLOCK)
-    if remaining >= BLOCK:  # full block: no mask, so loads and stores vectorize
-        _perturb_block(param, grad, mean, precision, stat, offs, None, rho, STATE, ACCUMULATE)
-    else:
-        _perturb_block(param, grad, mean, precision, stat, offs, offs < remaining, rho, STATE, ACCUMULATE)
+    pointers = (
+        role_pointer(record, start, 0, PARAM, ALIGNED),
+        role_pointer(record, start, 1, PARAM, ALIGNED),
+        role_pointer(record, start, 2, STATE, ALIGNED),
+        role_pointer(record, start, 3, STATE, ALIGNED),
+        role_pointer(record, start, 4, STATE, ALIGNED),
+    )
+    for_block(_perturb_block, pointers, (scalar(rho, STATE),), remaining, 0, STATE, ACCUMULATE, BLOCK)
 
 
 def bsam_perturb(
@@ -74,27 +59,23 @@ def bsam_perturb(
     grads: list[torch.Tensor],
     means: list[torch.Tensor],
     precisions: list[torch.Tensor],
-    stats: list[torch.Tensor],
+    curvature_sums: list[torch.Tensor],
     *,
     rho: float,
     accumulate: bool,
 ) -> None:
-    """θ_i = m_i + ρ·g_i/s_i and stat_i (+)= sqrt(s_i)·|g_i| for every tensor, one launch.
+    """θ_i = m_i + ρ·g_i/s_i and curvature_sum_i (+)= sqrt(s_i)·|g_i| for every tensor, one launch.
 
     ``params``, ``grads``: contiguous, one dtype (float64/32, bf16, fp16); ``means``,
-    ``precisions``, ``stats``: contiguous state tensors (float64 for float64 params,
-    float32 otherwise). ``accumulate=False`` overwrites the statistic (first sub-batch).
+    ``precisions``, ``curvature_sums``: contiguous state tensors (float64 for float64 params,
+    float32 otherwise). ``accumulate=False`` overwrites the sum (first sub-batch).
     """
-    table = tensor_table([params, grads, means, precisions, stats])
-    if table.num_blocks == 0:
-        return
-    _bsam_perturb_kernel[(table.num_blocks,)](
-        table.table,
-        *split_float(rho),
-        PARAM=TL_DTYPES[params[0].dtype],
-        STATE=TL_DTYPES[means[0].dtype],
+    table = tensor_table([params, grads, means, precisions, curvature_sums])
+    launch(
+        _bsam_perturb_kernel,
+        table,
+        float(rho),
+        param=params[0].dtype,
+        state=means[0].dtype,
         ACCUMULATE=bool(accumulate),
-        ALIGNED=table.aligned,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
     )

@@ -12,24 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    TL_DTYPES,
-    div,
-    load,
-    locate,
-    role_pointer,
-    scalar,
-    split_float,
-    sqrt,
-    store,
-    tensor_table,
-)
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table
 
 
 @triton.jit
-def _sample_block(param, mean, precision, offs, mask, noise_offset, seed, num_data, STATE: tl.constexpr):
+def _sample_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+    param, mean, precision = pointers
+    seed, num_data = scalars
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)  # masked lanes: no division by zero
     z = tl.randn(seed, noise_offset + offs).to(STATE)
@@ -41,23 +30,20 @@ def _sample_block(param, mean, precision, offs, mask, noise_offset, seed, num_da
 def _bsam_sample_kernel(
     table,
     seed,
-    num_data_hi,
-    num_data_lo,
+    num_data: tl.float64,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     start, remaining, noise_offset, record = locate(table, 3)
-    param = role_pointer(record, start, 0, PARAM, ALIGNED)
-    mean = role_pointer(record, start, 1, STATE, ALIGNED)
-    precision = role_pointer(record, start, 2, STATE, ALIGNED)
-    num_data = scalar(num_data_hi, num_data_lo, STATE)
-    offs = tl.arange(0, BLOCK)
-    if remaining >= BLOCK:  # full block: no mask, so loads and stores vectorize
-        _sample_block(param, mean, precision, offs, None, noise_offset, seed, num_data, STATE)
-    else:
-        _sample_block(param, mean, precision, offs, offs < remaining, noise_offset, seed, num_data, STATE)
+    pointers = (
+        role_pointer(record, start, 0, PARAM, ALIGNED),
+        role_pointer(record, start, 1, STATE, ALIGNED),
+        role_pointer(record, start, 2, STATE, ALIGNED),
+    )
+    scalars = (seed, scalar(num_data, STATE))
+    for_block(_sample_block, pointers, scalars, remaining, noise_offset, STATE, False, BLOCK)
 
 
 def bsam_sample(
@@ -78,15 +64,4 @@ def bsam_sample(
     is ``tl.randn(seed, offsets[i] + k)``); ``seed``: 0 <= seed < 2^63.
     """
     table = tensor_table([params, means, precisions], offsets)
-    if table.num_blocks == 0:
-        return
-    _bsam_sample_kernel[(table.num_blocks,)](
-        table.table,
-        seed,
-        *split_float(num_data),
-        PARAM=TL_DTYPES[params[0].dtype],
-        STATE=TL_DTYPES[means[0].dtype],
-        ALIGNED=table.aligned,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    launch(_bsam_sample_kernel, table, seed, float(num_data), param=params[0].dtype, state=means[0].dtype)

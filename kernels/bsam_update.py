@@ -1,11 +1,11 @@
 """bSAM update: momentum, mean (with the old precision), precision and θ = m in one pass,
-with the average over sub-batches folded in.
+with the means over sub-batches folded in.
 
 Bytes per parameter: reads h (the perturbed-gradient sum, param dtype), m, s,
-g_m and the statistic (state); writes g_m, m, s (state) and θ (param dtype).
+g_m and the curvature sum (state); writes g_m, m, s (state) and θ (param dtype).
 float32: 36 B; bfloat16/float16: 32 B. Minimal for the state layout: the three
-state words are read and written once each, the gradient sum and the statistic
-are read once, and the parameter is written once.
+state words are read and written once each, the gradient sum and the curvature
+sum are read once, and the parameter is written once.
 """
 
 from __future__ import annotations
@@ -14,43 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (
-    BLOCK,
-    NUM_WARPS,
-    TL_DTYPES,
-    div,
-    load,
-    locate,
-    role_pointer,
-    scalar,
-    split_float,
-    store,
-    tensor_table,
-)
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table
 
 
 @triton.jit
-def _update_block(
-    param,
-    grad,
-    mean,
-    precision,
-    momentum,
-    stat,
-    offs,
-    mask,
-    lr,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    weight_decay,
-    damping,
-    splits,
-    STATE: tl.constexpr,
-):
-    h = div(load(grad, offs, mask, STATE), splits)
-    a = div(load(stat, offs, mask, STATE), splits)
+def _update_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+    param, grad_sum, mean, precision, momentum, curvature_sum = pointers
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits = scalars
+    # the means over the sub-batches
+    h = div(load(grad_sum, offs, mask, STATE), splits)
+    a = div(load(curvature_sum, offs, mask, STATE), splits)
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)
     g_m = load(momentum, offs, mask, STATE)
@@ -70,20 +43,13 @@ def _update_block(
 @triton.jit
 def _bsam_update_kernel(
     table,
-    lr_hi,
-    lr_lo,
-    beta1_hi,
-    beta1_lo,
-    one_minus_beta1_hi,
-    one_minus_beta1_lo,
-    beta2_hi,
-    beta2_lo,
-    one_minus_beta2_hi,
-    one_minus_beta2_lo,
-    weight_decay_hi,
-    weight_decay_lo,
-    damping_hi,
-    damping_lo,
+    lr: tl.float64,
+    beta1: tl.float64,
+    one_minus_beta1: tl.float64,
+    beta2: tl.float64,
+    one_minus_beta2: tl.float64,
+    weight_decay: tl.float64,
+    damping: tl.float64,
     splits,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
@@ -91,70 +57,34 @@ def _bsam_update_kernel(
     BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 6)
-    param = role_pointer(record, start, 0, PARAM, ALIGNED)
-    grad = role_pointer(record, start, 1, PARAM, ALIGNED)
-    mean = role_pointer(record, start, 2, STATE, ALIGNED)
-    precision = role_pointer(record, start, 3, STATE, ALIGNED)
-    momentum = role_pointer(record, start, 4, STATE, ALIGNED)
-    stat = role_pointer(record, start, 5, STATE, ALIGNED)
-    lr = scalar(lr_hi, lr_lo, STATE)
-    beta1 = scalar(beta1_hi, beta1_lo, STATE)
-    one_minus_beta1 = scalar(one_minus_beta1_hi, one_minus_beta1_lo, STATE)
-    beta2 = scalar(beta2_hi, beta2_lo, STATE)
-    one_minus_beta2 = scalar(one_minus_beta2_hi, one_minus_beta2_lo, STATE)
-    weight_decay = scalar(weight_decay_hi, weight_decay_lo, STATE)
-    damping = scalar(damping_hi, damping_lo, STATE)
-    k = tl.cast(splits, STATE)
-    offs = tl.arange(0, BLOCK)
-    if remaining >= BLOCK:  # full block: no mask, so loads and stores vectorize
-        _update_block(
-            param,
-            grad,
-            mean,
-            precision,
-            momentum,
-            stat,
-            offs,
-            None,
-            lr,
-            beta1,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-            weight_decay,
-            damping,
-            k,
-            STATE,
-        )
-    else:
-        _update_block(
-            param,
-            grad,
-            mean,
-            precision,
-            momentum,
-            stat,
-            offs,
-            offs < remaining,
-            lr,
-            beta1,
-            one_minus_beta1,
-            beta2,
-            one_minus_beta2,
-            weight_decay,
-            damping,
-            k,
-            STATE,
-        )
+    pointers = (
+        role_pointer(record, start, 0, PARAM, ALIGNED),
+        role_pointer(record, start, 1, PARAM, ALIGNED),
+        role_pointer(record, start, 2, STATE, ALIGNED),
+        role_pointer(record, start, 3, STATE, ALIGNED),
+        role_pointer(record, start, 4, STATE, ALIGNED),
+        role_pointer(record, start, 5, STATE, ALIGNED),
+    )
+    scalars = (
+        scalar(lr, STATE),
+        scalar(beta1, STATE),
+        scalar(one_minus_beta1, STATE),
+        scalar(beta2, STATE),
+        scalar(one_minus_beta2, STATE),
+        scalar(weight_decay, STATE),
+        scalar(damping, STATE),
+        tl.cast(splits, STATE),
+    )
+    for_block(_update_block, pointers, scalars, remaining, 0, STATE, False, BLOCK)
 
 
 def bsam_update(
     params: list[torch.Tensor],
-    grads: list[torch.Tensor],
+    grad_sums: list[torch.Tensor],
     means: list[torch.Tensor],
     precisions: list[torch.Tensor],
     momentums: list[torch.Tensor],
-    stats: list[torch.Tensor],
+    curvature_sums: list[torch.Tensor],
     *,
     lr: float,
     beta1: float,
@@ -165,27 +95,23 @@ def bsam_update(
 ) -> None:
     """The bSAM update of every tensor, one launch (see ALGORITHM.md)::
 
-        h = grad / splits ;  a = stat / splits
+        h = grad_sum / splits ;  a = curvature_sum / splits
         momentum  = β1·momentum + (1 − β1)·(h + δ·mean)
         mean      = mean − lr·momentum / precision
         precision = β2·precision + (1 − β2)·(a + δ + γ)
         param     = mean
 
-    ``params``, ``grads`` (sum over sub-batches of the perturbed-point gradients):
-    contiguous, one dtype; the state tensors: contiguous, float64 for float64
-    params, float32 otherwise.
+    ``params``, ``grad_sums`` (sum over sub-batches of the perturbed-point gradients):
+    contiguous, one dtype; the state tensors: contiguous, float64 for float64 params,
+    float32 otherwise.
     """
-    table = tensor_table([params, grads, means, precisions, momentums, stats])
-    if table.num_blocks == 0:
-        return
+    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums])
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
-    _bsam_update_kernel[(table.num_blocks,)](
-        table.table,
-        *(part for x in scalars for part in split_float(x)),
+    launch(
+        _bsam_update_kernel,
+        table,
+        *(float(x) for x in scalars),
         int(splits),
-        PARAM=TL_DTYPES[params[0].dtype],
-        STATE=TL_DTYPES[means[0].dtype],
-        ALIGNED=table.aligned,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        param=params[0].dtype,
+        state=means[0].dtype,
     )

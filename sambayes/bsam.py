@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from . import _model, _philox
-from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
+from . import _distributed, _philox, backends
+from .optimizer import TwoPassOptimizer, check_betas, check_number, state_dtype
 
 
 class BSAM(TwoPassOptimizer):
-    r"""bSAM (Möllenhoff & Khan, ICLR 2023), exactly as the authors' code computes it.
+    r"""bSAM (Möllenhoff & Khan, ICLR 2023), exactly as the authors' code computes it (ALGORITHM.md).
 
     Learns a Gaussian posterior :math:`q(θ) = N(m, \mathrm{diag}(1/(N s)))` over the
     weights. One step, with the minibatch cut into ``splits`` sub-batches
@@ -51,7 +51,7 @@ class BSAM(TwoPassOptimizer):
     for float64 parameters, float32 otherwise. Per group: ``step`` (updates
     taken), ``skipped_steps`` (steps skipped for a non-finite gradient), ``seed``.
     The noise of a step is ``noise_seed(seed, group index, step + skipped_steps, j)``
-    (see :mod:`sambayes._philox`), so the same seed gives the same run on every tier.
+    (see :mod:`sambayes._philox`), so the same seed gives the same run on every backend.
     Between steps the model's parameters hold the mean.
     """
 
@@ -87,7 +87,9 @@ class BSAM(TwoPassOptimizer):
         )
         super().__init__(params, defaults, backend, model, bn_stats)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
-            seed_tensor = torch.tensor([self.param_groups[0]["seed"]], device=_model.comm_device(self._sync_group()))
+            seed_tensor = torch.tensor(
+                [self.param_groups[0]["seed"]], device=_distributed.comm_device(self._sync_group())
+            )
             torch.distributed.broadcast(seed_tensor, src=0, group=self._sync_group())
             for group in self.param_groups:
                 group["seed"] = int(seed_tensor)
@@ -103,7 +105,7 @@ class BSAM(TwoPassOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
-        state["mean"] = _model.local(p).detach().to(dtype, copy=True)
+        state["mean"] = _distributed.local(p).detach().to(dtype, copy=True)
         state["precision"] = torch.full_like(state["mean"], group["init_precision"])
         state["momentum"] = torch.zeros_like(state["mean"])
 
@@ -116,10 +118,13 @@ class BSAM(TwoPassOptimizer):
         """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed)."""
         offsets, start = {}, 0
         for p in group["params"]:  # element index: position in the group's flat concatenation
-            offsets[p] = start + _model.global_offset(p)  # a shard draws what the whole tensor would
+            offsets[p] = start + _distributed.global_offset(p)  # a shard draws what the whole tensor would
             start += p.numel()
-        for tier, ps in self._buckets(self._trainable(group)):
-            tier.bsam_sample(
+        ps = self._trainable(group)
+        if ps:
+            backends.run(
+                self.backend,
+                "bsam_sample",
                 self._local(ps),
                 self._states(ps, "mean"),
                 self._states(ps, "precision"),
@@ -134,39 +139,41 @@ class BSAM(TwoPassOptimizer):
             if self._split > 0:
                 for p in params:
                     if p not in self._ascended:  # its first gradient of this step came late: sum from 0
-                        self._stat(p).zero_()
-            for tier, ps in self._buckets(params):
-                tier.bsam_perturb(
-                    self._local(ps),
-                    self._grads(ps),
-                    self._states(ps, "mean"),
-                    self._states(ps, "precision"),
-                    [self._stat(p) for p in ps],
+                        self._curvature_sum(p).zero_()
+            if params:
+                backends.run(
+                    self.backend,
+                    "bsam_perturb",
+                    self._local(params),
+                    self._grads(params),
+                    self._states(params, "mean"),
+                    self._states(params, "precision"),
+                    [self._curvature_sum(p) for p in params],
                     rho=group["rho"],
                     accumulate=self._split > 0,
                 )
             self._restore(missing)
 
     def _has_ascent(self, p: torch.Tensor) -> bool:
-        # the precision update needs this step's statistic sqrt(s)·|g|
+        # the precision update needs this step's curvature estimate sqrt(s)·|g|
         return p in self._ascended
 
-    def _stat(self, p: torch.Tensor) -> torch.Tensor:
-        """Running sum of sqrt(s)·|g| over this step's sub-batches (scratch, not checkpointed)."""
-        stat = self._stats.get(p)
-        if stat is None or stat.device != p.device:
-            stat = self._stats[p] = torch.zeros_like(self.state[p]["mean"])
-        return stat
+    def _curvature_sum(self, p: torch.Tensor) -> torch.Tensor:
+        """Running sum of the curvature estimate sqrt(s)·|g| over this step's sub-batches (scratch)."""
+        curvature_sum = self._scratch.get(p)
+        if curvature_sum is None or curvature_sum.device != p.device:
+            curvature_sum = self._scratch[p] = torch.zeros_like(self.state[p]["mean"])
+        return curvature_sum
 
     def _reduce_across_replicas(self) -> None:
-        # DDP averages the gradients; the precision statistic is averaged here, in one call
-        if not _model.is_ddp(self.model) or self._sync_group() is None:
+        # DDP averages the gradients; the curvature sums are averaged here, in one call
+        if not _distributed.is_ddp(self.model) or self._sync_group() is None:
             return
         # in parameter order: every rank must concatenate the same tensors in the same order
-        stats = [self._stat(p) for group in self.param_groups for p in group["params"] if p in self._ascended]
+        sums = [self._curvature_sum(p) for group in self.param_groups for p in group["params"] if p in self._ascended]
         world = torch.distributed.get_world_size(self._sync_group())
-        for dtype in dict.fromkeys(s.dtype for s in stats):  # first-seen order: the same on every rank
-            same = [s for s in stats if s.dtype == dtype]
+        for dtype in dict.fromkeys(s.dtype for s in sums):  # first-seen order: the same on every rank
+            same = [s for s in sums if s.dtype == dtype]
             flat = torch.cat([s.flatten() for s in same])
             torch.distributed.all_reduce(flat, group=self._sync_group())
             flat /= world
@@ -174,14 +181,16 @@ class BSAM(TwoPassOptimizer):
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]
-        for tier, ps in self._buckets(params):
-            tier.bsam_update(
-                self._local(ps),
-                self._grads(ps),
-                self._states(ps, "mean"),
-                self._states(ps, "precision"),
-                self._states(ps, "momentum"),
-                [self._stat(p) for p in ps],
+        if params:
+            backends.run(
+                self.backend,
+                "bsam_update",
+                self._local(params),
+                self._grads(params),
+                self._states(params, "mean"),
+                self._states(params, "precision"),
+                self._states(params, "momentum"),
+                [self._curvature_sum(p) for p in params],
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -199,7 +208,11 @@ class BSAM(TwoPassOptimizer):
                 if state:
                     yield p, state["precision"], group
                 else:
-                    yield p, torch.full_like(_model.local(p), group["init_precision"], dtype=state_dtype(p)), group
+                    yield (
+                        p,
+                        torch.full_like(_distributed.local(p), group["init_precision"], dtype=state_dtype(p)),
+                        group,
+                    )
 
     @torch.no_grad()
     def posterior_variance(self) -> list[torch.Tensor]:

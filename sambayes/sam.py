@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from . import _model
-from ._base import TwoPassOptimizer, check_betas, check_number, state_dtype
+from . import _distributed, backends
+from .optimizer import TwoPassOptimizer, check_betas, check_number, state_dtype
 
 BASES = ("sgd", "adamw")
 
@@ -83,7 +83,7 @@ class SAM(TwoPassOptimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
-        state["weight"] = _model.local(p).detach().to(dtype, copy=True)
+        state["weight"] = _distributed.local(p).detach().to(dtype, copy=True)
         state["momentum"] = torch.zeros_like(state["weight"])
         if self.base == "adamw":
             state["variance"] = torch.zeros_like(state["weight"])
@@ -116,25 +116,31 @@ class SAM(TwoPassOptimizer):
         for group in self.param_groups:
             params, missing = self._with_grad(group)
             self._restore(missing)
-            work += [(group, tier, ps) for tier, ps in self._buckets(params)]
+            if params:
+                work.append((group, params))
         if not work:
             return
         # the global 2-norm over all parameters, kept on the device (no host sync)
         sq = [
-            tier.sam_sq_norm(self._grads(ps), self._states(ps, "weight"), adaptive=g["adaptive"])
-            for g, tier, ps in work
+            s
+            for group, ps in work
+            for s in backends.run(
+                self.backend, "sam_sq_norm", self._grads(ps), self._states(ps, "weight"), adaptive=group["adaptive"]
+            )
         ]
         device = sq[0].device
         total = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum()
-        if _model.is_fsdp2(self.model) and self._sync_group() is not None:
+        if _distributed.is_fsdp2(self.model) and self._sync_group() is not None:
             # each rank holds shards: the global norm sums the squares of all of them
-            total = total.to(_model.comm_device(self._sync_group()))
+            total = total.to(_distributed.comm_device(self._sync_group()))
             torch.distributed.all_reduce(total, group=self._sync_group())
             total = total.to(device)
         norm = total.sqrt()
-        for group, tier, ps in work:
+        for group, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
-            tier.sam_perturb(
+            backends.run(
+                self.backend,
+                "sam_perturb",
                 self._local(ps),
                 self._grads(ps),
                 self._states(ps, "weight"),
@@ -143,33 +149,42 @@ class SAM(TwoPassOptimizer):
             )
 
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        for tier, ps in self._buckets(params):
-            grads, weights, momentums = self._grads(ps), self._states(ps, "weight"), self._states(ps, "momentum")
-            if self.base == "sgd":
-                tier.sam_update_sgd(
-                    self._local(ps),
-                    grads,
-                    weights,
-                    momentums,
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    splits=self._split,
-                )
-            else:
-                beta1, beta2 = group["betas"]
-                tier.sam_update_adamw(
-                    self._local(ps),
-                    grads,
-                    weights,
-                    momentums,
-                    self._states(ps, "variance"),
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step=group["step"],
-                    splits=self._split,
-                )
+        if not params:
+            return
+        grad_sums, weights, momentums = (
+            self._grads(params),
+            self._states(params, "weight"),
+            self._states(params, "momentum"),
+        )
+        if self.base == "sgd":
+            backends.run(
+                self.backend,
+                "sam_update_sgd",
+                self._local(params),
+                grad_sums,
+                weights,
+                momentums,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                splits=self._split,
+            )
+        else:
+            beta1, beta2 = group["betas"]
+            backends.run(
+                self.backend,
+                "sam_update_adamw",
+                self._local(params),
+                grad_sums,
+                weights,
+                momentums,
+                self._states(params, "variance"),
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=group["step"],
+                splits=self._split,
+            )

@@ -16,8 +16,8 @@ from sambayes import backends
 DATA = pathlib.Path(__file__).parent / "data"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: Every tier that can run here, on the device the tests use.
-AVAILABLE_TIERS = [t for t in backends.TIERS if backends.why_unavailable(t, DEVICE) is None]
+#: Every backend that can run here, on the device the tests use.
+AVAILABLE_BACKENDS = [b for b in backends.NAMES if backends.why_unavailable(b, DEVICE) is None]
 
 
 def load_golden(name: str) -> dict:

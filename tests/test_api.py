@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import AVAILABLE_TIERS
+from conftest import AVAILABLE_BACKENDS
 
 import sambayes
 
-CPU_TIERS = [t for t in AVAILABLE_TIERS if t in ("eager", "foreach", "cpu")]
+CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu")]
 
 
 def small_mlp(dtype=torch.float32):
@@ -45,11 +45,11 @@ def flat(model):
 RESUME_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.nn.functional as F, sambayes
-    path, tier, method, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    path, backend, method, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(torch.bfloat16)
-    opt = (sambayes.BSAM(model.parameters(), num_data=50, lr=0.1, seed=123, backend=tier) if method == "bsam"
-           else sambayes.SAM(model.parameters(), lr=0.1, base="adamw", backend=tier))
+    opt = (sambayes.BSAM(model.parameters(), num_data=50, lr=0.1, seed=123, backend=backend) if method == "bsam"
+           else sambayes.SAM(model.parameters(), lr=0.1, base="adamw", backend=backend))
     ckpt = torch.load(path)
     model.load_state_dict(ckpt["model"]); opt.load_state_dict(ckpt["opt"])
     g = torch.Generator().manual_seed(2)
@@ -63,14 +63,14 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("tier", CPU_TIERS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("method", ["bsam", "sam"])
-def test_resume_in_fresh_process_is_bit_exact(tmp_path, tier, method):
+def test_resume_in_fresh_process_is_bit_exact(tmp_path, backend, method):
     def make():
         model = small_mlp(torch.bfloat16)
         if method == "bsam":
-            return model, sambayes.BSAM(model.parameters(), num_data=50, lr=0.1, seed=123, backend=tier)
-        return model, sambayes.SAM(model.parameters(), lr=0.1, base="adamw", backend=tier)
+            return model, sambayes.BSAM(model.parameters(), num_data=50, lr=0.1, seed=123, backend=backend)
+        return model, sambayes.SAM(model.parameters(), lr=0.1, base="adamw", backend=backend)
 
     x, y = data()
     x = x.to(torch.bfloat16)
@@ -93,7 +93,7 @@ def test_resume_in_fresh_process_is_bit_exact(tmp_path, tier, method):
         opt.step(closure_j(model), splits=2)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(path), tier, method, "3"], check=True)
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(path), backend, method, "3"], check=True)
     resumed = torch.load(path)
     for key, value in uninterrupted_model.items():
         assert torch.equal(resumed["model"][key], value), key
@@ -103,7 +103,7 @@ def test_resume_in_fresh_process_is_bit_exact(tmp_path, tier, method):
     assert resumed["opt"]["param_groups"][0]["step"] == 6
 
 
-def test_checkpoint_from_one_tier_loads_in_another():
+def test_checkpoint_from_one_backend_loads_in_another():
     model = small_mlp()
     x, y = data()
     opt = sambayes.BSAM(model.parameters(), num_data=50, seed=5, backend="eager")
@@ -349,7 +349,7 @@ def test_sparse_gradients_are_refused():
         opt.step(closure)
 
 
-def test_unknown_tier_reason_is_clear():
+def test_unknown_backend_reason_is_clear():
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         opt = sambayes.BSAM(small_mlp().parameters(), num_data=10, backend="cuda")
         opt.sample()

@@ -100,7 +100,7 @@ def test_cli_rejects_a_backend_or_device_that_is_not_here(tmp_path, capsys):
     rejected = []
     if not torch.cuda.is_available():
         rejected.append((["--device", "cuda"], "--device cuda: this PyTorch"))
-    for backend in backends.TIERS:
+    for backend in backends.NAMES:
         if backends.why_unavailable(backend, "cpu") is not None:  # e.g. cuda; triton without TRITON_INTERPRET=1
             rejected.append((["--backend", backend], f"--backend {backend}: "))
     for flags, message in rejected:

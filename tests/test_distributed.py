@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sambayes import _model
+from sambayes import _distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -63,4 +63,4 @@ def test_ddp_with_float32_and_float64_state(tmp_path):
 
 
 def test_global_offset_of_a_plain_tensor_is_zero():
-    assert _model.global_offset(torch.zeros(3, 4)) == 0
+    assert _distributed.global_offset(torch.zeros(3, 4)) == 0

@@ -18,9 +18,9 @@ STREAMS = {
     "_bsam_update_kernel": (5, 4),
     "_restore_kernel": (1, 1),
     "_sq_norm_kernel": (1, 0),
-    "_perturb_kernel": (2, 1),
-    "_sgd_kernel": (3, 3),
-    "_adamw_kernel": (4, 4),
+    "_sam_perturb_kernel": (2, 1),
+    "_sam_update_sgd_kernel": (3, 3),
+    "_sam_update_adamw_kernel": (4, 4),
 }
 
 

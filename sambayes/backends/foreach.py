@@ -1,12 +1,12 @@
-"""The foreach tier: the eager tier's math as ``torch._foreach_*`` ops, one kernel
-launch per op for all tensors of a (device, dtype) group. Same arguments as
-``_eager``; see there for the contract."""
+"""The foreach backend: the eager backend's math as ``torch._foreach_*`` ops, one kernel
+launch per op for all tensors of a bucket. Same arguments as :mod:`.eager`; see there
+for the contract."""
 
 from __future__ import annotations
 
 import torch
 
-from ._eager import _noise
+from .. import _philox
 
 
 def _upcast(tensors, dtype):
@@ -16,7 +16,10 @@ def _upcast(tensors, dtype):
 
 @torch.no_grad()
 def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
-    z = [_noise(seed, offset, mean) for mean, offset in zip(means, offsets)]
+    z = [
+        _philox.randn_range(seed, offset, m.numel(), device=m.device).view(m.shape).to(m.dtype)
+        for m, offset in zip(means, offsets)
+    ]
     std = torch._foreach_mul(precisions, num_data)
     torch._foreach_sqrt_(std)
     torch._foreach_div_(z, std)
@@ -25,7 +28,7 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
-def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumulate: bool) -> None:
+def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
     g = _upcast(grads, means[0].dtype)
     theta = torch._foreach_div(g, precisions)
     torch._foreach_mul_(theta, rho)
@@ -34,19 +37,19 @@ def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumul
     a = torch._foreach_abs(g)
     torch._foreach_mul_(a, torch._foreach_sqrt(precisions))
     if accumulate:
-        torch._foreach_add_(stats, a)
+        torch._foreach_add_(curvature_sums, a)
     else:
-        torch._foreach_copy_(stats, a)
+        torch._foreach_copy_(curvature_sums, a)
 
 
 @torch.no_grad()
 def bsam_update(
     params,
-    grads,
+    grad_sums,
     means,
     precisions,
     momentums,
-    stats,
+    curvature_sums,
     *,
     lr: float,
     beta1: float,
@@ -55,12 +58,12 @@ def bsam_update(
     damping: float,
     splits: int,
 ) -> None:
-    h = torch._foreach_div(_upcast(grads, means[0].dtype), splits)
+    h = torch._foreach_div(_upcast(grad_sums, means[0].dtype), splits)
     torch._foreach_add_(h, means, alpha=weight_decay)
     torch._foreach_mul_(momentums, beta1)
     torch._foreach_add_(momentums, h, alpha=1 - beta1)
     torch._foreach_addcdiv_(means, momentums, precisions, value=-lr)
-    a = torch._foreach_div(stats, splits)
+    a = torch._foreach_div(curvature_sums, splits)
     torch._foreach_add_(a, weight_decay + damping)
     torch._foreach_mul_(precisions, beta2)
     torch._foreach_add_(precisions, a, alpha=1 - beta2)
@@ -93,7 +96,7 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 @torch.no_grad()
 def sam_update_sgd(
     params,
-    grads,
+    grad_sums,
     weights,
     momentums,
     *,
@@ -103,7 +106,7 @@ def sam_update_sgd(
     nesterov: bool,
     splits: int,
 ) -> None:
-    d = torch._foreach_div(_upcast(grads, weights[0].dtype), splits)
+    d = torch._foreach_div(_upcast(grad_sums, weights[0].dtype), splits)
     torch._foreach_add_(d, weights, alpha=weight_decay)
     torch._foreach_mul_(momentums, momentum)
     torch._foreach_add_(momentums, d)
@@ -118,7 +121,7 @@ def sam_update_sgd(
 @torch.no_grad()
 def sam_update_adamw(
     params,
-    grads,
+    grad_sums,
     weights,
     momentums,
     variances,
@@ -132,7 +135,7 @@ def sam_update_adamw(
     splits: int,
 ) -> None:
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    h = torch._foreach_div(_upcast(grads, weights[0].dtype), splits)
+    h = torch._foreach_div(_upcast(grad_sums, weights[0].dtype), splits)
     torch._foreach_mul_(weights, 1 - lr * weight_decay)
     torch._foreach_mul_(momentums, beta1)
     torch._foreach_add_(momentums, h, alpha=1 - beta1)

@@ -1,39 +1,47 @@
-"""The eager tier: per-tensor PyTorch ops that read like ALGORITHM.md. The executable spec.
+"""The eager backend: per-tensor PyTorch ops that read like ALGORITHM.md. The executable spec.
 
-Every tier (this one, ``_foreach``, ``_triton``, ``_cext``) exposes the same
-functions with the same arguments. Each call receives the tensors of one
-(device, dtype) group of one parameter group, as parallel lists:
+One bSAM step (ALGORITHM.md, "bSAM, one step"), and the phase that computes each line::
+
+    for j in 1..k:
+        θ = m + z_j / sqrt(N·s)                         bsam_sample
+        g_j = ∇ L_Bj(θ)                                 backward: .grad holds g_j
+        θ = m + ρ·g_j / s                               bsam_perturb
+        curvature_sum += sqrt(s)·|g_j|                  bsam_perturb (sum over j)
+        grad_sum += ∇ L_Bj(θ)                           backward: .grad accumulates h_j
+    h̄ = grad_sum / k ;  ā = curvature_sum / k           bsam_update: the means over sub-batches
+    g_m = β1·g_m + (1 − β1)·(h̄ + δ·m)                   bsam_update
+    m   = m − α·g_m / s                                 bsam_update (old precision)
+    s   = β2·s + (1 − β2)·(ā + δ + γ)                   bsam_update
+    θ   = m                                             bsam_update
+
+SAM-SGD: ``restore`` (w), backward, ``sam_sq_norm`` (‖g_j‖²), ``sam_perturb``
+(w + ρ·g_j/‖g_j‖), backward into ``grad_sum``; then ``sam_update_sgd`` or
+``sam_update_adamw`` on h̄ = grad_sum / k.
+
+Every backend exposes these functions with these arguments (:mod:`sambayes.backends`
+calls them). Each call gets the tensors of one bucket as parallel lists:
 
 - ``params``: the model's parameters (float64/32, bfloat16, float16), written in place;
-- ``grads``: their gradients, same dtype;
-- state (``means``, ``precisions``, ``momentums``, ``stats``, ``weights``,
+- ``grads``, ``grad_sums``: their gradients (the sum over sub-batches at update time),
+  in the parameter dtype;
+- state (``means``, ``precisions``, ``momentums``, ``curvature_sums``, ``weights``,
   ``variances``): float64 for float64 parameters, float32 otherwise.
 
-All math runs in the state dtype. ``stats`` holds the running sum over
-sub-batches of the precision statistic sqrt(s)*|g|; ``grads`` at update time
-holds the running sum of the perturbed-point gradients.
+All math runs in the state dtype. The noise z comes from :mod:`sambayes._philox`, the
+reference generator; this module depends on nothing else of the package.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _cext, _philox
+from .. import _philox
 
 
 def _noise(seed: int, offset: int, like: torch.Tensor) -> torch.Tensor:
-    # z for elements offset .. offset + numel of the group's flat concatenation; the compiled
-    # Philox when built (same words, z within a few float32 ulps), else the integer-op emulation
-    draw = _cext.randn_range if _cext_kernels(like.device) else _philox.randn_range
-    z = draw(seed, offset, like.numel(), device=like.device)
+    """z for elements offset .. offset + numel of the group's flat concatenation, shaped like ``like``."""
+    z = _philox.randn_range(seed, offset, like.numel(), device=like.device)
     return z.view(like.shape).to(like.dtype)
-
-
-def _cext_kernels(device: torch.device) -> bool:
-    try:
-        return _cext.has_kernels(device)
-    except Exception:  # noqa: BLE001 - an unbuilt or broken extension just means: emulate
-        return False
 
 
 @torch.no_grad()
@@ -46,25 +54,25 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
-def bsam_perturb(params, grads, means, precisions, stats, *, rho: float, accumulate: bool) -> None:
-    """θ = m + ρ·g/s (from the mean, not the noisy point); stats += sqrt(s)·|g|."""
-    for param, grad, mean, precision, stat in zip(params, grads, means, precisions, stats):
+def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
+    """θ = m + ρ·g/s (from the mean, not the noisy point); curvature_sum (+)= sqrt(s)·|g|."""
+    for param, grad, mean, precision, curvature_sum in zip(params, grads, means, precisions, curvature_sums):
         g = grad.to(mean.dtype)
         # adversarial point
         param.copy_(mean + rho * g / precision)
-        # precision statistic, summed over sub-batches
+        # curvature estimate of the precision update, summed over sub-batches
         a = torch.sqrt(precision) * g.abs()
-        stat.copy_(stat + a if accumulate else a)
+        curvature_sum.copy_(curvature_sum + a if accumulate else a)
 
 
 @torch.no_grad()
 def bsam_update(
     params,
-    grads,
+    grad_sums,
     means,
     precisions,
     momentums,
-    stats,
+    curvature_sums,
     *,
     lr: float,
     beta1: float,
@@ -74,9 +82,12 @@ def bsam_update(
     splits: int,
 ) -> None:
     """Momentum, mean (with the old precision), precision, then θ = m."""
-    for param, grad, mean, precision, momentum, stat in zip(params, grads, means, precisions, momentums, stats):
-        h = grad.to(mean.dtype) / splits
-        a = stat / splits
+    for param, grad_sum, mean, precision, momentum, curvature_sum in zip(
+        params, grad_sums, means, precisions, momentums, curvature_sums
+    ):
+        # the means over the k sub-batches
+        h = grad_sum.to(mean.dtype) / splits
+        a = curvature_sum / splits
         # momentum
         momentum.copy_(beta1 * momentum + (1 - beta1) * (h + weight_decay * mean))
         # mean step, divided by the precision before this step's update
@@ -116,7 +127,7 @@ def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) 
 @torch.no_grad()
 def sam_update_sgd(
     params,
-    grads,
+    grad_sums,
     weights,
     momentums,
     *,
@@ -127,8 +138,8 @@ def sam_update_sgd(
     splits: int,
 ) -> None:
     """Heavy ball on the mean perturbed-point gradient, then θ = w."""
-    for param, grad, weight, buf in zip(params, grads, weights, momentums):
-        d = grad.to(weight.dtype) / splits + weight_decay * weight
+    for param, grad_sum, weight, buf in zip(params, grad_sums, weights, momentums):
+        d = grad_sum.to(weight.dtype) / splits + weight_decay * weight
         # heavy ball, no dampening
         buf.copy_(momentum * buf + d)
         # nesterov looks ahead along the new buffer
@@ -140,7 +151,7 @@ def sam_update_sgd(
 @torch.no_grad()
 def sam_update_adamw(
     params,
-    grads,
+    grad_sums,
     weights,
     momentums,
     variances,
@@ -155,12 +166,12 @@ def sam_update_adamw(
 ) -> None:
     """AdamW on the mean perturbed-point gradient (``step`` counts from 1), then θ = w."""
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    for param, grad, weight, m, v in zip(params, grads, weights, momentums, variances):
-        h = grad.to(weight.dtype) / splits
+    for param, grad_sum, weight, momentum, variance in zip(params, grad_sums, weights, momentums, variances):
+        h = grad_sum.to(weight.dtype) / splits
         # decoupled weight decay
         weight.copy_(weight * (1 - lr * weight_decay))
-        m.copy_(beta1 * m + (1 - beta1) * h)
-        v.copy_(beta2 * v + (1 - beta2) * h * h)
-        denom = torch.sqrt(v / bias2) + eps
-        weight.copy_(weight - (lr / bias1) * m / denom)
+        momentum.copy_(beta1 * momentum + (1 - beta1) * h)
+        variance.copy_(beta2 * variance + (1 - beta2) * h * h)
+        denom = torch.sqrt(variance / bias2) + eps
+        weight.copy_(weight - (lr / bias1) * momentum / denom)
         param.copy_(weight)

@@ -1,4 +1,6 @@
-"""BSAM and SAM on the triton tier, whole trajectories against the eager tier and the golden files.
+"""The triton backend: its noise, tables and launches, rounding, and whole BSAM and SAM
+trajectories against the eager backend and the golden files. The phases themselves are
+checked against the spec in tests/test_<phase>.py.
 
 Runs natively on a GPU and on the CPU under the Triton interpreter (set below,
 before Triton is imported).
@@ -11,15 +13,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json
+import pathlib
 import subprocess
 import sys
 
 import pytest
 from conftest import GoldenMLP, load_golden
+from harness import Guarded, clones, nan_like, normal, positive
 
 pytest.importorskip("triton")
 
+from sambayes.kernels import bsam_sample as sample_kernels
+
 import sambayes
+from sambayes import _philox
+from sambayes.backends import eager as _eager
+from sambayes.backends import triton as tier
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -231,3 +241,145 @@ def test_without_triton_the_package_imports_and_says_how_to_get_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert "pip install 'sambayes[triton]'" in out.stdout, out.stdout + out.stderr
+
+
+# ---- noise, tables, launches, rounding ----------------------------------------------------
+
+
+def test_noise_equals_reference_vectors():
+    """z from the sampling kernel equals Triton's own tl.randn test vectors and the Philox reference."""
+    data = json.loads((pathlib.Path(__file__).parent / "data" / "philox_randn.json").read_text())
+    for case in data["cases"]:
+        offsets = case["offsets"]
+        params = [torch.full((1,), float("nan"), device=DEVICE) for _ in offsets]
+        # m = 0 and N·s = 1 make θ = z
+        means = [torch.zeros(1, device=DEVICE) for _ in offsets]
+        precisions = [torch.ones(1, device=DEVICE) for _ in offsets]
+        tier.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=case["seed"])
+        got = torch.cat(params).cpu().double()
+        torch.testing.assert_close(got, torch.tensor(case["randn"], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+        reference = _philox.randn(case["seed"], torch.tensor(offsets)).double()
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_noise_of_a_group_is_its_flat_concatenation():
+    """Tensor i's noise continues at its offset: splitting a group into tensors does not change z."""
+    sizes = [1025, 3, 2048]
+    seed = 123456789
+    params = [torch.full((n,), float("nan"), device=DEVICE) for n in sizes]
+    offsets = [0, 1025, 1028]
+    means = [torch.zeros(n, device=DEVICE) for n in sizes]
+    precisions = [torch.ones(n, device=DEVICE) for n in sizes]
+    tier.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=seed)
+    reference = _philox.randn_range(seed, 0, sum(sizes), device=DEVICE)
+    torch.testing.assert_close(torch.cat(params), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_many_tensors_one_launch(monkeypatch):
+    """500 tensors of mixed odd sizes: one launch for the whole group, every tensor right."""
+    sizes = [1 + (37 * i) % 29 for i in range(500)]
+    launches = []
+    kernel = sample_kernels._bsam_sample_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(sample_kernels, "_bsam_sample_kernel", Counting())
+    # m = 0 and N·s = 1 make θ = z: the group's noise, tensor after tensor
+    means = [torch.zeros(n, device=DEVICE) for n in sizes]
+    precisions = [torch.full((n,), 0.25, device=DEVICE) for n in sizes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    params = Guarded(sizes, torch.float32)
+    tier.bsam_sample(params.tensors, means, precisions, offsets, num_data=4.0, seed=5)
+    assert launches == [(len(sizes),)]
+    params.check("bsam_sample, 500 tensors")
+    reference = _philox.randn_range(5, 0, sum(sizes), device=DEVICE)
+    torch.testing.assert_close(torch.cat(params.tensors), reference, rtol=1e-6, atol=1e-6)
+
+    # an update on the same 500 tensors
+    means, precisions = normal(sizes, torch.float32), positive(sizes, torch.float32)
+    grads, momentums, stats = (normal(sizes, torch.float32) for _ in range(3))
+    state = [clones(means), clones(precisions), clones(momentums)]
+    expected_state = [clones(means), clones(precisions), clones(momentums)]
+    params = Guarded(sizes, torch.float32)
+    expected = nan_like(params.tensors)
+    hyper = {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-3, "damping": 0.1, "splits": 1}
+    tier.bsam_update(params.tensors, grads, *state, stats, **hyper)
+    _eager.bsam_update(expected, grads, *expected_state, stats, **hyper)
+    params.check("bsam_update, 500 tensors")
+    torch.testing.assert_close(torch.cat(params.tensors), torch.cat(expected), rtol=1e-6, atol=1e-6)
+    for got, want in zip(state, expected_state):
+        torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=1e-6, atol=1e-6)
+
+
+def test_table_follows_reallocated_tensors():
+    """A cached tensor table is keyed by the addresses: new tensors get a new, correct table."""
+    sizes = [10, 3000]
+    means = normal(sizes, torch.float32)
+    first = nan_like(means)
+    tier.restore(first, means)
+    second = nan_like(means)  # new allocations, same shapes
+    tier.restore(second, means)
+    for a, b, m in zip(first, second, means):
+        assert torch.equal(a, m) and torch.equal(b, m)
+    # same addresses, new contents: the cached table is reused and still right
+    for m in means:
+        m.normal_()
+    tier.restore(second, means)
+    for b, m in zip(second, means):
+        assert torch.equal(b, m)
+
+
+def test_a_cached_table_does_not_skip_the_size_check():
+    """Same addresses, a shorter view in one role: refused, as on a cold cache (not read out of bounds)."""
+    param, weight = torch.zeros(10, device=DEVICE), torch.arange(10.0, device=DEVICE)
+    tier.restore([param], [weight])
+    with pytest.raises((ValueError, RuntimeError)):
+        tier.restore([param], [weight[:4]])
+
+
+def test_float64_hyperparameters_reach_the_kernels_exactly():
+    """float64 state gets its hyperparameters in float64 (no float32 rounding on the way)."""
+    lr = 1e-3 / 3
+    for dtype in (torch.float64, torch.float32):
+        weights = [torch.ones(5, dtype=dtype, device=DEVICE)]
+        momentums = [torch.zeros(5, dtype=dtype, device=DEVICE)]
+        params = [torch.zeros(5, dtype=dtype, device=DEVICE)]
+        grad_sums = [torch.ones(5, dtype=dtype, device=DEVICE)]
+        tier.sam_update_sgd(
+            params, grad_sums, weights, momentums, lr=lr, momentum=0.0, weight_decay=0.0, nesterov=False, splits=1
+        )
+        # w = 1 - lr·1: exact in float64; in float32 the rounding of lr that PyTorch applies
+        want = 1 - torch.tensor(lr, dtype=dtype) if dtype == torch.float32 else torch.tensor(1 - lr, dtype=dtype)
+        assert torch.equal(weights[0], want.to(DEVICE).expand(5)), (dtype, weights[0][0].item(), want.item())
+
+
+def test_bfloat16_rounding_matches_torch():
+    """float32 -> bfloat16 in the kernels rounds to nearest even like PyTorch: ties, overflow, NaN, subnormals."""
+    values = torch.tensor(
+        [
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+            -(1.0 + 2**-8),
+            1.0 + 2**-8 + 2**-20,
+            3.4e38,
+            -3.4e38,
+            float("inf"),
+            float("nan"),
+            1e-40,
+            -1e-41,
+            0.0,
+            -0.0,
+            65504.0,
+            1.0 - 2**-25,
+        ],
+        device=DEVICE,
+    )
+    params = [torch.full(values.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)]
+    tier.restore(params, [values])
+    expected = values.to(torch.bfloat16)
+    assert torch.equal(params[0].isnan(), expected.isnan())
+    finite = ~expected.isnan()  # NaN payloads differ between PyTorch's own CPU and GPU paths
+    assert torch.equal(params[0][finite].view(torch.int16), expected[finite].view(torch.int16))

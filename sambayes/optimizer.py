@@ -1,5 +1,5 @@
 """What bSAM and SAM share: two gradient passes per sub-batch, the phase API,
-gradient bookkeeping, non-finite skipping, tier dispatch and checkpoints."""
+gradient bookkeeping, non-finite skipping and checkpoints (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from . import _model, backends
+from . import _batchnorm, _distributed, backends
 
 # phases of a step, in order: at rest -> sampled -> perturbed -> (sampled -> perturbed)* -> at rest
 _REST, _SAMPLED, _PERTURBED = "at rest", "sampled", "perturbed"
@@ -80,8 +80,8 @@ class TwoPassOptimizer(Optimizer):
             model, params = params, params.parameters()
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model={type(model).__name__}: expected a torch.nn.Module (or DDP / FSDP2 module)")
-        if bn_stats not in _model.BN_POLICIES:
-            raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_model.BN_POLICIES}")
+        if bn_stats not in _batchnorm.BN_POLICIES:
+            raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_batchnorm.BN_POLICIES}")
         #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
         self.model, self.bn_stats = model, bn_stats
         self._bn_saved: dict | None = None  # BatchNorm flags while their statistics are frozen
@@ -94,7 +94,7 @@ class TwoPassOptimizer(Optimizer):
         self._versions: dict[torch.Tensor, tuple[int, int]] = {}  # (version, storage) when we last wrote it
         self._ascended: set[torch.Tensor] = set()  # params that got a gradient in perturb() this step
         self._handed_back: dict[torch.Tensor, torch.Tensor] = {}  # gradient sums perturb() put back in .grad
-        self._stats: dict[torch.Tensor, torch.Tensor] = {}  # per-step scratch of subclasses
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per-parameter buffers of subclasses, not checkpointed
 
     # ---- hyperparameters -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -122,19 +122,12 @@ class TwoPassOptimizer(Optimizer):
         self.__dict__.setdefault("_versions", {})
         self.__dict__.setdefault("_ascended", set())
         self.__dict__.setdefault("_handed_back", {})
-        self.__dict__.setdefault("_stats", {})
+        self.__dict__.setdefault("_scratch", {})
 
     # ---- bookkeeping ------------------------------------------------------------------
     @staticmethod
     def _trainable(group: dict[str, Any]) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.requires_grad]
-
-    def _buckets(self, params: list[torch.Tensor]):
-        """(tier module, params) per (device, dtype): one tier call each."""
-        buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-        for p in params:
-            buckets[(p.device, p.dtype)].append(p)
-        return [(backends.resolve(self.backend, device), ps) for (device, _), ps in buckets.items()]
 
     def _states(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
         return [self.state[p][key] for p in params]
@@ -156,7 +149,7 @@ class TwoPassOptimizer(Optimizer):
             if self._versions.get(p) != self._version_of(p):
                 # the user changed the weights (e.g. model.load_state_dict): they win,
                 # unless they are just the rounding of our higher-precision copy
-                weights = _model.local(p).detach()
+                weights = _distributed.local(p).detach()
                 if not torch.equal(weights, rest.to(p.dtype)):
                     rest.copy_(weights)
                 self._versions[p] = self._version_of(p)
@@ -164,7 +157,7 @@ class TwoPassOptimizer(Optimizer):
     @staticmethod
     def _version_of(p: torch.Tensor) -> tuple[int, int]:
         # in-place writes bump _version; `p.data = new` swaps the storage
-        return p._version, _model.local(p).data_ptr()
+        return p._version, _distributed.local(p).data_ptr()
 
     def _record_versions(self) -> None:
         for group in self.param_groups:
@@ -173,11 +166,11 @@ class TwoPassOptimizer(Optimizer):
 
     @staticmethod
     def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What the tiers write: the tensors themselves, or this rank's shards (FSDP2)."""
-        return [_model.local(p) for p in params]
+        """What the backends write: the tensors themselves, or this rank's shards (FSDP2)."""
+        return [_distributed.local(p) for p in params]
 
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [_model.local(p.grad) for p in params]
+        grads = [_distributed.local(p.grad) for p in params]
         for p, g in zip(params, grads):
             if g.is_sparse:
                 raise TypeError(
@@ -203,12 +196,12 @@ class TwoPassOptimizer(Optimizer):
         return [p for p in params if p.grad is not None], [p for p in params if p.grad is None]
 
     def _restore(self, params: list[torch.Tensor]) -> None:
-        for tier, ps in self._buckets(params):
-            tier.restore(self._local(ps), self._states(ps, self._rest_key))
+        if params:
+            backends.run(self.backend, "restore", self._local(params), self._states(params, self._rest_key))
 
     def _check_grad_sums_kept(self, action: str) -> None:
         """The perturbed gradients of earlier sub-batches live in .grad: zeroing them loses them."""
-        if self.model is not None and (_model.is_ddp(self.model) or _model.is_fsdp2(self.model)):
+        if self.model is not None and (_distributed.is_ddp(self.model) or _distributed.is_fsdp2(self.model)):
             return  # their reducers may legitimately swap .grad for a bucket view
         for p, grad_sum in self._handed_back.items():
             if p.grad is not grad_sum:
@@ -230,19 +223,21 @@ class TwoPassOptimizer(Optimizer):
         if self.model is None or frozen == (self._bn_saved is not None):
             return
         if frozen:
-            self._bn_saved = _model.set_bn_stats_frozen(self.model, True)
+            self._bn_saved = _batchnorm.set_bn_stats_frozen(self.model, True)
         else:
-            _model.set_bn_stats_frozen(self.model, False, self._bn_saved)
+            _batchnorm.set_bn_stats_frozen(self.model, False, self._bn_saved)
             self._bn_saved = None
 
     def _noise_split(self) -> int:
         """Sub-batch index for the noise: DDP replicas interleave, so each draws its own."""
-        rank, world = _model.replica_rank(self.model)
+        rank, world = _distributed.replica_rank(self.model)
         return self._split * world + rank
 
     def _sync_group(self):
         """The process group over which the skip decision must agree, or None."""
-        if (_model.is_ddp(self.model) or _model.is_fsdp2(self.model)) and torch.distributed.is_initialized():
+        if (
+            _distributed.is_ddp(self.model) or _distributed.is_fsdp2(self.model)
+        ) and torch.distributed.is_initialized():
             return getattr(self.model, "process_group", None) or torch.distributed.group.WORLD
         return None
 
@@ -283,8 +278,8 @@ class TwoPassOptimizer(Optimizer):
                 p.grad = None
         for index, group in enumerate(self.param_groups):
             self._sample_group(index, group)
-        if _model.is_ddp(self.model):
-            _model.set_grad_sync(self.model, False)
+        if _distributed.is_ddp(self.model):
+            _distributed.set_grad_sync(self.model, False)
         self._freeze_bn(self.bn_stats == "perturbed")
         self._phase = _SAMPLED
 
@@ -316,8 +311,8 @@ class TwoPassOptimizer(Optimizer):
                 if p.grad is not None:
                     self._handed_back[p] = p.grad
         self._split += 1
-        if _model.is_ddp(self.model):
-            _model.set_grad_sync(self.model, sync)
+        if _distributed.is_ddp(self.model):
+            _distributed.set_grad_sync(self.model, sync)
         self._freeze_bn(self.bn_stats == "noisy")
         self._phase = _PERTURBED
 
@@ -343,7 +338,9 @@ class TwoPassOptimizer(Optimizer):
         self._skip = self._skip or not self._all_finite(grads)
         sync_group = self._sync_group()
         if sync_group is not None:  # a rank's noisy pass (or FSDP2 shard) is its own: agree on skipping
-            flag = torch.tensor(float(self._skip), device=grads[0].device if grads else _model.comm_device(sync_group))
+            flag = torch.tensor(
+                float(self._skip), device=grads[0].device if grads else _distributed.comm_device(sync_group)
+            )
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=sync_group)
             self._skip = bool(flag)
         if grad_scaler is not None:
@@ -386,8 +383,8 @@ class TwoPassOptimizer(Optimizer):
         self._grad_sums.clear()
         self._handed_back.clear()
         self._ascended.clear()
-        if _model.is_ddp(self.model):
-            _model.set_grad_sync(self.model, True)
+        if _distributed.is_ddp(self.model):
+            _distributed.set_grad_sync(self.model, True)
         self._freeze_bn(False)
         self._record_versions()
         self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
@@ -457,7 +454,7 @@ class TwoPassOptimizer(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint from any tier. Refuses one for other parameter shapes.
+        """Load a checkpoint written by any backend. Refuses one for other parameter shapes.
 
         Unlike ``torch.optim.Optimizer``, keeps float32 master state for
         low-precision parameters instead of casting it to the parameter dtype.
@@ -470,7 +467,7 @@ class TwoPassOptimizer(Optimizer):
         for pid, saved in state_dict["state"].items():
             p = by_id.get(pid)
             for key, value in saved.items():
-                shape = _model.local(p).shape if p is not None else None  # FSDP2: this rank's shard
+                shape = _distributed.local(p).shape if p is not None else None  # FSDP2: this rank's shard
                 if p is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
                     raise ValueError(
                         f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape "

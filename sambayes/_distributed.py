@@ -1,49 +1,12 @@
-"""What the optimizer does to the model between passes: BatchNorm statistics and
-gradient synchronisation of DDP / FSDP2, plus rank helpers and DTensor shards."""
+"""DDP and FSDP2 as the optimizer sees them: gradient synchronisation between passes,
+replica ranks, where collectives run, and the local shards of DTensor parameters."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-from torch.nn.modules.batchnorm import _BatchNorm
-
-BN_POLICIES = ("noisy", "perturbed", "both")
-
-
-def _batchnorms(model: torch.nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-def set_bn_stats_frozen(model: torch.nn.Module, frozen: bool, saved: dict | None = None) -> dict:
-    """Stop (or resume) updates of BatchNorm running statistics; the forward pass is unchanged.
-
-    A BatchNorm in training mode with ``track_running_stats=False`` normalises with
-    the batch statistics, as before, but passes no running buffers, so they and
-    ``num_batches_tracked`` stay as they are. Returns what to pass back to undo it.
-    """
-    if frozen:
-        saved = {m: m.track_running_stats for m in model.modules() if isinstance(m, _BatchNorm)}
-        for m in _batchnorms(model):
-            m.track_running_stats = False
-        return saved
-    for m, tracked in (saved or {}).items():
-        m.track_running_stats = tracked
-    return {}
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, BatchNorm layers of ``model`` do not update their running
-    statistics (mean, variance, batch count); outputs are unchanged."""
-    saved = set_bn_stats_frozen(model, True)
-    try:
-        yield
-    finally:
-        set_bn_stats_frozen(model, False, saved)
 
 
 def is_fsdp2(model: torch.nn.Module | None) -> bool:

@@ -1,0 +1,153 @@
+"""The one dispatch layer: which backend computes a phase, on which tensors.
+
+The optimizers call a phase (``bsam_sample``, ``bsam_perturb``, ... ; see
+:mod:`sambayes.backends.eager`, the executable spec) only through :func:`run`::
+
+    run(backend, "bsam_update", params, grad_sums, means, ..., lr=0.5, ...)
+
+:func:`run` cuts the parallel lists into buckets by (device, dtype, layout) of
+each tensor, calls the backend's function once per bucket, and owns every
+fallback: a tensor with a non-contiguous role goes to :data:`FALLBACK` (eager,
+which handles any strides), whatever the backend. The backend that ``"auto"``
+or a name stands for on a device is resolved once per (backend, device) and
+cached; the modules themselves only compute.
+
+=========  =====================================================  ==============
+backend    what                                                   devices
+=========  =====================================================  ==============
+eager      per-tensor PyTorch ops; the executable spec            any
+foreach    ``torch._foreach_*`` over each bucket                  any
+triton     fused Triton kernels (``sambayes.kernels``)             CUDA; CPU under
+                                                                  TRITON_INTERPRET=1
+cpu        fused C++ kernels of the extension ``sambayes._C``      CPU
+cuda       fused CUDA kernels of the extension ``sambayes._C``     CUDA
+=========  =====================================================  ==============
+
+``backend="auto"`` takes the first available of ``AUTO_ORDER[device type]``. The
+order follows ``benchmarks/results``: on a 2-core CPU the fused C++ backend is
+2.4x faster than eager, which beats foreach (foreach makes one full pass over all
+tensors per op, so nothing stays in cache). On CUDA the order triton, cuda,
+foreach is provisional: both fused backends move the minimal bytes, and the GPU
+benchmark (``benchmarks/gpu_check.sh``) has not been run yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+import torch
+
+NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
+#: what ``backend=`` accepts
+BACKENDS = ("auto",) + NAMES
+#: first available wins, per device type
+AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "eager")}
+_DEFAULT_AUTO = ("foreach",)
+#: the backend of tensors the others cannot take (non-contiguous ones)
+FALLBACK = "eager"
+
+_MODULES = {"eager": "eager", "foreach": "foreach", "triton": "triton", "cpu": "extension", "cuda": "extension"}
+
+
+@functools.cache
+def _module(name: str) -> ModuleType | str:
+    """The backend's module, or the reason it does not import."""
+    try:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
+        return f"{type(exc).__name__}: {exc}"
+
+
+def why_unavailable(name: str, device: torch.device | str) -> str | None:
+    """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
+    device = torch.device(device)
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    module = _module(name)
+    if isinstance(module, str):
+        return f"backend {name!r} is not available: {module}"
+    if name == "cuda" and not module.HAS_CUDA_KERNELS:
+        return f"backend 'cuda' is not available: sambayes._C has no CUDA kernels: {module.CUDA_NOTE}"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "backend 'cuda' is not available: no CUDA device is visible to PyTorch"
+    if name in ("cpu", "cuda") and device.type != name:
+        return f"backend {name!r} runs on {name.upper()} tensors only, got parameters on {device}"
+    if name == "triton" and device.type == "cpu" and not module.INTERPRETED:
+        return (
+            "backend 'triton' is not available on cpu: the Triton kernels were compiled for GPUs; "
+            "set TRITON_INTERPRET=1 before importing sambayes"
+        )
+    if name == "triton" and device.type not in ("cuda", "cpu"):
+        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
+    return None
+
+
+@functools.cache
+def pick(backend: str, device: torch.device | str) -> str:
+    """The backend that ``backend`` ("auto" included) stands for on ``device`` (cached);
+    RuntimeError saying why if it cannot run there."""
+    device = torch.device(device)
+    if backend == "auto":
+        return next(
+            (n for n in AUTO_ORDER.get(device.type, _DEFAULT_AUTO) if why_unavailable(n, device) is None), FALLBACK
+        )
+    reason = why_unavailable(check_backend(backend), device)
+    if reason:
+        raise RuntimeError(reason)
+    return backend
+
+
+def resolve(backend: str, device: torch.device | str) -> ModuleType:
+    """The module that computes for ``backend`` on ``device``."""
+    return _module(pick(backend, torch.device(device)))
+
+
+def check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
+    return backend
+
+
+def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
+    """Phase ``op`` on parallel lists (entry i of each list belongs to tensor i), one call per bucket.
+
+    Tensor i goes to the bucket of (device, dtype of ``lists[0][i]``, whether all its tensors
+    are contiguous). Returns the calls' results in bucket order (None for the phases that
+    write in place; 0-dim partial sums for ``sam_sq_norm``).
+    """
+    buckets: dict[tuple, list[int]] = {}
+    for i, tensors in enumerate(zip(*lists)):
+        first = tensors[0]
+        dense = all(t.is_contiguous() for t in tensors if isinstance(t, torch.Tensor))
+        buckets.setdefault((first.device, first.dtype, dense), []).append(i)
+    results = []
+    for (device, _, dense), index in buckets.items():
+        module = resolve(backend, device) if dense else _module(FALLBACK)
+        args = lists if len(index) == len(lists[0]) else [[values[i] for i in index] for values in lists]
+        results.append(getattr(module, op)(*args, **hyper))
+    return results
+
+
+def info() -> str:
+    """A report of every backend (available or not, and why), versions and devices."""
+    from .. import __version__
+
+    lines = [f"sambayes {__version__}  torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as exc:  # noqa: BLE001
+        lines.append(f"triton: not installed ({type(exc).__name__}); pip install 'sambayes[triton]'")
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for i in range(torch.cuda.device_count()):
+        lines.append(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
+    for dev in devices:
+        lines.append(f"\n{dev} (auto picks: {pick('auto', dev)})")
+        for name in NAMES:
+            reason = why_unavailable(name, dev)
+            lines.append(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)

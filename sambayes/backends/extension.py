@@ -1,0 +1,192 @@
+"""The "cpu" and "cuda" backends: fused kernels of the C++/CUDA extension ``sambayes._C``.
+
+One op call per phase per bucket, whatever the number of tensors: multithreaded,
+vectorized C++ loops on CPU tensors and one CUDA launch on CUDA tensors, both running
+the per-element math of ``csrc/sambayes_math.h`` (the Philox noise included, equal to
+:mod:`sambayes._philox`). Same functions and arguments as :mod:`.eager`; see there for
+the contract. The kernels index memory flat: :mod:`sambayes.backends` sends them
+contiguous tensors only.
+
+The ops are registered with ``torch.library`` as ``torch.ops.sambayes_C.*``, with fake
+implementations here, so that ``torch.compile`` can trace around them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C
+except Exception as exc:
+    if "No module named 'sambayes._C'" in str(exc):
+        what = "the C++ extension sambayes._C was not built"
+    else:
+        what = f"the C++ extension sambayes._C does not load ({type(exc).__name__}: {exc})"
+    raise ImportError(
+        f"{what}; rebuild it with `pip install --no-build-isolation -e .` (a C++ compiler and PyTorch "
+        "are all it needs) and read the build output for the reason it failed"
+    ) from exc
+
+#: the extension was built with its CUDA kernels; if not, CUDA_NOTE says why
+HAS_CUDA_KERNELS: bool = _C.cuda_compiled
+CUDA_NOTE: str = _C.cuda_note
+
+_ops = torch.ops.sambayes_C
+
+
+def randn_range(seed: int, start: int, numel: int, device=None) -> torch.Tensor:
+    """``sambayes._philox.randn_range`` from the compiled Philox: z(seed, start + i), float32 [numel]."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if numel:
+        _ops.philox_randn_(out, seed, start)
+    return out
+
+
+def philox_words(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The four Philox4x32-10 words per offset, int64 [n, 4] holding uint32 values (CPU; for tests)."""
+    return _ops.philox_words(offsets.cpu(), seed)
+
+
+@torch.no_grad()
+def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
+    _ops.bsam_sample(params, means, precisions, [int(o) for o in offsets], float(num_data), int(seed))
+
+
+@torch.no_grad()
+def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
+    _ops.bsam_perturb(params, grads, means, precisions, curvature_sums, float(rho), bool(accumulate))
+
+
+@torch.no_grad()
+def bsam_update(
+    params,
+    grad_sums,
+    means,
+    precisions,
+    momentums,
+    curvature_sums,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    damping: float,
+    splits: int,
+) -> None:
+    _ops.bsam_update(
+        params,
+        grad_sums,
+        means,
+        precisions,
+        momentums,
+        curvature_sums,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        float(damping),
+        int(splits),
+    )
+
+
+@torch.no_grad()
+def restore(params, weights) -> None:
+    _ops.restore(params, weights)
+
+
+@torch.no_grad()
+def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
+    return _ops.sam_sq_norm(grads, weights, bool(adaptive))
+
+
+@torch.no_grad()
+def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) -> None:
+    _ops.sam_perturb(params, grads, weights, scale, bool(adaptive))
+
+
+@torch.no_grad()
+def sam_update_sgd(
+    params,
+    grad_sums,
+    weights,
+    momentums,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    splits: int,
+) -> None:
+    _ops.sam_update_sgd(
+        params,
+        grad_sums,
+        weights,
+        momentums,
+        float(lr),
+        float(momentum),
+        float(weight_decay),
+        bool(nesterov),
+        int(splits),
+    )
+
+
+@torch.no_grad()
+def sam_update_adamw(
+    params,
+    grad_sums,
+    weights,
+    momentums,
+    variances,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    splits: int,
+) -> None:
+    _ops.sam_update_adamw(
+        params,
+        grad_sums,
+        weights,
+        momentums,
+        variances,
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(weight_decay),
+        int(step),
+        int(splits),
+    )
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so that torch.compile traces the ops without running them."""
+
+    def nothing(*args, **kwargs):
+        return None
+
+    for op in (
+        "bsam_sample",
+        "bsam_perturb",
+        "bsam_update",
+        "restore",
+        "sam_perturb",
+        "sam_update_sgd",
+        "sam_update_adamw",
+        "philox_randn_",
+    ):
+        torch.library.register_fake(f"sambayes_C::{op}", nothing)
+
+    @torch.library.register_fake("sambayes_C::sam_sq_norm")
+    def _(grads, weights, adaptive):
+        return weights[0].new_empty(())
+
+    @torch.library.register_fake("sambayes_C::philox_words")
+    def _(offsets, seed):
+        return offsets.new_empty((offsets.numel(), 4), dtype=torch.int64)
+
+
+_register_fakes()

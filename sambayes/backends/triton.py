@@ -1,0 +1,81 @@
+"""The triton backend: each phase is one fused Triton kernel launch per bucket, noise
+drawn in-kernel. Same functions and arguments as :mod:`.eager`; see there for the contract.
+
+The kernels and their launchers live in :mod:`sambayes.kernels` (one file per phase,
+byte counts in their docstrings); this module only runs them on the tensors' device.
+They index memory flat, so :mod:`sambayes.backends` sends them contiguous tensors only.
+
+Triton is optional: without it, importing this module raises an ImportError that says
+how to get it, which :mod:`sambayes.backends` reports when the backend is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+
+import torch
+
+try:
+    import triton
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("Triton is not installed; pip install 'sambayes[triton]'") from exc
+
+# tl.randn with 64-bit offsets is Philox4x32 (the noise of every other backend) from Triton 3.4 on;
+# older versions switch to Philox4x64 and would draw other numbers
+if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):  # pragma: no cover
+    raise ImportError(f"Triton {triton.__version__} is too old: the triton backend needs Triton >= 3.4")
+
+from ..kernels import (
+    _multi_tensor,
+)
+from ..kernels import (
+    bsam_perturb as _bsam_perturb,
+)
+from ..kernels import (
+    bsam_sample as _bsam_sample,
+)
+from ..kernels import (
+    bsam_update as _bsam_update,
+)
+from ..kernels import (
+    restore as _restore,
+)
+from ..kernels import (
+    sam_perturb as _sam_perturb,
+)
+from ..kernels import (
+    sam_sq_norm as _sam_sq_norm,
+)
+from ..kernels import (
+    sam_update_adamw as _sam_update_adamw,
+)
+from ..kernels import (
+    sam_update_sgd as _sam_update_sgd,
+)
+
+#: the kernels run in Triton's interpreter (CPU tensors), not compiled for a GPU
+INTERPRETED = _multi_tensor.INTERPRETED
+
+
+def _on_their_device(launcher):
+    """The launcher, run on its tensors' GPU: Triton launches on the current device and its stream."""
+
+    @functools.wraps(launcher)
+    def run(tensors, *args, **kwargs):
+        device = tensors[0].device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return launcher(tensors, *args, **kwargs)
+
+    return torch.no_grad()(run)
+
+
+bsam_sample = _on_their_device(_bsam_sample.bsam_sample)
+bsam_perturb = _on_their_device(_bsam_perturb.bsam_perturb)
+bsam_update = _on_their_device(_bsam_update.bsam_update)
+restore = _on_their_device(_restore.restore)
+sam_sq_norm = _on_their_device(_sam_sq_norm.sam_sq_norm)
+sam_perturb = _on_their_device(_sam_perturb.sam_perturb)
+sam_update_sgd = _on_their_device(_sam_update_sgd.sam_update_sgd)
+sam_update_adamw = _on_their_device(_sam_update_adamw.sam_update_adamw)

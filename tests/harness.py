@@ -1,0 +1,141 @@
+"""The shared harness of the phase tests: every backend against the eager backend (the spec).
+
+Fresh random inputs per case, odd sizes around the kernels' block size, every
+parameter dtype, one to 500 tensors; outputs poisoned with NaN before a phase runs
+and carved out of guarded buffers, so that a skipped element or a write past a
+tensor's end fails; one tolerance table per dtype; a printer of the first mismatches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import AVAILABLE_BACKENDS, DEVICE
+
+from sambayes import backends
+from sambayes.backends import eager
+
+#: what every other backend is checked against
+SPEC = eager
+#: every backend available here but the spec
+COMPARED = [b for b in AVAILABLE_BACKENDS if b != "eager"]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+#: (atol, rtol) per dtype: one unit in the last place of the dtype. The math is float32/64, and
+#: a one-ulp difference there (FMA contraction on GPUs) can flip one rounding to bf16/fp16.
+TOLERANCE = {
+    torch.float64: (1e-13, 1e-13),
+    torch.float32: (1e-6, 1e-6),
+    torch.bfloat16: (2e-6, 2.0**-7),
+    torch.float16: (2e-6, 2.0**-10),
+}
+#: float32 ulps by which a backend's noise z may differ from the reference's (log and cos)
+NOISE_ULPS = 3
+
+
+def _triton_block() -> int:
+    try:
+        from sambayes.kernels import _multi_tensor
+    except ImportError:  # no Triton: the block of the interpreter, for the same odd sizes everywhere
+        return 8192
+    return _multi_tensor.BLOCK
+
+
+BLOCK = _triton_block()
+ODD_SIZES = sorted({1, 7, 1023, 1025, BLOCK - 1, BLOCK + 1, 65537})
+MANY = [1 + (97 * i) % 301 for i in range(500)]  # 500 small tensors of odd sizes
+
+
+def _slow(backend: str) -> bool:
+    """Triton's interpreter costs milliseconds per block: 500 tensors in float32 only."""
+    return backend == "triton" and DEVICE == "cpu"
+
+
+def cases(backends_: list[str] = COMPARED) -> list:
+    """pytest params (backend, dtype, sizes) for a phase test."""
+    out = []
+    for backend in backends_:
+        for dtype in PARAM_DTYPES:
+            name = str(dtype).split(".")[-1]
+            for sizes in [[n] for n in ODD_SIZES] + [[7, 1025, 1]]:
+                out.append(pytest.param(backend, dtype, sizes, id=f"{backend}-{name}-{'x'.join(map(str, sizes))}"))
+            if dtype == torch.float32 or not _slow(backend):
+                out.append(pytest.param(backend, dtype, MANY, id=f"{backend}-{name}-500"))
+    return out
+
+
+def module(backend: str):
+    """The backend's own module (not the dispatch: the phase tests call it directly)."""
+    return backends.resolve(backend, DEVICE)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normal(sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.randn(n, dtype=torch.float64, device=DEVICE).to(dtype) for n in sizes]
+
+
+def positive(sizes: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Values in [0.1, 3.1): precisions (s0 = 1 plus accumulated curvature) and sums of |·|."""
+    return [(torch.rand(n, dtype=torch.float64, device=DEVICE) * 3 + 0.1).to(dtype) for n in sizes]
+
+
+def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def nan_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.full_like(t, float("nan")) for t in tensors]
+
+
+GUARD = 5  # sentinel elements around every tensor
+SENTINEL = 12345.0
+
+
+class Guarded:
+    """Tensors carved out of one buffer with SENTINEL gaps, to catch writes past a tensor's end.
+
+    Filled with NaN (poisoned outputs), or with copies of ``values`` (state written in place).
+    """
+
+    def __init__(self, sizes: list[int], dtype: torch.dtype, values: list[torch.Tensor] | None = None):
+        total = sum(sizes) + GUARD * (len(sizes) + 1)
+        self.buffer = torch.full((total,), SENTINEL, dtype=dtype, device=DEVICE)
+        self.tensors, start = [], GUARD
+        for i, n in enumerate(sizes):
+            t = self.buffer[start : start + n]
+            t.copy_(values[i]) if values is not None else t.fill_(float("nan"))
+            self.tensors.append(t)
+            start += n + GUARD
+        self.mask = torch.ones(total, dtype=torch.bool, device=DEVICE)
+        for t in self.tensors:
+            self.mask[t.storage_offset() : t.storage_offset() + t.numel()] = False
+
+    def check(self, name: str) -> None:
+        assert (self.buffer[self.mask] == SENTINEL).all(), f"{name}: a kernel wrote outside its tensor"
+
+
+def assert_close(actual, expected, dtype: torch.dtype, name: str, slack: torch.Tensor | float = 0.0) -> None:
+    """|actual − expected| <= atol + rtol·|expected| (+ ``slack``, elementwise) with the dtype's
+    tolerances; on failure, name the tensor and print its first mismatches."""
+    atol, rtol = TOLERANCE[dtype]
+    a, e = actual.double().flatten(), expected.double().flatten()
+    slack = torch.as_tensor(slack, dtype=torch.float64, device=a.device).flatten()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs() + slack)
+    if bad.any():
+        idx = bad.nonzero().flatten()[:5].tolist()
+        pairs = ", ".join(f"[{i}] {a[i].item():.9g} vs {e[i].item():.9g}" for i in idx)
+        pytest.fail(f"{name}: {int(bad.sum())} of {a.numel()} elements differ ({dtype}); first: {pairs}")
+
+
+def assert_lists_close(actual: list, expected: list, dtype: torch.dtype, name: str) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, dtype, f"{name}[{i}]")
+
+
+def assert_rounded(params: list[torch.Tensor], state: list[torch.Tensor], name: str) -> None:
+    """Each parameter is exactly its state tensor rounded to the parameter dtype."""
+    for i, (p, w) in enumerate(zip(params, state)):
+        assert torch.equal(p, w.to(p.dtype)), f"{name}[{i}] is not the rounded state"

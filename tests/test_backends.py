@@ -1,0 +1,216 @@
+"""The dispatch layer (sambayes.backends): buckets, the one fallback, resolution, and the
+package's shape: no import cycles, an eager backend that depends on nothing but torch and
+the reference noise, backend modules that do not know each other, the kernels beside the
+package, the specification shipped with it."""
+
+import ast
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import AVAILABLE_BACKENDS, DEVICE
+from harness import COMPARED, Guarded, assert_rounded, normal
+
+import sambayes
+from sambayes import backends
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "sambayes"
+
+
+def _record_calls(monkeypatch, backend, op):
+    """Wrap ``op`` of the backend's module (and of the fallback) to record the tensors each was given."""
+    calls = []
+    for name in dict.fromkeys([backend, backends.FALLBACK]):
+        module = backends.resolve(name, DEVICE)
+        original = getattr(module, op)
+
+        def recording(*lists, _name=name, _original=original, **hyper):
+            calls.append((_name, [id(t) for t in lists[0]]))
+            return _original(*lists, **hyper)
+
+        monkeypatch.setattr(module, op, recording)
+    return calls
+
+
+@pytest.mark.parametrize("backend", COMPARED)
+def test_non_contiguous_tensors_go_to_the_fallback(monkeypatch, backend):
+    """A transposed parameter goes to eager whatever the backend; the others stay on it."""
+    calls = _record_calls(monkeypatch, backend, "restore")
+    base = torch.randn(33, 17, device=DEVICE)
+    params = [torch.full((17, 33), float("nan"), device=DEVICE).T, Guarded([5, 1025], torch.float32)]
+    flat = [params[0]] + params[1].tensors
+    weights = [base, *normal([5, 1025], torch.float32)]
+    backends.run(backend, "restore", flat, weights)
+    params[1].check("restore")
+    assert_rounded(flat, weights, "param")
+    assert sorted(calls) == sorted([(backends.FALLBACK, [id(flat[0])]), (backend, [id(flat[1]), id(flat[2])])])
+
+
+@pytest.mark.parametrize("backend", COMPARED)
+def test_non_contiguous_gradients_go_to_the_fallback(monkeypatch, backend):
+    calls = _record_calls(monkeypatch, backend, "sam_perturb")
+    weights = normal([12, 12], torch.float32)
+    grads = [torch.randn(24, device=DEVICE)[::2], *normal([12], torch.float32)]  # a strided view, then a dense one
+    params = [torch.full((12,), float("nan"), device=DEVICE) for _ in range(2)]
+    scale = torch.tensor(0.5, device=DEVICE)
+    backends.run(backend, "sam_perturb", params, grads, weights, scale=scale, adaptive=False)
+    for p, g, w in zip(params, grads, weights):
+        torch.testing.assert_close(p, w + 0.5 * g, rtol=1e-6, atol=1e-6)
+    assert sorted(calls) == sorted([(backends.FALLBACK, [id(params[0])]), (backend, [id(params[1])])])
+
+
+def test_one_call_per_bucket_of_device_and_dtype(monkeypatch):
+    calls = _record_calls(monkeypatch, "foreach", "restore")
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.bfloat16]
+    params = [torch.zeros(3, dtype=d, device=DEVICE) for d in dtypes]
+    weights = [
+        torch.ones(3, dtype=torch.float64 if d == torch.float64 else torch.float32, device=DEVICE) for d in dtypes
+    ]
+    backends.run("foreach", "restore", params, weights)
+    assert sorted(len(ids) for _, ids in calls) == [1, 1, 2]  # float32 twice, float64, bfloat16
+    assert all(name == "foreach" for name, _ in calls)
+    assert all(torch.equal(p, torch.ones_like(p)) for p in params)
+
+
+def test_auto_is_resolved_once_per_device():
+    backends.pick.cache_clear()
+    params, weights = [torch.zeros(3)], [torch.ones(3)]
+    for _ in range(5):
+        backends.run("auto", "restore", params, weights)
+    info = backends.pick.cache_info()
+    assert info.misses == 1 and info.hits == 4
+    expected = next(n for n in backends.AUTO_ORDER["cpu"] if n in AVAILABLE_BACKENDS + ["eager"])
+    assert backends.pick("auto", "cpu") == expected
+
+
+def test_unknown_and_unavailable_backends_say_why():
+    with pytest.raises(ValueError, match="choose one of"):
+        backends.pick("fast", "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        backends.pick("cuda", "cpu")
+    report = backends.info()
+    for name in backends.NAMES:
+        assert f"  {name} " in report
+
+
+# ---- the package's shape -----------------------------------------------------------------------
+
+
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """The sambayes modules a file imports at module level (not inside functions), as dotted names.
+
+    ``from X import a`` counts as importing the module ``X.a`` when there is one, else ``X``.
+    """
+    parts = _dotted(path).split(".") + (["__init__"] if path.name == "__init__.py" else [])
+    base = parts[:-1]  # the package that level-1 relative imports start from (for __init__: itself)
+
+    def top_level(body):
+        for node in body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield node
+            elif isinstance(node, (ast.If, ast.Try)):
+                yield from top_level(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
+                for handler in getattr(node, "handlers", []):
+                    yield from top_level(handler.body)
+
+    found = set()
+    for node in top_level(ast.parse(path.read_text()).body):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+            continue
+        parent = base[: len(base) - node.level + 1] if node.level else []
+        module = ".".join(parent + ([node.module] if node.module else []))
+        for alias in node.names:
+            found.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+    return {m for m in found if m.startswith("sambayes")}
+
+
+def _dotted(path: pathlib.Path) -> str:
+    """The module name of a file of the package (kernels/ is installed as sambayes.kernels)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts.insert(0, "sambayes")
+    return ".".join(parts).removesuffix(".__init__")
+
+
+def _module_files() -> dict[str, pathlib.Path]:
+    paths = [*PACKAGE.rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+    return {_dotted(path): path for path in paths}
+
+
+def test_no_import_cycles_in_the_package():
+    """The graph of module-level imports between sambayes modules is acyclic (checked on the source)."""
+    files = _module_files()
+    graph = {name: {m for m in _imports(path, set(files)) if m in files and m != name} for name, path in files.items()}
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_eager_depends_on_torch_and_the_reference_noise_only():
+    tree = ast.parse((PACKAGE / "backends" / "eager.py").read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            modules.add(("." * node.level) + (node.module or "") + ":" + ",".join(a.name for a in node.names))
+        elif isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+    assert modules <= {"torch", "__future__:annotations", "..:_philox"}, modules
+
+
+def test_backend_modules_do_not_import_each_other():
+    folder = PACKAGE / "backends"
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        imported = {
+            m.rsplit(".", 1)[-1] for m in _imports(path, set(_module_files())) if m.startswith("sambayes.backends")
+        }
+        assert not imported & names, f"{path.name} imports {imported & names}"
+
+
+def test_kernels_are_the_ones_beside_the_package():
+    from sambayes import kernels
+
+    here = pathlib.Path(sambayes.__file__).resolve().parent
+    assert pathlib.Path(kernels.__file__).resolve().parent in (here / "kernels", here.parent / "kernels")
+
+
+@pytest.mark.parametrize("layout", ["source tree", "installed"])
+def test_another_copy_on_sys_path_gets_its_own_kernels(tmp_path, layout):
+    """A second copy imported while this one is installed editable loads its own kernels, from
+    ``kernels/`` beside the package (a source tree) or ``sambayes/kernels/`` (a regular install)."""
+    other = tmp_path / "other"
+    shutil.copytree(PACKAGE, other / "sambayes", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    kernels = other / "kernels" if layout == "source tree" else other / "sambayes" / "kernels"
+    shutil.copytree(ROOT / "kernels", kernels, ignore=shutil.ignore_patterns("__pycache__"))
+    (kernels / "__init__.py").write_text('"""the other copy\'s kernels"""\nMARK = "other"\n')
+    code = "import sambayes, sambayes.kernels as k; print(k.__file__, k.MARK, sambayes.kernels is k)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=other, capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out == [str(kernels / "__init__.py"), "other", "True"], out
+
+
+def test_the_specification_ships_with_the_project():
+    shipped = ROOT / "ALGORITHM.md"
+    assert shipped.is_file()
+    upstream = ROOT.parent / "shared" / "ALGORITHM.md"
+    if upstream.is_file():  # beside the repository: the two must be identical
+        assert shipped.read_text() == upstream.read_text(), "ALGORITHM.md differs from ../shared/ALGORITHM.md"

@@ -1,0 +1,24 @@
+"""bsam_sample, θ = m + z / sqrt(N·s), on every backend against the eager backend."""
+
+import pytest
+import torch
+from harness import NOISE_ULPS, SPEC, Guarded, assert_close, cases, module, nan_like, normal, positive, state_dtype
+
+
+@pytest.mark.parametrize("backend,dtype,sizes", cases())
+def test_bsam_sample_matches_eager(backend, dtype, sizes):
+    sd = state_dtype(dtype)
+    means, precisions = normal(sizes, sd), positive(sizes, sd)
+    offsets = [sum(sizes[:i]) + 3 for i in range(len(sizes))]
+    hyper = {"num_data": 7.0, "seed": 2**40 + 17}
+    params = Guarded(sizes, dtype)
+    expected = nan_like(params.tensors)
+    module(backend).bsam_sample(params.tensors, means, precisions, offsets, **hyper)
+    SPEC.bsam_sample(expected, means, precisions, offsets, **hyper)
+    params.check("bsam_sample")
+    for i, (got, want) in enumerate(zip(params.tensors, expected)):
+        # z is float32 on every backend and agrees to NOISE_ULPS float32 ulps, scaled by σ = 1/sqrt(N·s)
+        sigma = 1 / torch.sqrt(hyper["num_data"] * precisions[i].double())
+        z = (want.double() - means[i].double()) / sigma
+        slack = NOISE_ULPS * 2.0**-23 * (z.abs() + 1e-30) * sigma
+        assert_close(got, want, dtype, f"sample[{i}]", slack=slack)
