@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, GoldenMLP, load_golden
+from conftest import DATA
 
 import sambayes
 from sambayes import _philox, backends
@@ -134,58 +134,6 @@ def test_trajectory_matches_eager(name, dtype):
         for key in opt_eager.state[p_eager]:
             torch.testing.assert_close(opt_cpu.state[p_cpu][key], opt_eager.state[p_eager][key], rtol=rtol, atol=atol)
         torch.testing.assert_close(p_cpu, p_eager, rtol=rtol, atol=atol)
-
-
-@needs_ext
-@pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
-def test_golden_trajectory(name):
-    golden = load_golden(name)
-    hyper = golden["hyper"]
-    model = GoldenMLP(golden["init"])
-    x = torch.tensor(golden["data"]["x"], dtype=torch.float64)
-    y = torch.tensor(golden["data"]["y"])
-    bsam = golden["optimizer"] == "bsam"
-    if bsam:
-        opt = sambayes.BSAM(
-            model.parameters(),
-            num_data=1e30,
-            lr=hyper["lr"],
-            betas=(hyper["beta1"], hyper["beta2"]),
-            rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"],
-            damping=hyper["damping"],
-            init_precision=hyper["init_precision"],
-            backend="cpu",
-        )
-    else:
-        opt = sambayes.SAM(
-            model.parameters(),
-            lr=hyper["lr"],
-            momentum=hyper["momentum"],
-            rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"],
-            backend="cpu",
-        )
-    splits = hyper.get("msharpness", 1)
-    worst = 0.0
-    for batch, factor, ref in zip(golden["batches"], golden["lr_factor"], golden["trajectory"]):
-        for group in opt.param_groups:
-            group["lr"] = hyper["lr"] * factor
-        chunks = sambayes.split_batch(x[batch], y[batch], splits=splits)
-
-        def closure(j=0, chunks=chunks):
-            xb, yb = chunks[j]
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            return loss
-
-        opt.step(closure, splits=splits)
-        for key in ("mean", "momentum") + (("precision",) if bsam else ()):
-            state_key = key if bsam or key != "mean" else "weight"
-            for pname, p in model.named_parameters():
-                want = torch.tensor(ref[key][pname], dtype=torch.float64)
-                worst = max(worst, (opt.state[p][state_key] - want).abs().max().item())
-    assert worst < 1e-12
 
 
 # ---- torch.library ----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import AVAILABLE_BACKENDS
-from test_bsam import SmallCNN, closure_for, data, small_mlp
+from test_bsam import assert_eager_and_foreach_agree_on_cnn, closure_for, data, small_mlp
 from torch.func import functional_call, grad
 
 import sambayes
@@ -60,19 +60,4 @@ def test_sam_adaptive_and_adamw_match_eager(backend):
 
 
 def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
-    g = torch.Generator().manual_seed(5)
-    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-    finals = {}
-    for backend in ("eager", "foreach"):
-        torch.manual_seed(0)
-        model = SmallCNN()
-        opt = sambayes.SAM(model.parameters(), lr=0.05, backend=backend)
-        for step in range(50):
-            idx = torch.arange(step % 2 * 16, step % 2 * 16 + 16)
-            opt.step(closure_for(model, sambayes.split_batch(x[idx], y[idx], splits=2)), splits=2)
-        finals[backend] = (model.state_dict(), opt.state_dict()["state"])
-    for key, value in finals["eager"][0].items():
-        torch.testing.assert_close(finals["foreach"][0][key], value, rtol=1e-4, atol=1e-5, msg=key)
-    for pid, state in finals["eager"][1].items():
-        for key, value in state.items():
-            torch.testing.assert_close(finals["foreach"][1][pid][key], value, rtol=1e-4, atol=1e-5)
+    assert_eager_and_foreach_agree_on_cnn(lambda ps, backend: sambayes.SAM(ps, lr=0.05, backend=backend))

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import GoldenMLP, load_golden
+from golden import golden_errors
 from harness import Guarded, clones, nan_like, normal, positive
 
 pytest.importorskip("triton")
@@ -127,65 +127,11 @@ def test_bsam_bfloat16_within_twice_eager_error():
     assert errors["triton"] <= 2 * errors["eager"], errors
 
 
-def run_golden(name, backend, dtype):
-    """Max abs error of the state against the golden trajectory, every step (see ALGORITHM.md)."""
-    golden = load_golden(name)
-    hyper = golden["hyper"]
-    model = GoldenMLP(golden["init"], dtype=dtype).to(DEVICE)
-    x = torch.tensor(golden["data"]["x"], dtype=dtype, device=DEVICE)
-    y = torch.tensor(golden["data"]["y"], device=DEVICE)
-    bayes = golden["optimizer"] == "bsam"
-    if bayes:
-        opt = sambayes.BSAM(
-            model.parameters(),
-            num_data=1e30,
-            lr=hyper["lr"],
-            betas=(hyper["beta1"], hyper["beta2"]),
-            rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"],
-            damping=hyper["damping"],
-            init_precision=hyper["init_precision"],
-            backend=backend,
-        )
-    else:
-        opt = sambayes.SAM(
-            model.parameters(),
-            lr=hyper["lr"],
-            momentum=hyper["momentum"],
-            rho=hyper["rho"],
-            weight_decay=hyper["weight_decay"],
-            backend=backend,
-        )
-    error = 0.0
-    for batch, factor, want in zip(golden["batches"], golden["lr_factor"], golden["trajectory"]):
-        for group in opt.param_groups:
-            group["lr"] = hyper["lr"] * factor
-        xb, yb = x[batch], y[batch]
-
-        def closure(xb=xb, yb=yb):
-            loss = torch.nn.functional.cross_entropy(model(xb), yb)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        for key in ("mean", "momentum") + (("precision",) if bayes else ()):
-            state_key = key if bayes or key != "mean" else "weight"
-            for pname, p in model.named_parameters():
-                ref = torch.tensor(want[key][pname], dtype=torch.float64)
-                error = max(error, (opt.state[p][state_key].double().cpu() - ref).abs().max().item())
-    return error
-
-
-@pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
-def test_golden_float64(name):
-    assert run_golden(name, "triton", torch.float64) < 1e-12
-
-
 @pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
 def test_golden_float32(name):
     """float32 through the triton tier: as close to the authors' trajectory as the eager tier in float32."""
-    eager = run_golden(name, "eager", torch.float32)
-    triton = run_golden(name, "triton", torch.float32)
+    eager = max(golden_errors(name, "eager", torch.float32, DEVICE).values())
+    triton = max(golden_errors(name, "triton", torch.float32, DEVICE).values())
     assert triton <= max(2 * eager, 1e-6), (triton, eager)
 
 
