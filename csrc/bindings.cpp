@@ -26,30 +26,36 @@ static const char* cuda_note() {
 }
 
 TORCH_LIBRARY(sambayes_C, m) {
+  // found_inf, inv_scale: float32 one-element tensors on the bucket's device (the step's flag, 1/scale)
   m.def(
       "bsam_sample(Tensor(a!)[] params, Tensor[] means, Tensor[] precisions, int[] offsets, float num_data, "
       "int seed) -> ()");
   m.def(
-      "bsam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] means, Tensor[] precisions, Tensor(b!)[] curvature_sums, "
-      "float rho, bool accumulate) -> ()");
+      "bsam_perturb(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] means, Tensor[] precisions, "
+      "Tensor(c!)[] curvature_sums, Tensor(d!) found_inf, Tensor inv_scale, float rho, bool accumulate) -> ()");
+  m.def("find_nonfinite(Tensor[] grads, Tensor(a!) found_inf) -> ()");
   m.def(
-      "bsam_update(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] means, Tensor(c!)[] precisions, "
-      "Tensor(d!)[] momentums, Tensor[] curvature_sums, float lr, float beta1, float beta2, float weight_decay, "
-      "float damping, int splits) -> ()");
+      "fold_grads(Tensor(a!)[] grads, Tensor(b!)[] grad_sums, Tensor(c!) found_inf, bool first, bool last) -> ()");
+  m.def(
+      "bsam_update(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] means, Tensor(d!)[] precisions, "
+      "Tensor(e!)[] momentums, Tensor[] curvature_sums, Tensor found_inf, Tensor inv_scale, float lr, float beta1, "
+      "float beta2, float weight_decay, float damping, int splits) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] weights) -> ()");
-  m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, bool adaptive) -> Tensor");
-  m.def("sam_perturb(Tensor(a!)[] params, Tensor[] grads, Tensor[] weights, Tensor scale, bool adaptive) -> ()");
+  m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, Tensor(a!) found_inf, Tensor inv_scale, bool adaptive) -> Tensor");
   m.def(
-      "sam_update_sgd(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] weights, Tensor(c!)[] momentums, float lr, "
-      "float momentum, float weight_decay, bool nesterov, int splits) -> ()");
+      "sam_perturb(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] weights, Tensor inv_scale, Tensor scale, "
+      "bool adaptive) -> ()");
   m.def(
-      "sam_update_adamw(Tensor(a!)[] params, Tensor[] grad_sums, Tensor(b!)[] weights, Tensor(c!)[] momentums, "
-      "Tensor(d!)[] variances, float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
-      "int splits) -> ()");
-  // z(seed, start + i) into a contiguous float32 tensor
+      "sam_update_sgd(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] weights, Tensor(d!)[] momentums, "
+      "Tensor found_inf, Tensor inv_scale, float lr, float momentum, float weight_decay, bool nesterov, int splits) -> ()");
+  m.def(
+      "sam_update_adamw(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] weights, Tensor(d!)[] momentums, "
+      "Tensor(e!)[] variances, Tensor found_inf, Tensor inv_scale, Tensor step, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, int splits) -> ()");
+  // z(seed, start + i) into a contiguous float32 tensor (ALGORITHM.md, "Noise", version 2)
   m.def("philox_randn_(Tensor(a!) out, int seed, int start) -> ()");
-  // the four Philox4x32-10 words per offset, int64 [n, 4]: a test hook
-  m.def("philox_words(Tensor offsets, int seed) -> Tensor");
+  // the four Philox4x32-10 words per counter, int64 [n, 4]: a test hook
+  m.def("philox_words(Tensor counters, int seed) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,10 +1,12 @@
-// The CPU kernels: one pass per phase over all tensors of a (device, dtype) group,
-// chunks spread over threads with at::parallel_for, and the per-element math of
-// sambayes_math.h in plain loops over raw pointers that the compiler vectorizes.
+// The CPU kernels: one pass per phase over all tensors of a bucket, chunks spread over
+// threads with at::parallel_for, and the per-element math of sambayes_math.h in plain
+// loops over raw pointers that the compiler vectorizes.
 //
 // The loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) with
 // target_clones; the dynamic loader picks the best for the machine at load time.
-// The Philox noise is the costly part; docs/cext.md has the measurements.
+// Phases that read a gradient unscale it (GradScaler), check it for inf/NaN (the step's
+// found-inf flag) and, where they consume it, zero it for the next backward pass; the
+// updates read the flag and leave the state alone on a skipped step.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -34,17 +36,19 @@ constexpr int64_t kNoiseBlock = 1 << 10;  // z drawn into an L1-resident buffer 
 template <typename P>
 using acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
 
-// ---- noise -------------------------------------------------------------------------------
+// ---- noise (ALGORITHM.md, "Noise", version 2) ---------------------------------------------
 
-constexpr int64_t kWordBlock = 256;  // Philox words of this many elements at a time, in L1
+constexpr int64_t kCounterBlock = 256;  // Philox calls drawn at a time into L1 (4 normals each)
 
-// Philox words 0 and 1 for counters (c0 + i, c1, 0, 0): the portable loop, vectorized by the compiler.
-SB_CLONES void philox_words01(uint32_t* __restrict w0, uint32_t* __restrict w1, int64_t n, uint32_t c0, uint32_t c1,
-                              uint32_t k0, uint32_t k1) {
+// The four Philox words for counters (c0 + i, c1, 0, 0), i < n: the portable loop, vectorized by the compiler.
+SB_CLONES void philox_block(uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2,
+                            uint32_t* __restrict w3, int64_t n, uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
   for (int64_t i = 0; i < n; ++i) {
     const PhiloxWords w = philox4x32_10(c0 + static_cast<uint32_t>(i), c1, k0, k1);
     w0[i] = w.w0;
     w1[i] = w.w1;
+    w2[i] = w.w2;
+    w3[i] = w.w3;
   }
 }
 
@@ -61,11 +65,12 @@ __attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// philox_words01 in AVX-512 intrinsics, 16 counters at a time: twice the compiler's speed, which
+// philox_block in AVX-512 intrinsics, 16 counters at a time: twice the compiler's speed, which
 // widens to 64-bit lanes. Same words as philox4x32_10 (checked by the noise tests).
-__attribute__((target("avx512f"))) void philox_words01_avx512(uint32_t* __restrict w0, uint32_t* __restrict w1,
-                                                              int64_t n, uint32_t c0, uint32_t c1, uint32_t k0,
-                                                              uint32_t k1) {
+__attribute__((target("avx512f"))) void philox_block_avx512(uint32_t* __restrict w0, uint32_t* __restrict w1,
+                                                            uint32_t* __restrict w2, uint32_t* __restrict w3,
+                                                            int64_t n, uint32_t c0, uint32_t c1, uint32_t k0,
+                                                            uint32_t k1) {
   const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
   const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -89,50 +94,62 @@ __attribute__((target("avx512f"))) void philox_words01_avx512(uint32_t* __restri
     }
     _mm512_storeu_si512(w0 + i, x0);
     _mm512_storeu_si512(w1 + i, x1);
+    _mm512_storeu_si512(w2 + i, x2);
+    _mm512_storeu_si512(w3 + i, x3);
   }
-  philox_words01(w0 + i, w1 + i, n - i, c0 + static_cast<uint32_t>(i), c1, k0, k1);
+  philox_block(w0 + i, w1 + i, w2 + i, w3 + i, n - i, c0 + static_cast<uint32_t>(i), c1, k0, k1);
 }
 #endif
 
+// Box-Muller on n calls' words: out[4i .. 4i + 3] = the four normals of call i.
 SB_CLONES void box_muller_block(float* __restrict out, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
-                                int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = randn_from_words(w0[i], w1[i]);
+                                const uint32_t* __restrict w2, const uint32_t* __restrict w3, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    normal_pair(w0[i], w1[i], out[4 * i], out[4 * i + 1]);
+    normal_pair(w2[i], w3[i], out[4 * i + 2], out[4 * i + 3]);
+  }
 }
 
-// out[i] = z(offset = (c1 << 32) | (c0 + i)); the caller keeps c0 + i from wrapping.
-void randn_block(float* out, int64_t n, uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+// out[0 .. 4n) = the normals of counters counter .. counter + n - 1 (the counter's low word must not wrap).
+void randn4x_block(float* out, int64_t n, uint64_t counter, uint32_t k0, uint32_t k1) {
 #ifdef SB_HAVE_AVX512_PHILOX
   static const bool avx512 = __builtin_cpu_supports("avx512f");
 #endif
-  alignas(64) uint32_t w0[kWordBlock], w1[kWordBlock];
-  for (int64_t i = 0; i < n; i += kWordBlock) {
-    const int64_t len = std::min(kWordBlock, n - i);
-    const uint32_t c = c0 + static_cast<uint32_t>(i);
+  alignas(64) uint32_t w0[kCounterBlock], w1[kCounterBlock], w2[kCounterBlock], w3[kCounterBlock];
+  const uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
 #ifdef SB_HAVE_AVX512_PHILOX
-    if (avx512) {
-      philox_words01_avx512(w0, w1, len, c, c1, k0, k1);
-    } else {
-      philox_words01(w0, w1, len, c, c1, k0, k1);
-    }
-#else
-    philox_words01(w0, w1, len, c, c1, k0, k1);
-#endif
-    box_muller_block(out + i, w0, w1, len);
+  if (avx512) {
+    philox_block_avx512(w0, w1, w2, w3, n, c0, c1, k0, k1);
+  } else {
+    philox_block(w0, w1, w2, w3, n, c0, c1, k0, k1);
   }
+#else
+  philox_block(w0, w1, w2, w3, n, c0, c1, k0, k1);
+#endif
+  box_muller_block(out, w0, w1, w2, w3, n);
 }
 
-// out[i] = z(start + i) for i < n, in blocks that never cross a multiple of 2^32 (c0 + i must not wrap).
+// out[i] = z of noise index start + i, for i < n (any start: lanes are picked from whole calls).
 void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
-  for (int64_t i = 0; i < n;) {
-    const uint64_t offset = static_cast<uint64_t>(start) + static_cast<uint64_t>(i);
-    const uint32_t lo = static_cast<uint32_t>(offset);
-    const int64_t len = std::min<int64_t>(n - i, static_cast<int64_t>((uint64_t{1} << 32) - lo));
-    randn_block(out + i, len, lo, static_cast<uint32_t>(offset >> 32), k0, k1);
-    i += len;
+  alignas(64) float z[4 * kCounterBlock];
+  int64_t i = 0;
+  while (i < n) {
+    const uint64_t index = static_cast<uint64_t>(start + i);
+    const uint64_t counter = index / 4;
+    const int64_t skip = static_cast<int64_t>(index % 4);
+    // whole calls, at most kCounterBlock, never across a wrap of the counter's low word
+    const int64_t calls_needed = (skip + (n - i) + 3) / 4;
+    const int64_t before_wrap = static_cast<int64_t>((uint64_t{1} << 32) - (counter & 0xFFFFFFFFu));
+    const int64_t calls = std::min({calls_needed, kCounterBlock, before_wrap});
+    randn4x_block(z, calls, counter, k0, k1);
+    const int64_t take = std::min(n - i, 4 * calls - skip);
+    std::copy(z + skip, z + skip + take, out + i);
+    i += take;
   }
 }
 
 // ---- per-phase loops (inlined into the clones below) --------------------------------------
+// `bad` collects "some value read was inf or NaN" as an or-reduction the compiler vectorizes.
 
 template <typename P, typename A>
 SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* __restrict precision,
@@ -143,27 +160,67 @@ SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* _
 }
 
 template <bool Accumulate, typename P, typename A>
-SB_HD void bsam_perturb_loop(P* __restrict param, const P* __restrict grad, const A* __restrict mean,
-                             const A* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho) {
+SB_HD bool bsam_perturb_loop(P* __restrict param, P* __restrict grad, const A* __restrict mean,
+                             const A* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho,
+                             A inv_scale) {
+  bool bad = false;
   for (int64_t i = 0; i < n; ++i) {
-    const A g = static_cast<A>(grad[i]);
+    const A g = static_cast<A>(grad[i]) * inv_scale;
+    bad |= !is_finite(g);
     param[i] = static_cast<P>(bsam_perturb_param<A>(g, mean[i], precision[i], rho));
     const A a = bsam_curvature<A>(g, precision[i]);
     curvature_sum[i] = Accumulate ? curvature_sum[i] + a : a;
+    grad[i] = P(0);  // consumed: the next backward pass accumulates into a zeroed buffer
   }
+  return bad;
+}
+
+template <typename P>
+SB_HD bool find_nonfinite_loop(const P* __restrict grad, int64_t n) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= !is_finite(static_cast<acc_t<P>>(grad[i]));
+  return bad;
+}
+
+// Stage 0: sum = g, g = 0; stage 1: sum += g, g = 0; stage 2 (last): g = sum + g.
+template <int Stage, typename P, typename A>
+SB_HD bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const A g = static_cast<A>(grad[i]);
+    bad |= !is_finite(g);
+    const A total = Stage == 0 ? g : grad_sum[i] + g;
+    if (Stage == 2) {
+      grad[i] = static_cast<P>(total);
+    } else {
+      grad_sum[i] = total;
+      grad[i] = P(0);
+    }
+  }
+  return bad;
 }
 
 template <typename P, typename A>
-SB_HD void bsam_update_loop(P* __restrict param, const P* __restrict grad, A* __restrict mean, A* __restrict precision,
+SB_HD void bsam_update_loop(P* __restrict param, P* __restrict grad, A* __restrict mean, A* __restrict precision,
                             A* __restrict momentum, const A* __restrict curvature_sum, int64_t n,
-                            const BsamUpdateCoeffs<A>& c) {
+                            const BsamUpdateCoeffs<A>& c, A inv_scale) {
   for (int64_t i = 0; i < n; ++i) {
     A m = mean[i], s = precision[i], gm = momentum[i];
-    bsam_update_element<A>(static_cast<A>(grad[i]), curvature_sum[i], m, s, gm, c);
+    bsam_update_element<A>(static_cast<A>(grad[i]) * inv_scale, curvature_sum[i], m, s, gm, c);
     mean[i] = m;
     precision[i] = s;
     momentum[i] = gm;
     param[i] = static_cast<P>(m);
+    grad[i] = P(0);
+  }
+}
+
+// A skipped step: the model back at rest, the gradient buffer zeroed, the state untouched.
+template <typename P, typename A>
+SB_HD void skip_loop(P* __restrict param, P* __restrict grad, const A* __restrict weight, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    param[i] = static_cast<P>(weight[i]);
+    grad[i] = P(0);
   }
 }
 
@@ -174,50 +231,63 @@ SB_HD void restore_loop(P* __restrict param, const A* __restrict weight, int64_t
 
 // Σ (T·g)² with 16 independent partial sums, so that the sum vectorizes without reassociation flags.
 template <bool Adaptive, typename P, typename A>
-SB_HD double sq_norm_loop(const P* __restrict grad, const A* __restrict weight, int64_t n) {
+SB_HD double sq_norm_loop(const P* __restrict grad, const A* __restrict weight, int64_t n, A inv_scale, bool& bad) {
   constexpr int kLanes = 16;
   A lanes[kLanes] = {};
+  bool any_bad = false;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += sam_sq_term<A>(static_cast<A>(grad[i + j]), weight[i + j], Adaptive);
+    for (int j = 0; j < kLanes; ++j) {
+      const A g = static_cast<A>(grad[i + j]) * inv_scale;
+      any_bad |= !is_finite(g);
+      lanes[j] += sam_sq_term<A>(g, weight[i + j], Adaptive);
+    }
   }
   double total = 0;
-  for (; i < n; ++i) total += sam_sq_term<A>(static_cast<A>(grad[i]), weight[i], Adaptive);
+  for (; i < n; ++i) {
+    const A g = static_cast<A>(grad[i]) * inv_scale;
+    any_bad |= !is_finite(g);
+    total += sam_sq_term<A>(g, weight[i], Adaptive);
+  }
   for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  bad = any_bad;
   return total;
 }
 
 template <bool Adaptive, typename P, typename A>
-SB_HD void sam_perturb_loop(P* __restrict param, const P* __restrict grad, const A* __restrict weight, int64_t n,
-                            A scale) {
+SB_HD void sam_perturb_loop(P* __restrict param, P* __restrict grad, const A* __restrict weight, int64_t n, A scale,
+                            A inv_scale) {
   for (int64_t i = 0; i < n; ++i) {
-    param[i] = static_cast<P>(sam_perturb_param<A>(static_cast<A>(grad[i]), weight[i], scale, Adaptive));
+    param[i] = static_cast<P>(sam_perturb_param<A>(static_cast<A>(grad[i]) * inv_scale, weight[i], scale, Adaptive));
+    grad[i] = P(0);
   }
 }
 
 template <bool Nesterov, typename P, typename A>
-SB_HD void sgd_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict buf, int64_t n,
-                    SgdCoeffs<A> c) {
+SB_HD void sgd_loop(P* __restrict param, P* __restrict grad, A* __restrict weight, A* __restrict buf, int64_t n,
+                    SgdCoeffs<A> c, A inv_scale) {
   c.nesterov = Nesterov;
   for (int64_t i = 0; i < n; ++i) {
     A w = weight[i], b = buf[i];
-    sam_sgd_element<A>(static_cast<A>(grad[i]), w, b, c);
+    sam_sgd_element<A>(static_cast<A>(grad[i]) * inv_scale, w, b, c);
     weight[i] = w;
     buf[i] = b;
     param[i] = static_cast<P>(w);
+    grad[i] = P(0);
   }
 }
 
 template <typename P, typename A>
-SB_HD void adamw_loop(P* __restrict param, const P* __restrict grad, A* __restrict weight, A* __restrict momentum,
-                      A* __restrict variance, int64_t n, const AdamwCoeffs<A>& c) {
+SB_HD void adamw_loop(P* __restrict param, P* __restrict grad, A* __restrict weight, A* __restrict momentum,
+                      A* __restrict variance, int64_t n, const AdamwCoeffs<A>& c, A inv_scale) {
   for (int64_t i = 0; i < n; ++i) {
     A w = weight[i], m = momentum[i], v = variance[i];
-    sam_adamw_element<A>(static_cast<A>(grad[i]), w, m, v, c);
+    sam_adamw_element<A>(static_cast<A>(grad[i]) * inv_scale, w, m, v, c);
     weight[i] = w;
     momentum[i] = m;
     variance[i] = v;
     param[i] = static_cast<P>(w);
+    grad[i] = P(0);
   }
 }
 
@@ -231,42 +301,53 @@ struct Kernels;
   SB_CLONES void sample_##TAG(P* p, const A_##TAG* m, const A_##TAG* s, const float* z, int64_t n, A_##TAG nd) {  \
     sample_loop<P, A_##TAG>(p, m, s, z, n, nd);                                                                    \
   }                                                                                                                \
-  SB_CLONES void bsam_perturb_##TAG(P* p, const P* g, const A_##TAG* m, const A_##TAG* s, A_##TAG* st, int64_t n, \
-                                    A_##TAG rho, bool acc) {                                                       \
-    if (acc)                                                                                                       \
-      bsam_perturb_loop<true, P, A_##TAG>(p, g, m, s, st, n, rho);                                                 \
-    else                                                                                                           \
-      bsam_perturb_loop<false, P, A_##TAG>(p, g, m, s, st, n, rho);                                                \
+  SB_CLONES bool bsam_perturb_##TAG(P* p, P* g, const A_##TAG* m, const A_##TAG* s, A_##TAG* cs, int64_t n,       \
+                                    A_##TAG rho, A_##TAG inv, bool acc) {                                          \
+    return acc ? bsam_perturb_loop<true, P, A_##TAG>(p, g, m, s, cs, n, rho, inv)                                  \
+               : bsam_perturb_loop<false, P, A_##TAG>(p, g, m, s, cs, n, rho, inv);                                \
   }                                                                                                                \
-  SB_CLONES void bsam_update_##TAG(P* p, const P* g, A_##TAG* m, A_##TAG* s, A_##TAG* gm, const A_##TAG* st,       \
-                                   int64_t n, const BsamUpdateCoeffs<A_##TAG>& c) {                                \
-    bsam_update_loop<P, A_##TAG>(p, g, m, s, gm, st, n, c);                                                        \
+  SB_CLONES bool find_nonfinite_##TAG(const P* g, int64_t n) { return find_nonfinite_loop<P>(g, n); }              \
+  SB_CLONES bool fold_##TAG(P* g, A_##TAG* sum, int64_t n, int stage) {                                            \
+    return stage == 0   ? fold_loop<0, P, A_##TAG>(g, sum, n)                                                      \
+           : stage == 1 ? fold_loop<1, P, A_##TAG>(g, sum, n)                                                      \
+                        : fold_loop<2, P, A_##TAG>(g, sum, n);                                                     \
   }                                                                                                                \
+  SB_CLONES void bsam_update_##TAG(P* p, P* g, A_##TAG* m, A_##TAG* s, A_##TAG* gm, const A_##TAG* cs, int64_t n, \
+                                   const BsamUpdateCoeffs<A_##TAG>& c, A_##TAG inv) {                              \
+    bsam_update_loop<P, A_##TAG>(p, g, m, s, gm, cs, n, c, inv);                                                   \
+  }                                                                                                                \
+  SB_CLONES void skip_##TAG(P* p, P* g, const A_##TAG* w, int64_t n) { skip_loop<P, A_##TAG>(p, g, w, n); }        \
   SB_CLONES void restore_##TAG(P* p, const A_##TAG* w, int64_t n) { restore_loop<P, A_##TAG>(p, w, n); }           \
-  SB_CLONES double sq_norm_##TAG(const P* g, const A_##TAG* w, int64_t n, bool adaptive) {                         \
-    return adaptive ? sq_norm_loop<true, P, A_##TAG>(g, w, n) : sq_norm_loop<false, P, A_##TAG>(g, w, n);          \
+  SB_CLONES double sq_norm_##TAG(const P* g, const A_##TAG* w, int64_t n, bool adaptive, A_##TAG inv, bool& bad) { \
+    return adaptive ? sq_norm_loop<true, P, A_##TAG>(g, w, n, inv, bad)                                            \
+                    : sq_norm_loop<false, P, A_##TAG>(g, w, n, inv, bad);                                          \
   }                                                                                                                \
-  SB_CLONES void sam_perturb_##TAG(P* p, const P* g, const A_##TAG* w, int64_t n, A_##TAG scale, bool adaptive) {  \
+  SB_CLONES void sam_perturb_##TAG(P* p, P* g, const A_##TAG* w, int64_t n, A_##TAG scale, bool adaptive,          \
+                                   A_##TAG inv) {                                                                  \
     if (adaptive)                                                                                                  \
-      sam_perturb_loop<true, P, A_##TAG>(p, g, w, n, scale);                                                       \
+      sam_perturb_loop<true, P, A_##TAG>(p, g, w, n, scale, inv);                                                  \
     else                                                                                                           \
-      sam_perturb_loop<false, P, A_##TAG>(p, g, w, n, scale);                                                      \
+      sam_perturb_loop<false, P, A_##TAG>(p, g, w, n, scale, inv);                                                 \
   }                                                                                                                \
-  SB_CLONES void sgd_##TAG(P* p, const P* g, A_##TAG* w, A_##TAG* b, int64_t n, const SgdCoeffs<A_##TAG>& c) {     \
+  SB_CLONES void sgd_##TAG(P* p, P* g, A_##TAG* w, A_##TAG* b, int64_t n, const SgdCoeffs<A_##TAG>& c,             \
+                           A_##TAG inv) {                                                                          \
     if (c.nesterov)                                                                                                \
-      sgd_loop<true, P, A_##TAG>(p, g, w, b, n, c);                                                                \
+      sgd_loop<true, P, A_##TAG>(p, g, w, b, n, c, inv);                                                           \
     else                                                                                                           \
-      sgd_loop<false, P, A_##TAG>(p, g, w, b, n, c);                                                               \
+      sgd_loop<false, P, A_##TAG>(p, g, w, b, n, c, inv);                                                          \
   }                                                                                                                \
-  SB_CLONES void adamw_##TAG(P* p, const P* g, A_##TAG* w, A_##TAG* m, A_##TAG* v, int64_t n,                      \
-                             const AdamwCoeffs<A_##TAG>& c) {                                                      \
-    adamw_loop<P, A_##TAG>(p, g, w, m, v, n, c);                                                                   \
+  SB_CLONES void adamw_##TAG(P* p, P* g, A_##TAG* w, A_##TAG* m, A_##TAG* v, int64_t n,                            \
+                             const AdamwCoeffs<A_##TAG>& c, A_##TAG inv) {                                         \
+    adamw_loop<P, A_##TAG>(p, g, w, m, v, n, c, inv);                                                              \
   }                                                                                                                \
   template <>                                                                                                      \
   struct Kernels<P> {                                                                                              \
     static constexpr auto sample = &sample_##TAG;                                                                  \
     static constexpr auto bsam_perturb = &bsam_perturb_##TAG;                                                      \
+    static constexpr auto find_nonfinite = &find_nonfinite_##TAG;                                                  \
+    static constexpr auto fold = &fold_##TAG;                                                                      \
     static constexpr auto bsam_update = &bsam_update_##TAG;                                                        \
+    static constexpr auto skip = &skip_##TAG;                                                                      \
     static constexpr auto restore = &restore_##TAG;                                                                \
     static constexpr auto sq_norm = &sq_norm_##TAG;                                                                \
     static constexpr auto sam_perturb = &sam_perturb_##TAG;                                                        \
@@ -281,7 +362,7 @@ SB_DEFINE_CPU_KERNELS(c10::Half, f16)
 
 #undef SB_DEFINE_CPU_KERNELS
 
-// ---- the group driver ---------------------------------------------------------------------
+// ---- the bucket driver --------------------------------------------------------------------
 
 // Run body(row, begin, end) over every chunk of the rows, chunks spread over the threads.
 template <int N, typename F>
@@ -295,6 +376,18 @@ void for_each_chunk(const std::vector<TensorRow<N>>& rows, F&& body) {
 template <typename T>
 T* at_(void* base, int64_t begin) {
   return static_cast<T*>(base) + begin;
+}
+
+// The step's flags, read and raised on the host: a CPU tensor is host memory.
+float read_scalar(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1, what,
+              " must be a float32 CPU tensor of one element");
+  return *t.data_ptr<float>();
+}
+
+void raise_flag(const at::Tensor& found_inf) {
+  float one = 1.0f;  // several threads may store it: an atomic store of the same value
+  __atomic_store(found_inf.data_ptr<float>(), &one, __ATOMIC_RELAXED);
 }
 
 #define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
@@ -324,27 +417,76 @@ void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList
 }
 
 void bsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                      at::TensorList curvature_sums, double rho, bool accumulate) {
+                      at::TensorList curvature_sums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                      double rho, bool accumulate) {
   check_group("bsam_perturb", params, {{"grads", grads}},
               {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
+  const float inv = read_scalar(inv_scale, "inv_scale");
+  read_scalar(found_inf, "found_inf");
   const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
     for_each_chunk(rows, [&](const TensorRow<5>& row, int64_t b, int64_t e) {
-      Kernels<P>::bsam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
-                               at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), e - b, static_cast<A>(rho), accumulate);
+      if (Kernels<P>::bsam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
+                                   at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), e - b, static_cast<A>(rho),
+                                   static_cast<A>(inv), accumulate)) {
+        raise_flag(found_inf);
+      }
     });
   });
 }
 
-void bsam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                     at::TensorList momentums, at::TensorList curvature_sums, double lr, double beta1, double beta2,
-                     double weight_decay, double damping, int64_t splits) {
-  check_group("bsam_update", params, {{"grads", grads}},
+void find_nonfinite_cpu(at::TensorList grads, const at::Tensor& found_inf) {
+  check_group("find_nonfinite", grads, {}, {});
+  read_scalar(found_inf, "found_inf");
+  const auto rows = make_rows<1>({grads});
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "find_nonfinite", [&] {
+    using P = scalar_t;
+    for_each_chunk(rows, [&](const TensorRow<1>& row, int64_t b, int64_t e) {
+      if (Kernels<P>::find_nonfinite(at_<P>(row.ptr[0], b), e - b)) raise_flag(found_inf);
+    });
+  });
+}
+
+void fold_grads_cpu(at::TensorList grads, at::TensorList grad_sums, const at::Tensor& found_inf, bool first,
+                    bool last) {
+  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
+  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+  read_scalar(found_inf, "found_inf");
+  const int stage = first ? 0 : last ? 2 : 1;
+  const auto rows = make_rows<2>({grads, grad_sums});
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "fold_grads", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    for_each_chunk(rows, [&](const TensorRow<2>& row, int64_t b, int64_t e) {
+      if (Kernels<P>::fold(at_<P>(row.ptr[0], b), at_<A>(row.ptr[1], b), e - b, stage)) raise_flag(found_inf);
+    });
+  });
+}
+
+// θ = the state word, the gradient buffer zeroed: a skipped step (rows' roles 0, 1 and `weight`).
+template <int N>
+void skip_step(const std::vector<TensorRow<N>>& rows, at::ScalarType dtype, int weight) {
+  SB_DISPATCH_PARAM_DTYPE(dtype, "skip", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    for_each_chunk(rows, [&](const TensorRow<N>& row, int64_t b, int64_t e) {
+      Kernels<P>::skip(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[weight], b), e - b);
+    });
+  });
+}
+
+void bsam_update_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
+                     at::TensorList momentums, at::TensorList curvature_sums, const at::Tensor& found_inf,
+                     const at::Tensor& inv_scale, double lr, double beta1, double beta2, double weight_decay,
+                     double damping, int64_t splits) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}},
               {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, curvature_sums});
+  const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
+  const float inv = read_scalar(inv_scale, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
@@ -353,7 +495,8 @@ void bsam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
     for_each_chunk(rows, [&](const TensorRow<6>& row, int64_t b, int64_t e) {
       Kernels<P>::bsam_update(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
-                              at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), at_<A>(row.ptr[5], b), e - b, c);
+                              at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), at_<A>(row.ptr[5], b), e - b, c,
+                              static_cast<A>(inv));
     });
   });
 }
@@ -370,8 +513,11 @@ void restore_cpu(at::TensorList params, at::TensorList weights) {
   });
 }
 
-at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, bool adaptive) {
+at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, const at::Tensor& found_inf,
+                           const at::Tensor& inv_scale, bool adaptive) {
   check_group("sam_sq_norm", grads, {}, {{"weights", weights}});
+  const float inv = read_scalar(inv_scale, "inv_scale");
+  read_scalar(found_inf, "found_inf");
   const auto rows = make_rows<2>({grads, weights});
   const auto chunks = plan_chunks(rows, kCpuChunk);
   // one partial per chunk, summed in chunk order: the result does not depend on the thread count
@@ -383,7 +529,10 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, bool ad
       for (int64_t c = lo; c < hi; ++c) {
         const auto& row = rows[chunks[c].row];
         const int64_t b = chunks[c].begin;
-        partial[c] = Kernels<P>::sq_norm(at_<P>(row.ptr[0], b), at_<A>(row.ptr[1], b), chunks[c].end - b, adaptive);
+        bool bad = false;
+        partial[c] = Kernels<P>::sq_norm(at_<P>(row.ptr[0], b), at_<A>(row.ptr[1], b), chunks[c].end - b, adaptive,
+                                         static_cast<A>(inv), bad);
+        if (bad) raise_flag(found_inf);
       }
     });
   });
@@ -392,27 +541,32 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, bool ad
   return at::scalar_tensor(total, weights[0].options());
 }
 
-void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& scale,
-                     bool adaptive) {
+void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
+                     const at::Tensor& scale, bool adaptive) {
   check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
-  TORCH_CHECK(scale.numel() == 1, "sam_perturb: scale must hold one number, got shape ", scale.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu() && scale.scalar_type() == weights[0].scalar_type(),
+              "sam_perturb: scale must be one number in the state dtype on the CPU, got ", scale.scalar_type());
+  const float inv = read_scalar(inv_scale, "inv_scale");
   const auto rows = make_rows<3>({params, grads, weights});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
-    const A s = scale.to(at::kCPU, weights[0].scalar_type()).item<A>();
+    const A s = *scale.data_ptr<A>();
     for_each_chunk(rows, [&](const TensorRow<3>& row, int64_t b, int64_t e) {
-      Kernels<P>::sam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), e - b, s, adaptive);
+      Kernels<P>::sam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), e - b, s, adaptive,
+                              static_cast<A>(inv));
     });
   });
 }
 
-void sam_update_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights,
-                        at::TensorList momentums, double lr, double momentum, double weight_decay, bool nesterov,
-                        int64_t splits) {
-  check_group("sam_update_sgd", params, {{"grads", grads}}, {{"weights", weights}, {"momentums", momentums}});
+void sam_update_sgd_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                        at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr,
+                        double momentum, double weight_decay, bool nesterov, int64_t splits) {
+  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
-  const auto rows = make_rows<4>({params, grads, weights, momentums});
+  const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
+  if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
+  const float inv = read_scalar(inv_scale, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_sgd", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
@@ -420,23 +574,30 @@ void sam_update_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                          static_cast<A>(weight_decay), nesterov};
     for_each_chunk(rows, [&](const TensorRow<4>& row, int64_t b, int64_t e) {
       Kernels<P>::sgd(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), at_<A>(row.ptr[3], b),
-                      e - b, c);
+                      e - b, c, static_cast<A>(inv));
     });
   });
 }
 
-void sam_update_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights,
-                          at::TensorList momentums, at::TensorList variances, double lr, double beta1, double beta2,
-                          double eps, double weight_decay, int64_t step, int64_t splits) {
-  check_group("sam_update_adamw", params, {{"grads", grads}},
+void sam_update_adamw_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                          at::TensorList momentums, at::TensorList variances, const at::Tensor& found_inf,
+                          const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
+                          double eps, double weight_decay, int64_t splits) {
+  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  TORCH_CHECK(splits >= 1 && step >= 1, "sam_update_adamw: splits and step must be >= 1");
-  const auto rows = make_rows<5>({params, grads, weights, momentums, variances});
+  TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
+  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "sam_update_adamw: step must be a float64 CPU tensor of one element");
+  const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
+  if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
+  const float inv = read_scalar(inv_scale, "inv_scale");
+  const double t = *step.data_ptr<double>();
+  TORCH_CHECK(t >= 1, "sam_update_adamw: step must be >= 1");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_adamw", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
-    const double bias1 = 1 - std::pow(beta1, static_cast<double>(step));
-    const double bias2 = 1 - std::pow(beta2, static_cast<double>(step));
+    const double bias1 = 1 - std::pow(beta1, t);
+    const double bias2 = 1 - std::pow(beta2, t);
     const AdamwCoeffs<A> c{static_cast<A>(splits),    static_cast<A>(1 - lr * weight_decay),
                            static_cast<A>(beta1),     static_cast<A>(1 - beta1),
                            static_cast<A>(beta2),     static_cast<A>(1 - beta2),
@@ -444,7 +605,7 @@ void sam_update_adamw_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                            static_cast<A>(lr / bias1)};
     for_each_chunk(rows, [&](const TensorRow<5>& row, int64_t b, int64_t e) {
       Kernels<P>::adamw(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), at_<A>(row.ptr[3], b),
-                        at_<A>(row.ptr[4], b), e - b, c);
+                        at_<A>(row.ptr[4], b), e - b, c, static_cast<A>(inv));
     });
   });
 }
@@ -461,17 +622,17 @@ void philox_randn_cpu(const at::Tensor& out, int64_t seed, int64_t start) {
   });
 }
 
-// The four Philox words of each offset, as int64 [n, 4] (unsigned 32-bit values): for tests.
-at::Tensor philox_words_cpu(const at::Tensor& offsets, int64_t seed) {
+// The four Philox words of each counter, as int64 [n, 4] (unsigned 32-bit values): for tests.
+at::Tensor philox_words_cpu(const at::Tensor& counters, int64_t seed) {
   const auto key = philox_key(seed);
   const uint32_t k0 = key.first, k1 = key.second;
-  const auto flat = offsets.to(at::kLong).contiguous();
+  const auto flat = counters.to(at::kLong).contiguous();
   auto out = at::empty({flat.numel(), 4}, flat.options());
-  const int64_t* off = flat.data_ptr<int64_t>();
+  const int64_t* counter = flat.data_ptr<int64_t>();
   int64_t* words = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < flat.numel(); ++i) {
-    const auto o = static_cast<uint64_t>(off[i]);
-    const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(o), static_cast<uint32_t>(o >> 32), k0, k1);
+    const auto c = static_cast<uint64_t>(counter[i]);
+    const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), k0, k1);
     words[4 * i + 0] = w.w0;
     words[4 * i + 1] = w.w1;
     words[4 * i + 2] = w.w2;
@@ -485,6 +646,8 @@ at::Tensor philox_words_cpu(const at::Tensor& offsets, int64_t seed) {
 TORCH_LIBRARY_IMPL(sambayes_C, CPU, m) {
   m.impl("bsam_sample", &bsam_sample_cpu);
   m.impl("bsam_perturb", &bsam_perturb_cpu);
+  m.impl("find_nonfinite", &find_nonfinite_cpu);
+  m.impl("fold_grads", &fold_grads_cpu);
   m.impl("bsam_update", &bsam_update_cpu);
   m.impl("restore", &restore_cpu);
   m.impl("sam_sq_norm", &sam_sq_norm_cpu);

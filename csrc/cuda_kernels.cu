@@ -1,18 +1,24 @@
-// The CUDA kernels: one launch per phase per (device, dtype) group for any number of
-// tensors. The group's rows (pointers, sizes, noise offsets) and chunks are uploaded
-// as one small table; block b handles chunk b. Where all of a row's pointers are
-// 16-byte aligned, each thread moves 16 bytes of state per load (4 float32 or 2
-// float64 elements) and the matching 8 bytes of bfloat16/float16; float32 math for
-// float32/bfloat16/float16 storage; 64-bit element indices throughout.
+// The CUDA kernels: one launch per phase per bucket for any number of tensors. The bucket's
+// rows (pointers, sizes, noise offsets) and chunks form one small device table, built once
+// per list of tensors and cached (the optimizers keep their tensors at fixed addresses), so
+// a steady-state launch copies nothing from the host. Block b handles chunk b. Where all of
+// a row's pointers are 16-byte aligned (decided per row), each thread moves 16 bytes of
+// state per load (4 float32 or 2 float64 elements) and the matching 8 bytes of
+// bfloat16/float16; float32 math for float32/bfloat16/float16 storage; 64-bit indices.
+// Phases that read a gradient unscale it, raise the step's found-inf flag on inf/NaN and,
+// where they consume it, zero it; the updates leave the state alone when the flag is set.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "multi_tensor.h"
 #include "sambayes_math.h"
@@ -42,22 +48,50 @@ __device__ __forceinline__ void store(void* base, int64_t i, const Pack<T, W>& p
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(base) + i) = pack;
 }
 
+template <typename T, int W>
+__device__ __forceinline__ void store_zero(void* base, int64_t i) {
+  Pack<T, W> zero;
+#pragma unroll
+  for (int j = 0; j < W; ++j) zero.v[j] = T(0);
+  store<T, W>(base, i, zero);
+}
+
+__device__ __forceinline__ void raise_flag(float* found_inf) { *found_inf = 1.0f; }
+
+// Lane k of a call's four normals, by selects: a dynamic index would put the array in local memory.
+__device__ __forceinline__ float lane(const float* z, uint64_t k) {
+  return k == 0 ? z[0] : k == 1 ? z[1] : k == 2 ? z[2] : z[3];
+}
+
 // ---- per-phase element ops: run<W> handles elements i .. i + W - 1 of one row ----------------
+// prepared() is called once per thread before the loop: it reads the step's device scalars.
 
 template <typename P, typename A>
 struct SampleOp {
   A num_data;
   uint32_t k0, k1;
+  __device__ SampleOp prepared() const { return *this; }
   template <int W>
   __device__ void run(const TensorRow<3>& row, int64_t i) const {
     const auto mean = load<A, W>(row.ptr[1], i);
     const auto precision = load<A, W>(row.ptr[2], i);
+    const uint64_t first = static_cast<uint64_t>(row.offset + i);
+    float z[W < 4 ? 4 : W];
+    if (W == 4 && first % 4 == 0) {  // the four normals of one Philox call
+      philox_randn4x(static_cast<uint32_t>(first / 4), static_cast<uint32_t>((first / 4) >> 32), k0, k1, z);
+    } else {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float lanes[4];
+        const uint64_t index = first + j;
+        philox_randn4x(static_cast<uint32_t>(index / 4), static_cast<uint32_t>((index / 4) >> 32), k0, k1, lanes);
+        z[j] = lane(lanes, index % 4);
+      }
+    }
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const uint64_t offset = static_cast<uint64_t>(row.offset + i + j);
-      const float z = philox_randn(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), k0, k1);
-      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z), num_data));
+      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z[j]), num_data));
     }
     store<P, W>(row.ptr[0], i, param);
   }
@@ -67,6 +101,14 @@ template <typename P, typename A>
 struct BsamPerturbOp {
   A rho;
   bool accumulate;
+  float* found_inf;
+  const float* inv_scale_ptr;
+  A inv_scale;
+  __device__ BsamPerturbOp prepared() const {
+    BsamPerturbOp op = *this;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
     const auto grad = load<P, W>(row.ptr[1], i);
@@ -75,43 +117,105 @@ struct BsamPerturbOp {
     Pack<A, W> curvature_sum;
     if (accumulate) curvature_sum = load<A, W>(row.ptr[4], i);
     Pack<P, W> param;
+    bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const A g = static_cast<A>(grad.v[j]);
+      const A g = static_cast<A>(grad.v[j]) * inv_scale;
+      bad |= !is_finite(g);
       param.v[j] = static_cast<P>(bsam_perturb_param<A>(g, mean.v[j], precision.v[j], rho));
       const A a = bsam_curvature<A>(g, precision.v[j]);
       curvature_sum.v[j] = accumulate ? curvature_sum.v[j] + a : a;
     }
+    if (bad) raise_flag(found_inf);
     store<P, W>(row.ptr[0], i, param);
     store<A, W>(row.ptr[4], i, curvature_sum);
+    store_zero<P, W>(row.ptr[1], i);
+  }
+};
+
+template <typename P, typename A>
+struct FindNonfiniteOp {
+  float* found_inf;
+  __device__ FindNonfiniteOp prepared() const { return *this; }
+  template <int W>
+  __device__ void run(const TensorRow<1>& row, int64_t i) const {
+    const auto grad = load<P, W>(row.ptr[0], i);
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < W; ++j) bad |= !is_finite(static_cast<A>(grad.v[j]));
+    if (bad) raise_flag(found_inf);
+  }
+};
+
+template <typename P, typename A>
+struct FoldOp {
+  float* found_inf;
+  int stage;  // 0: sum = g, g = 0; 1: sum += g, g = 0; 2 (last): g = sum + g
+  __device__ FoldOp prepared() const { return *this; }
+  template <int W>
+  __device__ void run(const TensorRow<2>& row, int64_t i) const {
+    auto grad = load<P, W>(row.ptr[0], i);
+    Pack<A, W> total;
+    if (stage != 0) total = load<A, W>(row.ptr[1], i);
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A g = static_cast<A>(grad.v[j]);
+      bad |= !is_finite(g);
+      total.v[j] = stage == 0 ? g : total.v[j] + g;
+      grad.v[j] = static_cast<P>(total.v[j]);
+    }
+    if (bad) raise_flag(found_inf);
+    if (stage == 2) {
+      store<P, W>(row.ptr[0], i, grad);
+    } else {
+      store<A, W>(row.ptr[1], i, total);
+      store_zero<P, W>(row.ptr[0], i);
+    }
   }
 };
 
 template <typename P, typename A>
 struct BsamUpdateOp {
   BsamUpdateCoeffs<A> c;
+  const float* found_inf;
+  const float* inv_scale_ptr;
+  bool skip;
+  A inv_scale;
+  __device__ BsamUpdateOp prepared() const {
+    BsamUpdateOp op = *this;
+    op.skip = *found_inf != 0.0f;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<6>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[1], i);
     auto mean = load<A, W>(row.ptr[2], i);
-    auto precision = load<A, W>(row.ptr[3], i);
-    auto momentum = load<A, W>(row.ptr[4], i);
-    const auto curvature_sum = load<A, W>(row.ptr[5], i);
+    if (!skip) {
+      const auto grad = load<P, W>(row.ptr[1], i);
+      auto precision = load<A, W>(row.ptr[3], i);
+      auto momentum = load<A, W>(row.ptr[4], i);
+      const auto curvature_sum = load<A, W>(row.ptr[5], i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        bsam_update_element<A>(static_cast<A>(grad.v[j]) * inv_scale, curvature_sum.v[j], mean.v[j], precision.v[j],
+                               momentum.v[j], c);
+      }
+      store<A, W>(row.ptr[2], i, mean);
+      store<A, W>(row.ptr[3], i, precision);
+      store<A, W>(row.ptr[4], i, momentum);
+    }
     Pack<P, W> param;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      bsam_update_element<A>(static_cast<A>(grad.v[j]), curvature_sum.v[j], mean.v[j], precision.v[j], momentum.v[j], c);
-      param.v[j] = static_cast<P>(mean.v[j]);
-    }
-    store<A, W>(row.ptr[2], i, mean);
-    store<A, W>(row.ptr[3], i, precision);
-    store<A, W>(row.ptr[4], i, momentum);
+    for (int j = 0; j < W; ++j) param.v[j] = static_cast<P>(mean.v[j]);
     store<P, W>(row.ptr[0], i, param);
+    store_zero<P, W>(row.ptr[1], i);
   }
 };
 
 template <typename P, typename A>
 struct RestoreOp {
+  __device__ RestoreOp prepared() const { return *this; }
   template <int W>
   __device__ void run(const TensorRow<2>& row, int64_t i) const {
     const auto weight = load<A, W>(row.ptr[1], i);
@@ -124,61 +228,101 @@ struct RestoreOp {
 
 template <typename P, typename A>
 struct SamPerturbOp {
-  const A* scale;  // on the device: no host sync
+  const A* scale_ptr;  // on the device: no host sync
+  const float* inv_scale_ptr;
   bool adaptive;
+  A scale, inv_scale;
+  __device__ SamPerturbOp prepared() const {
+    SamPerturbOp op = *this;
+    op.scale = *scale_ptr;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<3>& row, int64_t i) const {
     const auto grad = load<P, W>(row.ptr[1], i);
     const auto weight = load<A, W>(row.ptr[2], i);
-    const A s = *scale;
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      param.v[j] = static_cast<P>(sam_perturb_param<A>(static_cast<A>(grad.v[j]), weight.v[j], s, adaptive));
+      const A g = static_cast<A>(grad.v[j]) * inv_scale;
+      param.v[j] = static_cast<P>(sam_perturb_param<A>(g, weight.v[j], scale, adaptive));
     }
     store<P, W>(row.ptr[0], i, param);
+    store_zero<P, W>(row.ptr[1], i);
   }
 };
 
 template <typename P, typename A>
 struct SgdOp {
   SgdCoeffs<A> c;
+  const float* found_inf;
+  const float* inv_scale_ptr;
+  bool skip;
+  A inv_scale;
+  __device__ SgdOp prepared() const {
+    SgdOp op = *this;
+    op.skip = *found_inf != 0.0f;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<4>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[1], i);
     auto weight = load<A, W>(row.ptr[2], i);
-    auto buf = load<A, W>(row.ptr[3], i);
+    if (!skip) {
+      const auto grad = load<P, W>(row.ptr[1], i);
+      auto buf = load<A, W>(row.ptr[3], i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) sam_sgd_element<A>(static_cast<A>(grad.v[j]) * inv_scale, weight.v[j], buf.v[j], c);
+      store<A, W>(row.ptr[2], i, weight);
+      store<A, W>(row.ptr[3], i, buf);
+    }
     Pack<P, W> param;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      sam_sgd_element<A>(static_cast<A>(grad.v[j]), weight.v[j], buf.v[j], c);
-      param.v[j] = static_cast<P>(weight.v[j]);
-    }
-    store<A, W>(row.ptr[2], i, weight);
-    store<A, W>(row.ptr[3], i, buf);
+    for (int j = 0; j < W; ++j) param.v[j] = static_cast<P>(weight.v[j]);
     store<P, W>(row.ptr[0], i, param);
+    store_zero<P, W>(row.ptr[1], i);
   }
 };
 
 template <typename P, typename A>
 struct AdamwOp {
   AdamwCoeffs<A> c;
+  double lr, beta1, beta2;
+  const double* step;  // updates taken, counting this one: the bias corrections, without a host sync
+  const float* found_inf;
+  const float* inv_scale_ptr;
+  bool skip;
+  A inv_scale;
+  __device__ AdamwOp prepared() const {
+    AdamwOp op = *this;
+    op.skip = *found_inf != 0.0f;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    const double t = *step;
+    op.c.bias2 = static_cast<A>(1 - pow(beta2, t));
+    op.c.step_size = static_cast<A>(lr / (1 - pow(beta1, t)));
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[1], i);
     auto weight = load<A, W>(row.ptr[2], i);
-    auto momentum = load<A, W>(row.ptr[3], i);
-    auto variance = load<A, W>(row.ptr[4], i);
+    if (!skip) {
+      const auto grad = load<P, W>(row.ptr[1], i);
+      auto momentum = load<A, W>(row.ptr[3], i);
+      auto variance = load<A, W>(row.ptr[4], i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        sam_adamw_element<A>(static_cast<A>(grad.v[j]) * inv_scale, weight.v[j], momentum.v[j], variance.v[j], c);
+      }
+      store<A, W>(row.ptr[2], i, weight);
+      store<A, W>(row.ptr[3], i, momentum);
+      store<A, W>(row.ptr[4], i, variance);
+    }
     Pack<P, W> param;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      sam_adamw_element<A>(static_cast<A>(grad.v[j]), weight.v[j], momentum.v[j], variance.v[j], c);
-      param.v[j] = static_cast<P>(weight.v[j]);
-    }
-    store<A, W>(row.ptr[2], i, weight);
-    store<A, W>(row.ptr[3], i, momentum);
-    store<A, W>(row.ptr[4], i, variance);
+    for (int j = 0; j < W; ++j) param.v[j] = static_cast<P>(weight.v[j]);
     store<P, W>(row.ptr[0], i, param);
+    store_zero<P, W>(row.ptr[1], i);
   }
 };
 
@@ -186,43 +330,94 @@ struct AdamwOp {
 
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
 template <int N, int V, typename Op>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, Op op) {
+__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, Op op_) {
+  const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
   const TensorRow<N> row = rows[chunk.row];
   int64_t tail = chunk.begin;
   if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
     const int64_t vectors = (chunk.end - chunk.begin) / V;
+    if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+#pragma unroll 1
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+    } else {
 #pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
-    for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+    }
     tail = chunk.begin + vectors * V;
   }
   for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
 }
 
-// The rows and chunks as one device buffer, copied from pinned memory on the current stream.
-template <int N>
-std::pair<at::Tensor, const Chunk*> upload(const std::vector<TensorRow<N>>& rows, const std::vector<Chunk>& chunks,
-                                           at::Device device) {
-  const size_t row_bytes = rows.size() * sizeof(TensorRow<N>);
-  const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
-  auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)},
-                        at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
-  std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
-  auto table = host.to(device, /*non_blocking=*/true);
-  return {table, reinterpret_cast<const Chunk*>(table.data_ptr<uint8_t>() + row_bytes)};
+// ---- device tables, cached ------------------------------------------------------------------
+
+// The rows and chunks of a list of tensors as one device buffer. Built on a miss (a pinned
+// copy on the current stream), then reused: the key is the table's own content, so an equal
+// key means an identical table and a cached one is never stale.
+class TableCache {
+ public:
+  template <int N>
+  std::pair<const TensorRow<N>*, const Chunk*> get(const std::vector<TensorRow<N>>& rows,
+                                                   const std::vector<Chunk>& chunks, at::Device device) {
+    const size_t row_bytes = rows.size() * sizeof(TensorRow<N>);
+    const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
+    std::string key(sizeof(int64_t), '\0');
+    const int64_t index = device.index();
+    std::memcpy(key.data(), &index, sizeof(index));
+    key.append(reinterpret_cast<const char*>(rows.data()), row_bytes);  // chunks follow from the rows
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = entries_.find(key);
+    if (found == entries_.end()) {
+      auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)},
+                            at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
+      std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
+      order_.push_front(key);
+      found = entries_.emplace(key, Entry{host.to(device, /*non_blocking=*/true), order_.begin()}).first;
+      if (entries_.size() > kCapacity) {
+        entries_.erase(order_.back());
+        order_.pop_back();
+      }
+    } else {
+      order_.splice(order_.begin(), order_, found->second.position);  // most recently used
+    }
+    auto* base = found->second.table.data_ptr<uint8_t>();
+    return {reinterpret_cast<const TensorRow<N>*>(base), reinterpret_cast<const Chunk*>(base + row_bytes)};
+  }
+
+ private:
+  static constexpr size_t kCapacity = 256;
+  struct Entry {
+    at::Tensor table;
+    std::list<std::string>::iterator position;
+  };
+  std::mutex mutex_;
+  std::list<std::string> order_;
+  std::unordered_map<std::string, Entry> entries_;
+};
+
+TableCache& table_cache() {
+  static TableCache cache;
+  return cache;
 }
 
 template <int N, typename A, typename Op>
 void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op) {
   const auto chunks = plan_chunks(rows, kCudaChunk);
   if (chunks.empty()) return;
-  const auto [table, chunk_table] = upload(rows, chunks, device);
+  const auto [row_table, chunk_table] = table_cache().get(rows, chunks, device);
   constexpr int V = 16 / sizeof(A);
-  multi_tensor_kernel<N, V, Op><<<static_cast<unsigned>(chunks.size()), kThreads, 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const TensorRow<N>*>(table.data_ptr()), chunk_table, op);
+  multi_tensor_kernel<N, V, Op>
+      <<<static_cast<unsigned>(chunks.size()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(row_table,
+                                                                                                 chunk_table, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A one-element float32 tensor on the bucket's device (the found-inf flag, 1/scale).
+float* device_scalar(const at::Tensor& t, at::Device device, const char* what) {
+  TORCH_CHECK(t.device() == device && t.scalar_type() == at::kFloat && t.numel() == 1, what,
+              " must be a float32 tensor of one element on ", device);
+  return t.data_ptr<float>();
 }
 
 #define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
@@ -235,40 +430,73 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
               " params");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto key = philox_key(seed);
-  const uint32_t k0 = key.first, k1 = key.second;
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_sample", [&] {
     using A = acc_t<scalar_t>;
-    launch<3, A>(rows, params[0].device(), SampleOp<scalar_t, A>{static_cast<A>(num_data), k0, k1});
+    launch<3, A>(rows, params[0].device(), SampleOp<scalar_t, A>{static_cast<A>(num_data), key.first, key.second});
   });
 }
 
 void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                       at::TensorList curvature_sums, double rho, bool accumulate) {
+                       at::TensorList curvature_sums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                       double rho, bool accumulate) {
   check_group("bsam_perturb", params, {{"grads", grads}},
               {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
     using A = acc_t<scalar_t>;
-    launch<5, A>(rows, params[0].device(), BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate});
+    launch<5, A>(rows, device, BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate, flag, inv, A(1)});
   });
 }
 
-void bsam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
-                      at::TensorList momentums, at::TensorList curvature_sums, double lr, double beta1, double beta2,
-                      double weight_decay, double damping, int64_t splits) {
-  check_group("bsam_update", params, {{"grads", grads}},
+void find_nonfinite_cuda(at::TensorList grads, const at::Tensor& found_inf) {
+  check_group("find_nonfinite", grads, {}, {});
+  const auto device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto rows = make_rows<1>({grads});
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "find_nonfinite", [&] {
+    using A = acc_t<scalar_t>;
+    launch<1, A>(rows, device, FindNonfiniteOp<scalar_t, A>{flag});
+  });
+}
+
+void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::Tensor& found_inf, bool first,
+                     bool last) {
+  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
+  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+  const auto device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto rows = make_rows<2>({grads, grad_sums});
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "fold_grads", [&] {
+    using A = acc_t<scalar_t>;
+    launch<2, A>(rows, device, FoldOp<scalar_t, A>{flag, first ? 0 : last ? 2 : 1});
+  });
+}
+
+void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
+                      at::TensorList momentums, at::TensorList curvature_sums, const at::Tensor& found_inf,
+                      const at::Tensor& inv_scale, double lr, double beta1, double beta2, double weight_decay,
+                      double damping, int64_t splits) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}},
               {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto rows = make_rows<6>({params, grads, means, precisions, momentums, curvature_sums});
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  const float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
     using A = acc_t<scalar_t>;
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits),       static_cast<A>(lr),        static_cast<A>(beta1),
                                 static_cast<A>(1 - beta1),    static_cast<A>(beta2),     static_cast<A>(1 - beta2),
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
-    launch<6, A>(rows, params[0].device(), BsamUpdateOp<scalar_t, A>{c});
+    launch<6, A>(rows, device, BsamUpdateOp<scalar_t, A>{c, flag, inv, false, A(1)});
   });
 }
 
@@ -285,15 +513,21 @@ void restore_cuda(at::TensorList params, at::TensorList weights) {
 // One partial sum of (T·g)² per chunk, in double; the caller sums the partials.
 template <typename P, typename A>
 __global__ void __launch_bounds__(kThreads)
-    sq_norm_kernel(const TensorRow<2>* rows, const Chunk* chunks, bool adaptive, double* partial) {
+    sq_norm_kernel(const TensorRow<2>* rows, const Chunk* chunks, bool adaptive, const float* inv_scale_ptr,
+                   float* found_inf, double* partial) {
   const Chunk chunk = chunks[blockIdx.x];
   const TensorRow<2> row = rows[chunk.row];
   const P* grad = static_cast<const P*>(row.ptr[0]);
   const A* weight = static_cast<const A*>(row.ptr[1]);
+  const A inv_scale = static_cast<A>(*inv_scale_ptr);
   A sum = 0;
+  bool bad = false;
   for (int64_t i = chunk.begin + threadIdx.x; i < chunk.end; i += kThreads) {
-    sum += sam_sq_term<A>(static_cast<A>(grad[i]), weight[i], adaptive);
+    const A g = static_cast<A>(grad[i]) * inv_scale;
+    bad |= !is_finite(g);
+    sum += sam_sq_term<A>(g, weight[i], adaptive);
   }
+  if (bad) raise_flag(found_inf);
   __shared__ double warp_sums[kThreads / 32];
   double total = sum;
 #pragma unroll
@@ -307,79 +541,95 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, bool adaptive) {
+at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const at::Tensor& found_inf,
+                            const at::Tensor& inv_scale, bool adaptive) {
   check_group("sam_sq_norm", grads, {}, {{"weights", weights}});
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const auto device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<2>({grads, weights});
   const auto chunks = plan_chunks(rows, kCudaChunk);
   if (chunks.empty()) return at::zeros({}, weights[0].options());
-  const auto [table, chunk_table] = upload(rows, chunks, grads[0].device());
+  const auto [row_table, chunk_table] = table_cache().get(rows, chunks, device);
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   auto partial = at::empty({static_cast<int64_t>(chunks.size())}, weights[0].options().dtype(at::kDouble));
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
     using A = acc_t<scalar_t>;
     sq_norm_kernel<scalar_t, A><<<static_cast<unsigned>(chunks.size()), kThreads, 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const TensorRow<2>*>(table.data_ptr()), chunk_table, adaptive, partial.data_ptr<double>());
+                                  c10::cuda::getCurrentCUDAStream()>>>(row_table, chunk_table, adaptive, inv, flag,
+                                                                       partial.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // a fixed-order sum of the partials: deterministic
   return partial.sum().to(weights[0].scalar_type());
 }
 
-void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& scale,
-                      bool adaptive) {
+void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
+                      const at::Tensor& scale, bool adaptive) {
   check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
-  TORCH_CHECK(scale.numel() == 1, "sam_perturb: scale must hold one number, got shape ", scale.sizes());
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto device = params[0].device();
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == device && scale.scalar_type() == weights[0].scalar_type(),
+              "sam_perturb: scale must be one number in the state dtype on ", device);
+  const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<3>({params, grads, weights});
-  const auto scale_dev = scale.to(params[0].device(), weights[0].scalar_type()).contiguous();
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
     using A = acc_t<scalar_t>;
-    launch<3, A>(rows, params[0].device(), SamPerturbOp<scalar_t, A>{scale_dev.data_ptr<A>(), adaptive});
+    launch<3, A>(rows, device, SamPerturbOp<scalar_t, A>{scale.data_ptr<A>(), inv, adaptive, A(0), A(1)});
   });
 }
 
-void sam_update_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights,
-                         at::TensorList momentums, double lr, double momentum, double weight_decay, bool nesterov,
-                         int64_t splits) {
-  check_group("sam_update_sgd", params, {{"grads", grads}}, {{"weights", weights}, {"momentums", momentums}});
+void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                         at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                         double lr, double momentum, double weight_decay, bool nesterov, int64_t splits) {
+  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto rows = make_rows<4>({params, grads, weights, momentums});
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
+  const float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_sgd", [&] {
     using A = acc_t<scalar_t>;
     const SgdCoeffs<A> c{static_cast<A>(splits), static_cast<A>(lr), static_cast<A>(momentum),
                          static_cast<A>(weight_decay), nesterov};
-    launch<4, A>(rows, params[0].device(), SgdOp<scalar_t, A>{c});
+    launch<4, A>(rows, device, SgdOp<scalar_t, A>{c, flag, inv, false, A(1)});
   });
 }
 
-void sam_update_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights,
-                           at::TensorList momentums, at::TensorList variances, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int64_t step, int64_t splits) {
-  check_group("sam_update_adamw", params, {{"grads", grads}},
+void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                           at::TensorList momentums, at::TensorList variances, const at::Tensor& found_inf,
+                           const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, int64_t splits) {
+  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  TORCH_CHECK(splits >= 1 && step >= 1, "sam_update_adamw: splits and step must be >= 1");
-  const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto rows = make_rows<5>({params, grads, weights, momentums, variances});
+  TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
+  const auto device = params[0].device();
+  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "sam_update_adamw: step must be a float64 tensor of one element on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
+  const float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_adamw", [&] {
     using A = acc_t<scalar_t>;
-    const double bias1 = 1 - std::pow(beta1, static_cast<double>(step));
-    const double bias2 = 1 - std::pow(beta2, static_cast<double>(step));
+    // bias2 and step_size are filled in on the device from `step` (AdamwOp::prepared)
     const AdamwCoeffs<A> c{static_cast<A>(splits), static_cast<A>(1 - lr * weight_decay),
                            static_cast<A>(beta1),  static_cast<A>(1 - beta1),
                            static_cast<A>(beta2),  static_cast<A>(1 - beta2),
-                           static_cast<A>(bias2),  static_cast<A>(eps),
-                           static_cast<A>(lr / bias1)};
-    launch<5, A>(rows, params[0].device(), AdamwOp<scalar_t, A>{c});
+                           A(1),                   static_cast<A>(eps),
+                           A(1)};
+    launch<5, A>(rows, device, AdamwOp<scalar_t, A>{c, lr, beta1, beta2, step.data_ptr<double>(), flag, inv, false, A(1)});
   });
 }
 
 __global__ void philox_randn_kernel(float* out, int64_t n, uint64_t start, uint32_t k0, uint32_t k1) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t offset = start + static_cast<uint64_t>(i);
-    out[i] = philox_randn(static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), k0, k1);
+    const uint64_t index = start + static_cast<uint64_t>(i);
+    float lanes[4];
+    philox_randn4x(static_cast<uint32_t>(index / 4), static_cast<uint32_t>((index / 4) >> 32), k0, k1, lanes);
+    out[i] = lane(lanes, index % 4);
   }
 }
 
@@ -389,10 +639,9 @@ void philox_randn_cuda(const at::Tensor& out, int64_t seed, int64_t start) {
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const auto key = philox_key(seed);
-  const uint32_t k0 = key.first, k1 = key.second;
   const int64_t blocks = std::min<int64_t>((out.numel() + kThreads - 1) / kThreads, 65536);
   philox_randn_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), k0, k1);
+      out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -401,6 +650,8 @@ void philox_randn_cuda(const at::Tensor& out, int64_t seed, int64_t start) {
 TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
   m.impl("bsam_sample", &bsam_sample_cuda);
   m.impl("bsam_perturb", &bsam_perturb_cuda);
+  m.impl("find_nonfinite", &find_nonfinite_cuda);
+  m.impl("fold_grads", &fold_grads_cuda);
   m.impl("bsam_update", &bsam_update_cuda);
   m.impl("restore", &restore_cuda);
   m.impl("sam_sq_norm", &sam_sq_norm_cuda);

@@ -91,37 +91,53 @@ SB_HD float log_f32(float x) {
   return (f + y) + 0.693359375f * e;
 }
 
-// cos(x) for 0 <= x < 8192, float32, Cephes cosf (peak error about 1 ulp): octant
-// reduction with pi/4 in three parts, then the sine or cosine polynomial.
-SB_HD float cos_f32(float x) {
+// sin(x) and cos(x) for 0 <= x < 8192, float32, Cephes sinf/cosf (peak error about 1 ulp each):
+// one octant reduction with pi/4 in three parts, then the sine and cosine polynomials.
+SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
   int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
   j += j & 1;                                               // even octant: reduce to [-pi/4, pi/4]
   const float y = static_cast<float>(j);
   j &= 7;
-  const bool negate = j == 2 || j == 4;  // cos(x) over octants 0, 2, 4, 6 is cos r, -sin r, -cos r, sin r
-  const bool use_sin = j == 2 || j == 6;
   const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
   const float r2 = r * r;
   const float sin_r = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
   const float cos_r =
       ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 - 0.5f * r2 + 1.0f;
-  const float v = use_sin ? sin_r : cos_r;
-  return negate ? -v : v;
+  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
+  const bool swap = j == 2 || j == 6;
+  const float s = swap ? cos_r : sin_r;
+  const float c = swap ? sin_r : cos_r;
+  sin_x = (j == 4 || j == 6) ? -s : s;
+  cos_x = (j == 2 || j == 4) ? -c : c;
 }
 
-// Box-Muller on Philox words 0 and 1 (cosine branch), all in float32 as tl.randn does.
-SB_HD float randn_from_words(uint32_t w0, uint32_t w1) {
-  float u1 = uint_to_uniform(w0);
+// Box-Muller on one pair of Philox words, all in float32 as tl.randn4x does: (r cos θ, r sin θ).
+SB_HD void normal_pair(uint32_t a, uint32_t b, float& first, float& second) {
+  float u1 = uint_to_uniform(a);
   u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
-  const float u2 = uint_to_uniform(w1);
-  const float radius = -2.0f * log_f32(u1);
-  return sqrtf(radius) * cos_f32(6.2831855f * u2);
+  const float radius = sqrtf(-2.0f * log_f32(u1));
+  float sin_theta, cos_theta;
+  sincos_f32(6.2831855f * uint_to_uniform(b), sin_theta, cos_theta);
+  first = radius * cos_theta;
+  second = radius * sin_theta;
 }
 
-// z = tl.randn(seed, offset) with offset = (c1 << 32) | c0.
-SB_HD float philox_randn(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
-  const PhiloxWords w = philox4x32_10(c0, c1, k0, k1);
-  return randn_from_words(w.w0, w.w1);
+// z[0..3] = tl.randn4x(seed, counter) from the four Philox words of that counter (ALGORITHM.md,
+// "Noise", version 2): element i of a group takes z[i mod 4] of counter i div 4.
+SB_HD void randn4x_from_words(const PhiloxWords& w, float* z) {
+  normal_pair(w.w0, w.w1, z[0], z[1]);
+  normal_pair(w.w2, w.w3, z[2], z[3]);
+}
+
+// z[0..3] = tl.randn4x(seed, counter) with counter = (c1 << 32) | c0.
+SB_HD void philox_randn4x(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, float* z) {
+  randn4x_from_words(philox4x32_10(c0, c1, k0, k1), z);
+}
+
+// True for a finite value: x - x is NaN for inf and NaN (IEEE; the builds do not assume finite math).
+template <typename T>
+SB_HD bool is_finite(T x) {
+  return x - x == T(0);
 }
 
 // ---- bSAM ------------------------------------------------------------------------------

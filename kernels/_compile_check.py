@@ -26,6 +26,8 @@ from . import (
     bsam_perturb,
     bsam_sample,
     bsam_update,
+    find_nonfinite,
+    fold_grads,
     restore,
     sam_perturb,
     sam_sq_norm,
@@ -38,6 +40,8 @@ KERNELS = [
     (bsam_sample._bsam_sample_kernel, {}),
     (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
     (bsam_update._bsam_update_kernel, {}),
+    (find_nonfinite._find_nonfinite_kernel, {}),
+    (fold_grads._fold_grads_kernel, {"STAGE": 1}),
     (restore._restore_kernel, {}),
     (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
     (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
@@ -53,6 +57,10 @@ def _arg_type(param, state: str) -> str:
         return "*i64"
     if param.name in ("partials", "scale_ptr"):
         return "*" + state
+    if param.name in ("found_inf", "inv_scale_ptr"):
+        return "*fp32"
+    if param.name == "corrections_ptr":
+        return "*fp64"
     if param.name == "seed":
         return "i64"
     if param.name == "splits":

@@ -10,10 +10,22 @@ through a *tensor table*: one int64 device buffer laid out as
 where ``ptr_r`` is the address of the tensor's role ``r`` (param, grad, mean,
 ...). Program ``pid`` reads its pair, then its tensor's record, casts the
 addresses to typed pointers and processes ``BLOCK`` elements starting at
-``start``. The table is built on the host once per list of tensors and cached,
-keyed by its own content (addresses, sizes, noise offsets): a reallocated tensor
-changes the key, and an equal key means an identical table, so a cached table
-is never stale.
+``start``. A bucket's tensors are split by alignment, each part with its own
+table and launch: where every role of a tensor is 16-byte aligned its full blocks
+use 128-bit accesses, whatever the other tensors are.
+
+Tables are built on the host once per list of tensors and cached, keyed by their own
+content (addresses, sizes, noise offsets): a reallocated tensor changes the key, and
+an equal key means an identical table, so a cached table is never stale. The
+optimizers keep every tensor they pass (parameters, state, gradient buffers) at a
+fixed address, so in steady state every launch finds its table: no host work, no
+host-to-device copy.
+
+Noise (ALGORITHM.md, version 2): element i of a group takes lane i mod 4 of
+``tl.randn4x(seed, i div 4)``. For the sampling kernel the blocks of a tensor are
+placed in noise-index space: a tensor whose first element has noise index o starts
+at element -(o mod 4) (masked), so that every block begins on a multiple of 4 and
+draws its BLOCK normals from BLOCK/4 Philox calls.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK = 8192 if INTERPRETED else 1024
 NUM_WARPS = 4
-#: Cached tables (LRU): a few per optimizer and parameter group is the working set.
+#: Cached tables (LRU): a few per optimizer, parameter group and phase is the working set.
 _CACHE_SIZE = 256
 _cache: OrderedDict[tuple, TensorTable] = OrderedDict()
 
@@ -43,28 +55,21 @@ TL_DTYPES = {
 }
 
 
-class TensorTable:
-    """A device tensor table (see the module docstring) and what a launch needs from it."""
+class _Part:
+    """One launch's table: the tensors of a bucket that share an alignment."""
 
     __slots__ = ("_pinned", "aligned", "num_blocks", "table")
 
-    def __init__(self, roles: list[list[torch.Tensor]], noise_offsets: list[int] | None) -> None:
-        first = roles[0]
-        device = first[0].device
-        numels = torch.tensor([t.numel() for t in first], dtype=torch.int64)
-        for role in roles[1:]:
-            for a, b in zip(first, role):
-                if a.numel() != b.numel():
-                    raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
-        offsets = torch.tensor(noise_offsets if noise_offsets is not None else [0] * len(first), dtype=torch.int64)
-        ptrs = torch.tensor([[t.data_ptr() for t in role] for role in roles], dtype=torch.int64).reshape(len(roles), -1)
-        records = torch.cat([numels[None], offsets[None], ptrs]).T.reshape(-1)
-        blocks_per_tensor = (numels + BLOCK - 1) // BLOCK
+    def __init__(self, rows: list[tuple[int, int, list[int]]], shifts: list[int], aligned: bool, device) -> None:
+        numels = torch.tensor([numel for numel, _, _ in rows], dtype=torch.int64)
+        shift = torch.tensor(shifts, dtype=torch.int64)
+        records = torch.tensor([[numel, offset, *ptrs] for numel, offset, ptrs in rows], dtype=torch.int64)
+        blocks_per_tensor = (numels + shift + BLOCK - 1) // BLOCK
         num_blocks = int(blocks_per_tensor.sum())
-        tensor_index = torch.repeat_interleave(torch.arange(len(first), dtype=torch.int64), blocks_per_tensor)
+        tensor_index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), blocks_per_tensor)
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
-        start = (torch.arange(num_blocks, dtype=torch.int64) - first_block[tensor_index]) * BLOCK
-        host = torch.cat([torch.stack([tensor_index, start], 1).reshape(-1), records])
+        start = (torch.arange(num_blocks, dtype=torch.int64) - first_block[tensor_index]) * BLOCK - shift[tensor_index]
+        host = torch.cat([torch.stack([tensor_index, start], 1).reshape(-1), records.reshape(-1)])
         self._pinned = None
         if device.type == "cuda":
             # pinned + non_blocking: building a table never synchronises the host with the device
@@ -73,24 +78,53 @@ class TensorTable:
         else:
             self.table = host.to(device)
         self.num_blocks = num_blocks
-        # 16-byte aligned bases let the compiler emit 128-bit loads and stores
-        self.aligned = bool(all(t.data_ptr() % 16 == 0 for role in roles for t in role))
+        self.aligned = aligned
 
 
-def tensor_table(roles: list[list[torch.Tensor]], noise_offsets: list[int] | None = None) -> TensorTable:
-    """The (cached) table for parallel lists of tensors; ``roles[r][i]`` is role r of tensor i.
+class TensorTable:
+    """The device tables of a list of tensors (see the module docstring), one per alignment class."""
+
+    __slots__ = ("num_blocks", "parts")
+
+    def __init__(self, roles: list[list[torch.Tensor]], noise_offsets: list[int] | None, noise_blocks: bool) -> None:
+        first = roles[0]
+        for role in roles[1:]:
+            for a, b in zip(first, role):
+                if a.numel() != b.numel():
+                    raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
+        offsets = noise_offsets if noise_offsets is not None else [0] * len(first)
+        classes: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
+        for i, t in enumerate(first):
+            shift = offsets[i] % 4 if noise_blocks else 0
+            ptrs = [role[i].data_ptr() for role in roles]
+            # 16-byte aligned bases, and blocks that start on multiples of BLOCK: 128-bit accesses
+            aligned = shift == 0 and all(p % 16 == 0 for p in ptrs)
+            classes[aligned][0].append((t.numel(), offsets[i], ptrs))
+            classes[aligned][1].append(shift)
+        device = first[0].device
+        self.parts = [_Part(rows, shifts, aligned, device) for aligned, (rows, shifts) in classes.items() if rows]
+        self.parts = [part for part in self.parts if part.num_blocks]
+        self.num_blocks = sum(part.num_blocks for part in self.parts)
+
+
+def tensor_table(
+    roles: list[list[torch.Tensor]], noise_offsets: list[int] | None = None, *, noise_blocks: bool = False
+) -> TensorTable:
+    """The (cached) tables for parallel lists of tensors; ``roles[r][i]`` is role r of tensor i.
 
     All tensors must be contiguous; tensor i of every role has the same numel.
+    ``noise_blocks``: place blocks on multiples of 4 in noise-index space (the sampling kernel).
     """
     key = (
         roles[0][0].device,
+        noise_blocks,
         *(tuple(t.numel() for t in role) for role in roles),  # every role's sizes: checked when built
         tuple(noise_offsets) if noise_offsets is not None else None,
         *(tuple(t.data_ptr() for t in role) for role in roles),
     )
     entry = _cache.get(key)
     if entry is None:
-        entry = _cache[key] = TensorTable(roles, noise_offsets)
+        entry = _cache[key] = TensorTable(roles, noise_offsets, noise_blocks)
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     else:
@@ -98,20 +132,30 @@ def tensor_table(roles: list[list[torch.Tensor]], noise_offsets: list[int] | Non
     return entry
 
 
+def cached_tables() -> int:
+    """How many tables are cached (for tests: a steady training loop adds none)."""
+    return len(_cache)
+
+
 def launch(kernel, table: TensorTable, *args, param: torch.dtype, state: torch.dtype, **constexprs) -> None:
-    """``kernel[(one program per block)](table, *args, PARAM=, STATE=, ALIGNED=, BLOCK=, **constexprs)``.
+    """``kernel[(one program per block)](table, *args, PARAM=, STATE=, ALIGNED=, BLOCK=, **constexprs)``,
+    once per alignment class of the table.
 
     Hyperparameters go as Python floats to arguments annotated ``tl.float64``; the kernel
     rounds them to its math dtype with :func:`scalar`.
     """
-    if table.num_blocks == 0:
-        return
-    kernel[(table.num_blocks,)](
-        table.table,
+    for part in table.parts:
+        launch_part(kernel, part, *args, param=param, state=state, **constexprs)
+
+
+def launch_part(kernel, part: _Part, *args, param: torch.dtype, state: torch.dtype, **constexprs) -> None:
+    """:func:`launch` for one part of a table (a kernel that writes one value per block)."""
+    kernel[(part.num_blocks,)](
+        part.table,
         *args,
         PARAM=TL_DTYPES[param],
         STATE=TL_DTYPES[state],
-        ALIGNED=table.aligned,
+        ALIGNED=part.aligned,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
         **constexprs,
@@ -120,14 +164,17 @@ def launch(kernel, table: TensorTable, *args, param: torch.dtype, state: torch.d
 
 @triton.jit
 def locate(table, NUM_ROLES: tl.constexpr):
-    """(start, remaining, noise offset, record) of this program's block in the tensor table."""
+    """(start, remaining, noise index, record) of this program's block in the tensor table.
+
+    ``start`` may be negative (a sampling block placed on a multiple of 4 in noise space).
+    """
     pid = tl.program_id(0)
     index = tl.load(table + 2 * pid)
     start = tl.load(table + 2 * pid + 1)
     record = table + 2 * tl.num_programs(0) + index * (2 + NUM_ROLES)
     remaining = tl.load(record) - start
-    noise_offset = tl.load(record + 1) + start
-    return start, remaining, noise_offset, record
+    noise_index = tl.load(record + 1) + start
+    return start, remaining, noise_index, record
 
 
 @triton.jit
@@ -155,22 +202,40 @@ def for_block(
     BODY: tl.constexpr,
     pointers,
     scalars,
+    start,
     remaining,
-    noise_offset,
+    noise_index,
     STATE: tl.constexpr,
     OPTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``BODY(pointers, offs, mask, scalars, noise_offset, STATE, OPTION)`` on this program's block.
+    """``BODY(pointers, offs, mask, scalars, noise_index, STATE, OPTION)`` on this program's block.
 
     A full block runs without a mask, so that its loads and stores vectorize; only the
-    last block of a tensor runs masked. Returns what BODY returns.
+    first (when placed before the tensor's start) and last block of a tensor run masked.
+    Returns what BODY returns.
     """
     offs = tl.arange(0, BLOCK)
-    if remaining >= BLOCK:
-        return BODY(pointers, offs, None, scalars, noise_offset, STATE, OPTION)
+    if (start >= 0) & (remaining >= BLOCK):
+        return BODY(pointers, offs, None, scalars, noise_index, STATE, OPTION)
     else:
-        return BODY(pointers, offs, offs < remaining, scalars, noise_offset, STATE, OPTION)
+        return BODY(pointers, offs, (offs >= -start) & (offs < remaining), scalars, noise_index, STATE, OPTION)
+
+
+@triton.jit
+def randn_block(seed, noise_index, BLOCK: tl.constexpr):
+    """The BLOCK normals of noise indices ``noise_index .. noise_index + BLOCK - 1`` (a multiple of 4):
+    BLOCK/4 calls of ``tl.randn4x``, their four lanes interleaved in element order."""
+    counters = noise_index // 4 + tl.arange(0, BLOCK // 4)
+    z0, z1, z2, z3 = tl.randn4x(seed, counters.to(tl.int64))
+    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+
+
+@triton.jit
+def flag_nonfinite(x, found_inf):
+    """found_inf = 1 if any of ``x`` is inf or NaN (masked lanes must hold finite values)."""
+    if tl.max(tl.where(tl.abs(x) < float("inf"), 0.0, 1.0), axis=0) > 0:
+        tl.store(found_inf, 1.0)
 
 
 @triton.jit
@@ -224,3 +289,9 @@ def store(ptr, offs, value, mask):
         tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty))
     else:
         tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def zero(ptr, offs, mask):
+    """Store zeros in the pointer's dtype: a gradient buffer consumed, ready for the next backward pass."""
+    store(ptr, offs, tl.zeros([offs.shape[0]], tl.float32), mask)

@@ -1,11 +1,12 @@
-"""bSAM ascent: θ = m + ρ·g/s, and the curvature estimate sqrt(s)·|g| summed over sub-batches, in one pass.
+"""bSAM ascent: θ = m + ρ·g/s and the curvature estimate sqrt(s)·|g| summed over sub-batches,
+in one pass that also consumes the gradient: unscaled as read (GradScaler), checked for
+inf/NaN (the step's found-inf flag), and zeroed for the next backward pass.
 
-Bytes per parameter: reads g (param dtype), m, s (state), and for sub-batches
-after the first the running curvature sum; writes θ (param dtype) and the sum.
-float32: 20 B (24 B when accumulating); bfloat16/float16: 16 B (20 B). Minimal
-for the state layout: g is needed twice here (θ and the curvature), is read
-once, and is consumed now because the next backward pass overwrites it; the
-curvature cannot fold into s because s must stay the old precision until the update.
+Bytes per parameter: reads g (param dtype), m, s (state), and for sub-batches after
+the first the running curvature sum; writes θ and the zeroed g (param dtype) and the
+sum. float32: 24 B (28 B when accumulating); bfloat16/float16: 18 B (22 B). The
+curvature cannot fold into s because s must stay the old precision until the update;
+zeroing g here saves a separate pass before the next backward (which accumulates into it).
 """
 
 from __future__ import annotations
@@ -14,14 +15,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table
+from ._multi_tensor import (
+    div,
+    flag_nonfinite,
+    for_block,
+    launch,
+    load,
+    locate,
+    role_pointer,
+    scalar,
+    sqrt,
+    store,
+    tensor_table,
+    zero,
+)
 
 
 @triton.jit
-def _perturb_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
+def _perturb_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
     param, grad, mean, precision, curvature_sum = pointers
-    (rho,) = scalars
-    g = load(grad, offs, mask, STATE)
+    rho, found_inf, inv_scale = scalars
+    g = load(grad, offs, mask, STATE) * inv_scale
+    flag_nonfinite(g, found_inf)
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)
     # adversarial point, from the mean
@@ -31,11 +46,15 @@ def _perturb_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.conste
     if ACCUMULATE:
         a = load(curvature_sum, offs, mask, STATE) + a
     store(curvature_sum, offs, a, mask)
+    # the gradient is consumed: the perturbed-point pass accumulates into a zeroed buffer
+    zero(grad, offs, mask)
 
 
 @triton.jit
 def _bsam_perturb_kernel(
     table,
+    found_inf,
+    inv_scale_ptr,
     rho: tl.float64,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
@@ -51,7 +70,8 @@ def _bsam_perturb_kernel(
         role_pointer(record, start, 3, STATE, ALIGNED),
         role_pointer(record, start, 4, STATE, ALIGNED),
     )
-    for_block(_perturb_block, pointers, (scalar(rho, STATE),), remaining, 0, STATE, ACCUMULATE, BLOCK)
+    scalars = (scalar(rho, STATE), found_inf, tl.load(inv_scale_ptr).to(STATE))
+    for_block(_perturb_block, pointers, scalars, start, remaining, 0, STATE, ACCUMULATE, BLOCK)
 
 
 def bsam_perturb(
@@ -60,20 +80,26 @@ def bsam_perturb(
     means: list[torch.Tensor],
     precisions: list[torch.Tensor],
     curvature_sums: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
     *,
     rho: float,
     accumulate: bool,
 ) -> None:
-    """θ_i = m_i + ρ·g_i/s_i and curvature_sum_i (+)= sqrt(s_i)·|g_i| for every tensor, one launch.
+    """θ_i = m_i + ρ·g_i/s_i and curvature_sum_i (+)= sqrt(s_i)·|g_i| for every tensor, g = grad·inv_scale;
+    found_inf = 1 if any g is inf or NaN; grads zeroed.
 
     ``params``, ``grads``: contiguous, one dtype (float64/32, bf16, fp16); ``means``,
     ``precisions``, ``curvature_sums``: contiguous state tensors (float64 for float64 params,
-    float32 otherwise). ``accumulate=False`` overwrites the sum (first sub-batch).
+    float32 otherwise); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
+    ``accumulate=False`` overwrites the sum (first sub-batch).
     """
     table = tensor_table([params, grads, means, precisions, curvature_sums])
     launch(
         _bsam_perturb_kernel,
         table,
+        found_inf,
+        inv_scale,
         float(rho),
         param=params[0].dtype,
         state=means[0].dtype,

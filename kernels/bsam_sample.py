@@ -1,9 +1,10 @@
-"""bSAM noisy sample: θ = m + z / sqrt(N·s), z ~ N(0, I) drawn in-kernel (Philox, ``tl.randn``).
+"""bSAM noisy sample: θ = m + z / sqrt(N·s), z ~ N(0, I) drawn in-kernel (Philox, ``tl.randn4x``).
 
 Bytes per parameter: reads mean and precision (2 state words), writes θ (1 param
 word): 12 B for float32 parameters, 10 B for bfloat16/float16. Minimal: the
 sample depends on m and s elementwise and must land in the parameter, and z
-costs no traffic because it is generated from (seed, element index).
+costs no traffic because it is generated from (seed, element index): one Philox
+call per four elements (ALGORITHM.md, "Noise", version 2).
 """
 
 from __future__ import annotations
@@ -12,16 +13,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table
+from ._multi_tensor import (
+    div,
+    for_block,
+    launch,
+    load,
+    locate,
+    randn_block,
+    role_pointer,
+    scalar,
+    sqrt,
+    store,
+    tensor_table,
+)
 
 
 @triton.jit
-def _sample_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+def _sample_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, BLOCK: tl.constexpr):
     param, mean, precision = pointers
     seed, num_data = scalars
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)  # masked lanes: no division by zero
-    z = tl.randn(seed, noise_offset + offs).to(STATE)
+    z = randn_block(seed, noise_index, BLOCK).to(STATE)
     # noisy sample
     store(param, offs, m + div(z, sqrt(num_data * s)), mask)
 
@@ -36,14 +49,14 @@ def _bsam_sample_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, remaining, noise_offset, record = locate(table, 3)
+    start, remaining, noise_index, record = locate(table, 3)
     pointers = (
         role_pointer(record, start, 0, PARAM, ALIGNED),
         role_pointer(record, start, 1, STATE, ALIGNED),
         role_pointer(record, start, 2, STATE, ALIGNED),
     )
     scalars = (seed, scalar(num_data, STATE))
-    for_block(_sample_block, pointers, scalars, remaining, noise_offset, STATE, False, BLOCK)
+    for_block(_sample_block, pointers, scalars, start, remaining, noise_index, STATE, BLOCK, BLOCK)
 
 
 def bsam_sample(
@@ -55,13 +68,13 @@ def bsam_sample(
     num_data: float,
     seed: int,
 ) -> None:
-    """θ_i = m_i + z / sqrt(N·s_i) for every tensor, one launch.
+    """θ_i = m_i + z / sqrt(N·s_i) for every tensor, one launch per alignment class.
 
     ``params``: contiguous float64/32, bf16 or fp16 tensors, written in place;
     ``means``, ``precisions``: contiguous state tensors of the same shapes (float64
     for float64 params, float32 otherwise); ``offsets[i]``: index of tensor i's
-    first element in the group's flat concatenation (z of element k of tensor i
-    is ``tl.randn(seed, offsets[i] + k)``); ``seed``: 0 <= seed < 2^63.
+    first element in the group's flat concatenation (element k of tensor i takes
+    lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63.
     """
-    table = tensor_table([params, means, precisions], offsets)
+    table = tensor_table([params, means, precisions], offsets, noise_blocks=True)
     launch(_bsam_sample_kernel, table, seed, float(num_data), param=params[0].dtype, state=means[0].dtype)

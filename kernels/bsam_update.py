@@ -1,11 +1,11 @@
 """bSAM update: momentum, mean (with the old precision), precision and θ = m in one pass,
-with the means over sub-batches folded in.
+with the means over sub-batches folded in; on a skipped step (the step's found-inf flag
+is set) the state stays as it was and θ = m. The gradient buffer is zeroed for the next step.
 
-Bytes per parameter: reads h (the perturbed-gradient sum, param dtype), m, s,
-g_m and the curvature sum (state); writes g_m, m, s (state) and θ (param dtype).
-float32: 36 B; bfloat16/float16: 32 B. Minimal for the state layout: the three
-state words are read and written once each, the gradient sum and the curvature
-sum are read once, and the parameter is written once.
+Bytes per parameter: reads h (the perturbed-gradient sum, param dtype), m, s, g_m and
+the curvature sum (state); writes g_m, m, s (state), θ and the zeroed h (param dtype).
+float32: 40 B; bfloat16/float16: 34 B. Minimal for the state layout: the three state
+words are read and written once each, the sums are read once, the parameter written once.
 """
 
 from __future__ import annotations
@@ -14,35 +14,39 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table, zero
 
 
 @triton.jit
-def _update_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
     param, grad_sum, mean, precision, momentum, curvature_sum = pointers
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits = scalars
-    # the means over the sub-batches
-    h = div(load(grad_sum, offs, mask, STATE), splits)
-    a = div(load(curvature_sum, offs, mask, STATE), splits)
+    run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits = scalars
     m = load(mean, offs, mask, STATE)
-    s = load(precision, offs, mask, STATE, 1.0)
-    g_m = load(momentum, offs, mask, STATE)
-    # momentum
-    g_m = beta1 * g_m + one_minus_beta1 * (h + weight_decay * m)
-    # mean step, divided by the precision before this step's update
-    m = m - div(lr * g_m, s)
-    # precision
-    s = beta2 * s + one_minus_beta2 * (a + weight_decay + damping)
-    store(momentum, offs, g_m, mask)
-    store(mean, offs, m, mask)
-    store(precision, offs, s, mask)
-    # the model holds the mean between steps
+    if run:
+        # the means over the sub-batches
+        h = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits)
+        a = div(load(curvature_sum, offs, mask, STATE), splits)
+        s = load(precision, offs, mask, STATE, 1.0)
+        g_m = load(momentum, offs, mask, STATE)
+        # momentum
+        g_m = beta1 * g_m + one_minus_beta1 * (h + weight_decay * m)
+        # mean step, divided by the precision before this step's update
+        m = m - div(lr * g_m, s)
+        # precision
+        s = beta2 * s + one_minus_beta2 * (a + weight_decay + damping)
+        store(momentum, offs, g_m, mask)
+        store(mean, offs, m, mask)
+        store(precision, offs, s, mask)
+    # the model holds the mean between steps (on a skipped step: the old mean)
     store(param, offs, m, mask)
+    zero(grad_sum, offs, mask)
 
 
 @triton.jit
 def _bsam_update_kernel(
     table,
+    found_inf,
+    inv_scale_ptr,
     lr: tl.float64,
     beta1: tl.float64,
     one_minus_beta1: tl.float64,
@@ -66,6 +70,8 @@ def _bsam_update_kernel(
         role_pointer(record, start, 5, STATE, ALIGNED),
     )
     scalars = (
+        tl.load(found_inf) == 0,  # not a skipped step
+        tl.load(inv_scale_ptr).to(STATE),
         scalar(lr, STATE),
         scalar(beta1, STATE),
         scalar(one_minus_beta1, STATE),
@@ -75,7 +81,7 @@ def _bsam_update_kernel(
         scalar(damping, STATE),
         tl.cast(splits, STATE),
     )
-    for_block(_update_block, pointers, scalars, remaining, 0, STATE, False, BLOCK)
+    for_block(_update_block, pointers, scalars, start, remaining, 0, STATE, False, BLOCK)
 
 
 def bsam_update(
@@ -85,6 +91,8 @@ def bsam_update(
     precisions: list[torch.Tensor],
     momentums: list[torch.Tensor],
     curvature_sums: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
     *,
     lr: float,
     beta1: float,
@@ -93,23 +101,25 @@ def bsam_update(
     damping: float,
     splits: int,
 ) -> None:
-    """The bSAM update of every tensor, one launch (see ALGORITHM.md)::
+    """The bSAM update of every tensor, one launch per alignment class (see ALGORITHM.md)::
 
-        h = grad_sum / splits ;  a = curvature_sum / splits
+        h = grad_sum·inv_scale / splits ;  a = curvature_sum / splits
         momentum  = β1·momentum + (1 − β1)·(h + δ·mean)
         mean      = mean − lr·momentum / precision
         precision = β2·precision + (1 − β2)·(a + δ + γ)
-        param     = mean
+        param     = mean ;  grad_sum = 0
 
-    ``params``, ``grad_sums`` (sum over sub-batches of the perturbed-point gradients):
-    contiguous, one dtype; the state tensors: contiguous, float64 for float64 params,
-    float32 otherwise.
+    or, when ``found_inf`` is set, only ``param = mean; grad_sum = 0``. ``params``,
+    ``grad_sums``: contiguous, one dtype; the state tensors: contiguous, float64 for
+    float64 params, float32 otherwise; ``found_inf``, ``inv_scale``: float32 0-dim tensors.
     """
     table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums])
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     launch(
         _bsam_update_kernel,
         table,
+        found_inf,
+        inv_scale,
         *(float(x) for x in scalars),
         int(splits),
         param=params[0].dtype,

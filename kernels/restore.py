@@ -14,7 +14,7 @@ from ._multi_tensor import for_block, launch, load, locate, role_pointer, store,
 
 
 @triton.jit
-def _restore_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+def _restore_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
     param, weight = pointers
     store(param, offs, load(weight, offs, mask, STATE), mask)
 
@@ -23,7 +23,7 @@ def _restore_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.conste
 def _restore_kernel(table, PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     start, remaining, _, record = locate(table, 2)
     pointers = (role_pointer(record, start, 0, PARAM, ALIGNED), role_pointer(record, start, 1, STATE, ALIGNED))
-    for_block(_restore_block, pointers, (), remaining, 0, STATE, False, BLOCK)
+    for_block(_restore_block, pointers, (), start, remaining, 0, STATE, False, BLOCK)
 
 
 def restore(params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:

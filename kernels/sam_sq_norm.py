@@ -1,4 +1,5 @@
-"""SAM's squared global gradient norm, Σ (T·g)² with T = |w| (adaptive) or 1, in two stages on the device.
+"""SAM's squared global gradient norm, Σ (T·g)² with T = |w| (adaptive) or 1, in two stages on
+the device; g is unscaled as read (GradScaler) and checked for inf/NaN (the step's found-inf flag).
 
 Bytes per parameter: reads g (param dtype), and w when adaptive: 4 B (8 B) for
 float32 parameters. Minimal: the norm needs every gradient before any parameter
@@ -12,13 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import for_block, launch, load, locate, role_pointer, tensor_table
+from ._multi_tensor import flag_nonfinite, for_block, launch_part, load, locate, role_pointer, tensor_table
 
 
 @triton.jit
-def _sq_norm_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, ADAPTIVE: tl.constexpr):
+def _sq_norm_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, ADAPTIVE: tl.constexpr):
     grad, weight = pointers
-    tg = load(grad, offs, mask, STATE)
+    found_inf, inv_scale = scalars
+    tg = load(grad, offs, mask, STATE) * inv_scale
+    flag_nonfinite(tg, found_inf)
     if ADAPTIVE:
         tg = tg * tl.abs(load(weight, offs, mask, STATE))
     # masked lanes read 0 and add nothing
@@ -29,6 +32,8 @@ def _sq_norm_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.conste
 def _sq_norm_kernel(
     table,
     partials,
+    found_inf,
+    inv_scale_ptr,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ADAPTIVE: tl.constexpr,
@@ -37,14 +42,37 @@ def _sq_norm_kernel(
 ):
     start, remaining, _, record = locate(table, 2)
     pointers = (role_pointer(record, start, 0, PARAM, ALIGNED), role_pointer(record, start, 1, STATE, ALIGNED))
+    scalars = (found_inf, tl.load(inv_scale_ptr).to(STATE))
     # first stage: one partial sum per block
-    tl.store(partials + tl.program_id(0), for_block(_sq_norm_block, pointers, (), remaining, 0, STATE, ADAPTIVE, BLOCK))
+    partial = for_block(_sq_norm_block, pointers, scalars, start, remaining, 0, STATE, ADAPTIVE, BLOCK)
+    tl.store(partials + tl.program_id(0), partial)
 
 
-def sam_sq_norm(grads: list[torch.Tensor], weights: list[torch.Tensor], *, adaptive: bool) -> torch.Tensor:
-    """Σ (T·g)² over all tensors (T = |w| if adaptive else 1) as a 0-dim tensor in the state dtype."""
+def sam_sq_norm(
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
+    *,
+    adaptive: bool,
+) -> torch.Tensor:
+    """Σ (T·g)² over all tensors (g = grad·inv_scale, T = |w| if adaptive else 1) as a 0-dim tensor
+    in the state dtype; found_inf = 1 if any g is inf or NaN."""
     table = tensor_table([grads, weights])
-    partials = torch.zeros(max(table.num_blocks, 1), dtype=weights[0].dtype, device=weights[0].device)
-    launch(_sq_norm_kernel, table, partials, param=grads[0].dtype, state=weights[0].dtype, ADAPTIVE=bool(adaptive))
+    state = weights[0].dtype
+    partials = torch.zeros(max(table.num_blocks, 1), dtype=state, device=weights[0].device)
+    first = 0
+    for part in table.parts:  # one launch per alignment class, each into its own partials
+        launch_part(
+            _sq_norm_kernel,
+            part,
+            partials[first:],
+            found_inf,
+            inv_scale,
+            param=grads[0].dtype,
+            state=state,
+            ADAPTIVE=bool(adaptive),
+        )
+        first += part.num_blocks
     # second stage
     return partials.sum()

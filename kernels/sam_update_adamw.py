@@ -1,8 +1,10 @@
-"""SAM with an AdamW base: AdamW on the mean perturbed-point gradient, then θ = w, in one pass.
+"""SAM with an AdamW base: AdamW on the mean perturbed-point gradient, then θ = w, in one pass;
+on a skipped step (found-inf set) the state stays and θ = w. The gradient buffer is zeroed.
 
 Bytes per parameter: reads the gradient sum (param dtype), w, momentum and
-variance (state); writes w, momentum, variance (state) and θ (param dtype): 32 B
-for float32 parameters. Minimal: each state word is read and written once.
+variance (state); writes w, momentum, variance (state), θ and the zeroed sum:
+36 B for float32 parameters. Minimal: each state word is read and written once.
+The bias corrections come from the step count, a 0-dim device tensor (no host sync).
 """
 
 from __future__ import annotations
@@ -11,37 +13,41 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table, zero
 
 
 @triton.jit
-def _adamw_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, OPTION: tl.constexpr):
+def _adamw_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
     param, grad_sum, weight, momentum, variance = pointers
-    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, splits = scalars
-    h = div(load(grad_sum, offs, mask, STATE), splits)
-    # decoupled weight decay
-    w = load(weight, offs, mask, STATE) * decay
-    m = beta1 * load(momentum, offs, mask, STATE) + one_minus_beta1 * h
-    v = beta2 * load(variance, offs, mask, STATE) + one_minus_beta2 * h * h
-    denom = sqrt(div(v, bias2)) + eps
-    w = w - div(step_size * m, denom)
-    store(momentum, offs, m, mask)
-    store(variance, offs, v, mask)
-    store(weight, offs, w, mask)
+    run, inv_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, splits = scalars
+    w = load(weight, offs, mask, STATE)
+    if run:
+        h = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits)
+        # decoupled weight decay
+        w = w * decay
+        m = beta1 * load(momentum, offs, mask, STATE) + one_minus_beta1 * h
+        v = beta2 * load(variance, offs, mask, STATE) + one_minus_beta2 * h * h
+        denom = sqrt(div(v, bias2)) + eps
+        w = w - div(step_size * m, denom)
+        store(momentum, offs, m, mask)
+        store(variance, offs, v, mask)
+        store(weight, offs, w, mask)
     store(param, offs, w, mask)
+    zero(grad_sum, offs, mask)
 
 
 @triton.jit
 def _sam_update_adamw_kernel(
     table,
+    found_inf,
+    inv_scale_ptr,
+    corrections_ptr,
     decay: tl.float64,
     beta1: tl.float64,
     one_minus_beta1: tl.float64,
     beta2: tl.float64,
     one_minus_beta2: tl.float64,
-    bias2: tl.float64,
     eps: tl.float64,
-    step_size: tl.float64,
     splits,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
@@ -57,17 +63,19 @@ def _sam_update_adamw_kernel(
         role_pointer(record, start, 4, STATE, ALIGNED),
     )
     scalars = (
+        tl.load(found_inf) == 0,  # not a skipped step
+        tl.load(inv_scale_ptr).to(STATE),
         scalar(decay, STATE),
         scalar(beta1, STATE),
         scalar(one_minus_beta1, STATE),
         scalar(beta2, STATE),
         scalar(one_minus_beta2, STATE),
-        scalar(bias2, STATE),
+        tl.load(corrections_ptr).to(STATE),  # 1 − β2^step
         scalar(eps, STATE),
-        scalar(step_size, STATE),
+        tl.load(corrections_ptr + 1).to(STATE),  # lr / (1 − β1^step)
         tl.cast(splits, STATE),
     )
-    for_block(_adamw_block, pointers, scalars, remaining, 0, STATE, False, BLOCK)
+    for_block(_adamw_block, pointers, scalars, start, remaining, 0, STATE, False, BLOCK)
 
 
 def sam_update_adamw(
@@ -76,22 +84,29 @@ def sam_update_adamw(
     weights: list[torch.Tensor],
     momentums: list[torch.Tensor],
     variances: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
+    step: torch.Tensor,
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
     splits: int,
 ) -> None:
-    """AdamW (``step`` counts from 1) on grad_sum/splits, then θ = w, for every tensor in one launch."""
+    """AdamW on grad_sum·inv_scale/splits, then θ = w, grad_sums zeroed, for every tensor (found_inf set:
+    θ = w and grad_sums zeroed only). ``step``: float64 0-dim device tensor, updates taken counting this one."""
     table = tensor_table([params, grad_sums, weights, momentums, variances])
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, bias2, eps, lr / bias1)
+    # the bias corrections of this step, on the device, in float64 as the host would compute them
+    corrections = torch.stack([1 - beta2**step, lr / (1 - beta1**step)])
+    scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps)
     launch(
         _sam_update_adamw_kernel,
         table,
+        found_inf,
+        inv_scale,
+        corrections,
         *(float(x) for x in scalars),
         int(splits),
         param=params[0].dtype,

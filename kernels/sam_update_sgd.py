@@ -1,8 +1,9 @@
-"""SAM-SGD update: heavy ball (optionally Nesterov) on the mean perturbed-point gradient,
-then θ = w, in one pass.
+"""SAM-SGD update: heavy ball (optionally Nesterov) on the mean perturbed-point gradient, then
+θ = w, in one pass; on a skipped step (found-inf set) the state stays and θ = w. The gradient
+buffer is zeroed for the next step.
 
-Bytes per parameter: reads the gradient sum (param dtype), w and the buffer
-(state); writes w, the buffer (state) and θ (param dtype): 24 B for float32
+Bytes per parameter: reads the gradient sum (param dtype), w and the buffer (state);
+writes w, the buffer (state), θ and the zeroed sum (param dtype): 28 B for float32
 parameters. Minimal: each state word is read and written once, θ written once.
 """
 
@@ -12,30 +13,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table
+from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table, zero
 
 
 @triton.jit
-def _sgd_block(pointers, offs, mask, scalars, noise_offset, STATE: tl.constexpr, NESTEROV: tl.constexpr):
+def _sgd_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, NESTEROV: tl.constexpr):
     param, grad_sum, weight, momentum_buffer = pointers
-    lr, momentum, weight_decay, splits = scalars
+    run, inv_scale, lr, momentum, weight_decay, splits = scalars
     w = load(weight, offs, mask, STATE)
-    d = div(load(grad_sum, offs, mask, STATE), splits) + weight_decay * w
-    # heavy ball, no dampening
-    b = momentum * load(momentum_buffer, offs, mask, STATE) + d
-    # nesterov looks ahead along the new buffer
-    if NESTEROV:
-        w = w - lr * (d + momentum * b)
-    else:
-        w = w - lr * b
-    store(momentum_buffer, offs, b, mask)
-    store(weight, offs, w, mask)
+    if run:
+        d = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits) + weight_decay * w
+        # heavy ball, no dampening
+        b = momentum * load(momentum_buffer, offs, mask, STATE) + d
+        # nesterov looks ahead along the new buffer
+        if NESTEROV:
+            w = w - lr * (d + momentum * b)
+        else:
+            w = w - lr * b
+        store(momentum_buffer, offs, b, mask)
+        store(weight, offs, w, mask)
     store(param, offs, w, mask)
+    zero(grad_sum, offs, mask)
 
 
 @triton.jit
 def _sam_update_sgd_kernel(
     table,
+    found_inf,
+    inv_scale_ptr,
     lr: tl.float64,
     momentum: tl.float64,
     weight_decay: tl.float64,
@@ -53,8 +58,15 @@ def _sam_update_sgd_kernel(
         role_pointer(record, start, 2, STATE, ALIGNED),
         role_pointer(record, start, 3, STATE, ALIGNED),
     )
-    scalars = (scalar(lr, STATE), scalar(momentum, STATE), scalar(weight_decay, STATE), tl.cast(splits, STATE))
-    for_block(_sgd_block, pointers, scalars, remaining, 0, STATE, NESTEROV, BLOCK)
+    scalars = (
+        tl.load(found_inf) == 0,  # not a skipped step
+        tl.load(inv_scale_ptr).to(STATE),
+        scalar(lr, STATE),
+        scalar(momentum, STATE),
+        scalar(weight_decay, STATE),
+        tl.cast(splits, STATE),
+    )
+    for_block(_sgd_block, pointers, scalars, start, remaining, 0, STATE, NESTEROV, BLOCK)
 
 
 def sam_update_sgd(
@@ -62,6 +74,8 @@ def sam_update_sgd(
     grad_sums: list[torch.Tensor],
     weights: list[torch.Tensor],
     momentums: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor,
     *,
     lr: float,
     momentum: float,
@@ -69,11 +83,14 @@ def sam_update_sgd(
     nesterov: bool,
     splits: int,
 ) -> None:
-    """Heavy ball on grad_sum/splits + δ·w, then θ = w, for every tensor in one launch."""
+    """Heavy ball on grad_sum·inv_scale/splits + δ·w, then θ = w, grad_sums zeroed, for every tensor
+    (found_inf set: θ = w and grad_sums zeroed only)."""
     table = tensor_table([params, grad_sums, weights, momentums])
     launch(
         _sam_update_sgd_kernel,
         table,
+        found_inf,
+        inv_scale,
         float(lr),
         float(momentum),
         float(weight_decay),

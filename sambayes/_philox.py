@@ -1,12 +1,16 @@
-"""Philox4x32-10 + Box-Muller noise, exactly as Triton's ``tl.randn`` computes it.
+"""Philox4x32-10 + Box-Muller noise, exactly as Triton's ``tl.randn4x`` computes it
+(ALGORITHM.md, "Noise", version 2).
 
 This is the reference generator (the test oracle): plain integer tensor ops, so
-it runs on any device and any PyTorch build. The fused tiers draw the same
-numbers inside their kernels.
+it runs on any device and any PyTorch build. The fused backends draw the same
+numbers inside their kernels. One Philox call at counter c gives four normals,
+two Box-Muller pairs (cosine and sine each), for elements 4c .. 4c + 3::
 
-    z(seed, offset) = sqrt(-2 ln u1) * cos(2 pi u2),  (u1, u2) from Philox words 0, 1
+    (z_4c, z_4c+1, z_4c+2, z_4c+3) = randn4x(seed, c)
+    pair(a, b) = r·cos θ, r·sin θ  with r = sqrt(-2 ln max(1e-7, u(a))), θ = 2π·u(b)
+    randn4x(seed, c) = pair(word0, word1) + pair(word2, word3)
 
-The per-call seed is ``noise_seed(seed, group, step, split)``, documented below.
+The per-call seed is ``noise_seed(seed, group, attempt, split)``, documented below.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ def noise_seed(seed: int, group: int, step: int, split: int) -> int:
     ``x = splitmix64(seed mod 2^64)``, then ``x = splitmix64(x ^ w)`` for
     ``w`` in (group, step, split), and the result is ``x >> 1`` so that it fits
     a signed 64-bit kernel argument. ``group`` is the parameter-group index,
-    ``step`` the number of step attempts before this one, ``split`` the
-    sub-batch index j.
+    ``step`` the number of step attempts before this one (updates taken plus steps
+    skipped: the host always knows it), ``split`` the sub-batch index j.
     """
     x = _splitmix64(seed & _M64)
     for word in (group, step, split):
@@ -79,19 +83,27 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Standard normal float32 noise, ``z[i] = tl.randn(seed, offsets[i])``."""
-    c0, c1, _, _ = philox4x32(seed, offsets)
-    u1 = torch.clamp_min(_uniform(c0), 1.0e-7)
-    u2 = _uniform(c1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+def randn4x(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four standard normals of each Philox call, float32 [len(counters), 4]:
+    ``randn4x(seed, counters)[k] = tl.randn4x(seed, counters[k])``."""
+    c0, c1, c2, c3 = philox4x32(seed, counters)
+    out = []
+    for a, b in ((c0, c1), (c2, c3)):
+        u1 = torch.clamp_min(_uniform(a), 1.0e-7)
+        radius = torch.sqrt(-2.0 * torch.log(u1))
+        theta = 6.283185307179586 * _uniform(b)
+        out += [radius * torch.cos(theta), radius * torch.sin(theta)]
+    return torch.stack(out, dim=-1)
 
 
 def randn_range(seed: int, start: int, numel: int, device=None, chunk: int = 1 << 20) -> torch.Tensor:
-    """``randn(seed, start + arange(numel))`` as a flat float32 tensor, built in chunks
-    to bound the int64 temporaries."""
+    """z of elements ``start .. start + numel - 1`` as a flat float32 tensor: element i takes
+    lane i mod 4 of ``randn4x(seed, i div 4)``. Built in chunks to bound the int64 temporaries."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
     for lo in range(0, numel, chunk):
         hi = min(numel, lo + chunk)
-        out[lo:hi] = randn(seed, torch.arange(start + lo, start + hi, device=device))
+        first, last = (start + lo) // 4, (start + hi - 1) // 4
+        z = randn4x(seed, torch.arange(first, last + 1, device=device)).flatten()
+        skip = (start + lo) - 4 * first
+        out[lo:hi] = z[skip : skip + hi - lo]
     return out

@@ -48,10 +48,11 @@ class BSAM(TwoPassOptimizer):
             "perturbed" or "both". Needs ``model``.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
-    for float64 parameters, float32 otherwise. Per group: ``step`` (updates
-    taken), ``skipped_steps`` (steps skipped for a non-finite gradient), ``seed``.
-    The noise of a step is ``noise_seed(seed, group index, step + skipped_steps, j)``
-    (see :mod:`sambayes._philox`), so the same seed gives the same run on every backend.
+    for float64 parameters, float32 otherwise. Per group: ``step`` (updates taken) and
+    ``skipped_steps`` (steps skipped for a non-finite gradient), 0-dim device tensors
+    counted without a host sync; ``attempts`` (their sum, a host int); ``seed``. The
+    noise of a step is ``noise_seed(seed, group index, attempts, j)`` (see
+    :mod:`sambayes._philox`), so the same seed gives the same run on every backend.
     Between steps the model's parameters hold the mean.
     """
 
@@ -111,7 +112,7 @@ class BSAM(TwoPassOptimizer):
 
     # ---- phases -----------------------------------------------------------------------
     def _sample_group(self, index: int, group: dict[str, Any]) -> None:
-        seed = _philox.noise_seed(group["seed"], index, group["step"] + group["skipped_steps"], self._noise_split())
+        seed = _philox.noise_seed(group["seed"], index, group["attempts"], self._noise_split())
         self._draw(group, seed)
 
     def _draw(self, group: dict[str, Any], seed: int) -> None:
@@ -133,9 +134,10 @@ class BSAM(TwoPassOptimizer):
                 seed=seed,
             )
 
-    def _perturb(self) -> None:
+    def _perturb(self, written: set[torch.Tensor], inv_scale: dict) -> None:
         for group in self.param_groups:
-            params, missing = self._with_grad(group)
+            params = [p for p in self._trainable(group) if p in written]
+            missing = [p for p in self._trainable(group) if p not in written]
             if self._split > 0:
                 for p in params:
                     if p not in self._ascended:  # its first gradient of this step came late: sum from 0
@@ -149,6 +151,8 @@ class BSAM(TwoPassOptimizer):
                     self._states(params, "mean"),
                     self._states(params, "precision"),
                     [self._curvature_sum(p) for p in params],
+                    found_inf=self._flags(),
+                    inv_scale=inv_scale,
                     rho=group["rho"],
                     accumulate=self._split > 0,
                 )
@@ -179,7 +183,7 @@ class BSAM(TwoPassOptimizer):
             flat /= world
             torch._foreach_copy_(same, [f.view_as(s) for f, s in zip(flat.split([s.numel() for s in same]), same)])
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor], inv_scale: dict) -> None:
         beta1, beta2 = group["betas"]
         if params:
             backends.run(
@@ -191,6 +195,8 @@ class BSAM(TwoPassOptimizer):
                 self._states(params, "precision"),
                 self._states(params, "momentum"),
                 [self._curvature_sum(p) for p in params],
+                found_inf=self._flags(),
+                inv_scale=inv_scale,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,

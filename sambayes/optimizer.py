@@ -3,10 +3,12 @@ gradient bookkeeping, non-finite skipping and checkpoints (docs/architecture.md)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
+import sys
 import warnings
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -55,6 +57,18 @@ def split_batch(*tensors: torch.Tensor, splits: int) -> list[tuple[torch.Tensor,
     return list(zip(*(t.chunk(splits) for t in tensors)))
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside sambayes and torch: the user's call."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+# this package, torch (no_grad's wrapper) and contextlib: frames between the user's call and a warning
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep, contextlib.__file__)
+
+
 def _check_splits(splits: Any) -> None:
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits={splits!r}: must be an integer >= 1")
@@ -66,6 +80,18 @@ class TwoPassOptimizer(Optimizer):
     Subclasses set ``_rest_key`` (the state tensor the parameters equal at rest),
     implement ``_init_state``, ``_sample_group``, ``_perturb`` and ``_update_group``,
     and validate their hyperparameters in ``_check_group``.
+
+    Gradients: each trainable parameter has one gradient buffer, attached as ``.grad``
+    whenever ``.grad`` is None and kept at the same address across passes and steps.
+    Every backward pass accumulates into it while it is zero; the phase that consumes a
+    gradient (the ascent, the sum over sub-batches, the update) zeroes it again. Whether
+    a pass gave a parameter a gradient is read from the buffer's version counter.
+
+    Skipping: the phases that read gradients raise a per-device found-inf flag on an inf
+    or NaN, and the update kernels leave the state untouched when it is set; the host
+    never waits for the device to decide. ``group["step"]`` (updates taken) and
+    ``group["skipped_steps"]`` are 0-dim device tensors; ``group["attempts"]`` (their
+    sum, which the noise seed counts) is a host int.
     """
 
     _rest_key = "mean"
@@ -85,16 +111,26 @@ class TwoPassOptimizer(Optimizer):
         #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
         self.model, self.bn_stats = model, bn_stats
         self._bn_saved: dict | None = None  # BatchNorm flags while their statistics are frozen
-        defaults = dict(defaults, step=0, skipped_steps=0)
+        defaults = dict(defaults, attempts=0, step=0, skipped_steps=0)
         super().__init__(params, defaults)
+        self._init_scratch()
+
+    def _init_scratch(self) -> None:
+        """What lives between the phases of a step, and buffers kept across steps (not checkpointed)."""
         self._phase = _REST
         self._split = 0  # sub-batches sampled since the last update
-        self._skip = False  # a non-finite gradient was seen in this step
-        self._grad_sums: dict[torch.Tensor, torch.Tensor | None] = {}  # perturbed-gradient sums, stashed
         self._versions: dict[torch.Tensor, tuple[int, int]] = {}  # (version, storage) when we last wrote it
+        self._grad_buffers: dict[torch.Tensor, torch.Tensor] = {}  # the .grad of each parameter, kept
+        self._grad_versions: dict[torch.Tensor, int] = {}  # its version when a phase last left it zeroed
+        self._grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # h summed over sub-batches (state dtype)
+        self._folded: set[torch.Tensor] = set()  # params whose grad_sum holds a sub-batch of this step
+        self._unfolded = False  # the sums went back into .grad before the last pass (DDP all-reduces them)
         self._ascended: set[torch.Tensor] = set()  # params that got a gradient in perturb() this step
-        self._handed_back: dict[torch.Tensor, torch.Tensor] = {}  # gradient sums perturb() put back in .grad
-        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per-parameter buffers of subclasses, not checkpointed
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per-parameter buffers of subclasses
+        self._found_inf: dict[torch.device, torch.Tensor] = {}  # this step's flag per device
+        self._ones: dict[torch.device, torch.Tensor] = {}  # inv_scale without a GradScaler
+        self._skip_report: tuple | None = None  # (host copy of the skipped count, event, warn) in flight
+        self._skips_reported = 0
 
     # ---- hyperparameters -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -116,18 +152,15 @@ class TwoPassOptimizer(Optimizer):
         super().__setstate__(state)
         for name, value in (("backend", "auto"), ("model", None), ("bn_stats", "noisy"), ("_bn_saved", None)):
             self.__dict__.setdefault(name, value)
-        for name, value in (("_phase", _REST), ("_split", 0), ("_skip", False)):
-            self.__dict__.setdefault(name, value)
-        self.__dict__.setdefault("_grad_sums", {})
-        self.__dict__.setdefault("_versions", {})
-        self.__dict__.setdefault("_ascended", set())
-        self.__dict__.setdefault("_handed_back", {})
-        self.__dict__.setdefault("_scratch", {})
+        self._init_scratch()
 
     # ---- bookkeeping ------------------------------------------------------------------
     @staticmethod
     def _trainable(group: dict[str, Any]) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.requires_grad]
+
+    def _all_trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in self._trainable(group)]
 
     def _states(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
         return [self.state[p][key] for p in params]
@@ -154,15 +187,24 @@ class TwoPassOptimizer(Optimizer):
                     rest.copy_(weights)
                 self._versions[p] = self._version_of(p)
 
+    def _counters(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's (step, skipped_steps) as 0-dim tensors on its device (ints after a checkpoint load)."""
+        params = self._trainable(group) or group["params"]
+        device = params[0].device if params else torch.device("cpu")
+        for key, dtype in (("step", torch.float64), ("skipped_steps", torch.int64)):
+            value = group[key]
+            if not isinstance(value, torch.Tensor) or value.device != device:
+                group[key] = torch.as_tensor(value, dtype=dtype).to(device)
+        return group["step"], group["skipped_steps"]
+
     @staticmethod
     def _version_of(p: torch.Tensor) -> tuple[int, int]:
         # in-place writes bump _version; `p.data = new` swaps the storage
         return p._version, _distributed.local(p).data_ptr()
 
     def _record_versions(self) -> None:
-        for group in self.param_groups:
-            for p in self._trainable(group):
-                self._versions[p] = self._version_of(p)
+        for p in self._all_trainable():
+            self._versions[p] = self._version_of(p)
 
     @staticmethod
     def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -170,46 +212,12 @@ class TwoPassOptimizer(Optimizer):
         return [_distributed.local(p) for p in params]
 
     def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        grads = [_distributed.local(p.grad) for p in params]
-        for p, g in zip(params, grads):
-            if g.is_sparse:
-                raise TypeError(
-                    f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})"
-                )
-        return grads
-
-    @staticmethod
-    def _all_finite(grads: list[torch.Tensor]) -> bool:
-        """One host sync per device. The max-norm is non-finite iff some element is (a 2-norm
-        could overflow: float16 gradients of 800 over 10^4 elements)."""
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for g in grads:
-            by_device[g.device].append(g)
-        return all(
-            bool(torch.stack([n.float() for n in torch._foreach_norm(gs, ord=math.inf)]).isfinite().all())
-            for gs in by_device.values()
-        )
-
-    def _with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(params with a gradient, params without one) of the group's trainable params."""
-        params = self._trainable(group)
-        return [p for p in params if p.grad is not None], [p for p in params if p.grad is None]
+        """The gradient buffers the backends read and write: the tensors, or this rank's shards (FSDP2)."""
+        return [_distributed.local(self._grad_buffers[p]) for p in params]
 
     def _restore(self, params: list[torch.Tensor]) -> None:
         if params:
             backends.run(self.backend, "restore", self._local(params), self._states(params, self._rest_key))
-
-    def _check_grad_sums_kept(self, action: str) -> None:
-        """The perturbed gradients of earlier sub-batches live in .grad: zeroing them loses them."""
-        if self.model is not None and (_distributed.is_ddp(self.model) or _distributed.is_fsdp2(self.model)):
-            return  # their reducers may legitimately swap .grad for a bucket view
-        for p, grad_sum in self._handed_back.items():
-            if p.grad is not grad_sum:
-                raise RuntimeError(
-                    f"{action}(): the gradients that perturb() put back in .grad were replaced (zero_grad() or "
-                    "set to None inside the step?); they hold the earlier sub-batches' perturbed gradients. "
-                    "Don't zero gradients between sample() and update(): the optimizer manages them"
-                )
 
     def _expect(self, *phases: str, action: str) -> None:
         if self._phase not in phases:
@@ -217,6 +225,168 @@ class TwoPassOptimizer(Optimizer):
                 f"{action}() called while the optimizer is {self._phase}; a step is "
                 "sample() -> backward -> perturb() -> backward [repeat per sub-batch] -> update()"
             )
+
+    # ---- gradient buffers ---------------------------------------------------------------
+    def _attach_grads(self) -> None:
+        """Give every trainable parameter whose .grad is None its (zeroed) gradient buffer."""
+        for p in self._all_trainable():
+            buffer = self._grad_buffers.get(p)
+            if p.grad is None:
+                if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+                    buffer = torch.zeros_like(p)  # a DTensor for a DTensor parameter (FSDP2)
+                p.grad = buffer
+            elif p.grad is not buffer:
+                p.grad.zero_()  # a .grad set between steps: the optimizer's buffer from now on
+            if p.grad.is_sparse:
+                raise TypeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})"
+                )
+            self._grad_buffers[p] = p.grad
+            self._grad_versions[p] = _distributed.local(p.grad)._version
+
+    def _written(self, action: str) -> set[torch.Tensor]:
+        """The parameters that the backward pass just finished gave a gradient.
+
+        A pass accumulates into the zeroed buffer (its version moves) or installs a new
+        .grad (DDP's bucket views, a user's assignment); .grad set to None inside a step
+        has lost the gradients the optimizer keeps there, so it is an error.
+        """
+        written = set()
+        for p in self._all_trainable():
+            if p.grad is None:
+                raise RuntimeError(
+                    f"{action}(): the gradient of a parameter was set to None inside a step (zero_grad()?); "
+                    "the optimizer keeps this step's gradients there. Don't zero gradients between sample() "
+                    "and update(): the optimizer manages them"
+                )
+            if p.grad is not self._grad_buffers.get(p):
+                self._grad_buffers[p] = p.grad  # a new tensor: its content is this pass's gradient
+                written.add(p)
+            elif _distributed.local(p.grad)._version != self._grad_versions.get(p):
+                written.add(p)
+        return written
+
+    def _consumed(self, params) -> None:
+        """The phases zeroed these buffers: remember their versions to see the next pass's writes."""
+        for p in params:
+            self._grad_versions[p] = _distributed.local(self._grad_buffers[p])._version
+
+    def _grad_sum(self, p: torch.Tensor) -> torch.Tensor:
+        """The running sum over sub-batches of p's perturbed-point gradients, in the state dtype."""
+        grad_sum = self._grad_sums.get(p)
+        buffer = _distributed.local(self._grad_buffers[p])
+        if grad_sum is None or grad_sum.shape != buffer.shape or grad_sum.device != buffer.device:
+            grad_sum = self._grad_sums[p] = torch.empty_like(buffer, dtype=state_dtype(p))
+        return grad_sum
+
+    def _fold(self, params: list[torch.Tensor], *, last: bool) -> None:
+        """The perturbed-point gradients just computed join their sums (splits > 1), by bucket of (first, last)."""
+        flags = self._flags()
+        first = [p for p in params if p not in self._folded]
+        later = [p for p in params if p in self._folded]
+        if last:  # the sums of earlier sub-batches go back into .grad even without a gradient now
+            later += [p for p in self._folded if p not in set(params)]
+            if first:  # their only sub-batch: the buffer holds the sum already
+                backends.run(self.backend, "find_nonfinite", self._grads(first), found_inf=flags)
+            first = []
+        for ps, is_first in ((first, True), (later, False)):
+            if ps:
+                sums = [self._grad_sum(p) for p in ps]
+                backends.run(self.backend, "fold_grads", self._grads(ps), sums, found_inf=flags, first=is_first, last=last)
+        self._folded.update(first)
+        self._consumed(params if not last else [])
+
+    # ---- the step's flags ---------------------------------------------------------------
+    def _devices(self) -> list[torch.device]:
+        return list(dict.fromkeys(p.device for p in self._all_trainable())) or [torch.device("cpu")]
+
+    def _flags(self) -> dict[torch.device, torch.Tensor]:
+        """This step's found-inf flag per device (float32 0-dim tensors, as torch's GradScaler keeps them)."""
+        for device in self._devices():
+            if device not in self._found_inf:
+                self._found_inf[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self._found_inf
+
+    def _inv_scale(self, grad_scaler) -> dict[torch.device, torch.Tensor]:
+        """1/scale per device: the GradScaler's (read on the device, no host sync), or 1."""
+        devices = self._devices()
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            for device in devices:
+                if device not in self._ones:
+                    self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
+            return self._ones
+        scale = grad_scaler._scale  # the device tensor behind get_scale(), which would sync
+        if scale is None:
+            raise RuntimeError("grad_scaler has no scale yet: call grad_scaler.scale(loss).backward() in the closure")
+        # as GradScaler.unscale_ computes it: the reciprocal in float64
+        inv = scale.double().reciprocal().float()
+        return {device: inv.to(device) for device in devices}
+
+    def _agree_on_skipping(self) -> None:
+        """One flag for the whole step: across this process's devices, and across ranks (DDP, FSDP2)."""
+        flags = list(self._flags().values())
+        if len(flags) > 1:
+            combined = torch.stack([f.to(flags[0].device) for f in flags]).amax()
+            for f in flags:
+                f.copy_(combined)
+        sync_group = self._sync_group()
+        if sync_group is not None:  # a rank's noisy pass (or FSDP2 shard) is its own: agree on skipping
+            flag = flags[0].to(_distributed.comm_device(sync_group))
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=sync_group)
+            for f in flags:
+                f.copy_(flag)
+
+    def _count(self, group: dict[str, Any]) -> None:
+        """On the device: step += 1 unless skipped, skipped_steps += 1 if skipped; on the host: attempts += 1."""
+        step, skipped = self._counters(group)
+        flag = self._found_inf[step.device] if step.device in self._found_inf else next(iter(self._flags().values()))
+        flag = flag.to(step.device)
+        step.add_(1 - flag.double())
+        skipped.add_(flag.long())
+        group["attempts"] += 1
+
+    def _report_skips(self, *, wait: bool = False) -> None:
+        """Warn about steps skipped since the last report, once their count has reached the host.
+
+        The count is copied to host memory after each update without waiting; it is read here
+        when the copy is done (at once on the CPU; on a GPU at a later step), or, with ``wait``,
+        after waiting for it (``skipped_steps``, ``state_dict()``).
+        """
+        if self._skip_report is None:
+            return
+        host, event, warn = self._skip_report
+        if event is not None:
+            if not wait and not event.query():
+                return
+            event.synchronize()
+        total = int.from_bytes(bytes(host.untyped_storage().tolist()), "little", signed=True)
+        self._skip_report = None
+        if total > self._skips_reported and warn:
+            warnings.warn(
+                f"{type(self).__name__}: non-finite gradient, step skipped (skipped so far: {total})",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        self._skips_reported = max(self._skips_reported, total)
+
+    def _send_skip_count(self, warn: bool) -> None:
+        """Start copying the total skipped count to the host (no wait)."""
+        counts = [self._counters(group)[1] for group in self.param_groups]
+        total = counts[0] if len(counts) == 1 else torch.stack([c.to(counts[0].device) for c in counts]).amax()
+        pinned = total.device.type == "cuda"
+        host = torch.empty((), dtype=torch.int64, pin_memory=pinned)
+        host.copy_(total, non_blocking=pinned)
+        event = None
+        if pinned:
+            event = torch.cuda.Event()
+            event.record()
+        self._skip_report = (host, event, warn)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far for a non-finite gradient (the largest count of any group; waits for the device)."""
+        self._report_skips(wait=True)
+        return max((int(self._counters(group)[1]) for group in self.param_groups), default=0)
 
     # ---- the model between passes ------------------------------------------------------
     def _freeze_bn(self, frozen: bool) -> None:
@@ -241,41 +411,28 @@ class TwoPassOptimizer(Optimizer):
             return getattr(self.model, "process_group", None) or torch.distributed.group.WORLD
         return None
 
-    @staticmethod
-    def _unscale(grads: list[torch.Tensor], grad_scaler) -> bool:
-        """Divide gradients by the scaler's scale in place; True if all are finite."""
-        inv_scale = 1.0 / grad_scaler.get_scale()
-        finite = True
-        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for g in grads:
-            by_device[g.device].append(g)
-        for device, gs in by_device.items():
-            found_inf = torch.zeros((), device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, torch.full((), inv_scale, device=device))
-            finite = finite and not bool(found_inf)
-        return finite
-
     # ---- the phase API ----------------------------------------------------------------
     @torch.no_grad()
     def sample(self) -> None:
         """Start sub-batch j: put the parameters where the first gradient is taken.
 
         bSAM: a sample θ = m + z/sqrt(N·s) of the posterior. SAM: the weights w
-        (a point-mass posterior). Clears the gradients; from the second
-        sub-batch on, it sets aside the running sum of the perturbed-point
-        gradients, which :meth:`perturb` puts back. With a DDP ``model`` the
-        backward pass that follows is not all-reduced (its gradient is only
-        needed locally); BatchNorm statistics follow ``bn_stats``.
+        (a point-mass posterior). Gives every parameter without a ``.grad`` its zeroed
+        gradient buffer; from the second sub-batch on, adds the previous sub-batch's
+        perturbed-point gradients to their running sums first. With a DDP ``model`` the
+        backward pass that follows is not all-reduced (its gradient is only needed
+        locally); BatchNorm statistics follow ``bn_stats``.
         """
         self._expect(_REST, _PERTURBED, action="sample")
-        self._check_grad_sums_kept("sample")
-        for group in self.param_groups:
-            if self._split == 0:
+        if self._split == 0:
+            self._report_skips()
+            for group in self.param_groups:
                 self._prepare_state(group)
-            for p in self._trainable(group):
-                if self._split > 0:
-                    self._grad_sums[p] = p.grad
-                p.grad = None
+            self._attach_grads()
+            for flag in self._flags().values():
+                flag.zero_()
+        else:
+            self._fold(self._in_order(self._written("sample")), last=False)
         for index, group in enumerate(self.param_groups):
             self._sample_group(index, group)
         if _distributed.is_ddp(self.model):
@@ -283,33 +440,29 @@ class TwoPassOptimizer(Optimizer):
         self._freeze_bn(self.bn_stats == "perturbed")
         self._phase = _SAMPLED
 
+    def _in_order(self, params: set[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters in group order: every rank and every run lists tensors alike."""
+        return [p for p in self._all_trainable() if p in params]
+
     @torch.no_grad()
     def perturb(self, *, grad_scaler: torch.amp.GradScaler | None = None, sync: bool = True) -> None:
         """Move to the adversarial point from the gradients now in ``.grad``.
 
-        Consumes those gradients (unscaling them first if ``grad_scaler`` is given)
-        and hands ``.grad`` back to the perturbed-point pass, holding the sum of the
-        previous sub-batches' perturbed gradients. A non-finite gradient marks the
-        step as skipped and puts the parameters back at rest. ``sync=False`` keeps
-        DDP from all-reducing the next backward pass: correct for all but the last
-        sub-batch, since the sums are all-reduced with the last one.
+        Consumes those gradients (unscaling them as they are read if ``grad_scaler`` is
+        given, and zeroing the buffers for the perturbed-point pass). An inf or NaN marks
+        the step as skipped, decided on the device. ``sync=False`` keeps DDP from
+        all-reducing the next backward pass: correct for all but the last sub-batch,
+        since the sums are all-reduced with the last one.
         """
         self._expect(_SAMPLED, action="perturb")
-        with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
-        grads = self._grads(with_grad)
-        finite = self._unscale(grads, grad_scaler) if grad_scaler is not None else self._all_finite(grads)
-        self._skip = self._skip or not finite
-        if self._skip:
-            for group in self.param_groups:
-                self._restore(self._trainable(group))
-        else:
-            self._perturb()
-            self._ascended.update(with_grad)
-        for group in self.param_groups:
-            for p in self._trainable(group):
-                p.grad = self._grad_sums.pop(p, None)
-                if p.grad is not None:
-                    self._handed_back[p] = p.grad
+        written = self._written("perturb")
+        self._perturb(written, self._inv_scale(grad_scaler))  # subclasses restore the parameters without one
+        self._consumed(written)
+        if sync and self._folded and _distributed.is_ddp(self.model):
+            # DDP all-reduces what .grad holds after the last pass: the sum so far goes back in first
+            self._fold([], last=True)
+            self._unfolded = True
+        self._ascended.update(written)
         self._split += 1
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, sync)
@@ -319,58 +472,65 @@ class TwoPassOptimizer(Optimizer):
     @torch.no_grad()
     def update(self, *, grad_scaler: torch.amp.GradScaler | None = None, max_grad_norm: float | None = None) -> None:
         """Average the sub-batches' perturbed gradients (now in ``.grad``), update the
-        state, and put the parameters back at rest.
+        state, and put the parameters back at rest; the gradient buffers are zeroed.
 
-        ``grad_scaler``: unscales the gradients through ``grad_scaler.unscale_(self)``
-        and records an inf of either pass there, so that the ``grad_scaler.update()``
-        you call next backs off as PyTorch would. ``max_grad_norm``: clips the
-        averaged perturbed-point gradient to this global 2-norm first. Skips the
-        whole step, state untouched, if a gradient of either pass was not finite
-        (on any rank).
+        ``grad_scaler``: the gradients are unscaled as the kernels read them, and the
+        step's found-inf flag (an inf or NaN in either pass) is handed to the scaler, so
+        that the ``grad_scaler.update()`` you call next backs off as PyTorch would.
+        ``max_grad_norm``: clips the averaged perturbed-point gradient to this global
+        2-norm first. A non-finite gradient of either pass (on any rank) skips the whole
+        step, state untouched; the host does not wait for that decision.
         """
         self._expect(_PERTURBED, action="update")
-        self._check_grad_sums_kept("update")
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_open=True)
-        with_grad = [p for group in self.param_groups for p in self._with_grad(group)[0]]
-        grads = self._grads(with_grad)
-        # scaled or not, a non-finite gradient stays non-finite: decide before unscaling
-        self._skip = self._skip or not self._all_finite(grads)
-        sync_group = self._sync_group()
-        if sync_group is not None:  # a rank's noisy pass (or FSDP2 shard) is its own: agree on skipping
-            flag = torch.tensor(
-                float(self._skip), device=grads[0].device if grads else _distributed.comm_device(sync_group)
-            )
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=sync_group)
-            self._skip = bool(flag)
-        if grad_scaler is not None:
-            if self._skip and grads:  # the scaler inspects this pass only: show it the step's inf
-                grads[0].fill_(float("inf"))
-            grad_scaler.unscale_(self)
-        if not self._skip:
-            self._reduce_across_replicas()
-            if max_grad_norm is not None and with_grad:
-                # .grad holds the sum over sub-batches: clip that to splits × the bound
-                torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm * self._split)
+        inv_scale = self._inv_scale(grad_scaler)
+        written = self._in_order(self._written("update"))
+        has_grad = set(written) | self._folded
+        if self._split > 1 and not self._unfolded:
+            self._fold(written, last=True)
+        elif has_grad:  # .grad holds the whole sum; the skip decision must come before the update
+            checked = self._in_order(has_grad)
+            backends.run(self.backend, "find_nonfinite", self._grads(checked), found_inf=self._flags())
+        self._agree_on_skipping()
+        self._reduce_across_replicas()
+        if max_grad_norm is not None and has_grad:
+            self._clip([p for p in self._all_trainable() if p in has_grad], max_grad_norm * self._split, inv_scale)
         for group in self.param_groups:
-            if self._skip:
-                self._restore(self._trainable(group))
-                group["skipped_steps"] += 1
-                continue
-            updated = [p for p in self._with_grad(group)[0] if self._has_ascent(p)]
+            updated = [p for p in self._trainable(group) if p in has_grad and self._has_ascent(p)]
             updated_set = set(updated)
-            untouched = [p for p in self._trainable(group) if p not in updated_set]
-            group["step"] += 1
-            self._update_group(group, updated)
-            self._restore(untouched)
-        if self._skip and grad_scaler is None:  # with a scaler, skipped steps are its calibration
-            warnings.warn(
-                f"{type(self).__name__}: non-finite gradient, step skipped "
-                f"(skipped so far: {self.param_groups[0]['skipped_steps']})",
-                RuntimeWarning,
-                stacklevel=3,  # the caller of update(), past torch.no_grad's wrapper
-            )
+            self._count(group)
+            self._update_group(group, updated, inv_scale)
+            self._consumed(updated)
+            self._restore([p for p in self._trainable(group) if p not in updated_set])
+            self._zero([p for p in self._trainable(group) if p in has_grad and p not in updated_set])
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            self._record_in(grad_scaler)
+        self._send_skip_count(warn=grad_scaler is None)  # with a scaler, skipped steps are its calibration
         self._end_step()
+        self._report_skips()
+
+    def _zero(self, params: list[torch.Tensor]) -> None:
+        """Gradients read but not used by an update (no ascent): zeroed for the next step."""
+        for grad in self._grads(params):
+            grad.zero_()
+        self._consumed(params)
+
+    def _clip(self, params: list[torch.Tensor], max_norm: float, inv_scale) -> None:
+        """Scale the gradient sums so that their global 2-norm (unscaled) is at most max_norm; on the device."""
+        grads = self._grads(params)
+        device = grads[0].device
+        norms = [n.to(device) * inv_scale[g.device].to(device) for n, g in zip(torch._foreach_norm(grads), grads)]
+        total = torch.linalg.vector_norm(torch.stack(norms).double())
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(factor.to(g.device, g.dtype))
+
+    def _record_in(self, grad_scaler) -> None:
+        """Hand the step's flag to the scaler as its own unscale_ would, so that update() backs off on it."""
+        state = grad_scaler._per_optimizer_states[id(self)]
+        state["found_inf_per_device"] = {device: flag.clone() for device, flag in self._flags().items()}
+        state["stage"] = torch.amp.grad_scaler.OptState.STEPPED
 
     def _reduce_across_replicas(self) -> None:
         """Average per-replica statistics other than the gradients (DDP averages those)."""
@@ -379,9 +539,9 @@ class TwoPassOptimizer(Optimizer):
         return True
 
     def _end_step(self) -> None:
-        self._split, self._skip, self._phase = 0, False, _REST
-        self._grad_sums.clear()
-        self._handed_back.clear()
+        self._split, self._phase = 0, _REST
+        self._folded.clear()
+        self._unfolded = False
         self._ascended.clear()
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, True)
@@ -400,8 +560,11 @@ class TwoPassOptimizer(Optimizer):
             return
         for group in self.param_groups:
             self._restore(self._trainable(group))
-            for p in self._trainable(group):
-                p.grad = None
+        for p in self._all_trainable():
+            if p in self._grad_buffers:
+                self._grads([p])[0].zero_()
+                self._consumed([p])
+            p.grad = None
         self._end_step()
 
     # ---- the closure API --------------------------------------------------------------
@@ -445,13 +608,22 @@ class TwoPassOptimizer(Optimizer):
             raise
         if any(loss is None for loss in losses):
             return None
+        if len(losses) == 1:
+            return torch.as_tensor(losses[0]).detach()
         return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
 
     # ---- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self._phase != _REST:
             raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._phase})")
-        return super().state_dict()
+        self._report_skips(wait=True)
+        state = super().state_dict()
+        for group, saved in zip(self.param_groups, state["param_groups"]):
+            step, skipped = self._counters(group)
+            # plain numbers in the checkpoint, as before: (attempts = step + skipped_steps)
+            saved["step"], saved["skipped_steps"] = int(step), int(skipped)
+            saved.pop("attempts", None)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint written by any backend. Refuses one for other parameter shapes.
@@ -474,6 +646,9 @@ class TwoPassOptimizer(Optimizer):
                         f"{tuple(value.shape)}, the parameter has shape {tuple(shape)}"
                     )
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["step"], group["skipped_steps"] = int(group["step"]), int(group["skipped_steps"])
+            group["attempts"] = group["step"] + group["skipped_steps"]
         for pid, saved in state_dict["state"].items():
             p = by_id.get(pid)
             if p is None:
@@ -485,6 +660,9 @@ class TwoPassOptimizer(Optimizer):
         with torch.no_grad():
             for group in self.param_groups:
                 self._restore([p for p in self._trainable(group) if self.state.get(p)])
-        self._phase, self._split, self._skip = _REST, 0, False
-        self._grad_sums.clear()
+        self._phase, self._split = _REST, 0
+        self._folded.clear()
+        self._unfolded = False
+        self._ascended.clear()
+        self._skips_reported = sum(int(group["skipped_steps"]) for group in self.param_groups)
         self._record_versions()

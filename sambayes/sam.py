@@ -29,7 +29,8 @@ class SAM(TwoPassOptimizer):
 
     State per parameter: ``weight`` (w; float32 master weights for low-precision
     parameters), ``momentum`` (the heavy-ball buffer, or AdamW's first moment) and,
-    for AdamW, ``variance`` (its second moment). Per group: ``step``, ``skipped_steps``.
+    for AdamW, ``variance`` (its second moment). Per group: ``step`` and ``skipped_steps``
+    (0-dim device tensors), ``attempts`` (a host int).
     Between steps the model's parameters hold w. ``model`` and ``bn_stats``: as for
     :class:`BSAM` (with DDP, each replica takes its own ascent: m-sharpness across devices).
     """
@@ -111,21 +112,28 @@ class SAM(TwoPassOptimizer):
         if self._split > 0:  # the previous sub-batch left the parameters at its adversarial point
             self._restore(self._trainable(group))
 
-    def _perturb(self) -> None:
+    def _perturb(self, written: set[torch.Tensor], inv_scale: dict) -> None:
         work = []
         for group in self.param_groups:
-            params, missing = self._with_grad(group)
-            self._restore(missing)
+            params = [p for p in self._trainable(group) if p in written]
+            self._restore([p for p in self._trainable(group) if p not in written])
             if params:
                 work.append((group, params))
         if not work:
             return
+        flags = self._flags()
         # the global 2-norm over all parameters, kept on the device (no host sync)
         sq = [
             s
             for group, ps in work
             for s in backends.run(
-                self.backend, "sam_sq_norm", self._grads(ps), self._states(ps, "weight"), adaptive=group["adaptive"]
+                self.backend,
+                "sam_sq_norm",
+                self._grads(ps),
+                self._states(ps, "weight"),
+                found_inf=flags,
+                inv_scale=inv_scale,
+                adaptive=group["adaptive"],
             )
         ]
         device = sq[0].device
@@ -144,18 +152,15 @@ class SAM(TwoPassOptimizer):
                 self._local(ps),
                 self._grads(ps),
                 self._states(ps, "weight"),
+                inv_scale=inv_scale,
                 scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])),
                 adaptive=group["adaptive"],
             )
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor], inv_scale: dict) -> None:
         if not params:
             return
-        grad_sums, weights, momentums = (
-            self._grads(params),
-            self._states(params, "weight"),
-            self._states(params, "momentum"),
-        )
+        grad_sums, weights, momentums = self._grads(params), self._states(params, "weight"), self._states(params, "momentum")
         if self.base == "sgd":
             backends.run(
                 self.backend,
@@ -164,6 +169,8 @@ class SAM(TwoPassOptimizer):
                 grad_sums,
                 weights,
                 momentums,
+                found_inf=self._flags(),
+                inv_scale=inv_scale,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
@@ -172,6 +179,7 @@ class SAM(TwoPassOptimizer):
             )
         else:
             beta1, beta2 = group["betas"]
+            step, _ = self._counters(group)  # counted already: this update included
             backends.run(
                 self.backend,
                 "sam_update_adamw",
@@ -180,11 +188,13 @@ class SAM(TwoPassOptimizer):
                 weights,
                 momentums,
                 self._states(params, "variance"),
+                found_inf=self._flags(),
+                inv_scale=inv_scale,
+                step=step,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                step=group["step"],
                 splits=self._split,
             )

@@ -64,6 +64,32 @@ def cases(backends_: list[str] = COMPARED) -> list:
     return out
 
 
+#: 1/scale of a GradScaler: the phases that read gradients unscale them (not a power of 2: real rounding)
+INV_SCALE = 1 / 3
+
+
+def flag(value: float = 0.0) -> torch.Tensor:
+    """A found-inf flag (float32 0-dim, as torch's GradScaler keeps it)."""
+    return torch.full((), value, dtype=torch.float32, device=DEVICE)
+
+
+def inv_scale() -> torch.Tensor:
+    return torch.tensor(INV_SCALE, dtype=torch.float32, device=DEVICE)
+
+
+def with_nonfinite(tensors: list[torch.Tensor], value: float) -> list[torch.Tensor]:
+    """Copies with ``value`` (inf or NaN) in the middle of the largest tensor."""
+    out = clones(tensors)
+    largest = max(out, key=lambda t: t.numel())
+    largest[largest.numel() // 2] = value
+    return out
+
+
+def assert_zeros(tensors: list[torch.Tensor], name: str) -> None:
+    for i, t in enumerate(tensors):
+        assert torch.equal(t, torch.zeros_like(t)), f"{name}[{i}] was not zeroed"
+
+
 def module(backend: str):
     """The backend's own module (not the dispatch: the phase tests call it directly)."""
     return backends.resolve(backend, DEVICE)

@@ -336,17 +336,24 @@ def test_bad_step_calls(make):
         opt.state_dict()
 
 
-def test_sparse_gradients_are_refused():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = sambayes.BSAM(emb.parameters(), num_data=10)
+def test_sparse_gradients_accumulate_into_the_dense_buffer():
+    """An Embedding(sparse=True) trains exactly like a dense one: autograd adds its sparse
+    gradient into the optimizer's dense gradient buffer."""
+    finals = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 3, sparse=sparse)
+        opt = sambayes.BSAM(emb.parameters(), num_data=10, seed=1)
 
-    def closure():
-        loss = emb(torch.tensor([1, 2])).sum()
-        loss.backward()
-        return loss
+        def closure():
+            loss = emb(torch.tensor([1, 2, 2])).pow(2).sum()
+            loss.backward()
+            return loss
 
-    with pytest.raises(TypeError, match="sparse gradients"):
-        opt.step(closure)
+        for _ in range(3):
+            opt.step(closure)
+        finals.append(emb.weight.detach().clone())
+    assert torch.equal(finals[0], finals[1])
 
 
 def test_unknown_backend_reason_is_clear():
@@ -484,20 +491,39 @@ def test_weights_assigned_through_data_are_used():
     assert torch.equal(opt.state[model[0].weight]["mean"], torch.ones_like(model[0].weight))
 
 
-def test_zeroing_gradients_inside_a_split_step_is_an_error():
+def test_zeroing_gradients_inside_a_split_step_loses_nothing():
+    """The habit of other SAM libraries, zero_grad() in the closure: the optimizer keeps the sums
+    over sub-batches outside .grad, so the step is the same as without it."""
+    finals = []
+    for zero in (True, False):
+        model = small_mlp()
+        x, y = data()
+        opt = sambayes.BSAM(model, num_data=10, seed=0)
+        chunks = sambayes.split_batch(x, y, splits=2)
+
+        def closure(j, zero=zero, model=model, opt=opt, chunks=chunks):
+            if zero:
+                opt.zero_grad()
+            loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure, splits=2)
+        finals.append(flat(model))
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_gradients_set_to_none_between_phases_are_an_error():
     model = small_mlp()
     x, y = data()
     opt = sambayes.BSAM(model, num_data=10, seed=0)
-    chunks = sambayes.split_batch(x, y, splits=2)
-
-    def closure(j):
-        opt.zero_grad()  # the habit of other SAM libraries: it would drop sub-batch 0's gradients
-        loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
-        loss.backward()
-        return loss
-
+    opt.sample()
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()  # the noisy pass's gradients are gone before perturb() could read them
     with pytest.raises(RuntimeError, match="zero_grad"):
-        opt.step(closure, splits=2)
+        opt.perturb()
+    opt.abort()
     assert torch.equal(flat(model), torch.cat([opt.state[p]["mean"].flatten() for p in model.parameters()]))
 
 

@@ -56,10 +56,11 @@ def test_non_contiguous_gradients_go_to_the_fallback(monkeypatch, backend):
     weights = normal([12, 12], torch.float32)
     grads = [torch.randn(24, device=DEVICE)[::2], *normal([12], torch.float32)]  # a strided view, then a dense one
     params = [torch.full((12,), float("nan"), device=DEVICE) for _ in range(2)]
-    scale = torch.tensor(0.5, device=DEVICE)
-    backends.run(backend, "sam_perturb", params, grads, weights, scale=scale, adaptive=False)
-    for p, g, w in zip(params, grads, weights):
-        torch.testing.assert_close(p, w + 0.5 * g, rtol=1e-6, atol=1e-6)
+    scale, inv_scale = torch.tensor(0.5, device=DEVICE), torch.ones((), device=DEVICE)
+    want = [w + 0.5 * g for g, w in zip(grads, weights)]
+    backends.run(backend, "sam_perturb", params, grads, weights, inv_scale=inv_scale, scale=scale, adaptive=False)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-6)
     assert sorted(calls) == sorted([(backends.FALLBACK, [id(params[0])]), (backend, [id(params[1])])])
 
 

@@ -40,11 +40,16 @@ def test_philox_words_match_triton_vectors():
 
 
 @needs_ext
-def test_randn_matches_triton_vectors():
-    for case in json.loads((DATA / "philox_randn.json").read_text())["cases"]:
-        z = torch.stack([extension.randn_range(case["seed"], offset, 1)[0] for offset in case["offsets"]])
-        want = torch.tensor(case["randn"], dtype=torch.float32)
+def test_randn4x_matches_triton_vectors():
+    """Element i takes lane i mod 4 of tl.randn4x(seed, i div 4) (ALGORITHM.md, "Noise", version 2)."""
+    for case in json.loads((DATA / "philox_randn4x.json").read_text())["cases"]:
+        seed = int(case["seed"])
+        z = torch.stack([extension.randn_range(seed, int(i), 1)[0] for i, _ in case["elements"]])
+        want = torch.tensor([v for _, v in case["elements"]], dtype=torch.float32)
         torch.testing.assert_close(z, want, rtol=3 * EPS32, atol=1e-12)
+        for counter, lanes in zip(case["counters"], case["randn4x"]):
+            got = extension.randn_range(seed, 4 * int(counter), 4)
+            torch.testing.assert_close(got, torch.tensor(lanes, dtype=torch.float32), rtol=3 * EPS32, atol=1e-12)
 
 
 @needs_ext
@@ -145,13 +150,15 @@ def test_ops_trace_under_torch_compile():
     grads = [torch.randn(10), torch.randn(3)]
     weights = [torch.randn(10), torch.randn(3)]
 
+    found_inf, inv_scale = torch.zeros(()), torch.ones(())
+
     def step(params, grads, weights):
-        sq = torch.ops.sambayes_C.sam_sq_norm(grads, weights, False)
-        torch.ops.sambayes_C.sam_perturb(params, grads, weights, 0.05 / sq.sqrt(), False)
+        sq = torch.ops.sambayes_C.sam_sq_norm(grads, weights, found_inf, inv_scale, False)
+        torch.ops.sambayes_C.sam_perturb(params, grads, weights, inv_scale, 0.05 / sq.sqrt(), False)
         return sq
 
     want_params = [p.clone() for p in params]
-    want = step(want_params, grads, weights)
+    want = step(want_params, [g.clone() for g in grads], weights)
     got = torch.compile(step, backend="aot_eager", fullgraph=True)(params, grads, weights)
     torch.testing.assert_close(got, want)
     _assert_lists_close(params, want_params, 0, 0, "compiled sam_perturb")

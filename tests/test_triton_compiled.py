@@ -14,13 +14,15 @@ triton = pytest.importorskip("triton")
 # input and output streams of each kernel's full block (float32 parameters, ACCUMULATE=True)
 STREAMS = {
     "_bsam_sample_kernel": (2, 1),
-    "_bsam_perturb_kernel": (4, 2),
-    "_bsam_update_kernel": (5, 4),
+    "_bsam_perturb_kernel": (4, 3),  # writes θ, the curvature sum and the zeroed gradient
+    "_bsam_update_kernel": (5, 5),  # writes g_m, m, s, θ and the zeroed gradient sum
+    "_find_nonfinite_kernel": (1, 0),
+    "_fold_grads_kernel": (2, 2),  # a middle sub-batch: reads g and the sum, writes the sum and zeroes g
     "_restore_kernel": (1, 1),
     "_sq_norm_kernel": (1, 0),
-    "_sam_perturb_kernel": (2, 1),
-    "_sam_update_sgd_kernel": (3, 3),
-    "_sam_update_adamw_kernel": (4, 4),
+    "_sam_perturb_kernel": (2, 2),
+    "_sam_update_sgd_kernel": (3, 4),
+    "_sam_update_adamw_kernel": (4, 5),
 }
 
 

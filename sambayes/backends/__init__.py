@@ -115,8 +115,9 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     """Phase ``op`` on parallel lists (entry i of each list belongs to tensor i), one call per bucket.
 
     Tensor i goes to the bucket of (device, dtype of ``lists[0][i]``, whether all its tensors
-    are contiguous). Returns the calls' results in bucket order (None for the phases that
-    write in place; 0-dim partial sums for ``sam_sq_norm``).
+    are contiguous). A keyword given as a dict {device: value} passes each bucket its device's
+    value (the step's found-inf flag, 1/scale). Returns the calls' results in bucket order (None
+    for the phases that write in place; 0-dim partial sums for ``sam_sq_norm``).
     """
     buckets: dict[tuple, list[int]] = {}
     for i, tensors in enumerate(zip(*lists)):
@@ -127,7 +128,8 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     for (device, _, dense), index in buckets.items():
         module = resolve(backend, device) if dense else _module(FALLBACK)
         args = lists if len(index) == len(lists[0]) else [[values[i] for i in index] for values in lists]
-        results.append(getattr(module, op)(*args, **hyper))
+        per_device = {k: v[device] if isinstance(v, dict) else v for k, v in hyper.items()}
+        results.append(getattr(module, op)(*args, **per_device))
     return results
 
 

@@ -3,32 +3,42 @@
 One bSAM step (ALGORITHM.md, "bSAM, one step"), and the phase that computes each line::
 
     for j in 1..k:
-        θ = m + z_j / sqrt(N·s)                         bsam_sample
-        g_j = ∇ L_Bj(θ)                                 backward: .grad holds g_j
-        θ = m + ρ·g_j / s                               bsam_perturb
-        curvature_sum += sqrt(s)·|g_j|                  bsam_perturb (sum over j)
-        grad_sum += ∇ L_Bj(θ)                           backward: .grad accumulates h_j
-    h̄ = grad_sum / k ;  ā = curvature_sum / k           bsam_update: the means over sub-batches
-    g_m = β1·g_m + (1 − β1)·(h̄ + δ·m)                   bsam_update
-    m   = m − α·g_m / s                                 bsam_update (old precision)
-    s   = β2·s + (1 − β2)·(ā + δ + γ)                   bsam_update
-    θ   = m                                             bsam_update
+        θ = m + z_j / sqrt(N·s)                   bsam_sample
+        g_j = ∇ L_Bj(θ)                           backward pass into the zeroed .grad
+        θ = m + ρ·g_j / s                         bsam_perturb (.grad consumed, zeroed)
+        curvature_sum += sqrt(s)·|g_j|            bsam_perturb (sum over j)
+        h_j = ∇ L_Bj(θ)                           backward pass into the zeroed .grad
+        grad_sum += h_j                           fold_grads (k > 1; float32 for low-precision
+                                                  parameters); find_nonfinite checks h (k = 1)
+    h̄ = grad_sum / k ;  ā = curvature_sum / k     bsam_update: the means over sub-batches
+    g_m = β1·g_m + (1 − β1)·(h̄ + δ·m)             bsam_update
+    m   = m − α·g_m / s                           bsam_update (old precision)
+    s   = β2·s + (1 − β2)·(ā + δ + γ)             bsam_update
+    θ   = m                                       bsam_update
 
 SAM-SGD: ``restore`` (w), backward, ``sam_sq_norm`` (‖g_j‖²), ``sam_perturb``
-(w + ρ·g_j/‖g_j‖), backward into ``grad_sum``; then ``sam_update_sgd`` or
+(w + ρ·g_j/‖g_j‖), backward, ``fold_grads``; then ``sam_update_sgd`` or
 ``sam_update_adamw`` on h̄ = grad_sum / k.
+
+A step is skipped (state untouched, θ back at rest) when a gradient of either pass is
+inf or NaN: the phases that read a gradient set the step's ``found_inf`` flag (a float32
+0-dim tensor per device, as torch's GradScaler keeps it) and the update reads it. They
+also unscale what they read by ``inv_scale`` (1/scale of a GradScaler, else 1), and a
+phase that consumes a gradient zeroes it: the next backward pass accumulates into it.
 
 Every backend exposes these functions with these arguments (:mod:`sambayes.backends`
 calls them). Each call gets the tensors of one bucket as parallel lists:
 
 - ``params``: the model's parameters (float64/32, bfloat16, float16), written in place;
-- ``grads``, ``grad_sums``: their gradients (the sum over sub-batches at update time),
-  in the parameter dtype;
+- ``grads``, ``grad_sums``: their gradient buffers (at update time: the sum over
+  sub-batches), in the parameter dtype;
 - state (``means``, ``precisions``, ``momentums``, ``curvature_sums``, ``weights``,
-  ``variances``): float64 for float64 parameters, float32 otherwise.
+  ``variances``) and the running sums of ``fold_grads``: float64 for float64
+  parameters, float32 otherwise.
 
 All math runs in the state dtype. The noise z comes from :mod:`sambayes._philox`, the
-reference generator; this module depends on nothing else of the package.
+reference generator; this module depends on nothing else of the package. The eager
+backend decides on the host whether a step is skipped; the others decide on the device.
 """
 
 from __future__ import annotations
@@ -54,15 +64,39 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
-def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
+def bsam_perturb(
+    params, grads, means, precisions, curvature_sums, found_inf, inv_scale, *, rho: float, accumulate: bool
+) -> None:
     """θ = m + ρ·g/s (from the mean, not the noisy point); curvature_sum (+)= sqrt(s)·|g|."""
     for param, grad, mean, precision, curvature_sum in zip(params, grads, means, precisions, curvature_sums):
-        g = grad.to(mean.dtype)
+        g = grad.to(mean.dtype) * inv_scale
+        _flag_nonfinite(g, found_inf)
         # adversarial point
         param.copy_(mean + rho * g / precision)
         # curvature estimate of the precision update, summed over sub-batches
         a = torch.sqrt(precision) * g.abs()
         curvature_sum.copy_(curvature_sum + a if accumulate else a)
+        grad.zero_()
+
+
+@torch.no_grad()
+def find_nonfinite(grads, found_inf) -> None:
+    """found_inf = 1 if a gradient is inf or NaN (the perturbed-point gradient, k = 1)."""
+    for grad in grads:
+        _flag_nonfinite(grad, found_inf)
+
+
+@torch.no_grad()
+def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
+    """grad_sum (+)= h_j in the state dtype; the last sub-batch puts the total back in .grad."""
+    for grad, grad_sum in zip(grads, grad_sums):
+        _flag_nonfinite(grad, found_inf)
+        total = grad.to(grad_sum.dtype) if first else grad_sum + grad.to(grad_sum.dtype)
+        if last:
+            grad.copy_(total)
+        else:
+            grad_sum.copy_(total)
+            grad.zero_()
 
 
 @torch.no_grad()
@@ -73,6 +107,8 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     beta1: float,
@@ -81,21 +117,24 @@ def bsam_update(
     damping: float,
     splits: int,
 ) -> None:
-    """Momentum, mean (with the old precision), precision, then θ = m."""
+    """Momentum, mean (with the old precision), precision, then θ = m; a skipped step only θ = m."""
+    skip = bool(found_inf)
     for param, grad_sum, mean, precision, momentum, curvature_sum in zip(
         params, grad_sums, means, precisions, momentums, curvature_sums
     ):
-        # the means over the k sub-batches
-        h = grad_sum.to(mean.dtype) / splits
-        a = curvature_sum / splits
-        # momentum
-        momentum.copy_(beta1 * momentum + (1 - beta1) * (h + weight_decay * mean))
-        # mean step, divided by the precision before this step's update
-        mean.copy_(mean - lr * momentum / precision)
-        # precision
-        precision.copy_(beta2 * precision + (1 - beta2) * (a + weight_decay + damping))
+        if not skip:
+            # the means over the k sub-batches
+            h = grad_sum.to(mean.dtype) * inv_scale / splits
+            a = curvature_sum / splits
+            # momentum
+            momentum.copy_(beta1 * momentum + (1 - beta1) * (h + weight_decay * mean))
+            # mean step, divided by the precision before this step's update
+            mean.copy_(mean - lr * momentum / precision)
+            # precision
+            precision.copy_(beta2 * precision + (1 - beta2) * (a + weight_decay + damping))
         # the model holds the mean between steps
         param.copy_(mean)
+        grad_sum.zero_()
 
 
 @torch.no_grad()
@@ -106,22 +145,25 @@ def restore(params, weights) -> None:
 
 
 @torch.no_grad()
-def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
+def sam_sq_norm(grads, weights, found_inf, inv_scale, *, adaptive: bool) -> torch.Tensor:
     """Σ (T·g)², T = |w| if adaptive else 1, as a 0-dim tensor in the state dtype."""
     total = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
     for grad, weight in zip(grads, weights):
-        tg = grad.to(weight.dtype) * (weight.abs() if adaptive else 1.0)
+        g = grad.to(weight.dtype) * inv_scale
+        _flag_nonfinite(g, found_inf)
+        tg = g * (weight.abs() if adaptive else 1.0)
         total = total + (tg * tg).sum()
     return total
 
 
 @torch.no_grad()
-def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) -> None:
+def sam_perturb(params, grads, weights, inv_scale, *, scale: torch.Tensor, adaptive: bool) -> None:
     """w' = w + scale·T²·g with scale = ρ/‖T·g‖₂ (a 0-dim tensor: no host sync)."""
     for param, grad, weight in zip(params, grads, weights):
-        g = grad.to(weight.dtype)
+        g = grad.to(weight.dtype) * inv_scale
         # adversarial point
         param.copy_(weight + scale * (weight * weight if adaptive else 1.0) * g)
+        grad.zero_()
 
 
 @torch.no_grad()
@@ -130,6 +172,8 @@ def sam_update_sgd(
     grad_sums,
     weights,
     momentums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     momentum: float,
@@ -137,15 +181,18 @@ def sam_update_sgd(
     nesterov: bool,
     splits: int,
 ) -> None:
-    """Heavy ball on the mean perturbed-point gradient, then θ = w."""
+    """Heavy ball on the mean perturbed-point gradient, then θ = w; a skipped step only θ = w."""
+    skip = bool(found_inf)
     for param, grad_sum, weight, buf in zip(params, grad_sums, weights, momentums):
-        d = grad_sum.to(weight.dtype) / splits + weight_decay * weight
-        # heavy ball, no dampening
-        buf.copy_(momentum * buf + d)
-        # nesterov looks ahead along the new buffer
-        direction = d + momentum * buf if nesterov else buf
-        weight.copy_(weight - lr * direction)
+        if not skip:
+            d = grad_sum.to(weight.dtype) * inv_scale / splits + weight_decay * weight
+            # heavy ball, no dampening
+            buf.copy_(momentum * buf + d)
+            # nesterov looks ahead along the new buffer
+            direction = d + momentum * buf if nesterov else buf
+            weight.copy_(weight - lr * direction)
         param.copy_(weight)
+        grad_sum.zero_()
 
 
 @torch.no_grad()
@@ -155,23 +202,35 @@ def sam_update_adamw(
     weights,
     momentums,
     variances,
+    found_inf,
+    inv_scale,
+    step,
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
     splits: int,
 ) -> None:
-    """AdamW on the mean perturbed-point gradient (``step`` counts from 1), then θ = w."""
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    """AdamW on the mean perturbed-point gradient, then θ = w; a skipped step only θ = w.
+    ``step``: updates taken, counting this one (a 0-dim float64 tensor)."""
+    skip = bool(found_inf)
+    bias1, bias2 = 1 - beta1 ** float(step), 1 - beta2 ** float(step)
     for param, grad_sum, weight, momentum, variance in zip(params, grad_sums, weights, momentums, variances):
-        h = grad_sum.to(weight.dtype) / splits
-        # decoupled weight decay
-        weight.copy_(weight * (1 - lr * weight_decay))
-        momentum.copy_(beta1 * momentum + (1 - beta1) * h)
-        variance.copy_(beta2 * variance + (1 - beta2) * h * h)
-        denom = torch.sqrt(variance / bias2) + eps
-        weight.copy_(weight - (lr / bias1) * momentum / denom)
+        if not skip:
+            h = grad_sum.to(weight.dtype) * inv_scale / splits
+            # decoupled weight decay
+            weight.copy_(weight * (1 - lr * weight_decay))
+            momentum.copy_(beta1 * momentum + (1 - beta1) * h)
+            variance.copy_(beta2 * variance + (1 - beta2) * h * h)
+            denom = torch.sqrt(variance / bias2) + eps
+            weight.copy_(weight - (lr / bias1) * momentum / denom)
         param.copy_(weight)
+        grad_sum.zero_()
+
+
+def _flag_nonfinite(x: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """found_inf = 1 if x holds an inf or NaN (the max-norm: no overflow, unlike a 2-norm)."""
+    if x.numel() and not torch.isfinite(x).all():
+        found_inf.fill_(1.0)

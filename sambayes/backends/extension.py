@@ -42,9 +42,9 @@ def randn_range(seed: int, start: int, numel: int, device=None) -> torch.Tensor:
     return out
 
 
-def philox_words(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """The four Philox4x32-10 words per offset, int64 [n, 4] holding uint32 values (CPU; for tests)."""
-    return _ops.philox_words(offsets.cpu(), seed)
+def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four Philox4x32-10 words per counter, int64 [n, 4] holding uint32 values (CPU; for tests)."""
+    return _ops.philox_words(counters.cpu(), seed)
 
 
 @torch.no_grad()
@@ -53,8 +53,20 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
-def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
-    _ops.bsam_perturb(params, grads, means, precisions, curvature_sums, float(rho), bool(accumulate))
+def bsam_perturb(
+    params, grads, means, precisions, curvature_sums, found_inf, inv_scale, *, rho: float, accumulate: bool
+) -> None:
+    _ops.bsam_perturb(params, grads, means, precisions, curvature_sums, found_inf, inv_scale, float(rho), bool(accumulate))
+
+
+@torch.no_grad()
+def find_nonfinite(grads, found_inf) -> None:
+    _ops.find_nonfinite(grads, found_inf)
+
+
+@torch.no_grad()
+def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
+    _ops.fold_grads(grads, grad_sums, found_inf, bool(first), bool(last))
 
 
 @torch.no_grad()
@@ -65,6 +77,8 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     beta1: float,
@@ -80,6 +94,8 @@ def bsam_update(
         precisions,
         momentums,
         curvature_sums,
+        found_inf,
+        inv_scale,
         float(lr),
         float(beta1),
         float(beta2),
@@ -95,13 +111,13 @@ def restore(params, weights) -> None:
 
 
 @torch.no_grad()
-def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
-    return _ops.sam_sq_norm(grads, weights, bool(adaptive))
+def sam_sq_norm(grads, weights, found_inf, inv_scale, *, adaptive: bool) -> torch.Tensor:
+    return _ops.sam_sq_norm(grads, weights, found_inf, inv_scale, bool(adaptive))
 
 
 @torch.no_grad()
-def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) -> None:
-    _ops.sam_perturb(params, grads, weights, scale, bool(adaptive))
+def sam_perturb(params, grads, weights, inv_scale, *, scale: torch.Tensor, adaptive: bool) -> None:
+    _ops.sam_perturb(params, grads, weights, inv_scale, scale, bool(adaptive))
 
 
 @torch.no_grad()
@@ -110,6 +126,8 @@ def sam_update_sgd(
     grad_sums,
     weights,
     momentums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     momentum: float,
@@ -122,6 +140,8 @@ def sam_update_sgd(
         grad_sums,
         weights,
         momentums,
+        found_inf,
+        inv_scale,
         float(lr),
         float(momentum),
         float(weight_decay),
@@ -137,13 +157,15 @@ def sam_update_adamw(
     weights,
     momentums,
     variances,
+    found_inf,
+    inv_scale,
+    step,
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
     splits: int,
 ) -> None:
     _ops.sam_update_adamw(
@@ -152,12 +174,14 @@ def sam_update_adamw(
         weights,
         momentums,
         variances,
+        found_inf,
+        inv_scale,
+        step,
         float(lr),
         float(beta1),
         float(beta2),
         float(eps),
         float(weight_decay),
-        int(step),
         int(splits),
     )
 
@@ -171,6 +195,8 @@ def _register_fakes() -> None:
     for op in (
         "bsam_sample",
         "bsam_perturb",
+        "find_nonfinite",
+        "fold_grads",
         "bsam_update",
         "restore",
         "sam_perturb",
@@ -181,12 +207,12 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"sambayes_C::{op}", nothing)
 
     @torch.library.register_fake("sambayes_C::sam_sq_norm")
-    def _(grads, weights, adaptive):
+    def _(grads, weights, found_inf, inv_scale, adaptive):
         return weights[0].new_empty(())
 
     @torch.library.register_fake("sambayes_C::philox_words")
-    def _(offsets, seed):
-        return offsets.new_empty((offsets.numel(), 4), dtype=torch.int64)
+    def _(counters, seed):
+        return counters.new_empty((counters.numel(), 4), dtype=torch.int64)
 
 
 _register_fakes()

@@ -1,8 +1,11 @@
 """The foreach backend: the eager backend's math as ``torch._foreach_*`` ops, one kernel
 launch per op for all tensors of a bucket. Same arguments as :mod:`.eager`; see there
-for the contract."""
+for the contract. Like the fused backends, it decides on skipping on the device (no
+host synchronisation): a skipped step keeps the state through ``torch.where``."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -12,6 +15,20 @@ from .. import _philox
 def _upcast(tensors, dtype):
     # gradients/params in bf16/fp16 are read in the state dtype
     return [t.to(dtype) for t in tensors] if tensors[0].dtype != dtype else list(tensors)
+
+
+def _flag_nonfinite(tensors, found_inf) -> None:
+    """found_inf = 1 if any tensor holds an inf or NaN: max-norms, on the device."""
+    nonempty = [t for t in tensors if t.numel()]
+    if nonempty:
+        bad = (~torch.stack(torch._foreach_norm(nonempty, ord=math.inf)).isfinite()).any()
+        found_inf.copy_(torch.maximum(found_inf, bad.to(found_inf.dtype)))
+
+
+def _unless_skipped(found_inf, targets, values) -> None:
+    """targets = values, except on a skipped step."""
+    run = found_inf == 0
+    torch._foreach_copy_(targets, [torch.where(run, v, t) for t, v in zip(targets, values)])
 
 
 @torch.no_grad()
@@ -28,8 +45,11 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 
 
 @torch.no_grad()
-def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float, accumulate: bool) -> None:
-    g = _upcast(grads, means[0].dtype)
+def bsam_perturb(
+    params, grads, means, precisions, curvature_sums, found_inf, inv_scale, *, rho: float, accumulate: bool
+) -> None:
+    g = torch._foreach_mul(_upcast(grads, means[0].dtype), inv_scale)
+    _flag_nonfinite(g, found_inf)
     theta = torch._foreach_div(g, precisions)
     torch._foreach_mul_(theta, rho)
     torch._foreach_add_(theta, means)
@@ -40,6 +60,25 @@ def bsam_perturb(params, grads, means, precisions, curvature_sums, *, rho: float
         torch._foreach_add_(curvature_sums, a)
     else:
         torch._foreach_copy_(curvature_sums, a)
+    torch._foreach_zero_(grads)
+
+
+@torch.no_grad()
+def find_nonfinite(grads, found_inf) -> None:
+    _flag_nonfinite(grads, found_inf)
+
+
+@torch.no_grad()
+def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
+    _flag_nonfinite(grads, found_inf)
+    total = _upcast(grads, grad_sums[0].dtype)
+    if not first:
+        total = torch._foreach_add(grad_sums, total)
+    if last:
+        torch._foreach_copy_(grads, total)
+    else:
+        torch._foreach_copy_(grad_sums, total)
+        torch._foreach_zero_(grads)
 
 
 @torch.no_grad()
@@ -50,6 +89,8 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     beta1: float,
@@ -58,16 +99,20 @@ def bsam_update(
     damping: float,
     splits: int,
 ) -> None:
-    h = torch._foreach_div(_upcast(grad_sums, means[0].dtype), splits)
+    h = torch._foreach_mul(_upcast(grad_sums, means[0].dtype), inv_scale)
+    torch._foreach_div_(h, splits)
     torch._foreach_add_(h, means, alpha=weight_decay)
-    torch._foreach_mul_(momentums, beta1)
-    torch._foreach_add_(momentums, h, alpha=1 - beta1)
-    torch._foreach_addcdiv_(means, momentums, precisions, value=-lr)
+    new_momentums = torch._foreach_mul(momentums, beta1)
+    torch._foreach_add_(new_momentums, h, alpha=1 - beta1)
+    new_means = torch._foreach_addcdiv(means, new_momentums, precisions, value=-lr)
     a = torch._foreach_div(curvature_sums, splits)
     torch._foreach_add_(a, weight_decay + damping)
-    torch._foreach_mul_(precisions, beta2)
-    torch._foreach_add_(precisions, a, alpha=1 - beta2)
+    new_precisions = torch._foreach_mul(precisions, beta2)
+    torch._foreach_add_(new_precisions, a, alpha=1 - beta2)
+    for targets, values in ((momentums, new_momentums), (means, new_means), (precisions, new_precisions)):
+        _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, means)
+    torch._foreach_zero_(grad_sums)
 
 
 @torch.no_grad()
@@ -76,8 +121,9 @@ def restore(params, weights) -> None:
 
 
 @torch.no_grad()
-def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
-    g = _upcast(grads, weights[0].dtype)
+def sam_sq_norm(grads, weights, found_inf, inv_scale, *, adaptive: bool) -> torch.Tensor:
+    g = torch._foreach_mul(_upcast(grads, weights[0].dtype), inv_scale)
+    _flag_nonfinite(g, found_inf)
     if adaptive:
         g = torch._foreach_mul(g, torch._foreach_abs(weights))
     norms = torch._foreach_norm(g)
@@ -85,12 +131,14 @@ def sam_sq_norm(grads, weights, *, adaptive: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sam_perturb(params, grads, weights, *, scale: torch.Tensor, adaptive: bool) -> None:
-    e = torch._foreach_mul(_upcast(grads, weights[0].dtype), scale)
+def sam_perturb(params, grads, weights, inv_scale, *, scale: torch.Tensor, adaptive: bool) -> None:
+    e = torch._foreach_mul(_upcast(grads, weights[0].dtype), inv_scale)
+    torch._foreach_mul_(e, scale)
     if adaptive:
         torch._foreach_mul_(e, torch._foreach_mul(weights, weights))
     torch._foreach_add_(e, weights)
     torch._foreach_copy_(params, e)
+    torch._foreach_zero_(grads)
 
 
 @torch.no_grad()
@@ -99,6 +147,8 @@ def sam_update_sgd(
     grad_sums,
     weights,
     momentums,
+    found_inf,
+    inv_scale,
     *,
     lr: float,
     momentum: float,
@@ -106,16 +156,20 @@ def sam_update_sgd(
     nesterov: bool,
     splits: int,
 ) -> None:
-    d = torch._foreach_div(_upcast(grad_sums, weights[0].dtype), splits)
+    d = torch._foreach_mul(_upcast(grad_sums, weights[0].dtype), inv_scale)
+    torch._foreach_div_(d, splits)
     torch._foreach_add_(d, weights, alpha=weight_decay)
-    torch._foreach_mul_(momentums, momentum)
-    torch._foreach_add_(momentums, d)
+    new_momentums = torch._foreach_mul(momentums, momentum)
+    torch._foreach_add_(new_momentums, d)
     if nesterov:
-        torch._foreach_add_(d, momentums, alpha=momentum)
+        torch._foreach_add_(d, new_momentums, alpha=momentum)
     else:
-        d = momentums
-    torch._foreach_add_(weights, d, alpha=-lr)
+        d = new_momentums
+    new_weights = torch._foreach_add(weights, d, alpha=-lr)
+    _unless_skipped(found_inf, momentums, new_momentums)
+    _unless_skipped(found_inf, weights, new_weights)
     torch._foreach_copy_(params, weights)
+    torch._foreach_zero_(grad_sums)
 
 
 @torch.no_grad()
@@ -125,24 +179,34 @@ def sam_update_adamw(
     weights,
     momentums,
     variances,
+    found_inf,
+    inv_scale,
+    step,
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
     splits: int,
 ) -> None:
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    h = torch._foreach_div(_upcast(grad_sums, weights[0].dtype), splits)
-    torch._foreach_mul_(weights, 1 - lr * weight_decay)
-    torch._foreach_mul_(momentums, beta1)
-    torch._foreach_add_(momentums, h, alpha=1 - beta1)
-    torch._foreach_mul_(variances, beta2)
-    torch._foreach_addcmul_(variances, h, h, value=1 - beta2)
-    denom = torch._foreach_div(variances, bias2)
+    # the bias corrections on the device, in float64 as the host would compute them
+    bias2 = 1 - beta2**step
+    step_size = lr / (1 - beta1**step)
+    h = torch._foreach_mul(_upcast(grad_sums, weights[0].dtype), inv_scale)
+    torch._foreach_div_(h, splits)
+    new_weights = torch._foreach_mul(weights, 1 - lr * weight_decay)
+    new_momentums = torch._foreach_mul(momentums, beta1)
+    torch._foreach_add_(new_momentums, h, alpha=1 - beta1)
+    new_variances = torch._foreach_mul(variances, beta2)
+    torch._foreach_addcmul_(new_variances, h, h, value=1 - beta2)
+    denom = torch._foreach_div(new_variances, bias2.to(weights[0].dtype))
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(weights, momentums, denom, value=-lr / bias1)
+    update = torch._foreach_div(new_momentums, denom)
+    torch._foreach_mul_(update, step_size.to(weights[0].dtype))
+    torch._foreach_sub_(new_weights, update)
+    for targets, values in ((momentums, new_momentums), (variances, new_variances), (weights, new_weights)):
+        _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, weights)
+    torch._foreach_zero_(grad_sums)

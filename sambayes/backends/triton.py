@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import re
 
 import torch
@@ -27,33 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):  # pragma: no cover
     raise ImportError(f"Triton {triton.__version__} is too old: the triton backend needs Triton >= 3.4")
 
-from ..kernels import (
-    _multi_tensor,
-)
-from ..kernels import (
-    bsam_perturb as _bsam_perturb,
-)
-from ..kernels import (
-    bsam_sample as _bsam_sample,
-)
-from ..kernels import (
-    bsam_update as _bsam_update,
-)
-from ..kernels import (
-    restore as _restore,
-)
-from ..kernels import (
-    sam_perturb as _sam_perturb,
-)
-from ..kernels import (
-    sam_sq_norm as _sam_sq_norm,
-)
-from ..kernels import (
-    sam_update_adamw as _sam_update_adamw,
-)
-from ..kernels import (
-    sam_update_sgd as _sam_update_sgd,
-)
+from ..kernels import _multi_tensor
 
 #: the kernels run in Triton's interpreter (CPU tensors), not compiled for a GPU
 INTERPRETED = _multi_tensor.INTERPRETED
@@ -71,11 +46,18 @@ def _on_their_device(launcher):
     return torch.no_grad()(run)
 
 
-bsam_sample = _on_their_device(_bsam_sample.bsam_sample)
-bsam_perturb = _on_their_device(_bsam_perturb.bsam_perturb)
-bsam_update = _on_their_device(_bsam_update.bsam_update)
-restore = _on_their_device(_restore.restore)
-sam_sq_norm = _on_their_device(_sam_sq_norm.sam_sq_norm)
-sam_perturb = _on_their_device(_sam_perturb.sam_perturb)
-sam_update_sgd = _on_their_device(_sam_update_sgd.sam_update_sgd)
-sam_update_adamw = _on_their_device(_sam_update_adamw.sam_update_adamw)
+#: the phases, each the launcher of its file in sambayes.kernels
+PHASES = (
+    "bsam_sample",
+    "bsam_perturb",
+    "bsam_update",
+    "find_nonfinite",
+    "fold_grads",
+    "restore",
+    "sam_sq_norm",
+    "sam_perturb",
+    "sam_update_sgd",
+    "sam_update_adamw",
+)
+for _phase in PHASES:
+    globals()[_phase] = _on_their_device(getattr(importlib.import_module(f"..kernels.{_phase}", __package__), _phase))

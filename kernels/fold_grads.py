@@ -1,0 +1,57 @@
+"""Sums over sub-batches (splits > 1): the perturbed-point gradient of sub-batch j joins the
+running sum in the state dtype (float32 for bfloat16/float16 parameters), is checked for
+inf/NaN, and the buffer is zeroed for the next backward pass. After the last sub-batch the
+total goes back into the gradient buffer, rounded once to the parameter dtype, for the update.
+
+Bytes per parameter (float32): first sub-batch 12 B (read g; write the sum, zero g), later
+ones 16 B (read g and the sum; write both), the last 12 B (read g and the sum, write g).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._multi_tensor import flag_nonfinite, for_block, launch, load, locate, role_pointer, store, tensor_table, zero
+
+
+@triton.jit
+def _fold_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, STAGE: tl.constexpr):
+    grad, grad_sum = pointers
+    (found_inf,) = scalars
+    g = load(grad, offs, mask, STATE)
+    flag_nonfinite(g, found_inf)
+    total = g
+    if STAGE != 0:
+        total = load(grad_sum, offs, mask, STATE) + g
+    if STAGE == 2:  # last sub-batch: the sum, rounded once, for the update
+        store(grad, offs, total, mask)
+    else:
+        store(grad_sum, offs, total, mask)
+        zero(grad, offs, mask)
+
+
+@triton.jit
+def _fold_grads_kernel(
+    table,
+    found_inf,
+    PARAM: tl.constexpr,
+    STATE: tl.constexpr,
+    STAGE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    start, remaining, _, record = locate(table, 2)
+    pointers = (role_pointer(record, start, 0, PARAM, ALIGNED), role_pointer(record, start, 1, STATE, ALIGNED))
+    for_block(_fold_block, pointers, (found_inf,), start, remaining, 0, STATE, STAGE, BLOCK)
+
+
+def fold_grads(
+    grads: list[torch.Tensor], grad_sums: list[torch.Tensor], found_inf: torch.Tensor, *, first: bool, last: bool
+) -> None:
+    """grad_sums (+)= grads and grads = 0, or (``last``) grads = grad_sums + grads; found_inf = 1 if a
+    gradient is inf or NaN. One launch. ``first`` and ``last`` are exclusive (splits > 1)."""
+    stage = 0 if first else 2 if last else 1
+    table = tensor_table([grads, grad_sums])
+    launch(_fold_grads_kernel, table, found_inf, param=grads[0].dtype, state=grad_sums[0].dtype, STAGE=stage)
