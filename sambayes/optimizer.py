@@ -66,7 +66,11 @@ def _caller_stacklevel() -> int:
 
 
 # this package, torch (no_grad's wrapper) and contextlib: frames between the user's call and a warning
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep, contextlib.__file__)
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(torch.__file__) + os.sep,
+    contextlib.__file__,
+)
 
 
 def _check_splits(splits: Any) -> None:
@@ -292,7 +296,9 @@ class TwoPassOptimizer(Optimizer):
         for ps, is_first in ((first, True), (later, False)):
             if ps:
                 sums = [self._grad_sum(p) for p in ps]
-                backends.run(self.backend, "fold_grads", self._grads(ps), sums, found_inf=flags, first=is_first, last=last)
+                backends.run(
+                    self.backend, "fold_grads", self._grads(ps), sums, found_inf=flags, first=is_first, last=last
+                )
         self._folded.update(first)
         self._consumed(params if not last else [])
 

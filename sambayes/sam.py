@@ -160,7 +160,11 @@ class SAM(TwoPassOptimizer):
     def _update_group(self, group: dict[str, Any], params: list[torch.Tensor], inv_scale: dict) -> None:
         if not params:
             return
-        grad_sums, weights, momentums = self._grads(params), self._states(params, "weight"), self._states(params, "momentum")
+        grad_sums, weights, momentums = (
+            self._grads(params),
+            self._states(params, "weight"),
+            self._states(params, "momentum"),
+        )
         if self.base == "sgd":
             backends.run(
                 self.backend,

@@ -56,7 +56,9 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
 def bsam_perturb(
     params, grads, means, precisions, curvature_sums, found_inf, inv_scale, *, rho: float, accumulate: bool
 ) -> None:
-    _ops.bsam_perturb(params, grads, means, precisions, curvature_sums, found_inf, inv_scale, float(rho), bool(accumulate))
+    _ops.bsam_perturb(
+        params, grads, means, precisions, curvature_sums, found_inf, inv_scale, float(rho), bool(accumulate)
+    )
 
 
 @torch.no_grad()
