@@ -1,23 +1,31 @@
-"""Time the optimizer work of one bSAM step, phase by phase and whole, for every implementation.
+"""Time one bSAM step, as users pay it and phase by phase, for every implementation.
 
     python benchmarks/bench_step.py                                # CPU-friendly default size
     python benchmarks/bench_step.py --preset gpt2                  # GPT-2 small shapes (124M, 148 tensors)
     python benchmarks/bench_step.py --preset resnet50
     python benchmarks/bench_step.py --numel 10_000_000 --tensors 100 --impls cpu,eager,torch
+    python benchmarks/bench_step.py --launch-bound                 # 1,000 tensors of 1,000: host time per step
 
-Implementations: every backend of ``sambayes.backends.NAMES`` available on the device
-(called directly, one call per phase), ``torch`` (a plain per-tensor PyTorch step
-as a user would write it, noise from ``torch.randn_like``), ``torch.compile`` of
-that step, ``pytorch_optimizer``'s BSAM, ``torch.optim.AdamW(fused=True)`` (the
-bandwidth anchor, its own step) and a device-to-device copy.
+Implementations: every backend of ``sambayes.backends.NAMES`` available on the device,
+``torch`` (a plain per-tensor PyTorch bSAM step as a user would write it, noise from
+``torch.randn_like``), ``torch.compile`` of its phases, ``pytorch_optimizer``'s BSAM,
+``torch.optim.AdamW`` (fused, and foreach: its own step) and a device-to-device copy.
 
-Phases: ``sample`` (θ = m + z/sqrt(N·s)), ``perturb`` (θ = m + ρ·g/s and the
-curvature sum), ``update`` and ``step`` (the three in a row, one sub-batch: the
-optimizer work of a step, no forward/backward). GB/s divides the documented
-minimal bytes of a phase (docs/triton.md) by the time, whatever the implementation
-moves; "% copy" compares with the copy measured in the same run. Timing: median
-and 20/80% quantiles, by ``triton.testing.do_bench`` on CUDA, by a plain loop on
-the CPU. Rows are appended to ``benchmarks/results/bench_step.csv``.
+Rows (``phase``):
+
+- ``step``: what users pay, the public ``opt.step(closure)`` (``torch``: the plain step with the
+  same closure). The closure stands for the two backward passes: it puts the given gradients
+  into ``.grad`` as autograd would (assigns when ``.grad`` is None, else adds), so it costs what
+  autograd's accumulation costs and no forward/backward.
+- ``kernels``: the phases a step launches, back to back, with no optimizer around them;
+- ``sample``, ``perturb``, ``check``, ``update``: each phase alone (``check`` = find_nonfinite).
+
+GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
+implementation moves; "% copy" compares with the copy measured in the same run, and "x floor"
+divides a step's time by the floor: 68 bytes per float32 parameter (sample 12, ascent 20,
+update 36) at the copy's speed. Timing: median and 20/80% quantiles, by
+``triton.testing.do_bench`` on CUDA, by a plain loop on the CPU. Each row is appended to
+``benchmarks/results/bench_step.csv`` as soon as it is measured (a timeout keeps what was done).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import sambayes
 from sambayes import backends
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_step.csv"
-PHASES = ("sample", "perturb", "update", "step")
+PHASES = ("step", "kernels", "sample", "perturb", "check", "update")
 HYPER = {
     "num_data": 50_000.0,
     "rho": 0.05,
@@ -94,51 +102,83 @@ def synthetic_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
     return [(n,) for n in sizes]
 
 
-# ---- byte counts: the minimal traffic of each phase (docs/triton.md) ------------------------
+# ---- byte counts: the minimal traffic of each phase (the kernels' docstrings) -------------
 def minimal_bytes(phase: str, param_bytes: int, state_bytes: int) -> int:
-    """Bytes per parameter a fused implementation must move (one sub-batch, no accumulation)."""
+    """Bytes per parameter a fused implementation must move (one sub-batch)."""
     p, s = param_bytes, state_bytes
-    per_phase = {"sample": 2 * s + p, "perturb": 2 * p + 3 * s, "update": 2 * p + 7 * s}
-    per_phase["step"] = sum(per_phase.values())
-    per_phase["adamw"] = 3 * p + 4 * s  # read p, g, m, v; write p, m, v
-    per_phase["copy"] = 2 * p
+    per_phase = {
+        "sample": 2 * s + p,  # read m, s; write θ
+        "perturb": 3 * p + 3 * s,  # read g, m, s; write θ, the curvature sum, the zeroed g
+        "check": p,  # read h
+        "update": 3 * p + 7 * s,  # read h, m, s, g_m, curvature; write g_m, m, s, θ, the zeroed h
+        "adamw": 3 * p + 4 * s,  # read p, g, m, v; write p, m, v
+        "copy": 2 * p,
+    }
+    per_phase["kernels"] = per_phase["sample"] + per_phase["perturb"] + per_phase["check"] + per_phase["update"]
+    per_phase["step"] = per_phase["kernels"] + 2 * 3 * p  # + autograd's accumulation in each of the two passes
     return per_phase[phase]
+
+
+def floor_bytes(param_bytes: int, state_bytes: int) -> int:
+    """The floor of a bSAM step: sample, ascent and update reading and writing each word once (68 B in float32)."""
+    return (2 * state_bytes + param_bytes) + (2 * param_bytes + 3 * state_bytes) + (2 * param_bytes + 7 * state_bytes)
 
 
 # ---- the problem ---------------------------------------------------------------------------
 class Problem:
-    """Parameters, gradients and bSAM state for the shapes, as lists of tensors."""
+    """Parameters, given gradients and bSAM state for the shapes, as lists of tensors."""
 
     def __init__(self, shapes, dtype, device):
         state = torch.float64 if dtype == torch.float64 else torch.float32
+        self.device, self.dtype = device, dtype
         self.params = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
         self.grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
         self.means = [p.to(state) for p in self.params]
         self.precisions = [torch.rand(s, dtype=state, device=device) + 1 for s in shapes]
         self.momentums = [torch.zeros(s, dtype=state, device=device) for s in shapes]
-        self.stats = [torch.zeros(s, dtype=state, device=device) for s in shapes]
+        self.curvature_sums = [torch.zeros(s, dtype=state, device=device) for s in shapes]
         self.offsets = [0]
         for p in self.params[:-1]:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.numel = sum(p.numel() for p in self.params)
+        self.found_inf = torch.zeros((), device=device)
+        self.inv_scale = torch.ones((), device=device)
 
 
-def backend_phases(backend, pb: Problem):
+def closure_for(params: list[torch.Tensor], grads: list[torch.Tensor]):
+    """The two backward passes' effect on .grad, as autograd has it: assign a new tensor when .grad
+    is None, else add in place."""
+
+    def closure():
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = g.clone()  # autograd's fresh tensor (happens once for sambayes: its buffers stay)
+            else:
+                p.grad.add_(g)
+
+    return closure
+
+
+def backend_phases(module, pb: Problem):
+    """The phases of one step of a sambayes backend, called directly (kernel-only)."""
     h = HYPER
+    flags = {"found_inf": pb.found_inf, "inv_scale": pb.inv_scale}
     phases = {
-        "sample": lambda: backend.bsam_sample(
+        "sample": lambda: module.bsam_sample(
             pb.params, pb.means, pb.precisions, pb.offsets, num_data=h["num_data"], seed=1
         ),
-        "perturb": lambda: backend.bsam_perturb(
-            pb.params, pb.grads, pb.means, pb.precisions, pb.stats, rho=h["rho"], accumulate=False
+        "perturb": lambda: module.bsam_perturb(
+            pb.params, pb.grads, pb.means, pb.precisions, pb.curvature_sums, **flags, rho=h["rho"], accumulate=False
         ),
-        "update": lambda: backend.bsam_update(
+        "check": lambda: module.find_nonfinite(pb.grads, pb.found_inf),
+        "update": lambda: module.bsam_update(
             pb.params,
             pb.grads,
             pb.means,
             pb.precisions,
             pb.momentums,
-            pb.stats,
+            pb.curvature_sums,
+            **flags,
             lr=h["lr"],
             beta1=h["beta1"],
             beta2=h["beta2"],
@@ -147,7 +187,17 @@ def backend_phases(backend, pb: Problem):
             splits=1,
         ),
     }
+    parts = [phases[name] for name in ("sample", "perturb", "check", "update")]
+    phases["kernels"] = lambda: [f() for f in parts]
     return phases
+
+
+def public_step(pb: Problem, backend: str):
+    """``opt.step(closure)`` of sambayes.BSAM on its own copies of the parameters (the given gradients)."""
+    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
+    opt = sambayes.BSAM(params, num_data=HYPER["num_data"], lr=HYPER["lr"], rho=HYPER["rho"], seed=1, backend=backend)
+    closure = closure_for(params, pb.grads)
+    return lambda: opt.step(closure)
 
 
 def plain_sample(params, means, precisions, num_data: float):
@@ -155,34 +205,36 @@ def plain_sample(params, means, precisions, num_data: float):
         param.copy_(mean + torch.randn_like(mean) / torch.sqrt(num_data * precision))
 
 
-def plain_perturb(params, grads, means, precisions, stats, rho: float):
-    for param, grad, mean, precision, stat in zip(params, grads, means, precisions, stats):
+def plain_perturb(params, grads, means, precisions, curvature_sums, rho: float):
+    for param, grad, mean, precision, curvature_sum in zip(params, grads, means, precisions, curvature_sums):
         g = grad.to(mean.dtype)
         param.copy_(mean + rho * g / precision)
-        stat.copy_(torch.sqrt(precision) * g.abs())
+        curvature_sum.copy_(torch.sqrt(precision) * g.abs())
 
 
-def plain_update(params, grads, means, precisions, momentums, stats, lr, beta1, beta2, weight_decay, damping):
-    for param, grad, mean, precision, momentum, stat in zip(params, grads, means, precisions, momentums, stats):
+def plain_update(params, grads, means, precisions, momentums, curvature_sums, lr, beta1, beta2, weight_decay, damping):
+    for param, grad, mean, precision, momentum, curvature_sum in zip(
+        params, grads, means, precisions, momentums, curvature_sums
+    ):
         momentum.mul_(beta1).add_((1 - beta1) * (grad.to(mean.dtype) + weight_decay * mean))
         mean.sub_(lr * momentum / precision)
-        precision.mul_(beta2).add_((1 - beta2) * (stat + weight_decay + damping))
+        precision.mul_(beta2).add_((1 - beta2) * (curvature_sum + weight_decay + damping))
         param.copy_(mean)
 
 
 def plain_phases(pb: Problem, wrap=lambda f: f):
     h = HYPER
     sample, perturb, update = wrap(plain_sample), wrap(plain_perturb), wrap(plain_update)
-    return {
+    phases = {
         "sample": lambda: sample(pb.params, pb.means, pb.precisions, h["num_data"]),
-        "perturb": lambda: perturb(pb.params, pb.grads, pb.means, pb.precisions, pb.stats, h["rho"]),
+        "perturb": lambda: perturb(pb.params, pb.grads, pb.means, pb.precisions, pb.curvature_sums, h["rho"]),
         "update": lambda: update(
             pb.params,
             pb.grads,
             pb.means,
             pb.precisions,
             pb.momentums,
-            pb.stats,
+            pb.curvature_sums,
             h["lr"],
             h["beta1"],
             h["beta2"],
@@ -190,6 +242,32 @@ def plain_phases(pb: Problem, wrap=lambda f: f):
             h["damping"],
         ),
     }
+    parts = [phases[name] for name in ("sample", "perturb", "update")]
+    phases["kernels"] = lambda: [f() for f in parts]
+    return phases
+
+
+def plain_step(pb: Problem):
+    """A plain per-tensor bSAM step as a user would write it, with the same closure as the public step
+    (the user sets .grad to None before each pass, so the closure assigns)."""
+    h = HYPER
+    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
+    closure = closure_for(params, pb.grads)
+
+    @torch.no_grad()
+    def step():
+        plain_sample(params, pb.means, pb.precisions, h["num_data"])
+        for p in params:
+            p.grad = None
+        closure()
+        plain_perturb(params, [p.grad for p in params], pb.means, pb.precisions, pb.curvature_sums, h["rho"])
+        for p in params:
+            p.grad = None
+        closure()
+        hyper = [h[k] for k in ("lr", "beta1", "beta2", "weight_decay", "damping")]
+        plain_update(params, [p.grad for p in params], pb.means, pb.precisions, pb.momentums, pb.curvature_sums, *hyper)
+
+    return step
 
 
 def pytorch_optimizer_phases(pb: Problem):
@@ -199,14 +277,18 @@ def pytorch_optimizer_phases(pb: Problem):
     for p, g in zip(params, pb.grads):
         p.grad = g
     opt = BSAM(params, num_data=int(HYPER["num_data"]), lr=HYPER["lr"], rho=HYPER["rho"])
-    return {"sample": opt.first_step, "perturb": opt.second_step, "update": opt.third_step}
-
-
-def with_step(phases):
-    if set(phases) >= {"sample", "perturb", "update"}:
-        parts = [phases["sample"], phases["perturb"], phases["update"]]
-        phases["step"] = lambda: [f() for f in parts]
+    phases = {"sample": opt.first_step, "perturb": opt.second_step, "update": opt.third_step}
+    phases["kernels"] = lambda: [f() for f in (opt.first_step, opt.second_step, opt.third_step)]
     return phases
+
+
+def adamw_step(pb: Problem, **kind):
+    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
+    for p, g in zip(params, pb.grads):
+        p.grad = g
+    adamw = torch.optim.AdamW(params, lr=1e-3, **kind)
+    adamw.step()
+    return adamw.step
 
 
 # ---- timing --------------------------------------------------------------------------------
@@ -308,27 +390,86 @@ def implementations(args, device, pb: Problem):
         if reason:
             skipped.append((name, reason))
             continue
-        out.append((name, with_step(backend_phases(backends.resolve(name, device), pb))))
+        phases = backend_phases(backends.resolve(name, device), pb)
+        phases["step"] = public_step(pb, name)
+        out.append((name, phases))
     if want("torch"):
-        out.append(("torch", with_step(plain_phases(pb))))
+        out.append(("torch", {**plain_phases(pb), "step": plain_step(pb)}))
     if want("torch.compile"):
-        out.append(("torch.compile", with_step(plain_phases(pb, wrap=torch.compile))))
+        out.append(("torch.compile", plain_phases(pb, wrap=torch.compile)))
     if want("pytorch_optimizer"):
         try:
-            out.append(("pytorch_optimizer", with_step(pytorch_optimizer_phases(pb))))
+            out.append(("pytorch_optimizer", pytorch_optimizer_phases(pb)))
         except ImportError as exc:
             skipped.append(("pytorch_optimizer", str(exc)))
-    if want("adamw_fused"):
-        params = [torch.nn.Parameter(p.clone()) for p in pb.params]
-        for p, g in zip(params, pb.grads):
-            p.grad = g
-        try:
-            adamw = torch.optim.AdamW(params, lr=1e-3, fused=True)
-            adamw.step()
-            out.append(("adamw_fused", {"adamw": adamw.step}))
-        except (RuntimeError, ValueError) as exc:
-            skipped.append(("adamw_fused", str(exc).splitlines()[0]))
+    for name, kind in (("adamw_fused", {"fused": True}), ("adamw_foreach", {"foreach": True})):
+        if want(name):
+            try:
+                out.append((name, {"adamw": adamw_step(pb, **kind)}))
+            except (RuntimeError, ValueError) as exc:
+                skipped.append((name, str(exc).splitlines()[0]))
     return out, skipped
+
+
+def launch_bound(args, device) -> list[tuple[str, str, object]]:
+    """1,000 tensors of 1,000 elements: where the host's work per tensor decides the step time.
+
+    ``closure`` is the cost of the two backward passes' accumulation alone (1,000 ``add_`` each):
+    what a sambayes step costs beyond it is the optimizer's own host time."""
+    pb = Problem([(1000,)] * 1000, torch.float32, device)
+    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    closure = closure_for(params, pb.grads)
+    cases = [("closure", "closure", lambda: (closure(), closure()))]
+    for name in ("triton", "cuda", "cpu"):  # the fused backends
+        if backends.why_unavailable(name, device) is None and not (name == "triton" and device.type != "cuda"):
+            cases.append((name, "step", public_step(pb, name)))
+    for name, kind in (("adamw_fused", {"fused": True}), ("adamw_foreach", {"foreach": True})):
+        try:
+            cases.append((name, "adamw", adamw_step(pb, **kind)))
+        except (RuntimeError, ValueError) as exc:
+            print(f"skipped {name}: {str(exc).splitlines()[0]}")
+    return pb, cases
+
+
+def host_time(fn, device, reps: int) -> float:
+    """Median host microseconds per call: until the call returns (on a GPU the kernels may still run)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+        sync(device)
+    return statistics.median(times)
+
+
+class CsvRows:
+    """Rows appended to the CSV one by one, as they are measured."""
+
+    def __init__(self, path: pathlib.Path, common: dict) -> None:
+        self.path, self.common, self.rows = path, common, []
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, **row) -> dict:
+        row = dict(self.common, **row)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
+        self.rows.append(row)
+        return row
+
+
+FIELDS = [
+    "date", "device", "sambayes", "commit", "torch", "triton", "size", "numel", "tensors", "dtype", "note",
+    "impl", "phase", "median_ms", "q20_ms", "q80_ms", "reps", "bytes", "gbps", "pct_copy", "x_floor",
+    "host_us", "peak_mb", "error",
+]  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -348,8 +489,9 @@ def main(argv=None) -> None:
         help="parameter dtype (state is float32)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impls", default="", help="comma-separated subset, e.g. triton,cuda,torch,adamw_fused,copy")
+    parser.add_argument("--impls", default="", help="comma-separated subset, e.g. cpu,torch,adamw_fused,copy")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    parser.add_argument("--launch-bound", action="store_true", help="1,000 tensors of 1,000: host time per step")
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per case")
     parser.add_argument("--reps", type=int, default=50, help="at most this many timed runs per case (CPU)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="CSV file to append to")
@@ -361,25 +503,6 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    shapes = (
-        {"gpt2": gpt2_shapes, "resnet50": resnet50_shapes}[args.preset]()
-        if args.preset
-        else synthetic_shapes(args.numel, args.tensors)
-    )
-    size_name = args.preset or f"{args.numel}x{args.tensors}"
-    torch.manual_seed(0)
-    pb = Problem(shapes, dtype, device)
-    param_bytes, state_bytes = pb.params[0].element_size(), pb.means[0].element_size()
-    phases = args.phases.split(",")
-
-    # the bandwidth reference: a device-to-device copy of a buffer as large as the parameters
-    copy_ms = measure_copy(pb.numel, dtype, device, args.budget, args.reps)
-    copy_gbps = 2 * pb.numel * param_bytes / copy_ms[0] / 1e6
-
-    impls, skipped = implementations(args, device, pb)
-    cases = [
-        (name, phase, fn) for name, table in impls for phase, fn in table.items() if phase in phases or phase == "adamw"
-    ]
     triton_version = "none"
     try:
         import triton
@@ -394,15 +517,53 @@ def main(argv=None) -> None:
         "commit": git_commit(),
         "torch": torch.__version__,
         "triton": triton_version,
-        "size": size_name,
-        "numel": pb.numel,
-        "tensors": len(shapes),
         "dtype": args.dtype,
         "note": args.note,
     }
-    rows = [
-        dict(
-            common,
+    if args.launch_bound:
+        return main_launch_bound(args, device, common)
+
+    shapes = (
+        {"gpt2": gpt2_shapes, "resnet50": resnet50_shapes}[args.preset]()
+        if args.preset
+        else synthetic_shapes(args.numel, args.tensors)
+    )
+    size_name = args.preset or f"{args.numel}x{args.tensors}"
+    torch.manual_seed(0)
+    pb = Problem(shapes, dtype, device)
+    param_bytes, state_bytes = pb.params[0].element_size(), pb.means[0].element_size()
+    phases = args.phases.split(",")
+    rows = CsvRows(args.out, dict(common, size=size_name, numel=pb.numel, tensors=len(shapes)))
+
+    # the bandwidth reference: a device-to-device copy of a buffer as large as the parameters
+    copy_ms = measure_copy(pb.numel, dtype, device, args.budget, args.reps)
+    copy_gbps = 2 * pb.numel * param_bytes / copy_ms[0] / 1e6
+    floor_ms = floor_bytes(param_bytes, state_bytes) * pb.numel / copy_gbps / 1e6
+    print(
+        f"\n{common['device']} | torch {torch.__version__} | triton {triton_version} | {size_name}: "
+        f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s, "
+        f"floor of a step {floor_ms:.2f} ms"
+    )
+    header = (
+        f"{'impl':18s} {'phase':8s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'GB/s':>8s} {'% copy':>7s} "
+        f"{'x floor':>8s} {'peak MB':>8s}"
+    )
+    print(header)
+    print("-" * len(header))
+
+    def show(r):
+        if r["error"]:
+            tqdm.write(f"{r['impl']:18s} {r['phase']:8s} error: {r['error']}")
+            return
+        peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+        x_floor = f"{r['x_floor']:.2f}" if r["x_floor"] != "" else ""
+        tqdm.write(
+            f"{r['impl']:18s} {r['phase']:8s} {r['median_ms']:10.3f} {r['q20_ms']:9.3f} {r['q80_ms']:9.3f} "
+            f"{r['gbps']:8.2f} {r['pct_copy']:7.1f} {x_floor:>8s} {peak:>8s}"
+        )
+
+    show(
+        rows.add(
             impl="copy",
             phase="copy",
             median_ms=copy_ms[0],
@@ -412,88 +573,53 @@ def main(argv=None) -> None:
             bytes=2 * pb.numel * param_bytes,
             gbps=copy_gbps,
             pct_copy=100.0,
+            x_floor="",
             peak_mb=copy_ms[4],
             error="",
         )
-    ]
-    for name, phase, fn in tqdm(cases, desc="bench_step", unit="case"):
+    )
+    impls, skipped = implementations(args, device, pb)
+    cases = [(name, phase, table[phase]) for phase in PHASES + ("adamw",) for name, table in impls if phase in table]
+    cases = [(name, phase, fn) for name, phase, fn in cases if phase in phases or phase == "adamw"]
+    for name, phase, fn in tqdm(cases, desc="bench_step", unit="case", leave=False):
         nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
             gbps = nbytes / median / 1e6
-            rows.append(
-                dict(
-                    common,
-                    impl=name,
-                    phase=phase,
-                    median_ms=median,
-                    q20_ms=q20,
-                    q80_ms=q80,
-                    reps=reps,
-                    bytes=nbytes,
-                    gbps=gbps,
-                    pct_copy=100 * gbps / copy_gbps,
-                    peak_mb=peak,
-                    error="",
-                )
-            )
+            x_floor = median / floor_ms if phase in ("step", "kernels") else ""
+            row = dict(
+                median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                x_floor=x_floor, peak_mb=peak, error="",
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
-            rows.append(
-                dict(
-                    common,
-                    impl=name,
-                    phase=phase,
-                    median_ms=math.nan,
-                    q20_ms=math.nan,
-                    q80_ms=math.nan,
-                    reps=0,
-                    bytes=nbytes,
-                    gbps=math.nan,
-                    pct_copy=math.nan,
-                    peak_mb=None,
-                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                )
-            )
-
-    print(
-        f"\n{common['device']} | torch {torch.__version__} | triton {triton_version} | {size_name}: "
-        f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s"
-    )
-    header = (
-        f"{'impl':18s} {'phase':8s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'GB/s':>8s} {'% copy':>7s} "
-        f"{'peak MB':>8s}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if r["error"]:
-            print(f"{r['impl']:18s} {r['phase']:8s} error: {r['error']}")
-            continue
-        peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-        print(
-            f"{r['impl']:18s} {r['phase']:8s} {r['median_ms']:10.3f} {r['q20_ms']:9.3f} {r['q80_ms']:9.3f} "
-            f"{r['gbps']:8.2f} {r['pct_copy']:7.1f} {peak:>8s}"
-        )
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            row = dict(median_ms=math.nan, q20_ms=math.nan, q80_ms=math.nan, reps=0, gbps=math.nan, pct_copy=math.nan,
+                       x_floor="", peak_mb=None, error=error)  # fmt: skip
+        show(rows.add(impl=name, phase=phase, bytes=nbytes, **row))
     for name, reason in skipped:
         print(f"skipped {name}: {reason}")
-    step = {r["impl"]: r["median_ms"] for r in rows if r["phase"] == "step" and not r["error"]}
-    for fused in ("triton", "cuda", "cpu"):
-        if fused in step:
-            ratios = ", ".join(
-                f"{step[other] / step[fused]:.1f}x vs {other}"
-                for other in ("torch", "torch.compile", "pytorch_optimizer", "eager", "foreach")
-                if other in step
-            )
-            print(f"whole step, {fused}: {ratios}")
+    for phase in ("step", "kernels"):
+        times = {r["impl"]: r["median_ms"] for r in rows.rows if r["phase"] == phase and not r["error"]}
+        for fused in ("triton", "cuda", "cpu"):
+            if fused in times:
+                ratios = ", ".join(
+                    f"{times[other] / times[fused]:.2f}x vs {other}"
+                    for other in ("torch", "torch.compile", "pytorch_optimizer", "eager", "foreach")
+                    if other in times
+                )
+                print(f"{phase} of {fused}: {times[fused] / floor_ms:.2f}x the floor; faster by {ratios}")
+    print(f"appended {len(rows.rows)} rows to {args.out}", file=sys.stderr)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended {len(rows)} rows to {args.out}", file=sys.stderr)
+
+def main_launch_bound(args, device, common) -> None:
+    pb, cases = launch_bound(args, device)
+    rows = CsvRows(args.out, dict(common, size="launch-bound 1000x1000", numel=pb.numel, tensors=1000))
+    print(f"\n{common['device']} | 1,000 float32 tensors of 1,000 elements: host time per step (median)")
+    for name, phase, fn in cases:
+        us = host_time(fn, device, args.reps)
+        rows.add(impl=name, phase=phase, host_us=us, error="")
+        print(f"{name:18s} {phase:8s} {us:10.1f} us", flush=True)
+    print(f"appended {len(rows.rows)} rows to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

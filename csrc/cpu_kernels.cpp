@@ -101,12 +101,18 @@ __attribute__((target("avx512f"))) void philox_block_avx512(uint32_t* __restrict
 }
 #endif
 
-// Box-Muller on n calls' words: out[4i .. 4i + 3] = the four normals of call i.
+// Box-Muller on n calls' words: out[4i .. 4i + 3] = the four normals of call i. The transforms
+// write four contiguous lanes (so that they vectorize), then the lanes are interleaved.
 SB_CLONES void box_muller_block(float* __restrict out, const uint32_t* __restrict w0, const uint32_t* __restrict w1,
                                 const uint32_t* __restrict w2, const uint32_t* __restrict w3, int64_t n) {
+  alignas(64) float z0[kCounterBlock], z1[kCounterBlock], z2[kCounterBlock], z3[kCounterBlock];
+  for (int64_t i = 0; i < n; ++i) normal_pair(w0[i], w1[i], z0[i], z1[i]);
+  for (int64_t i = 0; i < n; ++i) normal_pair(w2[i], w3[i], z2[i], z3[i]);
   for (int64_t i = 0; i < n; ++i) {
-    normal_pair(w0[i], w1[i], out[4 * i], out[4 * i + 1]);
-    normal_pair(w2[i], w3[i], out[4 * i + 2], out[4 * i + 3]);
+    out[4 * i] = z0[i];
+    out[4 * i + 1] = z1[i];
+    out[4 * i + 2] = z2[i];
+    out[4 * i + 3] = z3[i];
   }
 }
 
@@ -149,7 +155,8 @@ void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1)
 }
 
 // ---- per-phase loops (inlined into the clones below) --------------------------------------
-// `bad` collects "some value read was inf or NaN" as an or-reduction the compiler vectorizes.
+// `bad` collects "some value read was inf or NaN" as an integer or-reduction, which the compiler
+// vectorizes (a bool one it does not).
 
 template <typename P, typename A>
 SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* __restrict precision,
@@ -163,7 +170,7 @@ template <bool Accumulate, typename P, typename A>
 SB_HD bool bsam_perturb_loop(P* __restrict param, P* __restrict grad, const A* __restrict mean,
                              const A* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho,
                              A inv_scale) {
-  bool bad = false;
+  uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const A g = static_cast<A>(grad[i]) * inv_scale;
     bad |= !is_finite(g);
@@ -172,20 +179,20 @@ SB_HD bool bsam_perturb_loop(P* __restrict param, P* __restrict grad, const A* _
     curvature_sum[i] = Accumulate ? curvature_sum[i] + a : a;
     grad[i] = P(0);  // consumed: the next backward pass accumulates into a zeroed buffer
   }
-  return bad;
+  return bad != 0;
 }
 
 template <typename P>
 SB_HD bool find_nonfinite_loop(const P* __restrict grad, int64_t n) {
-  bool bad = false;
+  uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) bad |= !is_finite(static_cast<acc_t<P>>(grad[i]));
-  return bad;
+  return bad != 0;
 }
 
 // Stage 0: sum = g, g = 0; stage 1: sum += g, g = 0; stage 2 (last): g = sum + g.
 template <int Stage, typename P, typename A>
 SB_HD bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
-  bool bad = false;
+  uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const A g = static_cast<A>(grad[i]);
     bad |= !is_finite(g);
@@ -197,7 +204,7 @@ SB_HD bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
       grad[i] = P(0);
     }
   }
-  return bad;
+  return bad != 0;
 }
 
 template <typename P, typename A>
@@ -234,7 +241,7 @@ template <bool Adaptive, typename P, typename A>
 SB_HD double sq_norm_loop(const P* __restrict grad, const A* __restrict weight, int64_t n, A inv_scale, bool& bad) {
   constexpr int kLanes = 16;
   A lanes[kLanes] = {};
-  bool any_bad = false;
+  uint32_t any_bad = 0;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
@@ -250,7 +257,7 @@ SB_HD double sq_norm_loop(const P* __restrict grad, const A* __restrict weight, 
     total += sam_sq_term<A>(g, weight[i], Adaptive);
   }
   for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  bad = any_bad;
+  bad = any_bad != 0;
   return total;
 }
 

@@ -107,3 +107,17 @@ def randn_range(seed: int, start: int, numel: int, device=None, chunk: int = 1 <
         skip = (start + lo) - 4 * first
         out[lo:hi] = z[skip : skip + hi - lo]
     return out
+
+
+def randn_tensors(seed: int, offsets: list[int], likes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """z for each tensor of a group, shaped and typed like ``likes[i]``, tensor i starting at element
+    ``offsets[i]``: one draw over the span of all of them, then sliced (same numbers, fewer ops)."""
+    if not likes:
+        return []
+    start = min(offsets)
+    end = max(offset + like.numel() for offset, like in zip(offsets, likes))
+    z = randn_range(seed, start, end - start, device=likes[0].device)
+    return [
+        z[offset - start : offset - start + like.numel()].view(like.shape).to(like.dtype)
+        for offset, like in zip(offsets, likes)
+    ]

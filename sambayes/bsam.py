@@ -111,70 +111,69 @@ class BSAM(TwoPassOptimizer):
         state["momentum"] = torch.zeros_like(state["mean"])
 
     # ---- phases -----------------------------------------------------------------------
-    def _sample_group(self, index: int, group: dict[str, Any]) -> None:
+    def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
         seed = _philox.noise_seed(group["seed"], index, group["attempts"], self._noise_split())
-        self._draw(group, seed)
+        self._draw(group, slots, seed)
 
-    def _draw(self, group: dict[str, Any], seed: int) -> None:
+    def _draw(self, group: dict[str, Any], slots: list, seed: int) -> None:
         """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed)."""
-        offsets, start = {}, 0
-        for p in group["params"]:  # element index: position in the group's flat concatenation
-            offsets[p] = start + _distributed.global_offset(p)  # a shard draws what the whole tensor would
-            start += p.numel()
-        ps = self._trainable(group)
-        if ps:
+        if slots:
             backends.run(
                 self.backend,
                 "bsam_sample",
-                self._local(ps),
-                self._states(ps, "mean"),
-                self._states(ps, "precision"),
-                [offsets[p] for p in ps],
+                self._local(slots),
+                self._states(slots, "mean"),
+                self._states(slots, "precision"),
+                [s.offset for s in slots],  # element index: position in the group's flat concatenation
                 num_data=group["num_data"],
                 seed=seed,
             )
 
-    def _perturb(self, written: set[torch.Tensor], inv_scale: dict) -> None:
-        for group in self.param_groups:
-            params = [p for p in self._trainable(group) if p in written]
-            missing = [p for p in self._trainable(group) if p not in written]
+    def _perturb(self, inv_scale: dict) -> None:
+        for group, slots in zip(self.param_groups, self._group_slots):
+            written = [s for s in slots if s.written]
             if self._split > 0:
-                for p in params:
-                    if p not in self._ascended:  # its first gradient of this step came late: sum from 0
-                        self._curvature_sum(p).zero_()
-            if params:
+                for s in written:
+                    if not s.ascended:  # its first gradient of this step came late: sum from 0
+                        self._curvature_sum(s).zero_()
+            if written:
                 backends.run(
                     self.backend,
                     "bsam_perturb",
-                    self._local(params),
-                    self._grads(params),
-                    self._states(params, "mean"),
-                    self._states(params, "precision"),
-                    [self._curvature_sum(p) for p in params],
+                    self._local(written),
+                    self._grads(written),
+                    self._states(written, "mean"),
+                    self._states(written, "precision"),
+                    [self._curvature_sum(s) for s in written],
                     found_inf=self._flags(),
                     inv_scale=inv_scale,
                     rho=group["rho"],
                     accumulate=self._split > 0,
                 )
-            self._restore(missing)
+            self._restore([s for s in slots if not s.written])
 
-    def _has_ascent(self, p: torch.Tensor) -> bool:
+    def _has_ascent(self, slot) -> bool:
         # the precision update needs this step's curvature estimate sqrt(s)·|g|
-        return p in self._ascended
+        return slot.ascended
 
-    def _curvature_sum(self, p: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _curvature_sum(slot) -> torch.Tensor:
         """Running sum of the curvature estimate sqrt(s)·|g| over this step's sub-batches (scratch)."""
-        curvature_sum = self._scratch.get(p)
-        if curvature_sum is None or curvature_sum.device != p.device:
-            curvature_sum = self._scratch[p] = torch.zeros_like(self.state[p]["mean"])
-        return curvature_sum
+        mean = slot.state["mean"]
+        if (
+            slot.curvature_sum is None
+            or slot.curvature_sum.device != mean.device
+            or slot.curvature_sum.shape != mean.shape
+        ):
+            slot.curvature_sum = torch.zeros_like(mean)
+        return slot.curvature_sum
 
     def _reduce_across_replicas(self) -> None:
         # DDP averages the gradients; the curvature sums are averaged here, in one call
         if not _distributed.is_ddp(self.model) or self._sync_group() is None:
             return
         # in parameter order: every rank must concatenate the same tensors in the same order
-        sums = [self._curvature_sum(p) for group in self.param_groups for p in group["params"] if p in self._ascended]
+        sums = [self._curvature_sum(s) for s in self._slots if s.ascended]
         world = torch.distributed.get_world_size(self._sync_group())
         for dtype in dict.fromkeys(s.dtype for s in sums):  # first-seen order: the same on every rank
             same = [s for s in sums if s.dtype == dtype]
@@ -183,18 +182,18 @@ class BSAM(TwoPassOptimizer):
             flat /= world
             torch._foreach_copy_(same, [f.view_as(s) for f, s in zip(flat.split([s.numel() for s in same]), same)])
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor], inv_scale: dict) -> None:
+    def _update_group(self, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
         beta1, beta2 = group["betas"]
-        if params:
+        if slots:
             backends.run(
                 self.backend,
                 "bsam_update",
-                self._local(params),
-                self._grads(params),
-                self._states(params, "mean"),
-                self._states(params, "precision"),
-                self._states(params, "momentum"),
-                [self._curvature_sum(p) for p in params],
+                self._local(slots),
+                self._grads(slots),
+                self._states(slots, "mean"),
+                self._states(slots, "precision"),
+                self._states(slots, "momentum"),
+                [self._curvature_sum(s) for s in slots],
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
                 lr=group["lr"],
@@ -242,15 +241,13 @@ class BSAM(TwoPassOptimizer):
             raise ValueError(f"seed={seed!r}: expected a non-negative integer")
         self._expect("at rest", action="sampled_params")
         with torch.no_grad():
-            for group in self.param_groups:
-                self._prepare_state(group)
+            self._prepare_state()
         try:
             with torch.no_grad():
-                for index, group in enumerate(self.param_groups):
-                    self._draw(group, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
+                for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
+                    self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
             yield
         finally:
             with torch.no_grad():
-                for group in self.param_groups:
-                    self._restore(self._trainable(group))
+                self._restore(self._slots)
                 self._record_versions()

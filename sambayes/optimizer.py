@@ -78,6 +78,57 @@ def _check_splits(splits: Any) -> None:
         raise ValueError(f"splits={splits!r}: must be an integer >= 1")
 
 
+class _Slot:
+    """One trainable parameter as the optimizer keeps it between phases and steps."""
+
+    __slots__ = (
+        "ascended",
+        "curvature_sum",
+        "folded",
+        "grad",
+        "grad_local",
+        "grad_sum",
+        "grad_version",
+        "group",
+        "local",
+        "offset",
+        "param",
+        "sharded",
+        "state",
+        "version",
+        "written",
+    )  # fmt: skip
+
+    def __init__(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        self.param, self.group, self.offset, self.state = param, group, 0, {}
+        self.sharded = hasattr(param, "to_local")  # a DTensor (FSDP2): the backends get its local shard
+        self.local = _distributed.local(param)
+        self.version = None  # (version, storage) of the parameter when we last wrote it
+        self.grad = self.grad_local = None  # the gradient buffer (.grad) and its local tensor
+        self.grad_version = -1  # the buffer's version when a phase last left it zeroed
+        self.grad_sum = self.curvature_sum = None  # sums over the sub-batches of a step
+        self.written = self.ascended = self.folded = False  # this pass / this step
+
+    def version_now(self) -> tuple[int, int]:
+        # in-place writes bump _version; `p.data = new` swaps the storage
+        return self.param._version, self.local.data_ptr()
+
+    def adopt(self, grad: torch.Tensor) -> None:
+        """Take ``grad`` as this parameter's gradient buffer, as it stands."""
+        self.grad, self.grad_local = grad, _distributed.local(grad)
+        self.grad_version = self.grad_local._version
+
+    def grad_sum_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The running sum over sub-batches of the perturbed-point gradients, in the state dtype."""
+        if (
+            self.grad_sum is None
+            or self.grad_sum.shape != self.grad_local.shape
+            or self.grad_sum.device != self.grad_local.device
+        ):
+            self.grad_sum = torch.empty_like(self.grad_local, dtype=dtype)
+        return self.grad_sum
+
+
 class TwoPassOptimizer(Optimizer):
     """Base of :class:`BSAM` and :class:`SAM`.
 
@@ -123,14 +174,10 @@ class TwoPassOptimizer(Optimizer):
         """What lives between the phases of a step, and buffers kept across steps (not checkpointed)."""
         self._phase = _REST
         self._split = 0  # sub-batches sampled since the last update
-        self._versions: dict[torch.Tensor, tuple[int, int]] = {}  # (version, storage) when we last wrote it
-        self._grad_buffers: dict[torch.Tensor, torch.Tensor] = {}  # the .grad of each parameter, kept
-        self._grad_versions: dict[torch.Tensor, int] = {}  # its version when a phase last left it zeroed
-        self._grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # h summed over sub-batches (state dtype)
-        self._folded: set[torch.Tensor] = set()  # params whose grad_sum holds a sub-batch of this step
+        self._slots: list[_Slot] = []  # one per trainable parameter, in group order
+        self._slot_devices: list[torch.device] = []  # their devices
+        self._group_slots: list[list[_Slot]] = []  # the same, per parameter group
         self._unfolded = False  # the sums went back into .grad before the last pass (DDP all-reduces them)
-        self._ascended: set[torch.Tensor] = set()  # params that got a gradient in perturb() this step
-        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # per-parameter buffers of subclasses
         self._found_inf: dict[torch.device, torch.Tensor] = {}  # this step's flag per device
         self._ones: dict[torch.device, torch.Tensor] = {}  # inv_scale without a GradScaler
         self._skip_report: tuple | None = None  # (host copy of the skipped count, event, warn) in flight
@@ -163,19 +210,42 @@ class TwoPassOptimizer(Optimizer):
     def _trainable(group: dict[str, Any]) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.requires_grad]
 
-    def _all_trainable(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in self._trainable(group)]
+    def _refresh_slots(self, rebuild: bool = False) -> None:
+        """One slot per trainable parameter, in group order: rebuilt when the trainable parameters
+        change (or ``rebuild``: the state dicts were replaced), keeping each parameter's buffers."""
+        groups = [self._trainable(group) for group in self.param_groups]
+        current = [p for params in groups for p in params]
+        same = len(current) == len(self._slots) and all(s.param is p for s, p in zip(self._slots, current))
+        if same and not rebuild:
+            for s in self._slots:
+                if s.sharded:  # a DTensor's local view is looked up again each step
+                    s.local = _distributed.local(s.param)
+            return
+        old = {id(s.param): s for s in self._slots}
+        self._group_slots = []
+        for group, params in zip(self.param_groups, groups):
+            offsets, start = {}, 0
+            for p in group["params"]:  # element index: position in the group's flat concatenation
+                offsets[id(p)] = start + _distributed.global_offset(p)  # a shard draws what the whole tensor would
+                start += p.numel()
+            slots = []
+            for p in params:
+                slot = old.get(id(p)) or _Slot(p, group)
+                slot.group, slot.offset, slot.local = group, offsets[id(p)], _distributed.local(p)
+                slot.state = self.state[p]
+                slots.append(slot)
+            self._group_slots.append(slots)
+        self._slots = [s for slots in self._group_slots for s in slots]
+        self._slot_devices = list(dict.fromkeys(s.param.device for s in self._slots))
 
-    def _states(self, params: list[torch.Tensor], key: str) -> list[torch.Tensor]:
-        return [self.state[p][key] for p in params]
-
-    def _prepare_state(self, group: dict[str, Any]) -> None:
+    def _prepare_state(self) -> None:
         """Create state lazily; follow parameters that were moved or overwritten since we last wrote them."""
-        for p in self._trainable(group):
-            state = self.state[p]
+        self._refresh_slots()
+        for s in self._slots:
+            p, state = s.param, s.state
             if not state:
-                self._init_state(p, state, group)
-                self._versions[p] = self._version_of(p)
+                self._init_state(p, state, s.group)
+                s.version = s.version_now()
                 continue
             rest = state[self._rest_key]
             if rest.device != p.device or rest.dtype != state_dtype(p):  # module.to(...) moved or cast them
@@ -183,13 +253,13 @@ class TwoPassOptimizer(Optimizer):
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
                         state[key] = value.to(p.device, state_dtype(p))
                 rest = state[self._rest_key]
-            if self._versions.get(p) != self._version_of(p):
+            if s.version != s.version_now():
                 # the user changed the weights (e.g. model.load_state_dict): they win,
                 # unless they are just the rounding of our higher-precision copy
-                weights = _distributed.local(p).detach()
+                weights = s.local.detach()
                 if not torch.equal(weights, rest.to(p.dtype)):
                     rest.copy_(weights)
-                self._versions[p] = self._version_of(p)
+                s.version = s.version_now()
 
     def _counters(self, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's (step, skipped_steps) as 0-dim tensors on its device (ints after a checkpoint load)."""
@@ -201,27 +271,27 @@ class TwoPassOptimizer(Optimizer):
                 group[key] = torch.as_tensor(value, dtype=dtype).to(device)
         return group["step"], group["skipped_steps"]
 
-    @staticmethod
-    def _version_of(p: torch.Tensor) -> tuple[int, int]:
-        # in-place writes bump _version; `p.data = new` swaps the storage
-        return p._version, _distributed.local(p).data_ptr()
-
     def _record_versions(self) -> None:
-        for p in self._all_trainable():
-            self._versions[p] = self._version_of(p)
+        for s in self._slots:
+            s.version = s.version_now()
 
     @staticmethod
-    def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _states(slots: list[_Slot], key: str) -> list[torch.Tensor]:
+        return [s.state[key] for s in slots]
+
+    @staticmethod
+    def _local(slots: list[_Slot]) -> list[torch.Tensor]:
         """What the backends write: the tensors themselves, or this rank's shards (FSDP2)."""
-        return [_distributed.local(p) for p in params]
+        return [s.local for s in slots]
 
-    def _grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The gradient buffers the backends read and write: the tensors, or this rank's shards (FSDP2)."""
-        return [_distributed.local(self._grad_buffers[p]) for p in params]
+    @staticmethod
+    def _grads(slots: list[_Slot]) -> list[torch.Tensor]:
+        """The gradient buffers the backends read and write (this rank's shards under FSDP2)."""
+        return [s.grad_local for s in slots]
 
-    def _restore(self, params: list[torch.Tensor]) -> None:
-        if params:
-            backends.run(self.backend, "restore", self._local(params), self._states(params, self._rest_key))
+    def _restore(self, slots: list[_Slot]) -> None:
+        if slots:
+            backends.run(self.backend, "restore", self._local(slots), self._states(slots, self._rest_key))
 
     def _expect(self, *phases: str, action: str) -> None:
         if self._phase not in phases:
@@ -233,78 +303,74 @@ class TwoPassOptimizer(Optimizer):
     # ---- gradient buffers ---------------------------------------------------------------
     def _attach_grads(self) -> None:
         """Give every trainable parameter whose .grad is None its (zeroed) gradient buffer."""
-        for p in self._all_trainable():
-            buffer = self._grad_buffers.get(p)
+        for s in self._slots:
+            p = s.param
+            if p.grad is s.grad and s.grad is not None:  # steady state: our buffer, zeroed
+                s.grad_version = s.grad_local._version
+                continue
             if p.grad is None:
+                buffer = s.grad
                 if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
                     buffer = torch.zeros_like(p)  # a DTensor for a DTensor parameter (FSDP2)
                 p.grad = buffer
-            elif p.grad is not buffer:
+            elif p.grad is not s.grad:
                 p.grad.zero_()  # a .grad set between steps: the optimizer's buffer from now on
             if p.grad.is_sparse:
                 raise TypeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of shape {tuple(p.shape)})"
                 )
-            self._grad_buffers[p] = p.grad
-            self._grad_versions[p] = _distributed.local(p.grad)._version
+            s.adopt(p.grad)
 
-    def _written(self, action: str) -> set[torch.Tensor]:
-        """The parameters that the backward pass just finished gave a gradient.
+    def _find_written(self, action: str) -> None:
+        """Mark the parameters that the backward pass just finished gave a gradient (``slot.written``).
 
         A pass accumulates into the zeroed buffer (its version moves) or installs a new
         .grad (DDP's bucket views, a user's assignment); .grad set to None inside a step
         has lost the gradients the optimizer keeps there, so it is an error.
         """
-        written = set()
-        for p in self._all_trainable():
-            if p.grad is None:
+        for s in self._slots:
+            grad = s.param.grad
+            if grad is None:
                 raise RuntimeError(
                     f"{action}(): the gradient of a parameter was set to None inside a step (zero_grad()?); "
                     "the optimizer keeps this step's gradients there. Don't zero gradients between sample() "
                     "and update(): the optimizer manages them"
                 )
-            if p.grad is not self._grad_buffers.get(p):
-                self._grad_buffers[p] = p.grad  # a new tensor: its content is this pass's gradient
-                written.add(p)
-            elif _distributed.local(p.grad)._version != self._grad_versions.get(p):
-                written.add(p)
-        return written
+            if grad is not s.grad:
+                s.adopt(grad)  # a new tensor: its content is this pass's gradient
+                s.written = True
+            else:
+                s.written = s.grad_local._version != s.grad_version
 
-    def _consumed(self, params) -> None:
+    @staticmethod
+    def _consumed(slots: list[_Slot]) -> None:
         """The phases zeroed these buffers: remember their versions to see the next pass's writes."""
-        for p in params:
-            self._grad_versions[p] = _distributed.local(self._grad_buffers[p])._version
+        for s in slots:
+            s.grad_version = s.grad_local._version
 
-    def _grad_sum(self, p: torch.Tensor) -> torch.Tensor:
-        """The running sum over sub-batches of p's perturbed-point gradients, in the state dtype."""
-        grad_sum = self._grad_sums.get(p)
-        buffer = _distributed.local(self._grad_buffers[p])
-        if grad_sum is None or grad_sum.shape != buffer.shape or grad_sum.device != buffer.device:
-            grad_sum = self._grad_sums[p] = torch.empty_like(buffer, dtype=state_dtype(p))
-        return grad_sum
-
-    def _fold(self, params: list[torch.Tensor], *, last: bool) -> None:
+    def _fold(self, *, last: bool) -> None:
         """The perturbed-point gradients just computed join their sums (splits > 1), by bucket of (first, last)."""
         flags = self._flags()
-        first = [p for p in params if p not in self._folded]
-        later = [p for p in params if p in self._folded]
-        if last:  # the sums of earlier sub-batches go back into .grad even without a gradient now
-            later += [p for p in self._folded if p not in set(params)]
-            if first:  # their only sub-batch: the buffer holds the sum already
-                backends.run(self.backend, "find_nonfinite", self._grads(first), found_inf=flags)
+        written = [s for s in self._slots if s.written]
+        first = [s for s in written if not s.folded]
+        later = [s for s in (self._slots if last else written) if s.folded]  # last: earlier sums go back to .grad
+        if last and first:  # their only sub-batch: the buffer holds the sum already
+            backends.run(self.backend, "find_nonfinite", self._grads(first), found_inf=flags)
             first = []
-        for ps, is_first in ((first, True), (later, False)):
-            if ps:
-                sums = [self._grad_sum(p) for p in ps]
+        for slots, is_first in ((first, True), (later, False)):
+            if slots:
+                sums = [s.grad_sum_buffer(state_dtype(s.param)) for s in slots]
                 backends.run(
-                    self.backend, "fold_grads", self._grads(ps), sums, found_inf=flags, first=is_first, last=last
+                    self.backend, "fold_grads", self._grads(slots), sums, found_inf=flags, first=is_first, last=last
                 )
-        self._folded.update(first)
-        self._consumed(params if not last else [])
+        for s in first:
+            s.folded = True
+        if not last:
+            self._consumed(written)
 
     # ---- the step's flags ---------------------------------------------------------------
     def _devices(self) -> list[torch.device]:
-        return list(dict.fromkeys(p.device for p in self._all_trainable())) or [torch.device("cpu")]
+        return self._slot_devices or [torch.device("cpu")]
 
     def _flags(self) -> dict[torch.device, torch.Tensor]:
         """This step's found-inf flag per device (float32 0-dim tensors, as torch's GradScaler keeps them)."""
@@ -432,23 +498,19 @@ class TwoPassOptimizer(Optimizer):
         self._expect(_REST, _PERTURBED, action="sample")
         if self._split == 0:
             self._report_skips()
-            for group in self.param_groups:
-                self._prepare_state(group)
+            self._prepare_state()
             self._attach_grads()
             for flag in self._flags().values():
                 flag.zero_()
         else:
-            self._fold(self._in_order(self._written("sample")), last=False)
+            self._find_written("sample")
+            self._fold(last=False)
         for index, group in enumerate(self.param_groups):
-            self._sample_group(index, group)
+            self._sample_group(index, group, self._group_slots[index])
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, False)
         self._freeze_bn(self.bn_stats == "perturbed")
         self._phase = _SAMPLED
-
-    def _in_order(self, params: set[torch.Tensor]) -> list[torch.Tensor]:
-        """The parameters in group order: every rank and every run lists tensors alike."""
-        return [p for p in self._all_trainable() if p in params]
 
     @torch.no_grad()
     def perturb(self, *, grad_scaler: torch.amp.GradScaler | None = None, sync: bool = True) -> None:
@@ -461,14 +523,18 @@ class TwoPassOptimizer(Optimizer):
         since the sums are all-reduced with the last one.
         """
         self._expect(_SAMPLED, action="perturb")
-        written = self._written("perturb")
-        self._perturb(written, self._inv_scale(grad_scaler))  # subclasses restore the parameters without one
+        self._find_written("perturb")
+        self._perturb(self._inv_scale(grad_scaler))  # subclasses restore the parameters without a gradient
+        written = [s for s in self._slots if s.written]
         self._consumed(written)
-        if sync and self._folded and _distributed.is_ddp(self.model):
+        for s in written:
+            s.ascended = True
+        if sync and _distributed.is_ddp(self.model) and any(s.folded for s in self._slots):
             # DDP all-reduces what .grad holds after the last pass: the sum so far goes back in first
-            self._fold([], last=True)
+            for s in self._slots:
+                s.written = False
+            self._fold(last=True)
             self._unfolded = True
-        self._ascended.update(written)
         self._split += 1
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, sync)
@@ -491,40 +557,40 @@ class TwoPassOptimizer(Optimizer):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_open=True)
         inv_scale = self._inv_scale(grad_scaler)
-        written = self._in_order(self._written("update"))
-        has_grad = set(written) | self._folded
+        self._find_written("update")
         if self._split > 1 and not self._unfolded:
-            self._fold(written, last=True)
-        elif has_grad:  # .grad holds the whole sum; the skip decision must come before the update
-            checked = self._in_order(has_grad)
-            backends.run(self.backend, "find_nonfinite", self._grads(checked), found_inf=self._flags())
+            self._fold(last=True)
+        has_grad = [s for s in self._slots if s.written or s.folded]
+        if has_grad and (self._split == 1 or self._unfolded):
+            # .grad holds the whole sum, unread so far: the skip decision must come before the update
+            backends.run(self.backend, "find_nonfinite", self._grads(has_grad), found_inf=self._flags())
         self._agree_on_skipping()
         self._reduce_across_replicas()
         if max_grad_norm is not None and has_grad:
-            self._clip([p for p in self._all_trainable() if p in has_grad], max_grad_norm * self._split, inv_scale)
-        for group in self.param_groups:
-            updated = [p for p in self._trainable(group) if p in has_grad and self._has_ascent(p)]
-            updated_set = set(updated)
+            self._clip(has_grad, max_grad_norm * self._split, inv_scale)
+        for group, slots in zip(self.param_groups, self._group_slots):
+            updated = [s for s in slots if (s.written or s.folded) and self._has_ascent(s)]
             self._count(group)
             self._update_group(group, updated, inv_scale)
             self._consumed(updated)
-            self._restore([p for p in self._trainable(group) if p not in updated_set])
-            self._zero([p for p in self._trainable(group) if p in has_grad and p not in updated_set])
+            done = {id(s) for s in updated}
+            self._restore([s for s in slots if id(s) not in done])
+            self._zero([s for s in slots if (s.written or s.folded) and id(s) not in done])
         if grad_scaler is not None and grad_scaler.is_enabled():
             self._record_in(grad_scaler)
         self._send_skip_count(warn=grad_scaler is None)  # with a scaler, skipped steps are its calibration
         self._end_step()
         self._report_skips()
 
-    def _zero(self, params: list[torch.Tensor]) -> None:
+    def _zero(self, slots: list[_Slot]) -> None:
         """Gradients read but not used by an update (no ascent): zeroed for the next step."""
-        for grad in self._grads(params):
+        for grad in self._grads(slots):
             grad.zero_()
-        self._consumed(params)
+        self._consumed(slots)
 
-    def _clip(self, params: list[torch.Tensor], max_norm: float, inv_scale) -> None:
+    def _clip(self, slots: list[_Slot], max_norm: float, inv_scale) -> None:
         """Scale the gradient sums so that their global 2-norm (unscaled) is at most max_norm; on the device."""
-        grads = self._grads(params)
+        grads = self._grads(slots)
         device = grads[0].device
         norms = [n.to(device) * inv_scale[g.device].to(device) for n, g in zip(torch._foreach_norm(grads), grads)]
         total = torch.linalg.vector_norm(torch.stack(norms).double())
@@ -541,14 +607,14 @@ class TwoPassOptimizer(Optimizer):
     def _reduce_across_replicas(self) -> None:
         """Average per-replica statistics other than the gradients (DDP averages those)."""
 
-    def _has_ascent(self, p: torch.Tensor) -> bool:
+    def _has_ascent(self, slot: _Slot) -> bool:
         return True
 
     def _end_step(self) -> None:
         self._split, self._phase = 0, _REST
-        self._folded.clear()
         self._unfolded = False
-        self._ascended.clear()
+        for s in self._slots:
+            s.written = s.ascended = s.folded = False
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, True)
         self._freeze_bn(False)
@@ -564,13 +630,12 @@ class TwoPassOptimizer(Optimizer):
         """
         if self._phase == _REST:
             return
-        for group in self.param_groups:
-            self._restore(self._trainable(group))
-        for p in self._all_trainable():
-            if p in self._grad_buffers:
-                self._grads([p])[0].zero_()
-                self._consumed([p])
-            p.grad = None
+        self._restore(self._slots)
+        for s in self._slots:
+            if s.grad is not None:
+                s.grad_local.zero_()
+                s.grad_version = s.grad_local._version
+            s.param.grad = None
         self._end_step()
 
     # ---- the closure API --------------------------------------------------------------
@@ -663,12 +728,10 @@ class TwoPassOptimizer(Optimizer):
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
         # between steps the model holds the state it was saved with
+        self._refresh_slots(rebuild=True)  # the state dicts were replaced
         with torch.no_grad():
-            for group in self.param_groups:
-                self._restore([p for p in self._trainable(group) if self.state.get(p)])
+            self._restore([s for s in self._slots if s.state])
         self._phase, self._split = _REST, 0
-        self._folded.clear()
         self._unfolded = False
-        self._ascended.clear()
         self._skips_reported = sum(int(group["skipped_steps"]) for group in self.param_groups)
         self._record_versions()

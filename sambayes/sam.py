@@ -108,17 +108,17 @@ class SAM(TwoPassOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})
 
     # ---- phases -----------------------------------------------------------------------
-    def _sample_group(self, index: int, group: dict[str, Any]) -> None:
+    def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
         if self._split > 0:  # the previous sub-batch left the parameters at its adversarial point
-            self._restore(self._trainable(group))
+            self._restore(slots)
 
-    def _perturb(self, written: set[torch.Tensor], inv_scale: dict) -> None:
+    def _perturb(self, inv_scale: dict) -> None:
         work = []
-        for group in self.param_groups:
-            params = [p for p in self._trainable(group) if p in written]
-            self._restore([p for p in self._trainable(group) if p not in written])
-            if params:
-                work.append((group, params))
+        for group, slots in zip(self.param_groups, self._group_slots):
+            self._restore([s for s in slots if not s.written])
+            written = [s for s in slots if s.written]
+            if written:
+                work.append((group, written))
         if not work:
             return
         flags = self._flags()
@@ -153,23 +153,23 @@ class SAM(TwoPassOptimizer):
                 self._grads(ps),
                 self._states(ps, "weight"),
                 inv_scale=inv_scale,
-                scale=scale.to(device=ps[0].device, dtype=state_dtype(ps[0])),
+                scale=scale.to(device=ps[0].param.device, dtype=state_dtype(ps[0].param)),
                 adaptive=group["adaptive"],
             )
 
-    def _update_group(self, group: dict[str, Any], params: list[torch.Tensor], inv_scale: dict) -> None:
-        if not params:
+    def _update_group(self, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
+        if not slots:
             return
         grad_sums, weights, momentums = (
-            self._grads(params),
-            self._states(params, "weight"),
-            self._states(params, "momentum"),
+            self._grads(slots),
+            self._states(slots, "weight"),
+            self._states(slots, "momentum"),
         )
         if self.base == "sgd":
             backends.run(
                 self.backend,
                 "sam_update_sgd",
-                self._local(params),
+                self._local(slots),
                 grad_sums,
                 weights,
                 momentums,
@@ -187,11 +187,11 @@ class SAM(TwoPassOptimizer):
             backends.run(
                 self.backend,
                 "sam_update_adamw",
-                self._local(params),
+                self._local(slots),
                 grad_sums,
                 weights,
                 momentums,
-                self._states(params, "variance"),
+                self._states(slots, "variance"),
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
                 step=step,

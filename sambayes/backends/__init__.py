@@ -101,8 +101,8 @@ def pick(backend: str, device: torch.device | str) -> str:
 
 
 def resolve(backend: str, device: torch.device | str) -> ModuleType:
-    """The module that computes for ``backend`` on ``device``."""
-    return _module(pick(backend, torch.device(device)))
+    """The module that computes for ``backend`` on ``device`` (cached)."""
+    return _module(pick(backend, device if isinstance(device, torch.device) else torch.device(device)))
 
 
 def check_backend(backend: object) -> str:
@@ -119,6 +119,13 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     value (the step's found-inf flag, 1/scale). Returns the calls' results in bucket order (None
     for the phases that write in place; 0-dim partial sums for ``sam_sq_norm``).
     """
+    tensor_lists = [values for values in lists if values and isinstance(values[0], torch.Tensor)]
+    first = lists[0][0]
+    device, dtype = first.device, first.dtype
+    if all(t.dtype == dtype and t.device == device for t in lists[0]) and all(
+        all(map(torch.Tensor.is_contiguous, values)) for values in tensor_lists
+    ):  # the common case: one bucket, the backend's own
+        return [getattr(resolve(backend, device), op)(*lists, **_for_device(hyper, device))]
     buckets: dict[tuple, list[int]] = {}
     for i, tensors in enumerate(zip(*lists)):
         first = tensors[0]
@@ -127,10 +134,14 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     results = []
     for (device, _, dense), index in buckets.items():
         module = resolve(backend, device) if dense else _module(FALLBACK)
-        args = lists if len(index) == len(lists[0]) else [[values[i] for i in index] for values in lists]
-        per_device = {k: v[device] if isinstance(v, dict) else v for k, v in hyper.items()}
-        results.append(getattr(module, op)(*args, **per_device))
+        args = [[values[i] for i in index] for values in lists]
+        results.append(getattr(module, op)(*args, **_for_device(hyper, device)))
     return results
+
+
+def _for_device(hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The keywords of one bucket: a dict {device: value} gives its device's value."""
+    return {k: v[device] if isinstance(v, dict) else v for k, v in hyper.items()}
 
 
 def info() -> str:

@@ -48,17 +48,11 @@ import torch
 from .. import _philox
 
 
-def _noise(seed: int, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """z for elements offset .. offset + numel of the group's flat concatenation, shaped like ``like``."""
-    z = _philox.randn_range(seed, offset, like.numel(), device=like.device)
-    return z.view(like.shape).to(like.dtype)
-
-
 @torch.no_grad()
 def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
     """θ = m + z / sqrt(N·s): a sample of the posterior, z ~ N(0, I) from Philox."""
-    for param, mean, precision, offset in zip(params, means, precisions, offsets):
-        z = _noise(seed, offset, mean)
+    # z of element i of the group's flat concatenation (ALGORITHM.md, "Noise")
+    for param, mean, precision, z in zip(params, means, precisions, _philox.randn_tensors(seed, offsets, means)):
         # noisy sample
         param.copy_(mean + z / torch.sqrt(num_data * precision))
 

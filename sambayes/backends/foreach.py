@@ -33,10 +33,7 @@ def _unless_skipped(found_inf, targets, values) -> None:
 
 @torch.no_grad()
 def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
-    z = [
-        _philox.randn_range(seed, offset, m.numel(), device=m.device).view(m.shape).to(m.dtype)
-        for m, offset in zip(means, offsets)
-    ]
+    z = _philox.randn_tensors(seed, offsets, means)
     std = torch._foreach_mul(precisions, num_data)
     torch._foreach_sqrt_(std)
     torch._foreach_div_(z, std)
