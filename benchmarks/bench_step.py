@@ -21,9 +21,10 @@ Rows (``phase``):
 - ``sample``, ``perturb``, ``check``, ``update``: each phase alone (``check`` = find_nonfinite).
 
 GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
-implementation moves; "% copy" compares with the copy measured in the same run, and "x floor"
-divides a step's time by the floor: 68 bytes per float32 parameter (sample 12, ascent 20,
-update 36) at the copy's speed. Timing: median and 20/80% quantiles, by
+implementation moves; "% copy" compares with a copy of the parameters measured in the same run,
+and "x floor" divides a step's time by the floor: the time of a copy, in the same run, that
+moves 68 bytes per float32 parameter (sample 12, ascent 20, update 36). That copy is as large
+as a step's working set; a parameter-sized copy can run from a large last-level cache. Timing: median and 20/80% quantiles, by
 ``triton.testing.do_bench`` on CUDA, by a plain loop on the CPU. Each row is appended to
 ``benchmarks/results/bench_step.csv`` as soon as it is measured (a timeout keeps what was done).
 """
@@ -452,6 +453,14 @@ class CsvRows:
     def __init__(self, path: pathlib.Path, common: dict) -> None:
         self.path, self.common, self.rows = path, common, []
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="", encoding="utf-8") as f:
+                old = list(csv.DictReader(f))
+            if old and list(old[0]) != FIELDS:  # an older layout: rewrite it with today's columns
+                with open(path, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.DictWriter(f, fieldnames=FIELDS)
+                    writer.writeheader()
+                    writer.writerows({k: row.get(k, "") for k in FIELDS} for row in old)
 
     def add(self, **row) -> dict:
         row = dict(self.common, **row)
@@ -538,11 +547,15 @@ def main(argv=None) -> None:
     # the bandwidth reference: a device-to-device copy of a buffer as large as the parameters
     copy_ms = measure_copy(pb.numel, dtype, device, args.budget, args.reps)
     copy_gbps = 2 * pb.numel * param_bytes / copy_ms[0] / 1e6
-    floor_ms = floor_bytes(param_bytes, state_bytes) * pb.numel / copy_gbps / 1e6
+    # the floor of a step: a copy that moves the step's minimal bytes, so as large as its working set
+    # (a parameter-sized copy may run from a large last-level cache, a step's working set does not)
+    floor_numel = floor_bytes(param_bytes, state_bytes) * pb.numel // (2 * param_bytes)
+    floor_ms = measure_copy(floor_numel, dtype, device, args.budget, args.reps)[0]
     print(
         f"\n{common['device']} | torch {torch.__version__} | triton {triton_version} | {size_name}: "
-        f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s, "
-        f"floor of a step {floor_ms:.2f} ms"
+        f"{pb.numel:,} {args.dtype} parameters in {len(shapes)} tensors | copy {copy_gbps:.1f} GB/s; "
+        f"floor of a step {floor_ms:.2f} ms (a copy of its {floor_bytes(param_bytes, state_bytes)} B per parameter, "
+        f"{2 * floor_numel * param_bytes / floor_ms / 1e6:.1f} GB/s)"
     )
     header = (
         f"{'impl':18s} {'phase':8s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'GB/s':>8s} {'% copy':>7s} "

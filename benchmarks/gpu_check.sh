@@ -31,9 +31,11 @@ python -c "import sambayes._C as C, sys; print('CUDA kernels compiled:', C.cuda_
 check $? "the CUDA build of sambayes._C"
 timeout 60 python -m sambayes info | tee "$LOG/info.txt"
 
-step "GPU tests: triton tier, C++/CUDA tier, CUDA AMP"
+step "GPU tests, the most telling first: no sync on the hot path, then every phase, AMP, trajectories"
+timeout "$(limit 60)" python -m pytest tests/test_hot_path.py -q -x -k "cuda or triton" 2>&1 | tee "$LOG/pytest_hot_path.txt" | tail -15
+check "${PIPESTATUS[0]}" "hot-path GPU tests"
 timeout "$(limit 150)" python -m pytest tests -q -k "triton or cuda" --deselect tests/test_nvcc_compile.py \
-  --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
+  --deselect tests/test_hot_path.py --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
 check "${PIPESTATUS[0]}" "GPU tests"
 
 step "compiled code for this GPU: 128-bit accesses, no local memory"
@@ -54,6 +56,10 @@ check "${PIPESTATUS[0]}" "bench_step gpt2 bf16"; save
 timeout "$(limit 30)" python benchmarks/bench_step.py --preset resnet50 --budget 1 \
   --impls triton,cuda,torch,adamw_fused,copy 2>&1 | tee "$LOG/bench_resnet50.txt" | grep -v "bench_step:"
 check "${PIPESTATUS[0]}" "bench_step resnet50"; save
+
+step "benchmark: launch-bound (1,000 tensors of 1,000), host time per step against AdamW"
+timeout "$(limit 30)" python benchmarks/bench_step.py --launch-bound --reps 20 2>&1 | tee "$LOG/bench_launch_bound.txt"
+check "${PIPESTATUS[0]}" "bench_step launch-bound"; save
 
 step "benchmark: whole training step, bSAM and SAM vs SGD (ResNet-18 w64, batch 200, k = 1, 8)"
 timeout "$(limit 60)" python benchmarks/bench_train_step.py --device cuda --reps 50 2>&1 | tee "$LOG/bench_train_step.txt"

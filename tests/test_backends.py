@@ -215,3 +215,14 @@ def test_the_specification_ships_with_the_project():
     upstream = ROOT.parent / "shared" / "ALGORITHM.md"
     if upstream.is_file():  # beside the repository: the two must be identical
         assert shipped.read_text() == upstream.read_text(), "ALGORITHM.md differs from ../shared/ALGORITHM.md"
+
+
+def test_the_golden_data_are_the_shared_ones():
+    """tests/data holds copies of the authors' trajectories and the noise vectors, kept identical."""
+    upstream = ROOT.parent / "shared" / "golden"
+    if not upstream.is_dir():
+        pytest.skip("no ../shared/golden beside the repository")
+    for path in upstream.glob("*.json"):
+        copy = ROOT / "tests" / "data" / path.name
+        assert copy.is_file(), f"tests/data/{path.name} is missing"
+        assert copy.read_bytes() == path.read_bytes(), f"tests/data/{path.name} differs from ../shared/golden"

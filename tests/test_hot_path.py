@@ -201,3 +201,19 @@ def test_old_checkpoints_load_and_the_noise_continues():
     train(resumed_model, resumed, 2)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE_BACKENDS])
+@pytest.mark.parametrize("kind", ["bsam", "sam", "adamw"])
+def test_no_sync_under_cuda_sync_debug_mode(backend, kind):
+    """On a GPU: a steady step makes no synchronizing CUDA call at all."""
+    model = mlp()
+    opt = make(kind, model, backend)
+    scaler = torch.amp.GradScaler("cuda", init_scale=4.0)
+    train(model, opt, 2, splits=2, scaler=scaler)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train(model, opt, 3, splits=2, scaler=scaler)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
