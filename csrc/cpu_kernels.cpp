@@ -551,14 +551,14 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, const a
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
                      const at::Tensor& scale, bool adaptive) {
   check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
-  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu() && scale.scalar_type() == weights[0].scalar_type(),
-              "sam_perturb: scale must be one number in the state dtype on the CPU, got ", scale.scalar_type());
+  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu() && at::isFloatingType(scale.scalar_type()),
+              "sam_perturb: scale must be one floating-point number on the CPU");
   const float inv = read_scalar(inv_scale, "inv_scale");
   const auto rows = make_rows<3>({params, grads, weights});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
     using P = scalar_t;
     using A = acc_t<P>;
-    const A s = *scale.data_ptr<A>();
+    const A s = scale.to(weights[0].scalar_type()).item<A>();  // read in the state dtype
     for_each_chunk(rows, [&](const TensorRow<3>& row, int64_t b, int64_t e) {
       Kernels<P>::sam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b), e - b, s, adaptive,
                               static_cast<A>(inv));

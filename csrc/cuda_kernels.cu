@@ -568,14 +568,15 @@ void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       const at::Tensor& scale, bool adaptive) {
   check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
   const auto device = params[0].device();
-  TORCH_CHECK(scale.numel() == 1 && scale.device() == device && scale.scalar_type() == weights[0].scalar_type(),
-              "sam_perturb: scale must be one number in the state dtype on ", device);
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == device && at::isFloatingType(scale.scalar_type()),
+              "sam_perturb: scale must be one floating-point number on ", device);
+  const auto state_scale = scale.to(weights[0].scalar_type());  // on the device: no host sync
   const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<3>({params, grads, weights});
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
     using A = acc_t<scalar_t>;
-    launch<3, A>(rows, device, SamPerturbOp<scalar_t, A>{scale.data_ptr<A>(), inv, adaptive, A(0), A(1)});
+    launch<3, A>(rows, device, SamPerturbOp<scalar_t, A>{state_scale.data_ptr<A>(), inv, adaptive, A(0), A(1)});
   });
 }
 

@@ -12,11 +12,13 @@ run shows the loss fall.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import pathlib
 import pickle
+import signal
 from typing import Any
 
 import torch
@@ -240,6 +242,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit after this epoch, as a job time limit would (continue with --resume)",
     )
     arg("--no-progress", action="store_true", help="no progress bar")
+    arg(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also write the checkpoint every STEPS steps (0: at the end of each epoch only)",
+    )
+    # fault injection, for the kill-and-resume test: SIGKILL after a step, or halfway through a checkpoint write
+    arg("--kill-at", type=int, default=None, metavar="STEP", help=argparse.SUPPRESS)
+    arg("--kill-in-checkpoint", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
 
 
 def check_arguments(args: argparse.Namespace, world_size: int = 1) -> None:
@@ -423,11 +435,30 @@ def format_metrics(results: dict[str, dict[str, float]]) -> str:
 
 
 # ---- checkpoints and logs ---------------------------------------------------------------------
-def save_checkpoint(out: pathlib.Path, **state: Any) -> None:
-    """Write ``out/checkpoint.pt`` atomically (a crash mid-write leaves the previous one)."""
-    path = out / CHECKPOINT
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+def save_checkpoint(out: pathlib.Path, *, kill_midway: bool = False, **state: Any) -> None:
+    """Write ``out/checkpoint.pt`` atomically: a temporary file, flushed and fsync'ed, then renamed over
+    the old one (and the folder fsync'ed), so a crash at any moment leaves a whole checkpoint.
+
+    ``kill_midway`` (fault injection for tests): SIGKILL this process halfway through the temporary file.
+    """
+    path, temporary = out / CHECKPOINT, out / (CHECKPOINT + ".tmp")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    with open(temporary, "wb") as f:
+        if kill_midway:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(out: pathlib.Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:

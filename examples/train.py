@@ -8,16 +8,20 @@ N = 4 × 50,000, γ = 0.1, s0 = 1, k = 8 sub-batches of batches of 200, 180 epoc
     python examples/train.py --data ~/data                     # CIFAR-10, one GPU
     python examples/train.py --synthetic 64 --width 4 --epochs 2 --batch-size 16 --splits 2   # seconds, CPU
 
-Writes ``OUT/checkpoint.pt`` after every epoch (``--resume`` continues from it),
-``OUT/log.jsonl`` (one line per epoch) and ``OUT/results.json`` (test metrics at
-the mean and, for bSAM, of the Bayesian model average).
+Writes ``OUT/checkpoint.pt`` after every epoch and, with ``--checkpoint-every STEPS``, every STEPS
+steps (atomically: a run killed at any moment, even while writing it, resumes with ``--resume``
+from the last whole checkpoint and ends exactly as an uninterrupted run), ``OUT/log.jsonl`` (one
+line per epoch) and ``OUT/results.json`` (test metrics at the mean and, for bSAM, of the Bayesian
+model average).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import signal
 import time
 
 import cifar_resnet as cr
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = cr.make_optimizer(args, model, len(train))
     schedule = cr.make_schedule(opt, steps_per_epoch, args)
     scaler = cr.make_scaler(args, device)
-    first_epoch = 0
+    first_epoch, first_step, loss_so_far, generator_state = 0, 0, 0.0, None
     checkpoint = cr.load_checkpoint(out, args, device)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -54,16 +58,46 @@ def main(argv: list[str] | None = None) -> dict:
         schedule.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
-        first_epoch = checkpoint["epoch"]
-        print(f"resumed from {out / cr.CHECKPOINT} after epoch {first_epoch}")
+        torch.set_rng_state(checkpoint["rng"])
+        first_epoch, first_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
+        loss_so_far, generator_state = checkpoint.get("loss_so_far", 0.0), checkpoint.get("generator")
+        where = f"step {first_step} of epoch {first_epoch + 1}" if first_step else f"epoch {first_epoch}"
+        print(f"resumed from {out / cr.CHECKPOINT} after {where}")
+
+    checkpoints_written = 0
+
+    def save(epoch: int, step_in_epoch: int, loss_sum: float, generator: torch.Generator | None) -> None:
+        """The whole training state: a resumed run continues exactly as an uninterrupted one."""
+        nonlocal checkpoints_written
+        checkpoints_written += 1
+        cr.save_checkpoint(
+            out,
+            kill_midway=checkpoints_written == args.kill_in_checkpoint,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            scheduler=schedule.state_dict(),
+            scaler=scaler.state_dict() if scaler is not None else None,
+            rng=torch.get_rng_state(),
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            loss_so_far=loss_sum,
+            generator=generator.get_state() if generator is not None else None,
+            args=vars(args),
+        )
 
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(first_epoch, last_epoch):
         model.train()
         generator = cr.epoch_generator(args.seed, epoch)
         order = torch.randperm(len(train), generator=generator).to(device)
-        loss_sum, start = torch.zeros((), device=device), time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress)
+        start_step = first_step if epoch == first_epoch else 0
+        if start_step:  # mid-epoch: the generator as it was after the last step done
+            generator.set_state(generator_state)
+        loss_sum = torch.full((), loss_so_far if start_step else 0.0, device=device)
+        start = time.perf_counter()
+        bar = tqdm(
+            range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=args.no_progress
+        )
         for i in bar:
             batch = order[i * args.batch_size : (i + 1) * args.batch_size]
             images = cr.normalize(cr.augment(train.images[batch], generator))
@@ -81,17 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum += loss.float()
             if i % 20 == 0:  # .item() waits for the device: not every step
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.4f}")
+            step = epoch * steps_per_epoch + i + 1  # steps done in all
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and i + 1 < steps_per_epoch:
+                save(epoch, i + 1, loss_sum.item(), generator)
+            if step == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: as a node failure would
         seconds = time.perf_counter() - start
         test_metrics = cr.evaluate(model, opt, test, batch_size=args.eval_batch_size)
-        cr.save_checkpoint(
-            out,
-            model=model.state_dict(),
-            optimizer=opt.state_dict(),
-            scheduler=schedule.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            epoch=epoch + 1,
-            args=vars(args),
-        )
+        save(epoch + 1, 0, 0.0, None)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / steps_per_epoch,

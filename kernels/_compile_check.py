@@ -55,11 +55,11 @@ def _arg_type(param, state: str) -> str:
         return param.annotation_type
     if param.name == "table":
         return "*i64"
-    if param.name in ("partials", "scale_ptr"):
+    if param.name == "partials":
         return "*" + state
     if param.name in ("found_inf", "inv_scale_ptr"):
         return "*fp32"
-    if param.name == "corrections_ptr":
+    if param.name in ("corrections_ptr", "scale_ptr"):  # float64 on the device, read in the state dtype
         return "*fp64"
     if param.name == "seed":
         return "i64"

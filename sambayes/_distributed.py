@@ -9,16 +9,25 @@ import torch
 import torch.distributed as dist
 
 
+def unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The module inside ``torch.compile``'s wrappers (``torch.compile(DDP(net))`` is DDP inside)."""
+    while model is not None and hasattr(model, "_orig_mod"):
+        model = model._orig_mod
+    return model
+
+
 def is_fsdp2(model: torch.nn.Module | None) -> bool:
+    model = unwrap(model)
     return model is not None and hasattr(model, "set_requires_gradient_sync")
 
 
 def is_ddp(model: torch.nn.Module | None) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return isinstance(unwrap(model), torch.nn.parallel.DistributedDataParallel)
 
 
 def set_grad_sync(model: torch.nn.Module | None, enabled: bool) -> None:
     """DDP's ``no_sync()`` / FSDP2's ``set_requires_gradient_sync``, as a switch (for the phase API)."""
+    model = unwrap(model)
     if is_ddp(model):
         model.require_backward_grad_sync = enabled
     elif is_fsdp2(model):
@@ -28,9 +37,14 @@ def set_grad_sync(model: torch.nn.Module | None, enabled: bool) -> None:
 def replica_rank(model: torch.nn.Module | None) -> tuple[int, int]:
     """(rank, world size) among data-parallel replicas that draw their own noise (DDP); (0, 1) otherwise."""
     if is_ddp(model) and dist.is_initialized():
-        group = model.process_group
+        group = unwrap(model).process_group
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def process_group(model: torch.nn.Module | None):
+    """The process group of a DDP or FSDP2 module (the default group when it keeps none)."""
+    return getattr(unwrap(model), "process_group", None) or dist.group.WORLD
 
 
 def comm_device(group) -> torch.device:

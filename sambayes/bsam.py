@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +39,8 @@ class BSAM(TwoPassOptimizer):
         lr: α. ``betas``: (β1, β2) in [0, 1). ``rho``: ρ >= 0, the adversarial radius.
         weight_decay: δ >= 0, the prior precision divided by N.
         damping: γ >= 0. ``init_precision``: s0 > 0.
-        seed: the noise seed (an int); None draws one from ``torch``'s global generator.
+        seed: the noise seed, an integer in [0, 2^64); None draws one from the operating system
+            (not from ``torch``'s generator, whose streams the user's shuffling and dropout use).
         backend: "auto", "eager", "foreach", "triton", "cpu" or "cuda" (see :mod:`sambayes.backends`).
         model: the module being trained (also accepted in place of ``params``). When
             given, the optimizer manages its BatchNorm statistics (``bn_stats``) and, for a
@@ -72,10 +75,7 @@ class BSAM(TwoPassOptimizer):
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
     ) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
+        seed = _check_seed(seed, allow_none=True)
         defaults = dict(
             num_data=num_data,
             lr=lr,
@@ -88,14 +88,16 @@ class BSAM(TwoPassOptimizer):
         )
         super().__init__(params, defaults, backend, model, bn_stats)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
+            bits = self.param_groups[0]["seed"]  # as int64 bits: a seed may exceed 2^63
             seed_tensor = torch.tensor(
-                [self.param_groups[0]["seed"]], device=_distributed.comm_device(self._sync_group())
+                [bits - 2**64 if bits >= 2**63 else bits], device=_distributed.comm_device(self._sync_group())
             )
             torch.distributed.broadcast(seed_tensor, src=0, group=self._sync_group())
             for group in self.param_groups:
-                group["seed"] = int(seed_tensor)
+                group["seed"] = int(seed_tensor) % 2**64
 
     def _check_group(self, group: dict[str, Any]) -> None:
+        group["seed"] = _check_seed(group["seed"], allow_none=True)
         check_number("num_data", group["num_data"], low_open=True)
         check_number("lr", group["lr"])
         check_betas(group["betas"])
@@ -103,6 +105,9 @@ class BSAM(TwoPassOptimizer):
         check_number("weight_decay", group["weight_decay"])
         check_number("damping", group["damping"])
         check_number("init_precision", group["init_precision"], low_open=True)
+
+    def _state_keys(self) -> set[str]:
+        return {"mean", "precision", "momentum"}
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
@@ -233,21 +238,40 @@ class BSAM(TwoPassOptimizer):
     def sampled_params(self, seed: int = 0) -> Iterator[None]:
         """Within the block the model holds one sample θ ~ N(m, 1/(N·s)) of the posterior.
 
-        The sample is a pure function of ``seed`` (and the state). On exit, also on
-        an exception, the parameters hold the mean again, exactly. Not allowed in
-        the middle of a step.
+        The sample is a pure function of ``seed`` (and the state). On exit, also on an
+        exception, the parameters hold what they held before: the mean again, exactly, or
+        the enclosing block's sample when blocks nest. Not allowed in the middle of a step;
+        no step can start inside the block.
         """
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected a non-negative integer")
-        self._expect("at rest", action="sampled_params")
+        seed = _check_seed(seed, allow_none=False)
+        if self._phase != "at rest":
+            self._expect("at rest", action="sampled_params")
         with torch.no_grad():
-            self._prepare_state()
+            if not self._posterior_seeds:
+                self._prepare_state()
+            self._posterior_seeds.append(seed)
         try:
             with torch.no_grad():
-                for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
-                    self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
+                self._draw_posterior(seed)
             yield
         finally:
             with torch.no_grad():
-                self._restore(self._slots)
-                self._record_versions()
+                self._posterior_seeds.pop()
+                if self._posterior_seeds:
+                    self._draw_posterior(self._posterior_seeds[-1])
+                else:
+                    self._restore(self._slots)
+                    self._record_versions()
+
+    def _draw_posterior(self, seed: int) -> None:
+        for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
+            self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
+
+
+def _check_seed(seed: Any, *, allow_none: bool) -> int:
+    """A seed: an integer in [0, 2^64) (numpy's included); None draws one from the operating system."""
+    if seed is None and allow_none:
+        return secrets.randbits(63)  # not torch's generator: the user's random streams stay as they are
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**64)" + (" or None" if allow_none else ""))
+    return int(seed)

@@ -18,6 +18,8 @@ from . import _batchnorm, _distributed, backends
 
 # phases of a step, in order: at rest -> sampled -> perturbed -> (sampled -> perturbed)* -> at rest
 _REST, _SAMPLED, _PERTURBED = "at rest", "sampled", "perturbed"
+#: the parameter dtypes every backend trains
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -26,7 +28,10 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None) -> None:
-    """ValueError naming the argument unless low <(=) value (< high)."""
+    """ValueError naming the argument unless low <(=) value (< high). A one-element tensor counts
+    as its value (``lr=torch.tensor(0.1)``, as torch.optim accepts it)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r}: expected a finite number")
     if value < low or (low_open and value == low) or (high is not None and value >= high):
@@ -71,6 +76,25 @@ _INTERNAL = (
     os.path.dirname(torch.__file__) + os.sep,
     contextlib.__file__,
 )
+
+
+_warned_about_model = False
+
+
+def _warn_if_distributed_without_model(model: torch.nn.Module | None) -> None:
+    """Once per process: data-parallel training without ``model=`` loses what the optimizer does for it."""
+    global _warned_about_model
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if model is not None or _warned_about_model or not distributed or torch.distributed.get_world_size() < 2:
+        return
+    _warned_about_model = True
+    warnings.warn(
+        "torch.distributed is initialized with several ranks but the optimizer was given no model: pass the "
+        "DDP or FSDP2 module (model=... or in place of the parameters). Without it the noisy pass is all-reduced "
+        "(an extra all-reduce per sub-batch) and every rank draws the same noise (no m-sharpness across ranks)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _check_splits(splits: Any) -> None:
@@ -165,8 +189,10 @@ class TwoPassOptimizer(Optimizer):
             raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_batchnorm.BN_POLICIES}")
         #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
         self.model, self.bn_stats = model, bn_stats
+        _warn_if_distributed_without_model(model)
         self._bn_saved: dict | None = None  # BatchNorm flags while their statistics are frozen
         defaults = dict(defaults, attempts=0, step=0, skipped_steps=0)
+        self._hyperparameters = [k for k in defaults if k != "attempts"]  # what a checkpoint's groups carry
         super().__init__(params, defaults)
         self._init_scratch()
 
@@ -181,28 +207,53 @@ class TwoPassOptimizer(Optimizer):
         self._found_inf: dict[torch.device, torch.Tensor] = {}  # this step's flag per device
         self._ones: dict[torch.device, torch.Tensor] = {}  # inv_scale without a GradScaler
         self._skip_report: tuple | None = None  # (host copy of the skipped count, event, warn) in flight
+        self._posterior_seeds: list[int] = []  # the seeds of the sampled_params() blocks the model is in
         self._skips_reported = 0
 
     # ---- hyperparameters -------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's duplicate warning: refused below instead
+            super().add_param_group(param_group)
         try:
+            self._check_params(self.param_groups[-1]["params"], len(self.param_groups) - 1)
             self._check_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()  # a refused group must not stay and train
             raise
+
+    @staticmethod
+    def _check_params(params: list[torch.Tensor], index: int) -> None:
+        """TypeError for a parameter the backends cannot train, ValueError for one listed twice."""
+        seen = set()
+        for i, p in enumerate(params):
+            if p.dtype not in _DTYPES:
+                raise TypeError(
+                    f"parameter {i} of group {index} (shape {tuple(p.shape)}) has dtype {p.dtype}; sambayes trains "
+                    f"float64, float32, bfloat16 and float16 parameters"
+                )
+            if id(p) in seen:
+                raise ValueError(f"parameter {i} of group {index} (shape {tuple(p.shape)}) is listed twice")
+            seen.add(id(p))
 
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups: add what this class needs to step
-        return {**super().__getstate__(), "backend": self.backend, "model": self.model, "bn_stats": self.bn_stats}
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "model": self.model,
+            "bn_stats": self.bn_stats,
+            "_hyperparameters": self._hyperparameters,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for name, value in (("backend", "auto"), ("model", None), ("bn_stats", "noisy"), ("_bn_saved", None)):
             self.__dict__.setdefault(name, value)
+        self.__dict__.setdefault("_hyperparameters", [k for k in self.defaults if k != "attempts"])
         self._init_scratch()
 
     # ---- bookkeeping ------------------------------------------------------------------
@@ -294,6 +345,11 @@ class TwoPassOptimizer(Optimizer):
             backends.run(self.backend, "restore", self._local(slots), self._states(slots, self._rest_key))
 
     def _expect(self, *phases: str, action: str) -> None:
+        if self._posterior_seeds:
+            raise RuntimeError(
+                f"{action}() inside a sampled_params() block: the model holds a posterior sample, not the "
+                "weights a step starts from; leave the block first"
+            )
         if self._phase not in phases:
             raise RuntimeError(
                 f"{action}() called while the optimizer is {self._phase}; a step is "
@@ -480,7 +536,7 @@ class TwoPassOptimizer(Optimizer):
         if (
             _distributed.is_ddp(self.model) or _distributed.is_fsdp2(self.model)
         ) and torch.distributed.is_initialized():
-            return getattr(self.model, "process_group", None) or torch.distributed.group.WORLD
+            return _distributed.process_group(self.model)
         return None
 
     # ---- the phase API ----------------------------------------------------------------
@@ -684,6 +740,61 @@ class TwoPassOptimizer(Optimizer):
         return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
 
     # ---- checkpoints ------------------------------------------------------------------
+    def _state_keys(self) -> set[str]:
+        """The state keys of each parameter (overridden)."""
+        return {self._rest_key}
+
+    def _check_state_dict(self, state_dict: Any) -> dict:
+        """ValueError naming the first way ``state_dict`` does not fit this optimizer; else {saved id: param}."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups', as state_dict() returns")  # noqa: TRY004
+        saved_groups, state = state_dict["param_groups"], state_dict.get("state")
+        if not isinstance(state, dict):
+            raise ValueError("state_dict['state']: expected a dict {parameter id: state}")  # noqa: TRY004
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        by_id = {}
+        required = self._hyperparameters
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+                count = len(saved.get("params", ())) if isinstance(saved, dict) else "no"
+                raise ValueError(
+                    f"group {index} of state_dict has {count} parameters, this optimizer's has {len(group['params'])}"
+                )
+            missing = [k for k in required if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"group {index} of state_dict lacks {missing}: not a {type(self).__name__} state dict "
+                    f"(it has {sorted(k for k in saved if k != 'params')})"
+                )
+            try:
+                self._check_group({**{k: saved[k] for k in required}, "params": group["params"]})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"group {index} of state_dict: {exc}") from None
+            by_id.update(zip(saved["params"], group["params"]))
+        expected = self._state_keys()
+        for pid, saved in state.items():
+            p = by_id.get(pid)
+            if p is None:
+                raise ValueError(f"state_dict has state for parameter {pid!r}, which none of its groups lists")
+            if not isinstance(saved, dict) or set(saved) != expected:
+                keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+                raise ValueError(
+                    f"state of parameter {pid} has {keys}, a {type(self).__name__} keeps {sorted(expected)}: "
+                    "is this another optimizer's state dict?"
+                )
+            shape = _distributed.local(p).shape  # FSDP2: this rank's shard
+            for key, value in saved.items():
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape {got}, "
+                        f"the parameter has shape {tuple(shape)}"
+                    )
+        return by_id
+
     def state_dict(self) -> dict[str, Any]:
         if self._phase != _REST:
             raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._phase})")
@@ -697,25 +808,17 @@ class TwoPassOptimizer(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint written by any backend. Refuses one for other parameter shapes.
+        """Load a checkpoint written by any backend.
 
-        Unlike ``torch.optim.Optimizer``, keeps float32 master state for
-        low-precision parameters instead of casting it to the parameter dtype.
+        Checks all of it first and changes nothing if it does not fit (ValueError naming the
+        first problem: another optimizer's state dict, other parameter shapes, a bad
+        hyperparameter). A step in progress is abandoned (as :meth:`abort` does). Unlike
+        ``torch.optim.Optimizer``, keeps float32 master state for low-precision parameters
+        instead of casting it to the parameter dtype.
         """
-        params = [p for group in self.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        if len(saved_ids) != len(params):
-            raise ValueError(f"state_dict has {len(saved_ids)} parameters, this optimizer has {len(params)}")
-        by_id = dict(zip(saved_ids, params))
-        for pid, saved in state_dict["state"].items():
-            p = by_id.get(pid)
-            for key, value in saved.items():
-                shape = _distributed.local(p).shape if p is not None else None  # FSDP2: this rank's shard
-                if p is not None and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
-                    raise ValueError(
-                        f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape "
-                        f"{tuple(value.shape)}, the parameter has shape {tuple(shape)}"
-                    )
+        by_id = self._check_state_dict(state_dict)
+        if self._phase != _REST:  # a step in progress (say, it crashed halfway): abandoned first
+            self.abort()
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             group["step"], group["skipped_steps"] = int(group["step"]), int(group["skipped_steps"])

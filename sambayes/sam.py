@@ -43,13 +43,13 @@ class SAM(TwoPassOptimizer):
         *,
         lr: float,
         rho: float = 0.05,
-        momentum: float = 0.9,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
         nesterov: bool = False,
         adaptive: bool = False,
         base: str = "sgd",
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        betas: tuple[float, float] | None = None,
+        eps: float | None = None,
         backend: str = "auto",
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
@@ -57,30 +57,38 @@ class SAM(TwoPassOptimizer):
         if base not in BASES:
             raise ValueError(f"base={base!r}: choose one of {BASES}")
         self.base = base
-        defaults = dict(
-            lr=lr,
-            rho=rho,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            adaptive=adaptive,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            eps=eps,
-        )
+        # each base carries its own hyperparameters only, as torch.optim.SGD and AdamW do: schedulers
+        # that cycle momentum find `momentum` (SGD) or `betas` (AdamW), never an unused one
+        defaults = dict(lr=lr, rho=rho, weight_decay=weight_decay, adaptive=adaptive)
+        if base == "sgd":
+            if betas is not None or eps is not None:
+                raise ValueError("betas and eps belong to base='adamw'; base='sgd' takes momentum and nesterov")
+            defaults.update(momentum=0.9 if momentum is None else momentum, nesterov=nesterov)
+        else:
+            if momentum is not None or nesterov:
+                raise ValueError("momentum and nesterov belong to base='sgd'; base='adamw' takes betas and eps")
+            betas = (0.9, 0.999) if betas is None else betas
+            defaults.update(betas=tuple(betas) if isinstance(betas, list) else betas, eps=1e-8 if eps is None else eps)
         super().__init__(params, defaults, backend, model, bn_stats)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"])
         check_number("rho", group["rho"])
-        check_number("momentum", group["momentum"], high=1.0)
         check_number("weight_decay", group["weight_decay"])
-        check_betas(group["betas"])
-        check_number("eps", group["eps"], low_open=True)
-        for flag in ("nesterov", "adaptive"):
+        flags = ("adaptive", "nesterov") if self.base == "sgd" else ("adaptive",)
+        for flag in flags:
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{flag}={group[flag]!r}: expected True or False")
-        if group["nesterov"] and (self.base != "sgd" or group["momentum"] == 0):
-            raise ValueError("nesterov=True needs base='sgd' and momentum > 0")
+        if self.base == "sgd":
+            check_number("momentum", group["momentum"], high=1.0)
+            if group["nesterov"] and group["momentum"] == 0:
+                raise ValueError("nesterov=True needs momentum > 0")
+        else:
+            check_betas(group["betas"])
+            check_number("eps", group["eps"], low_open=True)
+
+    def _state_keys(self) -> set[str]:
+        return {"weight", "momentum"} | ({"variance"} if self.base == "adamw" else set())
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = state_dtype(p)
@@ -153,7 +161,7 @@ class SAM(TwoPassOptimizer):
                 self._grads(ps),
                 self._states(ps, "weight"),
                 inv_scale=inv_scale,
-                scale=scale.to(device=ps[0].param.device, dtype=state_dtype(ps[0].param)),
+                scale=scale.to(ps[0].param.device),  # float64: each bucket reads it in its own state dtype
                 adaptive=group["adaptive"],
             )
 

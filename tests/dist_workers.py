@@ -1,6 +1,7 @@
 """Worker processes for tests/test_distributed.py (spawned, two ranks on gloo)."""
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,19 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, xs, ys = model_and_data(mixed=wrapper == "ddp-mixed")
-    if wrapper.startswith("ddp"):
+    if wrapper == "ddp-params":  # the parameters alone, no module: the optimizer says what is lost
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_optimizer(method, list(net.parameters()), seed=0)
+        torch.save([str(w.message) for w in caught], f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+        net = None
+        dist.destroy_process_group()
+        os._exit(0)
+    if wrapper == "ddp-compiled":  # the order PyTorch recommends: compile the DDP module
+        net = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="eager")
+    elif wrapper.startswith("ddp"):
         net = torch.nn.parallel.DistributedDataParallel(model)
     else:
         from torch.distributed.fsdp import fully_shard

@@ -194,13 +194,16 @@ def test_same_seed_same_run_different_seed_different_run():
     assert not torch.equal(run(1), run(2))
 
 
-def test_seed_none_follows_torch_manual_seed():
+def test_seed_none_draws_from_the_system_and_leaves_torch_alone():
+    """seed=None does not consume torch's generator: the user's shuffling and dropout streams stay as
+    they would be with any other optimizer."""
     p = [torch.nn.Parameter(torch.zeros(3))]
     torch.manual_seed(3)
-    s1 = sambayes.BSAM(p, num_data=1).param_groups[0]["seed"]
+    seeds = {sambayes.BSAM(p, num_data=1).param_groups[0]["seed"] for _ in range(4)}
+    after = torch.rand(1)
     torch.manual_seed(3)
-    s2 = sambayes.BSAM(p, num_data=1).param_groups[0]["seed"]
-    assert s1 == s2
+    assert torch.equal(after, torch.rand(1))
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
 
 
 # ---------------------------------------------------------------------------------------

@@ -64,3 +64,19 @@ def test_ddp_with_float32_and_float64_state(tmp_path):
 
 def test_global_offset_of_a_plain_tensor_is_zero():
     assert _distributed.global_offset(torch.zeros(3, 4)) == 0
+
+
+def test_compiled_ddp_module_keeps_the_ddp_handling(tmp_path):
+    """torch.compile(DDP(net)): the optimizer looks inside the compiled wrapper, so each rank still
+    draws its own noise and the noisy pass is not all-reduced (equal to plain DDP's result)."""
+    rank0, rank1 = run_two_ranks(tmp_path, "bsam", "ddp-compiled")
+    reference = dist_workers.single_process("bsam", splits=2)
+    for a, b, r in zip(rank0, rank1, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_without_the_module_under_ddp_warn(tmp_path):
+    messages = run_two_ranks(tmp_path, "bsam", "ddp-params")
+    for caught in messages:
+        assert any("no model" in m and "same noise" in m for m in caught), caught

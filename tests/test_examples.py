@@ -6,6 +6,8 @@ import math
 import os
 import pathlib
 import pickle
+import random
+import signal
 import subprocess
 import sys
 
@@ -101,6 +103,39 @@ def test_train_checkpoints_and_resumes_bit_for_bit(tmp_path):
     for key in ("model", "optimizer", "scheduler"):
         assert_same_tensors(a[key], b[key], key)
     assert json.loads((straight / "results.json").read_text()) == json.loads((resumed / "results.json").read_text())
+
+
+def run_killed(command: list[str], timeout: float = 120) -> None:
+    """Run ``command``, which must end by SIGKILL (its fault injection)."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == -signal.SIGKILL, f"expected SIGKILL, got {done.returncode}:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.parametrize("where", ["after a step", "while writing a checkpoint"])
+def test_train_killed_at_a_random_moment_resumes_to_the_same_end(tmp_path, where):
+    """SIGKILL at a random step, or halfway through writing a checkpoint (the temporary file is cut
+    short, the last whole checkpoint stays): --resume ends bitwise where an uninterrupted run ends."""
+    rng = random.Random(f"{where} {os.getpid()}")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    script = [sys.executable, str(EXAMPLES / "train.py"), *TINY, "--checkpoint-every", "1"]
+    run([*script, "--out", str(straight)])
+    fault = (
+        ["--kill-at", str(rng.randint(1, 7))]
+        if where == "after a step"
+        else ["--kill-in-checkpoint", str(rng.randint(2, 9))]
+    )
+    run_killed([*script, "--out", str(killed), *fault])
+    if where == "while writing a checkpoint":
+        assert (killed / "checkpoint.pt.tmp").is_file()  # the cut-short write, never renamed into place
+    assert "resumed from" in run([*script, "--out", str(killed), "--resume"])
+    a, b = load(straight), load(killed)
+    for key in ("model", "optimizer", "scheduler", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+    assert a["optimizer"]["param_groups"][0]["step"] == 8
+    assert json.loads((straight / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
 
 
 def test_train_sgd_with_bfloat16_autocast_and_clipping(tmp_path):

@@ -51,6 +51,21 @@ FALLBACK = "eager"
 
 _MODULES = {"eager": "eager", "foreach": "foreach", "triton": "triton", "cpu": "extension", "cuda": "extension"}
 
+#: the lists each phase writes in place, by position: their version counters move after the
+#: call, as after an in-place torch op (the fused kernels write memory autograd does not see)
+WRITES = {
+    "bsam_sample": (0,),
+    "bsam_perturb": (0, 1, 4),
+    "find_nonfinite": (),
+    "fold_grads": (0, 1),
+    "bsam_update": (0, 1, 2, 3, 4),
+    "restore": (0,),
+    "sam_sq_norm": (),
+    "sam_perturb": (0, 1),
+    "sam_update_sgd": (0, 1, 2, 3),
+    "sam_update_adamw": (0, 1, 2, 3, 4),
+}
+
 
 @functools.cache
 def _module(name: str) -> ModuleType | str:
@@ -125,7 +140,9 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     if all(t.dtype == dtype and t.device == device for t in lists[0]) and all(
         all(map(torch.Tensor.is_contiguous, values)) for values in tensor_lists
     ):  # the common case: one bucket, the backend's own
-        return [getattr(resolve(backend, device), op)(*lists, **_for_device(hyper, device))]
+        results = [getattr(resolve(backend, device), op)(*lists, **_for_device(hyper, device))]
+        _bump(op, lists)
+        return results
     buckets: dict[tuple, list[int]] = {}
     for i, tensors in enumerate(zip(*lists)):
         first = tensors[0]
@@ -136,7 +153,20 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
         module = resolve(backend, device) if dense else _module(FALLBACK)
         args = [[values[i] for i in index] for values in lists]
         results.append(getattr(module, op)(*args, **_for_device(hyper, device)))
+    _bump(op, lists)
     return results
+
+
+def _bump(op: str, lists: tuple) -> None:
+    """Move the version counters of what ``op`` wrote (autograd's check for stale saved tensors,
+    and the optimizers' for weights changed behind their back, then see every backend's writes)."""
+    written = [t for position in WRITES[op] for t in lists[position]]
+    if written:
+        try:
+            torch.autograd.graph.increment_version(written)
+        except TypeError:  # PyTorch before 2.5 takes one tensor at a time
+            for t in written:
+                torch.autograd.graph.increment_version(t)
 
 
 def _for_device(hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
