@@ -227,7 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--data", default="data", help="folder holding cifar-10-batches-py/ (synthetic data if it is missing)")
     arg("--synthetic", type=int, default=None, metavar="N", help="use N synthetic training images instead of CIFAR-10")
     arg("--device", default=default_device)
-    arg("--backend", default="auto", help="sambayes tier: auto, eager, foreach, triton, cpu or cuda")
+    arg("--backend", default="auto", help="sambayes backend: auto, eager, foreach, triton, cpu or cuda")
     arg("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype; fp16 adds a GradScaler")
     arg("--seed", type=int, default=0, help="fixes the initialisation, the batch order, augmentation and noise")
     arg("--samples", type=int, default=32, help="bsam: posterior samples of the final Bayesian model average")

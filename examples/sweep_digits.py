@@ -6,7 +6,7 @@ unseen), mean over seeds. Writes ``sweep_digits.md`` and ``sweep_digits.csv``.
 
     python examples/sweep_digits.py [--seeds 0 1] [--out docs/results]
 
-About 1 minute on 2 CPU cores with the C++ ``cpu`` tier, 3-4 minutes with the eager tier (bSAM's noise dominates).
+About 1 minute on 2 CPU cores with the C++ ``cpu`` backend, 3-4 minutes with the eager backend (bSAM's noise dominates).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
-    commands.add_parser("info", help="which backends (tiers) are available here, and why not")
+    commands.add_parser("info", help="which backends are available here, and why not")
     args = parser.parse_args(argv)
     if args.command == "info":
         from . import backends

@@ -38,7 +38,7 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
     out = tmp_path / "demo"
     result = _run("demo", "--quick", "--seeds", "0", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert f"backend auto -> {demo.tier_name('auto', 'cpu')}," in result.stdout  # it says which tier ran
+    assert f"backend auto -> {demo.backend_name('auto', 'cpu')}," in result.stdout  # it says which backend ran
     for name in ("results.md", "results.csv", "runs.csv", "reliability.png", "training_curves.png", "two_moons.png"):
         assert (out / name).stat().st_size > 0, name
     for name in ("reliability.png", "training_curves.png", "two_moons.png"):
@@ -59,7 +59,7 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
         assert len(list(csv.DictReader(f))) == 2 * len(ROWS)
 
 
-def test_cli_info_lists_the_tiers():
+def test_cli_info_lists_the_backends():
     result = _run("info")
     assert result.returncode == 0, result.stderr
     assert "eager" in result.stdout and "foreach" in result.stdout

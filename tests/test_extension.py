@@ -133,7 +133,7 @@ def test_trajectory_matches_eager(name, dtype):
     model_eager, opt_eager = _train(lambda ps: OPTIMIZERS[name](ps, "eager"), dtype)
     rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5), torch.bfloat16: (0.05, 0.02)}[dtype]
     if name == "bsam" and dtype == torch.float64:
-        # the noise is float32 in every tier and agrees to 3 float32 ulps, so float64 runs part there
+        # the noise is float32 in every backend and agrees to 3 float32 ulps, so float64 runs part there
         rtol, atol = 1e-6, 1e-8
     for p_cpu, p_eager in zip(model_cpu.parameters(), model_eager.parameters()):
         for key in opt_eager.state[p_eager]:

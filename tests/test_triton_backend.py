@@ -28,7 +28,7 @@ from sambayes.kernels import bsam_sample as sample_kernels
 
 import sambayes
 from sambayes import _philox
-from sambayes.backends import triton as tier
+from sambayes.backends import triton as triton_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -110,7 +110,7 @@ def test_sam_float32_trajectory_matches_eager(options):
 
 
 def test_bsam_bfloat16_within_twice_eager_error():
-    """bf16 parameters, float32 state: the triton tier is as accurate as the eager tier against float64."""
+    """bf16 parameters, float32 state: the triton backend is as accurate as the eager backend against float64."""
     xs, ys = make_data(20)
     reference = make_model(torch.float64)
     train(reference, bsam(reference, "eager"), xs, ys)
@@ -128,7 +128,7 @@ def test_bsam_bfloat16_within_twice_eager_error():
 
 @pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
 def test_golden_float32(name):
-    """float32 through the triton tier: as close to the authors' trajectory as the eager tier in float32."""
+    """float32 through the triton backend: as close to the authors' trajectory as the eager backend in float32."""
     eager = max(golden_errors(name, "eager", torch.float32, DEVICE).values())
     triton = max(golden_errors(name, "triton", torch.float32, DEVICE).values())
     assert triton <= max(2 * eager, 1e-6), (triton, eager)
@@ -156,7 +156,7 @@ def test_checkpoint_resume_and_recreate():
 
 
 def test_model_to_and_load_state_dict_between_steps():
-    """The user overwrites the weights between steps: the tier follows (the cached tables stay right)."""
+    """The user overwrites the weights between steps: the backend follows (the cached tables stay right)."""
     xs, ys = make_data(4)
     model = make_model(torch.float32)
     opt = bsam(model, "triton")
@@ -202,7 +202,7 @@ def test_noise_equals_reference_vectors():
         # m = 0 and N·s = 1 make θ = z
         means = [torch.zeros(1, device=DEVICE) for _ in offsets]
         precisions = [torch.ones(1, device=DEVICE) for _ in offsets]
-        tier.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=seed)
+        triton_backend.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=seed)
         got = torch.cat(params).cpu().double()
         want = torch.tensor([z for _, z in case["elements"]], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -218,7 +218,7 @@ def test_noise_of_a_group_is_its_flat_concatenation():
     offsets = [0, 1025, 1028]
     means = [torch.zeros(n, device=DEVICE) for n in sizes]
     precisions = [torch.ones(n, device=DEVICE) for n in sizes]
-    tier.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=seed)
+    triton_backend.bsam_sample(params, means, precisions, offsets, num_data=1.0, seed=seed)
     reference = _philox.randn_range(seed, 0, sum(sizes), device=DEVICE)
     torch.testing.assert_close(torch.cat(params), reference, rtol=1e-6, atol=1e-6)
 
@@ -245,7 +245,7 @@ def test_many_tensors_one_launch(monkeypatch):
     precisions = [torch.full((n,), 0.25, device=DEVICE) for n in sizes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     params = [torch.full((n,), float("nan"), device=DEVICE) for n in sizes]
-    tier.bsam_sample(params, means, precisions, offsets, num_data=4.0, seed=5)
+    triton_backend.bsam_sample(params, means, precisions, offsets, num_data=4.0, seed=5)
     assert launches == [(len(sizes),)]
     reference = _philox.randn_range(5, 0, sum(sizes), device=DEVICE)
     torch.testing.assert_close(torch.cat(params), reference, rtol=1e-6, atol=1e-6)
@@ -267,7 +267,7 @@ def test_alignment_is_decided_per_tensor(monkeypatch):
     )
     launches = _count_launches(monkeypatch, sample_kernels, "_bsam_sample_kernel")
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    tier.bsam_sample(params.tensors, means, positive(sizes, torch.float32), offsets, num_data=4.0, seed=5)
+    triton_backend.bsam_sample(params.tensors, means, positive(sizes, torch.float32), offsets, num_data=4.0, seed=5)
     assert len(launches) == 2
     params.check("bsam_sample, 500 tensors")
 
@@ -277,15 +277,15 @@ def test_table_follows_reallocated_tensors():
     sizes = [10, 3000]
     means = normal(sizes, torch.float32)
     first = nan_like(means)
-    tier.restore(first, means)
+    triton_backend.restore(first, means)
     second = nan_like(means)  # new allocations, same shapes
-    tier.restore(second, means)
+    triton_backend.restore(second, means)
     for a, b, m in zip(first, second, means):
         assert torch.equal(a, m) and torch.equal(b, m)
     # same addresses, new contents: the cached table is reused and still right
     for m in means:
         m.normal_()
-    tier.restore(second, means)
+    triton_backend.restore(second, means)
     for b, m in zip(second, means):
         assert torch.equal(b, m)
 
@@ -293,9 +293,9 @@ def test_table_follows_reallocated_tensors():
 def test_a_cached_table_does_not_skip_the_size_check():
     """Same addresses, a shorter view in one role: refused, as on a cold cache (not read out of bounds)."""
     param, weight = torch.zeros(10, device=DEVICE), torch.arange(10.0, device=DEVICE)
-    tier.restore([param], [weight])
+    triton_backend.restore([param], [weight])
     with pytest.raises((ValueError, RuntimeError)):
-        tier.restore([param], [weight[:4]])
+        triton_backend.restore([param], [weight[:4]])
 
 
 def test_float64_hyperparameters_reach_the_kernels_exactly():
@@ -308,7 +308,7 @@ def test_float64_hyperparameters_reach_the_kernels_exactly():
         grad_sums = [torch.ones(5, dtype=dtype, device=DEVICE)]
         found_inf, inv_scale = torch.zeros((), device=DEVICE), torch.ones((), device=DEVICE)
         hyper = {"lr": lr, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False, "splits": 1}
-        tier.sam_update_sgd(params, grad_sums, weights, momentums, found_inf, inv_scale, **hyper)
+        triton_backend.sam_update_sgd(params, grad_sums, weights, momentums, found_inf, inv_scale, **hyper)
         # w = 1 - lr·1: exact in float64; in float32 the rounding of lr that PyTorch applies
         want = 1 - torch.tensor(lr, dtype=dtype) if dtype == torch.float32 else torch.tensor(1 - lr, dtype=dtype)
         assert torch.equal(weights[0], want.to(DEVICE).expand(5)), (dtype, weights[0][0].item(), want.item())
@@ -336,7 +336,7 @@ def test_bfloat16_rounding_matches_torch():
         device=DEVICE,
     )
     params = [torch.full(values.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)]
-    tier.restore(params, [values])
+    triton_backend.restore(params, [values])
     expected = values.to(torch.bfloat16)
     assert torch.equal(params[0].isnan(), expected.isnan())
     finite = ~expected.isnan()  # NaN payloads differ between PyTorch's own CPU and GPU paths

@@ -39,6 +39,7 @@ __all__ = [
     "Recipe",
     "Trained",
     "add_arguments",
+    "backend_name",
     "check_arguments",
     "evaluate",
     "format_markdown",
@@ -49,7 +50,6 @@ __all__ = [
     "plot_reliability",
     "run",
     "summarize",
-    "tier_name",
     "train",
     "two_moons",
     "write_table",
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeds to run and average over (default: 0 1 2)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--backend", default="auto", choices=backends.BACKENDS, help="sambayes tier (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=backends.BACKENDS, help="sambayes backend (default: auto)")
     parser.add_argument(
         "--out",
         type=pathlib.Path,
@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the figures (then matplotlib is not needed)")
 
 
-def tier_name(backend: str, device: torch.device | str) -> str:
-    """The tier that ``backend`` resolves to on ``device`` (e.g. ``"eager"``)."""
+def backend_name(backend: str, device: torch.device | str) -> str:
+    """The backend that ``backend`` ("auto" included) stands for on ``device`` (e.g. ``"eager"``)."""
     return backends.pick(backend, device)
 
 
@@ -147,10 +147,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     recipe = Recipe().quick() if args.quick else Recipe()
     out = args.out
-    tier = tier_name(args.backend, args.device)
+    picked = backend_name(args.backend, args.device)
     print(
         f"sambayes demo: digits, {len(args.seeds)} seed(s) {args.seeds}, device {args.device}, "
-        f"backend {args.backend} -> {tier}, torch threads {torch.get_num_threads()}",
+        f"backend {args.backend} -> {picked}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
     data = load_digits(device=args.device)
@@ -180,5 +180,5 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             device=args.device,
         )
         written += ["reliability.png", "training_curves.png", "two_moons.png"]
-    print(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s (backend {tier})")
+    print(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s (backend {picked})")
     return table
