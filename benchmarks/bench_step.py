@@ -598,6 +598,9 @@ def main(argv=None) -> None:
         nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
+            # a raised flag would have timed the skip path of every later update (once per case: no sync inside)
+            if pb.found_inf.item() != 0:
+                raise RuntimeError("found_inf was raised: the timed update skipped")
             gbps = nbytes / median / 1e6
             x_floor = median / floor_ms if phase in ("step", "kernels") else ""
             row = dict(

@@ -189,17 +189,20 @@ SB_HD bool find_nonfinite_loop(const P* __restrict grad, int64_t n) {
   return bad != 0;
 }
 
-// Stage 0: sum = g, g = 0; stage 1: sum += g, g = 0; stage 2 (last): g = sum + g.
+// Stage 0: sum = g, g = 0; stage 1: sum += g, g = 0; stage 2 (last): g = sum + g. Flags a
+// non-finite sum: at the last stage as rounded into .grad (a float16 sum of finite values may overflow).
 template <int Stage, typename P, typename A>
 SB_HD bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const A g = static_cast<A>(grad[i]);
-    bad |= !is_finite(g);
     const A total = Stage == 0 ? g : grad_sum[i] + g;
     if (Stage == 2) {
-      grad[i] = static_cast<P>(total);
+      const P rounded = static_cast<P>(total);
+      bad |= !is_finite(static_cast<A>(rounded));
+      grad[i] = rounded;
     } else {
+      bad |= !is_finite(total);
       grad_sum[i] = total;
       grad[i] = P(0);
     }

@@ -76,17 +76,17 @@ struct SampleOp {
     const auto mean = load<A, W>(row.ptr[1], i);
     const auto precision = load<A, W>(row.ptr[2], i);
     const uint64_t first = static_cast<uint64_t>(row.offset + i);
-    float z[W < 4 ? 4 : W];
-    if (W == 4 && first % 4 == 0) {  // the four normals of one Philox call
-      philox_randn4x(static_cast<uint32_t>(first / 4), static_cast<uint32_t>((first / 4) >> 32), k0, k1, z);
-    } else {
+    float z[W];
+    float lanes[4];
+    uint64_t call = ~uint64_t(0);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        float lanes[4];
-        const uint64_t index = first + j;
-        philox_randn4x(static_cast<uint32_t>(index / 4), static_cast<uint32_t>((index / 4) >> 32), k0, k1, lanes);
-        z[j] = lane(lanes, index % 4);
+    for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
+      const uint64_t index = first + j;
+      if (index / 4 != call) {
+        call = index / 4;
+        philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, lanes);
       }
+      z[j] = lane(lanes, index % 4);
     }
     Pack<P, W> param;
 #pragma unroll
@@ -161,9 +161,10 @@ struct FoldOp {
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const A g = static_cast<A>(grad.v[j]);
-      bad |= !is_finite(g);
       total.v[j] = stage == 0 ? g : total.v[j] + g;
       grad.v[j] = static_cast<P>(total.v[j]);
+      // a non-finite sum; at the last stage as rounded into .grad (a float16 sum may overflow)
+      bad |= !is_finite(stage == 2 ? static_cast<A>(grad.v[j]) : total.v[j]);
     }
     if (bad) raise_flag(found_inf);
     if (stage == 2) {
@@ -228,13 +229,13 @@ struct RestoreOp {
 
 template <typename P, typename A>
 struct SamPerturbOp {
-  const A* scale_ptr;  // on the device: no host sync
+  const double* scale_ptr;  // on the device: no host sync
   const float* inv_scale_ptr;
   bool adaptive;
   A scale, inv_scale;
   __device__ SamPerturbOp prepared() const {
     SamPerturbOp op = *this;
-    op.scale = *scale_ptr;
+    op.scale = static_cast<A>(*scale_ptr);
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     return op;
   }
@@ -351,16 +352,22 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const TensorRow<
 
 // ---- device tables, cached ------------------------------------------------------------------
 
-// The rows and chunks of a list of tensors as one device buffer. Built on a miss (a pinned
-// copy on the current stream), then reused: the key is the table's own content, so an equal
-// key means an identical table and a cached one is never stale.
+// The rows and chunks of a list of tensors on the device.
+template <int N>
+struct DeviceTable {
+  const TensorRow<N>* rows;
+  const Chunk* chunks;
+  int64_t num_chunks;  // one block each
+};
+
+// Device tables, built on a miss (chunks planned, a pinned copy on the current stream), then
+// reused with no host work but the key: the key is the rows' own content, so an equal key means
+// an identical table and a cached one is never stale.
 class TableCache {
  public:
   template <int N>
-  std::pair<const TensorRow<N>*, const Chunk*> get(const std::vector<TensorRow<N>>& rows,
-                                                   const std::vector<Chunk>& chunks, at::Device device) {
+  DeviceTable<N> get(const std::vector<TensorRow<N>>& rows, at::Device device) {
     const size_t row_bytes = rows.size() * sizeof(TensorRow<N>);
-    const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
     std::string key(sizeof(int64_t), '\0');
     const int64_t index = device.index();
     std::memcpy(key.data(), &index, sizeof(index));
@@ -368,12 +375,15 @@ class TableCache {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = entries_.find(key);
     if (found == entries_.end()) {
+      const auto chunks = plan_chunks(rows, kCudaChunk);
+      const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
       auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)},
                             at::TensorOptions().dtype(at::kByte).pinned_memory(true));
       std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
       std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
       order_.push_front(key);
-      found = entries_.emplace(key, Entry{host.to(device, /*non_blocking=*/true), order_.begin()}).first;
+      const auto num_chunks = static_cast<int64_t>(chunks.size());
+      found = entries_.emplace(key, Entry{host.to(device, /*non_blocking=*/true), order_.begin(), num_chunks}).first;
       if (entries_.size() > kCapacity) {
         entries_.erase(order_.back());
         order_.pop_back();
@@ -382,7 +392,8 @@ class TableCache {
       order_.splice(order_.begin(), order_, found->second.position);  // most recently used
     }
     auto* base = found->second.table.data_ptr<uint8_t>();
-    return {reinterpret_cast<const TensorRow<N>*>(base), reinterpret_cast<const Chunk*>(base + row_bytes)};
+    return {reinterpret_cast<const TensorRow<N>*>(base), reinterpret_cast<const Chunk*>(base + row_bytes),
+            found->second.num_chunks};
   }
 
  private:
@@ -390,6 +401,7 @@ class TableCache {
   struct Entry {
     at::Tensor table;
     std::list<std::string>::iterator position;
+    int64_t num_chunks;
   };
   std::mutex mutex_;
   std::list<std::string> order_;
@@ -403,13 +415,12 @@ TableCache& table_cache() {
 
 template <int N, typename A, typename Op>
 void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op) {
-  const auto chunks = plan_chunks(rows, kCudaChunk);
-  if (chunks.empty()) return;
-  const auto [row_table, chunk_table] = table_cache().get(rows, chunks, device);
+  const auto table = table_cache().get(rows, device);
+  if (table.num_chunks == 0) return;
   constexpr int V = 16 / sizeof(A);
   multi_tensor_kernel<N, V, Op>
-      <<<static_cast<unsigned>(chunks.size()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(row_table,
-                                                                                                 chunk_table, op);
+      <<<static_cast<unsigned>(table.num_chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          table.rows, table.chunks, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -547,16 +558,15 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
   const auto device = grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<2>({grads, weights});
-  const auto chunks = plan_chunks(rows, kCudaChunk);
-  if (chunks.empty()) return at::zeros({}, weights[0].options());
-  const auto [row_table, chunk_table] = table_cache().get(rows, chunks, device);
+  const auto table = table_cache().get(rows, device);
+  if (table.num_chunks == 0) return at::zeros({}, weights[0].options());
   float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
-  auto partial = at::empty({static_cast<int64_t>(chunks.size())}, weights[0].options().dtype(at::kDouble));
+  auto partial = at::empty({table.num_chunks}, weights[0].options().dtype(at::kDouble));
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
     using A = acc_t<scalar_t>;
-    sq_norm_kernel<scalar_t, A><<<static_cast<unsigned>(chunks.size()), kThreads, 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(row_table, chunk_table, adaptive, inv, flag,
+    sq_norm_kernel<scalar_t, A><<<static_cast<unsigned>(table.num_chunks), kThreads, 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(table.rows, table.chunks, adaptive, inv, flag,
                                                                        partial.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -570,13 +580,14 @@ void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const auto device = params[0].device();
   TORCH_CHECK(scale.numel() == 1 && scale.device() == device && at::isFloatingType(scale.scalar_type()),
               "sam_perturb: scale must be one floating-point number on ", device);
-  const auto state_scale = scale.to(weights[0].scalar_type());  // on the device: no host sync
+  // read in the kernel (no host sync); SAM hands it over in float64 already
+  const auto scale64 = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kDouble);
   const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<3>({params, grads, weights});
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
     using A = acc_t<scalar_t>;
-    launch<3, A>(rows, device, SamPerturbOp<scalar_t, A>{state_scale.data_ptr<A>(), inv, adaptive, A(0), A(1)});
+    launch<3, A>(rows, device, SamPerturbOp<scalar_t, A>{scale64.data_ptr<double>(), inv, adaptive, A(0), A(1)});
   });
 }
 

@@ -474,6 +474,20 @@ def load_checkpoint(out: pathlib.Path, args: argparse.Namespace, device: torch.d
     return checkpoint
 
 
+def start_log(out: pathlib.Path, checkpoint: dict[str, Any] | None) -> None:
+    """A fresh run starts a new ``log.jsonl``; a resumed one first logs the row of the epoch its checkpoint
+    ended, which a run killed between that checkpoint and its log write never wrote."""
+    if checkpoint is None:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    elif checkpoint.get("log_row") is not None:
+        append_log(out, checkpoint["log_row"])
+
+
 def append_log(out: pathlib.Path, row: dict[str, Any]) -> None:
-    with open(out / "log.jsonl", "a") as f:
+    """Append an epoch's row unless the log has it already (so a resumed run never logs an epoch twice)."""
+    path = out / "log.jsonl"
+    logged = path.read_text().splitlines() if path.is_file() else []
+    if any(json.loads(line)["epoch"] == row["epoch"] for line in logged if line.strip()):
+        return
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -58,15 +58,19 @@ def main(argv: list[str] | None = None) -> dict:
         schedule.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"])
+        if "rng" in checkpoint:  # checkpoints from before step-level checkpoints lack it
+            torch.set_rng_state(checkpoint["rng"])
+        if checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
         first_epoch, first_step = checkpoint["epoch"], checkpoint.get("step_in_epoch", 0)
         loss_so_far, generator_state = checkpoint.get("loss_so_far", 0.0), checkpoint.get("generator")
         where = f"step {first_step} of epoch {first_epoch + 1}" if first_step else f"epoch {first_epoch}"
         print(f"resumed from {out / cr.CHECKPOINT} after {where}")
 
+    cr.start_log(out, checkpoint)
     checkpoints_written = 0
 
-    def save(epoch: int, step_in_epoch: int, loss_sum: float, generator: torch.Generator | None) -> None:
+    def save(epoch: int, step_in_epoch: int, loss_sum: float, generator: torch.Generator | None, log_row=None) -> None:
         """The whole training state: a resumed run continues exactly as an uninterrupted one."""
         nonlocal checkpoints_written
         checkpoints_written += 1
@@ -78,10 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler=schedule.state_dict(),
             scaler=scaler.state_dict() if scaler is not None else None,
             rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             epoch=epoch,
             step_in_epoch=step_in_epoch,
             loss_so_far=loss_sum,
             generator=generator.get_state() if generator is not None else None,
+            log_row=log_row,
             args=vars(args),
         )
 
@@ -122,7 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: as a node failure would
         seconds = time.perf_counter() - start
         test_metrics = cr.evaluate(model, opt, test, batch_size=args.eval_batch_size)
-        save(epoch + 1, 0, 0.0, None)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum.item() / steps_per_epoch,
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": round(seconds, 3),
             **{f"test_{k}": v for k, v in test_metrics.items()},
         }
+        save(epoch + 1, 0, 0.0, None, log_row=row)  # the row too: a kill before the next line loses nothing
         cr.append_log(out, row)
         print(json.dumps(row))
 

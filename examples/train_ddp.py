@@ -95,6 +95,8 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
         if rank == 0:
             print(f"resumed from {out / cr.CHECKPOINT} after epoch {first_epoch}")
 
+    if rank == 0:
+        cr.start_log(out, checkpoint)
     last_epoch = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     for epoch in range(first_epoch, last_epoch):
         ddp.train()
@@ -128,16 +130,6 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
             test_metrics = cr.evaluate(
                 model, opt, test, batch_size=args.eval_batch_size
             )  # the plain module: no collectives
-            cr.save_checkpoint(
-                out,
-                model=model.state_dict(),
-                optimizer=opt.state_dict(),
-                scheduler=schedule.state_dict(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-                epoch=epoch + 1,
-                args=vars(args),
-                world_size=world,
-            )
             row = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum.item() / (world * steps_per_epoch),
@@ -145,6 +137,17 @@ def train(args: argparse.Namespace, cuda: bool) -> dict:
                 "seconds": round(seconds, 3),
                 **{f"test_{k}": v for k, v in test_metrics.items()},
             }
+            cr.save_checkpoint(
+                out,
+                model=model.state_dict(),
+                optimizer=opt.state_dict(),
+                scheduler=schedule.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+                epoch=epoch + 1,
+                log_row=row,  # a kill before the log write loses nothing: the resumed run writes it
+                args=vars(args),
+                world_size=world,
+            )
             cr.append_log(out, row)
             print(json.dumps(row))
         dist.barrier()  # nobody runs ahead while process 0 evaluates and writes

@@ -55,12 +55,19 @@ TL_DTYPES = {
 }
 
 
+def state_dtype(param: torch.dtype) -> torch.dtype:
+    """The state dtype of a parameter dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if param == torch.float64 else torch.float32
+
+
 class _Part:
     """One launch's table: the tensors of a bucket that share an alignment."""
 
-    __slots__ = ("_pinned", "aligned", "num_blocks", "table")
+    __slots__ = ("aligned", "num_blocks", "param", "state", "table")
 
-    def __init__(self, rows: list[tuple[int, int, list[int]]], shifts: list[int], aligned: bool, device) -> None:
+    def __init__(
+        self, rows: list[tuple[int, int, list[int]]], shifts: list[int], aligned: bool, device, param, state
+    ) -> None:
         numels = torch.tensor([numel for numel, _, _ in rows], dtype=torch.int64)
         shift = torch.tensor(shifts, dtype=torch.int64)
         records = torch.tensor([[numel, offset, *ptrs] for numel, offset, ptrs in rows], dtype=torch.int64)
@@ -70,28 +77,30 @@ class _Part:
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
         start = (torch.arange(num_blocks, dtype=torch.int64) - first_block[tensor_index]) * BLOCK - shift[tensor_index]
         host = torch.cat([torch.stack([tensor_index, start], 1).reshape(-1), records.reshape(-1)])
-        self._pinned = None
-        if device.type == "cuda":
-            # pinned + non_blocking: building a table never synchronises the host with the device
-            self._pinned = host.pin_memory()
-            self.table = self._pinned.to(device, non_blocking=True)
-        else:
-            self.table = host.to(device)
-        self.num_blocks = num_blocks
-        self.aligned = aligned
+        # pinned + non_blocking: building a table never synchronises the host with the device (the pinned
+        # allocator keeps the host buffer until the copy is done)
+        self.table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        self.num_blocks, self.aligned, self.param, self.state = num_blocks, aligned, param, state
 
 
 class TensorTable:
     """The device tables of a list of tensors (see the module docstring), one per alignment class."""
 
-    __slots__ = ("num_blocks", "parts")
+    __slots__ = ("num_blocks", "param", "parts", "state")
 
-    def __init__(self, roles: list[list[torch.Tensor]], noise_offsets: list[int] | None, noise_blocks: bool) -> None:
+    def __init__(
+        self, roles: list[list[torch.Tensor]], kinds: str, noise_offsets: list[int] | None, noise_blocks: bool
+    ) -> None:
         first = roles[0]
-        for role in roles[1:]:
-            for a, b in zip(first, role):
+        self.param = first[0].dtype
+        self.state = state_dtype(self.param)
+        for r, (role, kind) in enumerate(zip(roles, kinds, strict=True)):
+            want = self.param if kind == "P" else self.state
+            for i, (a, b) in enumerate(zip(first, role, strict=True)):
                 if a.numel() != b.numel():
                     raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
+                if b.dtype != want:  # the kernel would read it with the wrong element size
+                    raise TypeError(f"role {r}, tensor {i}: dtype {b.dtype}, expected {want}")
         offsets = noise_offsets if noise_offsets is not None else [0] * len(first)
         classes: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
         for i, t in enumerate(first):
@@ -102,21 +111,30 @@ class TensorTable:
             classes[aligned][0].append((t.numel(), offsets[i], ptrs))
             classes[aligned][1].append(shift)
         device = first[0].device
-        self.parts = [_Part(rows, shifts, aligned, device) for aligned, (rows, shifts) in classes.items() if rows]
+        self.parts = [
+            _Part(rows, shifts, aligned, device, self.param, self.state)
+            for aligned, (rows, shifts) in classes.items()
+            if rows
+        ]
         self.parts = [part for part in self.parts if part.num_blocks]
         self.num_blocks = sum(part.num_blocks for part in self.parts)
 
 
 def tensor_table(
-    roles: list[list[torch.Tensor]], noise_offsets: list[int] | None = None, *, noise_blocks: bool = False
+    roles: list[list[torch.Tensor]], kinds: str, noise_offsets: list[int] | None = None, *, noise_blocks: bool = False
 ) -> TensorTable:
     """The (cached) tables for parallel lists of tensors; ``roles[r][i]`` is role r of tensor i.
 
-    All tensors must be contiguous; tensor i of every role has the same numel.
-    ``noise_blocks``: place blocks on multiples of 4 in noise-index space (the sampling kernel).
+    All tensors must be contiguous; tensor i of every role has the same numel. ``kinds[r]`` is
+    "P" where role r holds the parameter dtype (that of ``roles[0][0]``), "S" where it holds the
+    state dtype (float64 for float64 parameters, float32 otherwise); both are checked when the
+    table is built. ``noise_blocks``: place blocks on multiples of 4 in noise-index space (the
+    sampling kernel).
     """
     key = (
         roles[0][0].device,
+        roles[0][0].dtype,
+        kinds,
         noise_blocks,
         *(tuple(t.numel() for t in role) for role in roles),  # every role's sizes: checked when built
         tuple(noise_offsets) if noise_offsets is not None else None,
@@ -124,7 +142,7 @@ def tensor_table(
     )
     entry = _cache.get(key)
     if entry is None:
-        entry = _cache[key] = TensorTable(roles, noise_offsets, noise_blocks)
+        entry = _cache[key] = TensorTable(roles, kinds, noise_offsets, noise_blocks)
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     else:
@@ -137,7 +155,7 @@ def cached_tables() -> int:
     return len(_cache)
 
 
-def launch(kernel, table: TensorTable, *args, param: torch.dtype, state: torch.dtype, **constexprs) -> None:
+def launch(kernel, table: TensorTable, *args, **constexprs) -> None:
     """``kernel[(one program per block)](table, *args, PARAM=, STATE=, ALIGNED=, BLOCK=, **constexprs)``,
     once per alignment class of the table.
 
@@ -145,16 +163,16 @@ def launch(kernel, table: TensorTable, *args, param: torch.dtype, state: torch.d
     rounds them to its math dtype with :func:`scalar`.
     """
     for part in table.parts:
-        launch_part(kernel, part, *args, param=param, state=state, **constexprs)
+        launch_part(kernel, part, *args, **constexprs)
 
 
-def launch_part(kernel, part: _Part, *args, param: torch.dtype, state: torch.dtype, **constexprs) -> None:
+def launch_part(kernel, part: _Part, *args, **constexprs) -> None:
     """:func:`launch` for one part of a table (a kernel that writes one value per block)."""
     kernel[(part.num_blocks,)](
         part.table,
         *args,
-        PARAM=TL_DTYPES[param],
-        STATE=TL_DTYPES[state],
+        PARAM=TL_DTYPES[part.param],
+        STATE=TL_DTYPES[part.state],
         ALIGNED=part.aligned,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,

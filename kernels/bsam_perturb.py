@@ -94,14 +94,12 @@ def bsam_perturb(
     float32 otherwise); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
     ``accumulate=False`` overwrites the sum (first sub-batch).
     """
-    table = tensor_table([params, grads, means, precisions, curvature_sums])
+    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSSS")
     launch(
         _bsam_perturb_kernel,
         table,
         found_inf,
         inv_scale,
         float(rho),
-        param=params[0].dtype,
-        state=means[0].dtype,
         ACCUMULATE=bool(accumulate),
     )

@@ -76,5 +76,5 @@ def bsam_sample(
     first element in the group's flat concatenation (element k of tensor i takes
     lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63.
     """
-    table = tensor_table([params, means, precisions], offsets, noise_blocks=True)
-    launch(_bsam_sample_kernel, table, seed, float(num_data), param=params[0].dtype, state=means[0].dtype)
+    table = tensor_table([params, means, precisions], "PSS", offsets, noise_blocks=True)
+    launch(_bsam_sample_kernel, table, seed, float(num_data))

@@ -113,7 +113,7 @@ def bsam_update(
     ``grad_sums``: contiguous, one dtype; the state tensors: contiguous, float64 for
     float64 params, float32 otherwise; ``found_inf``, ``inv_scale``: float32 0-dim tensors.
     """
-    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums])
+    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums], "PPSSSS")
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     launch(
         _bsam_update_kernel,
@@ -122,6 +122,4 @@ def bsam_update(
         inv_scale,
         *(float(x) for x in scalars),
         int(splits),
-        param=params[0].dtype,
-        state=means[0].dtype,
     )

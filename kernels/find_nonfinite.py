@@ -34,5 +34,4 @@ def _find_nonfinite_kernel(
 
 def find_nonfinite(grads: list[torch.Tensor], found_inf: torch.Tensor) -> None:
     """found_inf = 1 if any element of ``grads`` (contiguous, one dtype) is inf or NaN, one launch."""
-    state = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
-    launch(_find_nonfinite_kernel, tensor_table([grads]), found_inf, param=grads[0].dtype, state=state)
+    launch(_find_nonfinite_kernel, tensor_table([grads], "P"), found_inf)

@@ -13,21 +13,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import flag_nonfinite, for_block, launch, load, locate, role_pointer, store, tensor_table, zero
+from ._multi_tensor import (
+    flag_nonfinite,
+    for_block,
+    launch,
+    load,
+    locate,
+    role_pointer,
+    rounded,
+    store,
+    tensor_table,
+    zero,
+)
 
 
 @triton.jit
 def _fold_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, STAGE: tl.constexpr):
     grad, grad_sum = pointers
     (found_inf,) = scalars
-    g = load(grad, offs, mask, STATE)
-    flag_nonfinite(g, found_inf)
-    total = g
+    total = load(grad, offs, mask, STATE)
     if STAGE != 0:
-        total = load(grad_sum, offs, mask, STATE) + g
+        total = load(grad_sum, offs, mask, STATE) + total
     if STAGE == 2:  # last sub-batch: the sum, rounded once, for the update
+        total = rounded(total, grad.dtype.element_ty)
+        flag_nonfinite(total.to(STATE), found_inf)  # as the update reads it: a float16 sum may overflow
         store(grad, offs, total, mask)
     else:
+        flag_nonfinite(total, found_inf)
         store(grad_sum, offs, total, mask)
         zero(grad, offs, mask)
 
@@ -53,5 +65,4 @@ def fold_grads(
     """grad_sums (+)= grads and grads = 0, or (``last``) grads = grad_sums + grads; found_inf = 1 if a
     gradient is inf or NaN. One launch. ``first`` and ``last`` are exclusive (splits > 1)."""
     stage = 0 if first else 2 if last else 1
-    table = tensor_table([grads, grad_sums])
-    launch(_fold_grads_kernel, table, found_inf, param=grads[0].dtype, state=grad_sums[0].dtype, STAGE=stage)
+    launch(_fold_grads_kernel, tensor_table([grads, grad_sums], "PS"), found_inf, STAGE=stage)

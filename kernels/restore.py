@@ -28,4 +28,4 @@ def _restore_kernel(table, PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl
 
 def restore(params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
     """params[i] = weights[i] (rounded to the param dtype) for every tensor, one launch. Contiguous tensors."""
-    launch(_restore_kernel, tensor_table([params, weights]), param=params[0].dtype, state=weights[0].dtype)
+    launch(_restore_kernel, tensor_table([params, weights], "PS"))

@@ -62,13 +62,11 @@ def sam_perturb(
 ) -> None:
     """θ_i = w_i + scale·T_i²·g_i for every tensor (g = grad·inv_scale), grads zeroed; ``scale`` =
     ρ/‖T·g‖₂ is a 0-dim device tensor in the state dtype (read in-kernel: no host synchronisation)."""
-    table = tensor_table([params, grads, weights])
+    table = tensor_table([params, grads, weights], "PPS")
     launch(
         _sam_perturb_kernel,
         table,
         scale,
         inv_scale,
-        param=params[0].dtype,
-        state=weights[0].dtype,
         ADAPTIVE=bool(adaptive),
     )

@@ -58,9 +58,10 @@ def sam_sq_norm(
 ) -> torch.Tensor:
     """Σ (T·g)² over all tensors (g = grad·inv_scale, T = |w| if adaptive else 1) as a 0-dim tensor
     in the state dtype; found_inf = 1 if any g is inf or NaN."""
-    table = tensor_table([grads, weights])
-    state = weights[0].dtype
-    partials = torch.zeros(max(table.num_blocks, 1), dtype=state, device=weights[0].device)
+    table = tensor_table([grads, weights], "PS")
+    # every block writes its own partial: no memset, unless there is no block at all
+    make = torch.empty if table.num_blocks else torch.zeros
+    partials = make(max(table.num_blocks, 1), dtype=table.state, device=weights[0].device)
     first = 0
     for part in table.parts:  # one launch per alignment class, each into its own partials
         launch_part(
@@ -69,8 +70,6 @@ def sam_sq_norm(
             partials[first:],
             found_inf,
             inv_scale,
-            param=grads[0].dtype,
-            state=state,
             ADAPTIVE=bool(adaptive),
         )
         first += part.num_blocks

@@ -97,7 +97,7 @@ def sam_update_adamw(
 ) -> None:
     """AdamW on grad_sum·inv_scale/splits, then θ = w, grad_sums zeroed, for every tensor (found_inf set:
     θ = w and grad_sums zeroed only). ``step``: float64 0-dim device tensor, updates taken counting this one."""
-    table = tensor_table([params, grad_sums, weights, momentums, variances])
+    table = tensor_table([params, grad_sums, weights, momentums, variances], "PPSSS")
     # the bias corrections of this step, on the device, in float64 as the host would compute them
     corrections = torch.stack([1 - beta2**step, lr / (1 - beta1**step)])
     scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps)
@@ -109,6 +109,4 @@ def sam_update_adamw(
         corrections,
         *(float(x) for x in scalars),
         int(splits),
-        param=params[0].dtype,
-        state=weights[0].dtype,
     )

@@ -85,7 +85,7 @@ def sam_update_sgd(
 ) -> None:
     """Heavy ball on grad_sum·inv_scale/splits + δ·w, then θ = w, grad_sums zeroed, for every tensor
     (found_inf set: θ = w and grad_sums zeroed only)."""
-    table = tensor_table([params, grad_sums, weights, momentums])
+    table = tensor_table([params, grad_sums, weights, momentums], "PPSS")
     launch(
         _sam_update_sgd_kernel,
         table,
@@ -95,7 +95,5 @@ def sam_update_sgd(
         float(momentum),
         float(weight_decay),
         int(splits),
-        param=params[0].dtype,
-        state=weights[0].dtype,
         NESTEROV=bool(nesterov),
     )

@@ -11,25 +11,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 BN_POLICIES = ("noisy", "perturbed", "both")
 
 
-def _batchnorms(model: torch.nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-def set_bn_stats_frozen(model: torch.nn.Module, frozen: bool, saved: dict | None = None) -> dict:
+def set_bn_stats_frozen(model: torch.nn.Module, frozen: bool, saved: list | None = None) -> list:
     """Stop (or resume) updates of BatchNorm running statistics; the forward pass is unchanged.
 
     A BatchNorm in training mode with ``track_running_stats=False`` normalises with
     the batch statistics, as before, but passes no running buffers, so they and
-    ``num_batches_tracked`` stay as they are. Returns what to pass back to undo it.
+    ``num_batches_tracked`` stay as they are. Returns what to pass back to undo it
+    (the layers it stopped: one walk over the model).
     """
     if frozen:
-        saved = {m: m.track_running_stats for m in model.modules() if isinstance(m, _BatchNorm)}
-        for m in _batchnorms(model):
+        saved = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        for m in saved:
             m.track_running_stats = False
         return saved
-    for m, tracked in (saved or {}).items():
-        m.track_running_stats = tracked
-    return {}
+    for m in saved or []:
+        m.track_running_stats = True
+    return []
 
 
 @contextlib.contextmanager

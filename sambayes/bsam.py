@@ -169,6 +169,7 @@ class BSAM(TwoPassOptimizer):
             slot.curvature_sum is None
             or slot.curvature_sum.device != mean.device
             or slot.curvature_sum.shape != mean.shape
+            or slot.curvature_sum.dtype != mean.dtype
         ):
             slot.curvature_sum = torch.zeros_like(mean)
         return slot.curvature_sum

@@ -148,6 +148,7 @@ class _Slot:
             self.grad_sum is None
             or self.grad_sum.shape != self.grad_local.shape
             or self.grad_sum.device != self.grad_local.device
+            or self.grad_sum.dtype != dtype
         ):
             self.grad_sum = torch.empty_like(self.grad_local, dtype=dtype)
         return self.grad_sum
@@ -190,7 +191,7 @@ class TwoPassOptimizer(Optimizer):
         #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
         self.model, self.bn_stats = model, bn_stats
         _warn_if_distributed_without_model(model)
-        self._bn_saved: dict | None = None  # BatchNorm flags while their statistics are frozen
+        self._bn_saved: list | None = None  # the BatchNorm layers whose statistics are frozen now
         defaults = dict(defaults, attempts=0, step=0, skipped_steps=0)
         self._hyperparameters = [k for k in defaults if k != "attempts"]  # what a checkpoint's groups carry
         super().__init__(params, defaults)
@@ -304,6 +305,7 @@ class TwoPassOptimizer(Optimizer):
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
                         state[key] = value.to(p.device, state_dtype(p))
                 rest = state[self._rest_key]
+                self._slot_devices = list(dict.fromkeys(s.param.device for s in self._slots))
             if s.version != s.version_now():
                 # the user changed the weights (e.g. model.load_state_dict): they win,
                 # unless they are just the rounding of our higher-precision copy
@@ -487,6 +489,7 @@ class TwoPassOptimizer(Optimizer):
             if not wait and not event.query():
                 return
             event.synchronize()
+        # the bytes of our own host copy: not Tensor.item(), which the no-host-sync tests forbid
         total = int.from_bytes(bytes(host.untyped_storage().tolist()), "little", signed=True)
         self._skip_report = None
         if total > self._skips_reported and warn:
@@ -507,7 +510,7 @@ class TwoPassOptimizer(Optimizer):
         event = None
         if pinned:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(total.device))  # the copy's stream, whatever the current device
         self._skip_report = (host, event, warn)
 
     @property
@@ -646,13 +649,31 @@ class TwoPassOptimizer(Optimizer):
 
     def _clip(self, slots: list[_Slot], max_norm: float, inv_scale) -> None:
         """Scale the gradient sums so that their global 2-norm (unscaled) is at most max_norm; on the device."""
-        grads = self._grads(slots)
-        device = grads[0].device
-        norms = [n.to(device) * inv_scale[g.device].to(device) for n, g in zip(torch._foreach_norm(grads), grads)]
-        total = torch.linalg.vector_norm(torch.stack(norms).double())
-        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(factor.to(g.device, g.dtype))
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in self._grads(slots):
+            by_device.setdefault(grad.device, []).append(grad)
+        squares = [
+            # float32 norms: a float16 norm of scaled gradients overflows where the gradients do not
+            (torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double() * inv_scale[device])
+            .square()
+            .sum()
+            for device, grads in by_device.items()
+        ]
+        norm = self._global_sum(squares).sqrt()
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0).float()
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, factor.to(device))
+
+    def _global_sum(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """The float64 sum of 0-dim partial sums, on the first one's device; under FSDP2 over every rank's
+        shards too (DDP replicas hold whole, already averaged gradients)."""
+        device = partials[0].device
+        total = torch.stack([p.to(device=device, dtype=torch.float64) for p in partials]).sum()
+        if _distributed.is_fsdp2(self.model) and self._sync_group() is not None:
+            total = total.to(_distributed.comm_device(self._sync_group()))
+            torch.distributed.all_reduce(total, group=self._sync_group())
+            total = total.to(device)
+        return total
 
     def _record_in(self, grad_scaler) -> None:
         """Hand the step's flag to the scaler as its own unscale_ would, so that update() backs off on it."""

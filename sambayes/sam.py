@@ -144,14 +144,7 @@ class SAM(TwoPassOptimizer):
                 adaptive=group["adaptive"],
             )
         ]
-        device = sq[0].device
-        total = torch.stack([s.to(device=device, dtype=torch.float64) for s in sq]).sum()
-        if _distributed.is_fsdp2(self.model) and self._sync_group() is not None:
-            # each rank holds shards: the global norm sums the squares of all of them
-            total = total.to(_distributed.comm_device(self._sync_group()))
-            torch.distributed.all_reduce(total, group=self._sync_group())
-            total = total.to(device)
-        norm = total.sqrt()
+        norm = self._global_sum(sq).sqrt()
         for group, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
             backends.run(
@@ -161,7 +154,8 @@ class SAM(TwoPassOptimizer):
                 self._grads(ps),
                 self._states(ps, "weight"),
                 inv_scale=inv_scale,
-                scale=scale.to(ps[0].param.device),  # float64: each bucket reads it in its own state dtype
+                # float64, on each bucket's device: each bucket reads it in its own state dtype
+                scale={device: scale.to(device) for device in {s.param.device for s in ps}},
                 adaptive=group["adaptive"],
             )
 

@@ -77,11 +77,23 @@ def inv_scale() -> torch.Tensor:
     return torch.tensor(INV_SCALE, dtype=torch.float32, device=DEVICE)
 
 
-def with_nonfinite(tensors: list[torch.Tensor], value: float) -> list[torch.Tensor]:
-    """Copies with ``value`` (inf or NaN) in the middle of the largest tensor."""
+#: Where a non-finite value goes: the first element, the middle of the largest tensor (a full
+#: vectorized block), the end of the largest (its remainder past the last full vector or block),
+#: the last element of the last tensor.
+NONFINITE_AT = ["first", "middle", "tail", "last"]
+
+
+def with_nonfinite(tensors: list[torch.Tensor], value: float, where: str = "middle") -> list[torch.Tensor]:
+    """Copies with ``value`` (inf or NaN) at one place (see NONFINITE_AT)."""
     out = clones(tensors)
     largest = max(out, key=lambda t: t.numel())
-    largest[largest.numel() // 2] = value
+    tensor, index = {
+        "first": (out[0], 0),
+        "middle": (largest, largest.numel() // 2),
+        "tail": (largest, largest.numel() - 1),
+        "last": (out[-1], out[-1].numel() - 1),
+    }[where]
+    tensor[index] = value
     return out
 
 

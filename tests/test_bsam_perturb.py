@@ -5,6 +5,7 @@ import pytest
 import torch
 from harness import (
     COMPARED,
+    NONFINITE_AT,
     PARAM_DTYPES,
     SPEC,
     Guarded,
@@ -71,11 +72,12 @@ def test_bsam_perturb_matches_eager(backend, dtype, sizes):
 
 @pytest.mark.parametrize("backend", ["eager", *COMPARED])
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("where", NONFINITE_AT)
 @pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_bsam_perturb_raises_the_flag(backend, dtype, value):
+def test_bsam_perturb_raises_the_flag(backend, dtype, value, where):
     sizes = [7, 1025, 3]
     sd = state_dtype(dtype)
-    grads = with_nonfinite(normal(sizes, dtype), value)
+    grads = with_nonfinite(normal(sizes, dtype), value, where)
     found_inf = flag()
     params, sums = nan_like(normal(sizes, dtype)), nan_like(normal(sizes, sd))
     module(backend).bsam_perturb(

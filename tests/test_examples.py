@@ -114,19 +114,30 @@ def run_killed(command: list[str], timeout: float = 120) -> None:
     assert done.returncode == -signal.SIGKILL, f"expected SIGKILL, got {done.returncode}:\n{done.stdout}\n{done.stderr}"
 
 
+def logged(out: pathlib.Path) -> list[dict]:
+    """The epochs' log rows without their wall-clock seconds."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
 @pytest.mark.parametrize("where", ["after a step", "while writing a checkpoint"])
 def test_train_killed_at_a_random_moment_resumes_to_the_same_end(tmp_path, where):
     """SIGKILL at a random step, or halfway through writing a checkpoint (the temporary file is cut
-    short, the last whole checkpoint stays): --resume ends bitwise where an uninterrupted run ends."""
-    rng = random.Random(f"{where} {os.getpid()}")
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    script = [sys.executable, str(EXAMPLES / "train.py"), *TINY, "--checkpoint-every", "1"]
-    run([*script, "--out", str(straight)])
+    short, the last whole checkpoint stays): --resume ends bitwise where an uninterrupted run ends.
+
+    2 epochs of 4 steps, a checkpoint every 3 steps: checkpoints are written after steps 3, 4 (end of
+    epoch 1), 6 and 8; a kill after step 3..7 or in writes 2..4 leaves one to resume from, and steps to
+    replay after it (the drawn moment is printed: pytest shows it when the test fails)."""
+    rng = random.SystemRandom()
     fault = (
-        ["--kill-at", str(rng.randint(1, 7))]
+        ["--kill-at", str(rng.randint(3, 7))]
         if where == "after a step"
-        else ["--kill-in-checkpoint", str(rng.randint(2, 9))]
+        else ["--kill-in-checkpoint", str(rng.randint(2, 4))]
     )
+    print("fault:", *fault)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    script = [sys.executable, str(EXAMPLES / "train.py"), *TINY, "--checkpoint-every", "3"]
+    run([*script, "--out", str(straight)])
     run_killed([*script, "--out", str(killed), *fault])
     if where == "while writing a checkpoint":
         assert (killed / "checkpoint.pt.tmp").is_file()  # the cut-short write, never renamed into place
@@ -136,6 +147,21 @@ def test_train_killed_at_a_random_moment_resumes_to_the_same_end(tmp_path, where
         assert_same_tensors(a[key], b[key], key)
     assert a["optimizer"]["param_groups"][0]["step"] == 8
     assert json.loads((straight / "results.json").read_text()) == json.loads((killed / "results.json").read_text())
+    assert logged(straight) == logged(killed)
+
+
+def test_train_killed_between_an_epoch_checkpoint_and_its_log_row_logs_it_once(tmp_path):
+    """The epoch's checkpoint is written, then its log row: a run killed in between (here: the row is
+    taken away, as such a kill leaves it) logs that row on resume, once, and the log ends as an
+    uninterrupted run's."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    script = [sys.executable, str(EXAMPLES / "train.py"), *TINY]
+    run([*script, "--out", str(straight)])
+    run([*script, "--out", str(killed), "--stop-after", "1"])
+    (killed / "log.jsonl").write_text("")
+    run([*script, "--out", str(killed), "--resume"])
+    assert [row["epoch"] for row in logged(killed)] == [1, 2]
+    assert logged(straight) == logged(killed)
 
 
 def test_train_sgd_with_bfloat16_autocast_and_clipping(tmp_path):

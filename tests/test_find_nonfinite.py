@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from harness import COMPARED, PARAM_DTYPES, cases, clones, flag, module, normal, with_nonfinite
+from harness import COMPARED, NONFINITE_AT, PARAM_DTYPES, cases, clones, flag, module, normal, with_nonfinite
 
 
 @pytest.mark.parametrize("backend,dtype,sizes", cases())
@@ -18,8 +18,9 @@ def test_find_nonfinite_reads_without_writing(backend, dtype, sizes):
 @pytest.mark.parametrize("backend", ["eager", *COMPARED])
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
-def test_find_nonfinite_raises_the_flag(backend, dtype, value):
-    grads = with_nonfinite(normal([1, 8195, 3], dtype), value)
+@pytest.mark.parametrize("where", NONFINITE_AT)
+def test_find_nonfinite_raises_the_flag(backend, dtype, value, where):
+    grads = with_nonfinite(normal([1, 8195, 3], dtype), value, where)
     found_inf = flag()
     module(backend).find_nonfinite(grads, found_inf)
     assert found_inf.item() == 1.0

@@ -6,6 +6,7 @@ import torch
 from conftest import DEVICE
 from harness import (
     COMPARED,
+    NONFINITE_AT,
     SPEC,
     Guarded,
     assert_lists_close,
@@ -44,11 +45,28 @@ def test_fold_grads_matches_eager(backend, dtype, sizes):
 
 @pytest.mark.parametrize("backend", ["eager", *COMPARED])
 @pytest.mark.parametrize("first,last", [(True, False), (False, False), (False, True)], ids=["first", "middle", "last"])
-def test_fold_grads_raises_the_flag(backend, first, last):
-    sizes = [9, 1030]
-    grads = with_nonfinite(normal(sizes, torch.bfloat16), float("nan"))
+@pytest.mark.parametrize("where", NONFINITE_AT)
+def test_fold_grads_raises_the_flag(backend, first, last, where):
+    sizes = [9, 1030, 3]
+    grads = with_nonfinite(normal(sizes, torch.bfloat16), float("nan"), where)
     found_inf = flag()
     module(backend).fold_grads(grads, normal(sizes, torch.float32), found_inf, first=first, last=last)
+    assert found_inf.item() == 1.0
+
+
+@pytest.mark.parametrize("backend", ["eager", *COMPARED])
+def test_a_sum_that_overflows_its_dtype_raises_the_flag(backend):
+    """float16 gradients of 40000 in each of two sub-batches: each is finite, their sum (80000) is
+    not a float16; rounded into .grad it is inf, and the update must not take it."""
+    sizes = [3, 1030]
+    grads = [torch.full((n,), 40000.0, dtype=torch.float16, device=DEVICE) for n in sizes]
+    sums = [torch.empty(n, dtype=torch.float32, device=DEVICE) for n in sizes]
+    found_inf = flag()
+    module(backend).fold_grads(grads, sums, found_inf, first=True, last=False)
+    assert found_inf.item() == 0.0
+    for g in grads:
+        g.fill_(40000.0)
+    module(backend).fold_grads(grads, sums, found_inf, first=False, last=True)
     assert found_inf.item() == 1.0
 
 

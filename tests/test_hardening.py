@@ -296,14 +296,73 @@ def test_grad_is_zero_after_a_step():
 
 
 def test_phase_api_with_functional_loss():
-    """The phase API with several backward calls per pass (plain accumulation)."""
-    m, x = linear()
-    opt = sambayes.SAM(m.parameters(), lr=0.1)
-    opt.sample()
-    for half in x.chunk(2):
-        (F.mse_loss(m(half), torch.zeros(4, 2, device=DEVICE)) / 2).backward()
-    opt.perturb()
-    for half in x.chunk(2):
-        (F.mse_loss(m(half), torch.zeros(4, 2, device=DEVICE)) / 2).backward()
-    opt.update()
-    assert int(opt.param_groups[0]["step"]) == 1
+    """The phase API with several backward calls per pass (plain accumulation): the same step as one
+    backward over the whole batch."""
+    losses = []
+    for chunks in (1, 2):
+        m, x = linear()
+        opt = sambayes.SAM(m.parameters(), lr=0.1)
+        opt.sample()
+        for part in x.chunk(chunks):
+            (F.mse_loss(m(part), torch.zeros_like(m(part)), reduction="sum") / x.numel()).backward()
+        opt.perturb()
+        for part in x.chunk(chunks):
+            (F.mse_loss(m(part), torch.zeros_like(m(part)), reduction="sum") / x.numel()).backward()
+        opt.update()
+        assert int(opt.param_groups[0]["step"]) == 1
+        losses.append([p.detach().clone() for p in m.parameters()])
+    for whole, halves in zip(*losses):
+        torch.testing.assert_close(halves, whole, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(whole, linear()[0].weight) or whole.dim() == 1  # it moved
+
+
+# ---- found in review -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_a_model_cast_between_steps_keeps_training(backend):
+    """model.double() between steps: the state and the sums over sub-batches follow the new dtype,
+    and every backend goes on as eager does."""
+    results = []
+    for b in ("eager", backend):
+        m, x = linear()
+        opt = sambayes.BSAM(m, num_data=10, seed=0, backend=b)
+        opt.step(closure_for(m, x), splits=2)
+        m.double()
+        x = x.double()
+        for _ in range(2):
+            opt.step(closure_for(m, x), splits=2)
+        assert opt.state[m.weight]["mean"].dtype == torch.float64
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", [b for b in AVAILABLE_BACKENDS if b != "triton"])
+def test_clipping_float16_gradients_under_a_large_scale(backend):
+    """max_grad_norm with float16 parameters and a GradScaler whose scaled gradients have a float16
+    norm beyond 65504 (while every gradient is finite): the step is the unscaled one, not zero."""
+    results = []
+    for scale in (1.0, 2.0**16):
+        m, x = linear()
+        m.half()
+        x = x.half()
+        opt = sambayes.SAM(m.parameters(), lr=0.1, backend=backend)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=scale)
+
+        def closure(j=0):
+            loss = m(x).float().mean() * 1.5  # scaled: the bias gradient is 49152, its float16 norm inf
+            scaler.scale(loss).backward()
+            if scale > 1:
+                assert all(g.isfinite().all() for g in (m.weight.grad, m.bias.grad))
+                assert not torch.linalg.vector_norm(m.bias.grad).isfinite()
+            return loss
+
+        before = [p.detach().clone() for p in m.parameters()]
+        opt.step(closure, grad_scaler=scaler, max_grad_norm=1.0)
+        scaler.update()
+        assert opt.skipped_steps == 0
+        assert any(not torch.equal(p, b) for p, b in zip(m.parameters(), before)), "the step was lost"
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)

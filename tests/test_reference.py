@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import AVAILABLE_BACKENDS
+from conftest import AVAILABLE_BACKENDS, DEVICE
 from torch.func import functional_call, grad
 
 import sambayes
@@ -85,7 +85,7 @@ def run(net, backend):
     groups = [{"params": [params[n] for n in names], **hyper} for names, hyper in GROUPS]
     opt = sambayes.BSAM(groups, num_data=1.0, backend=backend)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    xs, ys = data()
+    xs, ys = (t.to(DEVICE) for t in data())
     for x, y in zip(xs, ys):
         chunks = sambayes.split_batch(x, y, splits=SPLITS)
 
@@ -102,7 +102,7 @@ def run(net, backend):
 @pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_noisy_bsam_equals_the_written_out_algorithm(backend):
     want = reference(model())
-    net = model()
+    net = model().to(DEVICE)  # the backends under test run on DEVICE; the reference on the CPU
     got = run(net, backend)
     # eager and foreach draw the reference's very noise: float64 rounding apart. The fused backends'
     # z differs by a few float32 ulps (their log, sin and cos), scaled by σ up to 1/sqrt(20)

@@ -3,7 +3,7 @@ against the eager backend."""
 
 import pytest
 import torch
-from harness import COMPARED, SPEC, cases, flag, inv_scale, module, normal, state_dtype, with_nonfinite
+from harness import COMPARED, NONFINITE_AT, SPEC, cases, flag, inv_scale, module, normal, state_dtype, with_nonfinite
 
 
 @pytest.mark.parametrize("backend,dtype,sizes", cases())
@@ -22,9 +22,10 @@ def test_sam_sq_norm_matches_eager(backend, dtype, sizes, adaptive):
 
 @pytest.mark.parametrize("backend", ["eager", *COMPARED])
 @pytest.mark.parametrize("value", [float("inf"), float("nan")], ids=["inf", "nan"])
-def test_sam_sq_norm_raises_the_flag(backend, value):
-    sizes = [5, 9000]
-    grads = with_nonfinite(normal(sizes, torch.float16), value)
+@pytest.mark.parametrize("where", NONFINITE_AT)
+def test_sam_sq_norm_raises_the_flag(backend, value, where):
+    sizes = [5, 9001]
+    grads = with_nonfinite(normal(sizes, torch.float16), value, where)
     found_inf = flag()
     module(backend).sam_sq_norm(grads, normal(sizes, torch.float32), found_inf, inv_scale(), adaptive=False)
     assert found_inf.item() == 1.0

@@ -259,7 +259,7 @@ def test_alignment_is_decided_per_tensor(monkeypatch):
     sizes = [1 + (37 * i) % 29 for i in range(500)]
     params = Guarded(sizes, torch.float32)
     means = normal(sizes, torch.float32)
-    table = _multi_tensor.tensor_table([params.tensors, means])
+    table = _multi_tensor.tensor_table([params.tensors, means], "PS")
     assert sorted(part.aligned for part in table.parts) == [False, True]
     aligned = [t for t in params.tensors if t.data_ptr() % 16 == 0]
     assert sum(p.num_blocks for p in table.parts if p.aligned) == sum(
@@ -296,6 +296,15 @@ def test_a_cached_table_does_not_skip_the_size_check():
     triton_backend.restore([param], [weight])
     with pytest.raises((ValueError, RuntimeError)):
         triton_backend.restore([param], [weight[:4]])
+
+
+def test_a_list_of_the_wrong_dtype_is_refused():
+    """State of another dtype than the parameters' state dtype (float32 sums beside float64 state, as
+    a model cast between steps once left them): refused when the table is built, not read with the
+    wrong element size."""
+    params = [torch.zeros(10, dtype=torch.float64, device=DEVICE)]
+    with pytest.raises(TypeError, match="expected torch.float64"):
+        triton_backend.restore(params, [torch.zeros(10, dtype=torch.float32, device=DEVICE)])
 
 
 def test_float64_hyperparameters_reach_the_kernels_exactly():
@@ -335,7 +344,7 @@ def test_bfloat16_rounding_matches_torch():
         ],
         device=DEVICE,
     )
-    params = [torch.full(values.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)]
+    params = [torch.full(values.shape, 7.0, dtype=torch.bfloat16, device=DEVICE)]  # poison: not NaN (an input)
     triton_backend.restore(params, [values])
     expected = values.to(torch.bfloat16)
     assert torch.equal(params[0].isnan(), expected.isnan())

@@ -82,13 +82,16 @@ def find_nonfinite(grads, found_inf) -> None:
 
 @torch.no_grad()
 def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
-    """grad_sum (+)= h_j in the state dtype; the last sub-batch puts the total back in .grad."""
+    """grad_sum (+)= h_j in the state dtype; the last sub-batch puts the total back in .grad.
+    found_inf = 1 if the sum is inf or NaN, as rounded into .grad at the end (where a float16 sum
+    of finite gradients may overflow)."""
     for grad, grad_sum in zip(grads, grad_sums):
-        _flag_nonfinite(grad, found_inf)
         total = grad.to(grad_sum.dtype) if first else grad_sum + grad.to(grad_sum.dtype)
         if last:
             grad.copy_(total)
+            _flag_nonfinite(grad, found_inf)
         else:
+            _flag_nonfinite(total, found_inf)
             grad_sum.copy_(total)
             grad.zero_()
 

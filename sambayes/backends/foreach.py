@@ -67,13 +67,14 @@ def find_nonfinite(grads, found_inf) -> None:
 
 @torch.no_grad()
 def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
-    _flag_nonfinite(grads, found_inf)
     total = _upcast(grads, grad_sums[0].dtype)
     if not first:
         total = torch._foreach_add(grad_sums, total)
     if last:
         torch._foreach_copy_(grads, total)
+        _flag_nonfinite(grads, found_inf)  # the sum as rounded into .grad: a float16 sum may overflow
     else:
+        _flag_nonfinite(total, found_inf)
         torch._foreach_copy_(grad_sums, total)
         torch._foreach_zero_(grads)
 
