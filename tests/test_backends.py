@@ -78,11 +78,11 @@ def test_one_call_per_bucket_of_device_and_dtype(monkeypatch):
 
 
 def test_auto_is_resolved_once_per_device():
-    backends.pick.cache_clear()
+    backends._pick.cache_clear()
     params, weights = [torch.zeros(3)], [torch.ones(3)]
     for _ in range(5):
         backends.run("auto", "restore", params, weights)
-    info = backends.pick.cache_info()
+    info = backends._pick.cache_info()
     assert info.misses == 1 and info.hits == 4
     expected = next(n for n in backends.AUTO_ORDER["cpu"] if backends.why_unavailable(n, "cpu") is None)
     assert backends.pick("auto", "cpu") == expected

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -100,15 +101,26 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     return None
 
 
-@functools.cache
 def pick(backend: str, device: torch.device | str) -> str:
     """The backend that ``backend`` ("auto" included) stands for on ``device`` (cached);
     RuntimeError saying why if it cannot run there."""
-    device = torch.device(device)
+    return _pick(backend, torch.device(device))
+
+
+@functools.cache
+def _pick(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return next(
-            (n for n in AUTO_ORDER.get(device.type, _DEFAULT_AUTO) if why_unavailable(n, device) is None), FALLBACK
-        )
+        order = AUTO_ORDER.get(device.type, _DEFAULT_AUTO)
+        reasons = {name: why_unavailable(name, device) for name in order}
+        chosen = next((name for name in order if reasons[name] is None), FALLBACK)
+        if chosen != order[0]:  # never a silent fall-back: said once per device (this function is cached)
+            passed = "; ".join(reasons[name] for name in order if reasons[name] is not None)
+            warnings.warn(
+                f"sambayes: backend 'auto' runs {chosen!r} on {device.type}, slower than the preferred "
+                f"{order[0]!r}: {passed}. `python -m sambayes info` says more.",
+                stacklevel=2,
+            )
+        return chosen
     reason = why_unavailable(check_backend(backend), device)
     if reason:
         raise RuntimeError(reason)
@@ -117,7 +129,7 @@ def pick(backend: str, device: torch.device | str) -> str:
 
 def resolve(backend: str, device: torch.device | str) -> ModuleType:
     """The module that computes for ``backend`` on ``device`` (cached)."""
-    return _module(pick(backend, device if isinstance(device, torch.device) else torch.device(device)))
+    return _module(pick(backend, device))
 
 
 def check_backend(backend: object) -> str:
@@ -185,6 +197,8 @@ def info() -> str:
         lines.append(f"triton {triton.__version__}")
     except Exception as exc:  # noqa: BLE001
         lines.append(f"triton: not installed ({type(exc).__name__}); pip install 'sambayes[triton]'")
+    extension = _module("cpu")
+    lines.append(f"C++ extension: {extension if isinstance(extension, str) else extension.BUILT}")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for i in range(torch.cuda.device_count()):
         lines.append(f"cuda:{i}: {torch.cuda.get_device_name(i)}")

@@ -13,19 +13,31 @@ implementations here, so that ``torch.compile`` can trace around them.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+
 import torch
 
-try:
-    from .. import _C
-except Exception as exc:
-    if "No module named 'sambayes._C'" in str(exc):
-        what = "the C++ extension sambayes._C was not built"
-    else:
-        what = f"the C++ extension sambayes._C does not load ({type(exc).__name__}: {exc})"
-    raise ImportError(
-        f"{what}; rebuild it with `pip install --no-build-isolation -e .` (a C++ compiler and PyTorch "
-        "are all it needs) and read the build output for the reason it failed"
-    ) from exc
+if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
+    raise ImportError("the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)")
+_INSTALLED = __package__.rpartition(".")[0] + "._C"
+if importlib.util.find_spec(_INSTALLED) is None:
+    # installed without PyTorch at hand (a plain `pip install .`): compile it now, once, cached
+    from .._build import cache_dir, compile_now
+
+    _C = compile_now()
+    #: where this process's extension came from, for `python -m sambayes info`
+    BUILT = f"compiled on first use, cached in {cache_dir(torch)}"
+else:
+    try:
+        _C = importlib.import_module(_INSTALLED)
+    except Exception as exc:
+        raise ImportError(
+            f"the C++ extension sambayes._C does not load ({type(exc).__name__}: {exc}); rebuild it with "
+            "`pip install --no-build-isolation -e .`, or delete it to have it compiled on first use"
+        ) from exc
+    BUILT = f"built at install ({_C.__file__})"
 
 #: the extension was built with its CUDA kernels; if not, CUDA_NOTE says why
 HAS_CUDA_KERNELS: bool = _C.cuda_compiled

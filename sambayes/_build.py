@@ -1,0 +1,131 @@
+"""How the C++/CUDA extension is built: at install (setup.py) or on first use (:func:`compile_now`).
+
+``setup.py`` builds ``sambayes._C`` when PyTorch is importable where it runs (``pip install
+--no-build-isolation``). A plain ``pip install .`` builds in an isolated environment without
+PyTorch, so the package installs without it; the first use of the ``cpu`` or ``cuda`` backend
+then compiles the same sources, with the same flags, through ``torch.utils.cpp_extension.load``
+(ninja), once: the result is cached per PyTorch build and reused while the sources are unchanged.
+
+This module imports nothing but the standard library at the top: setup.py loads it by path,
+before PyTorch is known to be there.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import sys
+import sysconfig
+
+CPU_SOURCES = ["bindings.cpp", "cpu_kernels.cpp"]
+CUDA_SOURCES = ["cuda_kernels.cu"]
+# at::parallel_for is OpenMP in PyTorch's builds; no errno from sqrt, so that the loops vectorize (as PyTorch's own flags)
+# -Wno-maybe-uninitialized: gcc 12 flags _mm512_undefined_epi32 inside its own AVX-512 headers
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-maybe-uninitialized"]
+NVCC_FLAGS = ["-O3"]
+LINK_FLAGS = ["-fopenmp"]
+#: codes for csrc/bindings.cpp's note on why the CUDA kernels are missing
+CUDA_SKIPPED = {"env": 1, "cpu_torch": 2, "no_toolkit": 3, "failed": 4}
+#: the module name of a first-use build (an install builds ``sambayes._C``)
+JIT_NAME = "sambayes_C"
+
+
+def cuda_skip_reason(torch, cuda_home: str | None) -> str | None:
+    """Why the CUDA kernels are not built (a key of CUDA_SKIPPED), or None to build them."""
+    if os.environ.get("SAMBAYES_NO_CUDA", "0") not in ("", "0"):
+        return "env"
+    if torch.version.cuda is None:
+        return "cpu_torch"
+    if cuda_home is None:
+        return "no_toolkit"
+    return None
+
+
+def default_cuda_arch_list(torch) -> None:
+    """With no GPU to ask, build for A100 and H100 plus PTX for newer GPUs (unless the user chose)."""
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+
+
+def source_dir() -> pathlib.Path:
+    """csrc/: inside the installed package, or beside it in a source tree."""
+    here = pathlib.Path(__file__).resolve().parent
+    for folder in (here / "csrc", here.parent / "csrc"):
+        if (folder / CPU_SOURCES[0]).is_file():
+            return folder
+    raise ImportError(f"the C++ sources (csrc/) are neither in {here} nor beside it: reinstall sambayes")
+
+
+def cache_dir(torch) -> pathlib.Path:
+    """Where a first-use build goes: $SAMBAYES_BUILD_DIR, else one folder per Python and PyTorch build
+    under $XDG_CACHE_HOME (default ~/.cache)."""
+    if os.environ.get("SAMBAYES_BUILD_DIR"):
+        return pathlib.Path(os.environ["SAMBAYES_BUILD_DIR"])
+    root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / "sambayes" / f"{python}-torch{torch.__version__}".replace("+", "-")
+
+
+def missing_tools() -> list[str]:
+    """What a first-use build needs and this machine lacks, each with how to get it."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler ({compiler!r} is not on PATH: install g++ or clang, or set CXX)")
+    if not (pathlib.Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python headers (Python.h; e.g. the python3-dev package)")
+    if not is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    return missing
+
+
+def compile_now():
+    """Compile (or load from the cache) the extension from csrc/; returns the module.
+
+    Says in one line when it compiles and where the result goes; raises ImportError naming
+    what is missing (compiler, headers, ninja) or with the compiler's message.
+    """
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    src = source_dir()
+    skip = cuda_skip_reason(torch, CUDA_HOME)
+    missing = missing_tools()
+    if missing:
+        raise ImportError("cannot compile the C++ extension: missing " + "; ".join(missing))
+    sources = [src / name for name in CPU_SOURCES + ([] if skip else CUDA_SOURCES)]
+    build = cache_dir(torch)
+    build.mkdir(parents=True, exist_ok=True)
+    built = build / f"{JIT_NAME}.so"
+    newest_source = max(path.stat().st_mtime for path in src.iterdir())
+    if not built.is_file() or built.stat().st_mtime < newest_source:
+        print(f"sambayes: compiling the C++ extension once (about a minute) into {build}", file=sys.stderr)
+    if skip is None:
+        default_cuda_arch_list(torch)
+        try:
+            return _load(load, sources, CXX_FLAGS + ["-DSAMBAYES_WITH_CUDA"], build, with_cuda=True)
+        except ImportError as exc:  # as at install: the CPU kernels without the CUDA ones, and say why
+            print(f"sambayes: {exc}; compiling the CPU kernels only", file=sys.stderr)
+            sources = [path for path in sources if path.suffix != ".cu"]
+            skip = "failed"
+    return _load(load, sources, CXX_FLAGS + [f"-DSAMBAYES_CUDA_SKIPPED={CUDA_SKIPPED[skip]}"], build, with_cuda=False)
+
+
+def _load(load, sources: list[pathlib.Path], cxx: list[str], build: pathlib.Path, *, with_cuda: bool):
+    try:
+        return load(
+            JIT_NAME,
+            [str(path) for path in sources],
+            extra_cflags=cxx,
+            extra_cuda_cflags=NVCC_FLAGS,
+            extra_ldflags=LINK_FLAGS,
+            build_directory=str(build),
+            with_cuda=with_cuda,
+        )
+    except Exception as exc:  # the compiler's own message, its tail, is the useful part
+        raise ImportError(
+            f"compiling the C++ extension in {build} failed ({type(exc).__name__}: {str(exc)[-2000:]})"
+        ) from exc

@@ -1,0 +1,92 @@
+"""Installing: the extension compiles on first use when the install could not build it, says so
+once, is cached, names what is missing when it cannot compile; ``auto`` never falls back silently."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sambayes import _build, backends
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+
+
+def test_the_cpu_backend_is_there_however_the_package_was_installed():
+    # built at install (--no-build-isolation) or compiled on first use (a plain pip install): never missing
+    assert backends.why_unavailable("cpu", "cpu") is None
+    assert backends.resolve("cpu", "cpu").BUILT.startswith(("built at install", "compiled on first use"))
+
+
+def test_first_use_build_compiles_once_then_loads_from_its_cache(tmp_path):
+    # the very recipe a plain `pip install .` relies on, into an empty cache, then again from it
+    code = (
+        "import torch; from sambayes import _build, _philox\n"
+        "ext = _build.compile_now()\n"
+        "z = torch.empty(1001); torch.ops.sambayes_C.philox_randn_(z, 77, 5)\n"
+        "assert torch.allclose(z, _philox.randn_range(77, 5, 1001), rtol=3e-7, atol=1e-12)\n"
+        "print(ext.__file__)\n"
+    )
+    first = _python(code, SAMBAYES_BUILD_DIR=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert f"sambayes: compiling the C++ extension once (about a minute) into {tmp_path}" in first.stderr
+    assert pathlib.Path(first.stdout.strip()).parent == tmp_path
+    again = _python(code, SAMBAYES_BUILD_DIR=str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "compiling" not in again.stderr  # cached: no second build, no message
+
+
+def test_first_use_build_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no compiler, no ninja
+    monkeypatch.setenv("SAMBAYES_BUILD_DIR", str(tmp_path / "build"))
+    with pytest.raises(ImportError, match=r"cannot compile the C\+\+ extension: missing") as caught:
+        _build.compile_now()
+    assert "a C++ compiler" in str(caught.value) and "ninja (pip install ninja)" in str(caught.value)
+    assert not (tmp_path / "build").exists()  # stopped before doing anything
+
+
+def test_the_sources_ship_with_the_package():
+    # a plain install compiles from the copy inside the package: every source the recipe names is there
+    folder = _build.source_dir()
+    for name in _build.CPU_SOURCES + _build.CUDA_SOURCES:
+        assert (folder / name).is_file(), name
+    headers = {path.name for path in (ROOT / "csrc").glob("*.h")}
+    assert headers and headers <= {path.name for path in folder.glob("*.h")}
+    setup = (ROOT / "setup.py").read_text()
+    assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]' in setup
+
+
+def test_auto_says_once_when_it_falls_back():
+    code = (
+        "import torch, sambayes\n"
+        "model = torch.nn.Linear(3, 2)\n"
+        "opt = sambayes.BSAM(model.parameters(), num_data=10)\n"
+        "def closure():\n"
+        "    loss = model(torch.ones(4, 3)).sum(); loss.backward(); return loss\n"
+        "for _ in range(3): opt.step(closure)\n"
+        "print(sambayes.backends.pick('auto', 'cpu'), sambayes.backends.pick('auto', torch.device('cpu')))\n"
+    )
+    result = _python(code, SAMBAYES_NO_EXTENSION="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["eager", "eager"]
+    assert result.stderr.count("backend 'auto' runs 'eager' on cpu, slower than the preferred 'cpu'") == 1
+    assert "SAMBAYES_NO_EXTENSION is set" in result.stderr
+
+
+def test_auto_is_silent_when_it_gets_the_preferred_backend():
+    result = _python(
+        "import warnings, sambayes; warnings.simplefilter('error'); print(sambayes.backends.pick('auto', 'cpu'))"
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "cpu", result.stderr
