@@ -1,5 +1,5 @@
 """The demo end to end (``python -m sambayes demo --quick`` as a user runs it), its schedule,
-and its determinism."""
+its determinism, the graded shifts, IVON as an optional peer, and the figures' labels."""
 
 import argparse
 import csv
@@ -18,7 +18,8 @@ from sambayes import demo
 from sambayes.__main__ import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)"]
+ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)", "IVON (mean)", "IVON (4-sample BMA)"]
+SEVERITIES = {shift: list(range(len(levels) + 1)) for shift, levels in demo.SHIFTS.items()}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -39,9 +40,12 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
     result = _run("demo", "--quick", "--seeds", "0", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert f"backend auto -> {demo.backend_name('auto', 'cpu')}," in result.stdout  # it says which backend ran
-    for name in ("results.md", "results.csv", "runs.csv", "reliability.png", "training_curves.png", "two_moons.png"):
+    assert "IVON skipped" not in result.stdout  # ivon-opt is part of the [test] extra
+    pictures = ("reliability.png", "training_curves.png", "shift.png", "two_moons.png")
+    tables = ("results.md", "results.csv", "runs.csv", "shift_runs.csv", "shift_results.csv", "shift_results.md")
+    for name in tables + pictures:
         assert (out / name).stat().st_size > 0, name
-    for name in ("reliability.png", "training_curves.png", "two_moons.png"):
+    for name in pictures:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     markdown = (out / "results.md").read_text()
     assert markdown in result.stdout  # the printed table is the written one
@@ -56,7 +60,38 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
             assert math.isfinite(float(row[key])), (row["method"], key)
         assert 0 <= float(row["ece_mean"]) <= 1 and 0 <= float(row["auroc_mean"]) <= 1
     with open(out / "runs.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2 * len(ROWS)
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 2 * len(ROWS)
+    _check_shift_files(out, runs, seeds=["0", "1"])
+
+
+def _check_shift_files(out: pathlib.Path, runs: list[dict], seeds: list[str]) -> None:
+    with open(out / "shift_runs.csv") as f:
+        shifted = list(csv.DictReader(f))
+    assert list(shifted[0]) == ["method", "seed", "shift", "severity", "level", "accuracy", "nll", "ece"]
+    keys = [(r["method"], r["seed"], r["shift"], int(r["severity"])) for r in shifted]
+    expected = [(m, s, shift, k) for m in ROWS for s in seeds for shift in demo.SHIFTS for k in SEVERITIES[shift]]
+    assert sorted(keys) == sorted(expected)  # every method x seed x shift x severity, once
+    by_key = dict(zip(keys, shifted))
+    clean = {(r["method"], r["seed"]): r for r in runs}
+    for (method, seed, shift, severity), row in by_key.items():
+        for key in ("accuracy", "nll", "ece"):
+            assert math.isfinite(float(row[key])), (method, shift, severity, key)
+        assert float(row["level"]) == ([0.0, *demo.SHIFTS[shift]])[severity]
+        if severity == 0:  # the clean test set: the same numbers as runs.csv
+            assert all(row[k] == clean[method, seed][k] for k in ("accuracy", "nll", "ece")), (row, clean[method, seed])
+    for method in ROWS:
+        for seed in seeds:
+            for shift in demo.SHIFTS:
+                first, last = by_key[method, seed, shift, 0], by_key[method, seed, shift, SEVERITIES[shift][-1]]
+                # the strongest shift costs even a 2-epoch model >= 10 accuracy points and raises its NLL
+                assert float(last["accuracy"]) < float(first["accuracy"]) - 10, (method, seed, shift)
+                assert float(last["nll"]) > float(first["nll"]), (method, seed, shift)
+    with open(out / "shift_results.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == len(ROWS) * sum(len(v) for v in SEVERITIES.values())
+    assert all(row["seeds"] == str(len(seeds)) for row in summary)
+    assert "| IVON (4-sample BMA) |" in (out / "shift_results.md").read_text()
 
 
 def test_cli_info_lists_the_backends():
@@ -154,7 +189,7 @@ def _quick_table(out: pathlib.Path, seeds: list[int]) -> list[dict]:
         device="cpu",
         backend="auto",
         out=out,
-        methods=["SGD", "bSAM"],
+        methods=["SGD", "bSAM", "IVON"],
         threads=1,
         no_plots=True,
     )
@@ -166,7 +201,13 @@ def test_same_seed_same_table(tmp_path):
     second = _quick_table(tmp_path / "b", [3])
     other = _quick_table(tmp_path / "c", [4])
     metric_keys = [k for k in first[0] if k.endswith(("_mean", "_std")) and not k.startswith("train_s")]
-    assert len(first) == 3  # SGD, bSAM (mean), bSAM (BMA)
+    assert [row["method"] for row in first] == [
+        "SGD",
+        "bSAM (mean)",
+        "bSAM (4-sample BMA)",
+        "IVON (mean)",
+        "IVON (4-sample BMA)",
+    ]
     for a, b in zip(first, second):
         assert a["method"] == b["method"]
         assert all(a[k] == b[k] for k in metric_keys), (a, b)  # exactly, not approximately
@@ -191,3 +232,124 @@ def test_load_digits_split_sizes_and_shift():
     assert val.x_train.shape[0] == 1047 and val.x_test.shape[0] == 300
     # validation = the last 300 training images: the test images stay unseen
     assert (val.x_test == data.x_train[-300:]).all() and (val.x_train == data.x_train[:-300]).all()
+
+
+def test_default_seeds_are_five():
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.seeds == [0, 1, 2, 3, 4] and args.methods is None  # None: every method that is installed
+
+
+def test_without_ivon_the_demo_skips_its_rows_in_one_line(tmp_path):
+    # a child interpreter where ivon cannot be imported
+    code = (
+        "import sys; sys.modules['ivon'] = None; from sambayes.__main__ import main; "
+        f"main(['demo', '--quick', '--no-plots', '--seeds', '0', '--out', {str(tmp_path)!r}] + sys.argv[1:])"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if "IVON" in line and "ivon-opt" in line]
+    assert skipped == ["sambayes demo: IVON skipped: ivon-opt is not installed (pip install 'sambayes[demo]')"]
+    with open(tmp_path / "results.csv") as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ROWS[:5]
+    # asked for by name, it is a usage error before anything trains
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--methods", "SGD", "IVON"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 2 and "--methods IVON needs ivon-opt" in result.stderr, result.stderr
+    assert "SGD" not in result.stdout
+
+
+def test_ivon_bma_draws_the_same_samples_and_leaves_the_global_generator_alone():
+    import torch
+
+    data = demo.load_digits()
+    recipe = demo.Recipe().quick()
+    trained = demo.train("IVON", data, recipe, seed=0)
+    mean = [p.detach().clone() for p in trained.model.parameters()]
+    state = torch.get_rng_state()
+    first = demo.evaluate("IVON", trained, data, recipe, shifts=False)
+    second = demo.evaluate("IVON", trained, data, recipe, shifts=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p, m) for p, m in zip(trained.model.parameters(), mean))  # back at the mean
+    assert [r["method"] for r in first] == ["IVON (mean)", "IVON (4-sample BMA)"]
+    assert torch.equal(first[1]["probs"], second[1]["probs"]) and first[1]["nll"] == second[1]["nll"]
+    assert not torch.equal(first[0]["probs"], first[1]["probs"])  # the samples are not the mean
+
+
+@pytest.mark.parametrize("shift", list(demo.SHIFTS))
+def test_shift_images_grade_and_repeat(shift):
+    import torch
+
+    x = demo.load_digits().x_test[:50]
+    assert demo.shift_images(x, shift, 0) is x
+    shifted = [demo.shift_images(x, shift, k) for k in SEVERITIES[shift][1:]]
+    distances = [float((s - x).abs().mean()) for s in shifted]
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances  # graded: each level moves further
+    for k, s in enumerate(shifted, start=1):
+        assert s.shape == x.shape and s.dtype == x.dtype
+        assert float(s.min()) >= 0 and float(s.max()) <= 1
+        assert torch.equal(s, demo.shift_images(x, shift, k))  # the same images every time
+    with pytest.raises(ValueError, match="severity=6"):
+        demo.shift_images(x, shift, 6)
+
+
+def test_blur_spreads_an_impulse_and_keeps_a_constant():
+    import torch
+
+    impulse = torch.zeros(1, 8, 8)
+    impulse[0, 4, 4] = 1.0
+    peaks = []
+    for k in SEVERITIES["blur"][1:]:
+        blurred = demo.shift_images(impulse, "blur", k)
+        assert torch.allclose(blurred[0], blurred[0].T) and torch.allclose(
+            blurred[0, 1:, 1:], blurred[0, 1:, 1:].flip(0, 1)
+        )
+        peaks.append(float(blurred[0, 4, 4]))
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))  # a wider blur, a lower peak
+    assert float(demo.shift_images(impulse, "blur", 1).sum()) == pytest.approx(1.0, abs=1e-6)  # std 0.5: all inside
+    constant = torch.full((2, 8, 8), 0.3)
+    assert torch.allclose(demo.shift_images(constant, "blur", 5), constant)  # edges replicated: no dark border
+    with pytest.raises(ValueError, match="shift='rotate'"):
+        demo.shift_images(impulse, "rotate", 1)
+
+
+def test_figures_say_mean_only_where_there_is_a_posterior(tmp_path):
+    fig = demo.two_moons(tmp_path / "moons.png", steps=5, samples=2)
+    sam, bsam = (ax for ax in fig.axes if ax.get_legend() is not None)
+    sam_labels = [t.get_text() for t in sam.get_legend().get_texts()] + [sam.get_title()]
+    bsam_labels = [t.get_text() for t in bsam.get_legend().get_texts()] + [bsam.get_title()]
+    assert not any("mean" in label for label in sam_labels), sam_labels  # SAM has no posterior
+    assert any("at the mean" in label for label in bsam_labels), bsam_labels
+    filled = [c for ax in (sam, bsam) for c in ax.collections if getattr(c, "filled", False)]
+    assert len(filled) == 2 and all(c.extend == "neither" for c in filled)  # no arrow below 0.5 on the colour bar
+    assert fig.axes[-1].get_ylim() == (0.5, 1.0)  # confidence max(p, 1 − p) spans 0.5 .. 1
+    curves = {
+        m: [{"train_loss": [1.0, 0.5], "test_accuracy": [0.8, 0.9], "test_nll": [0.5, 0.3]}] for m in demo.METHODS
+    }
+    fig = demo.plot_curves(curves, tmp_path / "curves.png")
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert labels == ["SGD", "Adam", "SAM", "bSAM (mean)", "IVON (mean)"]
+
+
+def test_sweep_grid_changes_real_recipe_fields_around_every_default():
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_digits", ROOT / "examples" / "sweep_digits.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    fields = {f.name for f in dataclasses.fields(demo.Recipe)}
+    for method, change in sweep.GRID:
+        assert method in demo.METHODS and set(change) <= fields, (method, change)
+        dataclasses.replace(demo.Recipe(), **change)  # a tuple knob stays a tuple, etc.
+    assert [m for m, change in sweep.GRID if not change] == list(demo.METHODS)  # each default is scored once

@@ -1,14 +1,18 @@
-"""``python -m sambayes demo``: SGD, Adam, SAM-SGD and bSAM on scikit-learn's handwritten
-digits, compared on accuracy, calibration and uncertainty, with plots.
+"""``python -m sambayes demo``: SGD, Adam, SAM-SGD, bSAM and IVON on scikit-learn's
+handwritten digits, compared on accuracy, calibration and uncertainty, clean and under
+graded shifts, with plots.
 
 The data are the 1,797 bundled 8×8 digits (no download), split once and for all
-(permutation seed 0) into 1,347 training and 450 test images. The shifted
-(out-of-distribution) set is the 450 test images rotated by 90°. Every method trains
-the same MLP with the same warm-up + cosine schedule; each seed fixes the
-initialisation, the batch order and bSAM's noise, so the same seeds give the same table.
+(permutation seed 0) into 1,347 training and 450 test images. The out-of-distribution
+set is the 450 test images rotated by 90°; the graded shifts are the same images with
+Gaussian noise or Gaussian blur at five severities each (:data:`SHIFTS`). Every method
+trains the same MLP with the same warm-up + cosine schedule; each seed fixes the
+initialisation, the batch order and the noise of bSAM and IVON, so the same seeds give
+the same tables.
 
-Needs the ``[demo]`` extra (scikit-learn, matplotlib), imported only when used;
-``--no-plots`` needs scikit-learn only.
+Needs the ``[demo]`` extra (scikit-learn, matplotlib, ivon-opt), imported only when used;
+``--no-plots`` does not need matplotlib, and without ivon-opt the IVON rows are skipped
+(with one line saying so).
 """
 
 from __future__ import annotations
@@ -24,17 +28,33 @@ import torch
 
 from sambayes import backends
 
-from .data import NUM_TEST, Data, _missing_extras, load_digits
+from .data import NUM_TEST, SHIFTS, Data, _missing_extras, load_digits, shift_images
 from .models import MLP
-from .plots import plot_curves, plot_reliability, two_moons
-from .tables import format_markdown, write_table
-from .training import METHODS, METRICS, Recipe, Trained, evaluate, lr_factor, make_optimizer, summarize, train
+from .plots import plot_curves, plot_reliability, plot_shift, two_moons
+from .tables import format_markdown, format_shift_markdown, shift_runs, summarize_shift, write_shift_table, write_table
+from .training import (
+    METHODS,
+    METRICS,
+    POSTERIOR_METHODS,
+    SHIFT_METRICS,
+    Recipe,
+    Trained,
+    evaluate,
+    ivon_available,
+    lr_factor,
+    make_optimizer,
+    summarize,
+    train,
+)
 
 __all__ = [
     "METHODS",
     "METRICS",
     "MLP",
     "NUM_TEST",
+    "POSTERIOR_METHODS",
+    "SHIFTS",
+    "SHIFT_METRICS",
     "Data",
     "Recipe",
     "Trained",
@@ -43,15 +63,22 @@ __all__ = [
     "check_arguments",
     "evaluate",
     "format_markdown",
+    "format_shift_markdown",
+    "ivon_available",
     "load_digits",
     "lr_factor",
     "make_optimizer",
     "plot_curves",
     "plot_reliability",
+    "plot_shift",
     "run",
+    "shift_images",
+    "shift_runs",
     "summarize",
+    "summarize_shift",
     "train",
     "two_moons",
+    "write_shift_table",
     "write_table",
 ]
 
@@ -62,9 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         nargs="+",
-        default=[0, 1, 2],
+        default=[0, 1, 2, 3, 4],
         metavar="SEED",
-        help="seeds to run and average over (default: 0 1 2)",
+        help="seeds to run and average over (default: 0 1 2 3 4)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--backend", default="auto", choices=backends.BACKENDS, help="sambayes backend (default: auto)")
@@ -74,7 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=pathlib.Path("sambayes-demo"),
         help="folder for the table and the figures (default: ./sambayes-demo)",
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to train")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        help=f"methods to train (default: {' '.join(METHODS)}; IVON is skipped when ivon-opt is not installed)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -102,13 +135,15 @@ def check_arguments(args: argparse.Namespace) -> None:
     missing = _missing_extras(plots=not args.no_plots)
     if missing:
         raise ValueError(f"the demo needs {' and '.join(missing)}: pip install 'sambayes[demo]'")
-    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods or [])):
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if repeated:
             raise ValueError(f"{flag}: {repeated[0]} is given twice")
     negative = [seed for seed in args.seeds if seed < 0]
     if negative:
         raise ValueError(f"--seeds: {negative[0]} is negative; seeds are integers >= 0")
+    if args.methods is not None and "IVON" in args.methods and not ivon_available():
+        raise ValueError("--methods IVON needs ivon-opt: pip install 'sambayes[demo]'")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads}: need at least 1")
     try:
@@ -138,10 +173,17 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Train, evaluate, print and write everything; returns the summary table.
 
-    ValueError (before any training) if an argument is wrong; see :func:`check_arguments`.
+    ``args.methods`` None means all of :data:`METHODS`, less IVON when ivon-opt is not
+    installed (then one line says so). ValueError (before any training) if an argument is
+    wrong; see :func:`check_arguments`.
     """
     check_arguments(args)
     from tqdm.auto import tqdm
+
+    methods = list(args.methods) if args.methods is not None else list(METHODS)
+    if args.methods is None and not ivon_available():
+        methods.remove("IVON")
+        print("sambayes demo: IVON skipped: ivon-opt is not installed (pip install 'sambayes[demo]')", flush=True)
 
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(args.threads)
@@ -156,8 +198,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = load_digits(device=args.device)
     start = time.perf_counter()
     rows, curves = [], {}
-    with tqdm(total=len(args.methods) * len(args.seeds) * recipe.epochs, unit="epoch", file=sys.stderr) as bar:
-        for method in args.methods:
+    with tqdm(total=len(methods) * len(args.seeds) * recipe.epochs, unit="epoch", file=sys.stderr) as bar:
+        for method in methods:
             for seed in args.seeds:
                 bar.set_description(f"{method} seed {seed}")
                 trained = train(method, data, recipe, seed, args.backend, on_epoch=lambda: bar.update(1))
@@ -167,10 +209,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     print()
     print(format_markdown(table))
     write_table(table, rows, out)
-    written = ["results.md", "results.csv", "runs.csv"]
+    shifted = shift_runs(rows)
+    write_shift_table(shifted, out)
+    written = ["results.md", "results.csv", "runs.csv", "shift_runs.csv", "shift_results.csv", "shift_results.md"]
     if not args.no_plots:
         plot_reliability(rows, out / "reliability.png", recipe.ece_bins)
         plot_curves(curves, out / "training_curves.png")
+        plot_shift(shifted, out / "shift.png", recipe.ece_bins)
         two_moons(
             out / "two_moons.png",
             seed=args.seeds[0],
@@ -179,6 +224,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             backend=args.backend,
             device=args.device,
         )
-        written += ["reliability.png", "training_curves.png", "two_moons.png"]
+        written += ["reliability.png", "training_curves.png", "shift.png", "two_moons.png"]
     print(f"wrote {', '.join(written)} to {out}/ in {time.perf_counter() - start:.1f} s (backend {picked})")
     return table

@@ -1,13 +1,14 @@
 """The demo's training: the recipe, the learning-rate schedule, the optimizers, training,
-evaluation and the summary over seeds."""
+evaluation (clean, rotated and graded shifts) and the summary over seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -15,17 +16,29 @@ import torch.nn.functional as F
 
 from sambayes import BSAM, SAM, metrics, split_batch
 
-from .data import Data
+from .data import SHIFTS, Data, shift_images
 from .models import MLP
 
-METHODS = ("SGD", "Adam", "SAM", "bSAM")
+METHODS = ("SGD", "Adam", "SAM", "bSAM", "IVON")
+POSTERIOR_METHODS = ("bSAM", "IVON")  # the methods with a posterior: a row at the mean and a BMA row
 METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "train_s")
+SHIFT_METRICS = ("accuracy", "nll", "ece")
+
+
+def ivon_available() -> bool:
+    """Whether ``ivon`` (the ``ivon-opt`` package, optional) can be imported."""
+    try:
+        import ivon  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every hyperparameter of the demo. The bSAM values are the paper's recipe adapted to
-    1,347 images; ``examples/sweep_digits.py`` is the evidence for each change."""
+    1,347 images; every method's values, IVON's included, were picked on the validation
+    split, and ``examples/sweep_digits.py`` is the evidence for each."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -48,6 +61,14 @@ class Recipe:
     bsam_data_factor: float = 4.0  # a tempered posterior, as the paper's N = 4 × 50,000; see the sweep
     bsam_damping: float = 0.1
     bsam_init_precision: float = 1.0
+    # IVON (Shen et al., 2024): α, (β1, β2), h0, prior precision (δ = prior_precision / ess) and
+    # MC samples per step; ess = n_train, the training-set size, untempered. ivon-opt scales α by
+    # (h0 + δ), so α acts like SGD's α / (1 − momentum) = 4 here; β2 is the authors' 1 − 1e-5
+    ivon_lr: float = 4.0
+    ivon_betas: tuple[float, float] = (0.9, 0.99999)
+    ivon_hess_init: float = 0.2
+    ivon_prior_precision: float = 1.0
+    ivon_train_samples: int = 1
     samples: int = 32  # posterior samples in the Bayesian model average
     ece_bins: int = 20
 
@@ -64,7 +85,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_train: int, seed: int, backend: str):
-    """The optimizer of ``method`` (one of :data:`METHODS`) with the recipe's hyperparameters."""
+    """The optimizer of ``method`` (one of :data:`METHODS`) with the recipe's hyperparameters.
+
+    IVON's noise comes from torch's global generator (``ivon.IVON`` takes no seed), which
+    :func:`train` seeds with ``seed``.
+    """
     params = model.parameters()
     if method == "SGD":
         return torch.optim.SGD(
@@ -95,13 +120,25 @@ def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_trai
             seed=seed,
             backend=backend,
         )
+    if method == "IVON":
+        import ivon
+
+        return ivon.IVON(
+            params,
+            lr=recipe.ivon_lr,
+            ess=num_train,
+            hess_init=recipe.ivon_hess_init,
+            beta1=recipe.ivon_betas[0],
+            beta2=recipe.ivon_betas[1],
+            weight_decay=recipe.ivon_prior_precision / num_train,
+        )
     raise ValueError(f"method={method!r}: choose one of {METHODS}")
 
 
 class Trained(NamedTuple):
     model: torch.nn.Module
     optimizer: Any
-    curves: dict[str, list[float]]  # per epoch: train_loss, test_accuracy, test_nll (at the mean)
+    curves: dict[str, list[float]]  # per epoch: train_loss, test_accuracy, test_nll (bSAM, IVON: at the mean)
     seconds: float  # training wall time, evaluation excluded
 
 
@@ -113,9 +150,11 @@ def train(
     backend: str = "auto",
     on_epoch: Callable[[], None] | None = None,
 ) -> Trained:
-    """Train the recipe's MLP with ``method``; ``seed`` fixes init, batch order and bSAM noise.
+    """Train the recipe's MLP with ``method``; ``seed`` fixes init, batch order and the
+    noise of bSAM and IVON.
 
-    The train loss of SAM and bSAM is the loss at their perturbed points (what ``step`` returns).
+    The train loss of SAM and bSAM is the loss at their perturbed points (what ``step`` returns),
+    IVON's the loss at its sampled weights.
     """
     device = data.x_train.device
     torch.manual_seed(seed)
@@ -153,6 +192,13 @@ def train(
                     return loss
 
                 loss = opt.step(closure)
+            elif method == "IVON":
+                for _ in range(recipe.ivon_train_samples):  # as its authors train: gradients at sampled weights
+                    with opt.sampled_params(train=True):
+                        opt.zero_grad(set_to_none=True)
+                        loss = F.cross_entropy(model(x), y)
+                        loss.backward()
+                opt.step()
             else:
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
@@ -179,51 +225,85 @@ def _probs_at_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.train()
 
 
+@contextlib.contextmanager
+def _sampled(opt: Any, sample: int) -> Iterator[None]:
+    """The model holds posterior sample number ``sample`` of ``opt`` (BSAM or IVON): the same
+    weights for the same ``sample``, without touching torch's global generator."""
+    if isinstance(opt, BSAM):
+        with opt.sampled_params(seed=sample):
+            yield
+        return
+    device = opt.param_groups[0]["params"][0].device  # IVON draws from the global generator
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+        torch.manual_seed(sample)
+        with opt.sampled_params():
+            yield
+
+
 @torch.no_grad()
-def _bma(model: torch.nn.Module, opt: BSAM, x: torch.Tensor, samples: int) -> torch.Tensor:
-    """Per-sample log-softmax [samples, batch, classes] float64 (sample s: ``sampled_params(seed=s)``)."""
+def _bma(model: torch.nn.Module, opt: Any, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """Per-sample log-softmax [samples, batch, classes] float64 of ``opt``'s posterior (BSAM or
+    IVON); sample s is the same on every call (see :func:`_sampled`)."""
     model.eval()
     try:
         out = []
         for s in range(samples):
-            with opt.sampled_params(seed=s):
+            with _sampled(opt, s):
                 out.append(torch.log_softmax(model(x).double(), dim=-1).cpu())
         return torch.stack(out)
     finally:
         model.train()
 
 
-def evaluate(method: str, trained: Trained, data: Data, recipe: Recipe) -> list[dict[str, Any]]:
-    """Rows of metrics (see :data:`METRICS`) plus ``method`` and the test ``probs`` / ``labels``
-    kept for the reliability diagram. bSAM gives two rows: at the mean and the BMA."""
+def evaluate(method: str, trained: Trained, data: Data, recipe: Recipe, shifts: bool = True) -> list[dict[str, Any]]:
+    """Rows of metrics (see :data:`METRICS`) plus ``method``, the test ``probs`` / ``labels``
+    kept for the reliability diagram, and (``shifts=True``) ``shift``: a list of dicts
+    ``{shift, severity, level, accuracy, nll, ece}`` for every shift of :data:`SHIFTS` at
+    severity 0 (the clean test set: the same numbers as the row's) to 5.
+
+    bSAM and IVON give two rows each: at the mean and the BMA.
+    """
     model, opt = trained.model, trained.optimizer
-    x_both = torch.cat([data.x_test, data.x_ood])
     n = len(data.y_test)
-    predictions = [(method if method != "bSAM" else "bSAM (mean)", _probs_at_mean(model, x_both))]
-    bma_nll = None
-    if method == "bSAM" and recipe.samples > 0:
-        log_probs = _bma(model, opt, x_both, recipe.samples)
-        bma = metrics.bma_log_probs(log_probs)
-        bma_nll = metrics.bma_nll(log_probs[:, :n], data.y_test)
-        predictions.append((f"bSAM ({recipe.samples}-sample BMA)", bma.exp()))
-    rows = []
-    labels = data.y_test.cpu()
-    for name, probs in predictions:
-        test, ood = probs[:n], probs[n:]
-        rows.append(
-            {
-                "method": name,
-                "accuracy": 100 * metrics.accuracy(test, labels),
-                "nll": bma_nll if "BMA" in name else metrics.nll(test, labels),
-                "ece": metrics.ece(test, labels, bins=recipe.ece_bins),
-                "auroc": metrics.auroc(test, labels),
-                "ood_auroc": metrics.ood_auroc(test, ood),
-                "train_s": trained.seconds,
-                "probs": test,
-                "labels": labels,
-            }
+    shifted = [(s, k) for s in SHIFTS for k in range(1, len(SHIFTS[s]) + 1)] if shifts else []
+    x_all = torch.cat([data.x_test, data.x_ood] + [shift_images(data.x_test, s, k) for s, k in shifted])
+    posterior = method in POSTERIOR_METHODS
+    predictions = [(f"{method} (mean)" if posterior else method, _probs_at_mean(model, x_all), None)]
+    if posterior and recipe.samples > 0:
+        log_probs = _bma(model, opt, x_all, recipe.samples)
+        predictions.append(
+            (f"{method} ({recipe.samples}-sample BMA)", metrics.bma_log_probs(log_probs).exp(), log_probs)
         )
-    return rows
+    labels = data.y_test.cpu()
+
+    def scores(probs: torch.Tensor, log_probs: torch.Tensor | None, part: int) -> dict[str, float]:
+        rows = slice(part * n, (part + 1) * n)  # part 0: test, 1: rotated, 2 on: shifted
+        nll = metrics.nll(probs[rows], labels) if log_probs is None else metrics.bma_nll(log_probs[:, rows], labels)
+        accuracy = 100 * metrics.accuracy(probs[rows], labels)
+        return {"accuracy": accuracy, "nll": nll, "ece": metrics.ece(probs[rows], labels, bins=recipe.ece_bins)}
+
+    results = []
+    for name, probs, log_probs in predictions:
+        test, ood = probs[:n], probs[n : 2 * n]
+        clean = scores(probs, log_probs, 0)
+        row = {"method": name, **clean}
+        row |= {
+            "auroc": metrics.auroc(test, labels),
+            "ood_auroc": metrics.ood_auroc(test, ood),
+            "train_s": trained.seconds,
+            "probs": test,
+            "labels": labels,
+        }
+        if shifts:
+            part = {key: 2 + i for i, key in enumerate(shifted)}
+            row["shift"] = [
+                {"shift": s, "severity": k, "level": ((0.0,) + SHIFTS[s])[k]}
+                | (clean if k == 0 else scores(probs, log_probs, part[s, k]))  # severity 0: the clean test set
+                for s in SHIFTS
+                for k in range(len(SHIFTS[s]) + 1)
+            ]
+        results.append(row)
+    return results
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
