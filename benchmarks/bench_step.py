@@ -8,8 +8,9 @@
 
 Implementations: every backend of ``sambayes.backends.NAMES`` available on the device,
 ``torch`` (a plain per-tensor PyTorch bSAM step as a user would write it, noise from
-``torch.randn_like``), ``torch.compile`` of its phases, ``pytorch_optimizer``'s BSAM,
-``torch.optim.AdamW`` (fused, and foreach: its own step) and a device-to-device copy.
+``torch.randn_like``), ``torch.compile`` of its phases, ``pytorch_optimizer``'s BSAM, ``ivon`` (IVON of ``ivon-opt``,
+the variational peer: one gradient per step where bSAM takes two), ``torch.optim.AdamW`` (fused,
+and foreach: its own step) and a device-to-device copy.
 
 Rows (``phase``):
 
@@ -19,6 +20,12 @@ Rows (``phase``):
   autograd's accumulation costs and no forward/backward.
 - ``kernels``: the phases a step launches, back to back, with no optimizer around them;
 - ``sample``, ``perturb``, ``check``, ``update``: each phase alone (``check`` = find_nonfinite).
+- ``ivon``: ``step`` is a training step's optimizer part as IVON's README writes it, with one
+  gradient: ``with opt.sampled_params(train=True): opt.zero_grad(); <the closure, once>``, then
+  ``opt.step()``; ``kernels`` is its optimizer work alone, the gradient already in ``.grad``:
+  ``sampled_params(train=True)`` entered and left (sample, then restore and collect the
+  gradient), then ``opt.step()``. Its rows have no byte count, GB/s or "x floor" (those are
+  bSAM's); the closing lines compare its step with bSAM's.
 
 GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
 implementation moves; "% copy" compares with a copy of the parameters measured in the same run,
@@ -27,6 +34,8 @@ moves 68 bytes per float32 parameter (sample 12, ascent 20, update 36). That cop
 as a step's working set; a parameter-sized copy can run from a large last-level cache. Timing: median and 20/80% quantiles, by
 ``triton.testing.do_bench`` on CUDA, by a plain loop on the CPU. Each row is appended to
 ``benchmarks/results/bench_step.csv`` as soon as it is measured (a timeout keeps what was done).
+The problem, the public step and the timing are ``sambayes.bench``'s, which also serves the quick
+form of this benchmark that users run: ``python -m sambayes bench``.
 """
 
 from __future__ import annotations
@@ -35,7 +44,6 @@ import argparse
 import csv
 import datetime
 import math
-import os
 import pathlib
 import statistics
 import subprocess
@@ -47,18 +55,22 @@ from tqdm import tqdm
 
 import sambayes
 from sambayes import backends
+from sambayes.bench import (
+    HYPER,
+    closure_for,
+    device_name,
+    floor_bytes,
+    measure,
+    measure_copy,
+    params_and_grads,
+    public_step,
+    sync,
+    synthetic_shapes,
+    why_not_timed,
+)
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_step.csv"
 PHASES = ("step", "kernels", "sample", "perturb", "check", "update")
-HYPER = {
-    "num_data": 50_000.0,
-    "rho": 0.05,
-    "lr": 0.1,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "weight_decay": 1e-4,
-    "damping": 0.1,
-}
 
 
 # ---- shapes ------------------------------------------------------------------------------
@@ -95,14 +107,6 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-def synthetic_shapes(numel: int, tensors: int) -> list[tuple[int, ...]]:
-    """``tensors`` flat tensors of odd, unequal sizes adding up to ``numel``."""
-    weights = [1.0 + (7 * i % 13) / 6 for i in range(tensors)]
-    sizes = [max(1, int(numel * w / sum(weights))) | 1 for w in weights]
-    sizes[0] += numel - sum(sizes)
-    return [(n,) for n in sizes]
-
-
 # ---- byte counts: the minimal traffic of each phase (the kernels' docstrings) -------------
 def minimal_bytes(phase: str, param_bytes: int, state_bytes: int) -> int:
     """Bytes per parameter a fused implementation must move (one sub-batch)."""
@@ -120,11 +124,6 @@ def minimal_bytes(phase: str, param_bytes: int, state_bytes: int) -> int:
     return per_phase[phase]
 
 
-def floor_bytes(param_bytes: int, state_bytes: int) -> int:
-    """The floor of a bSAM step: sample, ascent and update reading and writing each word once (68 B in float32)."""
-    return (2 * state_bytes + param_bytes) + (2 * param_bytes + 3 * state_bytes) + (2 * param_bytes + 7 * state_bytes)
-
-
 # ---- the problem ---------------------------------------------------------------------------
 class Problem:
     """Parameters, given gradients and bSAM state for the shapes, as lists of tensors."""
@@ -132,8 +131,7 @@ class Problem:
     def __init__(self, shapes, dtype, device):
         state = torch.float64 if dtype == torch.float64 else torch.float32
         self.device, self.dtype = device, dtype
-        self.params = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
-        self.grads = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+        self.params, self.grads = params_and_grads(shapes, dtype, device)
         self.means = [p.to(state) for p in self.params]
         self.precisions = [torch.rand(s, dtype=state, device=device) + 1 for s in shapes]
         self.momentums = [torch.zeros(s, dtype=state, device=device) for s in shapes]
@@ -144,20 +142,6 @@ class Problem:
         self.numel = sum(p.numel() for p in self.params)
         self.found_inf = torch.zeros((), device=device)
         self.inv_scale = torch.ones((), device=device)
-
-
-def closure_for(params: list[torch.Tensor], grads: list[torch.Tensor]):
-    """The two backward passes' effect on .grad, as autograd has it: assign a new tensor when .grad
-    is None, else add in place."""
-
-    def closure():
-        for p, g in zip(params, grads):
-            if p.grad is None:
-                p.grad = g.clone()  # autograd's fresh tensor (happens once for sambayes: its buffers stay)
-            else:
-                p.grad.add_(g)
-
-    return closure
 
 
 def backend_phases(module, pb: Problem):
@@ -191,14 +175,6 @@ def backend_phases(module, pb: Problem):
     parts = [phases[name] for name in ("sample", "perturb", "check", "update")]
     phases["kernels"] = lambda: [f() for f in parts]
     return phases
-
-
-def public_step(pb: Problem, backend: str):
-    """``opt.step(closure)`` of sambayes.BSAM on its own copies of the parameters (the given gradients)."""
-    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
-    opt = sambayes.BSAM(params, num_data=HYPER["num_data"], lr=HYPER["lr"], rho=HYPER["rho"], seed=1, backend=backend)
-    closure = closure_for(params, pb.grads)
-    return lambda: opt.step(closure)
 
 
 def plain_sample(params, means, precisions, num_data: float):
@@ -283,6 +259,33 @@ def pytorch_optimizer_phases(pb: Problem):
     return phases
 
 
+def ivon_phases(pb: Problem):
+    """IVON (``ivon.IVON``, one Monte Carlo sample) on its own copies of the parameters: ``step``
+    (sampling, the one gradient's write as autograd does it after ``zero_grad()``, the update) and
+    ``kernels`` (sampling and the update, the gradient already in ``.grad``). ImportError without ivon-opt."""
+    import ivon
+
+    h = HYPER
+    params = [torch.nn.Parameter(p.clone()) for p in pb.params]
+    for p, g in zip(params, pb.grads):
+        p.grad = g.clone()
+    opt = ivon.IVON(params, lr=h["lr"], ess=h["num_data"], weight_decay=h["weight_decay"], beta1=h["beta1"])
+    closure = closure_for(params, pb.grads)
+
+    def step():
+        with opt.sampled_params(train=True):
+            opt.zero_grad(set_to_none=True)
+            closure()
+        opt.step()
+
+    def optimizer_work():
+        with opt.sampled_params(train=True):
+            pass
+        opt.step()
+
+    return {"step": step, "kernels": optimizer_work}
+
+
 def adamw_step(pb: Problem, **kind):
     params = [torch.nn.Parameter(p.clone()) for p in pb.params]
     for p, g in zip(params, pb.grads):
@@ -290,49 +293,6 @@ def adamw_step(pb: Problem, **kind):
     adamw = torch.optim.AdamW(params, lr=1e-3, **kind)
     adamw.step()
     return adamw.step
-
-
-# ---- timing --------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(fn, device, budget_s: float, max_reps: int) -> tuple[float, float, float, int, float | None]:
-    """(median, 20%, 80%) milliseconds, repetitions, peak extra device memory in MB (None on CPU)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        fn()
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        median, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=int(budget_s * 1000) // 4)
-        return median, q20, q80, -1, peak
-    fn()  # warm-up: compiles, fills caches
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    reps = max(1, min(max_reps, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    if len(times) == 1:
-        return times[0], times[0], times[0], 1, None
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return statistics.median(times), q[1], q[7], reps, None
-
-
-def measure_copy(numel: int, dtype, device, budget_s: float, max_reps: int):
-    """``measure`` of a device-to-device copy of ``numel`` elements (buffers freed on return)."""
-    src = torch.empty(numel, dtype=dtype, device=device).normal_()
-    dst = torch.empty_like(src)
-    return measure(lambda: dst.copy_(src), device, budget_s, max_reps)
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -359,21 +319,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = "cpu"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def implementations(args, device, pb: Problem):
     """(name, {phase: callable}) for every requested implementation that can run here; skips with reasons."""
     wanted = set(args.impls.split(",")) if args.impls else None
@@ -385,14 +330,12 @@ def implementations(args, device, pb: Problem):
     for name in backends.NAMES:
         if not want(name):
             continue
-        reason = backends.why_unavailable(name, device)
-        if reason is None and name == "triton" and device.type != "cuda":
-            reason = "runs under the Triton interpreter on the CPU: a correctness tool, not a benchmark"
+        reason = why_not_timed(name, device)
         if reason:
             skipped.append((name, reason))
             continue
         phases = backend_phases(backends.resolve(name, device), pb)
-        phases["step"] = public_step(pb, name)
+        phases["step"] = public_step("bsam", pb.params, pb.grads, name)[0]
         out.append((name, phases))
     if want("torch"):
         out.append(("torch", {**plain_phases(pb), "step": plain_step(pb)}))
@@ -403,6 +346,11 @@ def implementations(args, device, pb: Problem):
             out.append(("pytorch_optimizer", pytorch_optimizer_phases(pb)))
         except ImportError as exc:
             skipped.append(("pytorch_optimizer", str(exc)))
+    if want("ivon"):
+        try:
+            out.append(("ivon", ivon_phases(pb)))
+        except ImportError as exc:
+            skipped.append(("ivon", f"{exc} (pip install ivon-opt)"))
     for name, kind in (("adamw_fused", {"fused": True}), ("adamw_foreach", {"foreach": True})):
         if want(name):
             try:
@@ -424,8 +372,12 @@ def launch_bound(args, device) -> list[tuple[str, str, object]]:
     closure = closure_for(params, pb.grads)
     cases = [("closure", "closure", lambda: (closure(), closure()))]
     for name in ("triton", "cuda", "cpu"):  # the fused backends
-        if backends.why_unavailable(name, device) is None and not (name == "triton" and device.type != "cuda"):
-            cases.append((name, "step", public_step(pb, name)))
+        if why_not_timed(name, device) is None:
+            cases.append((name, "step", public_step("bsam", pb.params, pb.grads, name)[0]))
+    try:
+        cases.append(("ivon", "step", ivon_phases(pb)["step"]))
+    except ImportError as exc:
+        print(f"skipped ivon: {exc} (pip install ivon-opt)")
     for name, kind in (("adamw_fused", {"fused": True}), ("adamw_foreach", {"foreach": True})):
         try:
             cases.append((name, "adamw", adamw_step(pb, **kind)))
@@ -448,28 +400,29 @@ def host_time(fn, device, reps: int) -> float:
 
 
 class CsvRows:
-    """Rows appended to the CSV one by one, as they are measured."""
+    """Rows appended to the CSV one by one, as they are measured (``fields``: the columns; default
+    this script's). A file with other columns is first rewritten with these, old rows kept."""
 
-    def __init__(self, path: pathlib.Path, common: dict) -> None:
-        self.path, self.common, self.rows = path, common, []
+    def __init__(self, path: pathlib.Path, common: dict, fields: list[str] | None = None) -> None:
+        self.path, self.common, self.rows, self.fields = path, common, [], list(fields or FIELDS)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and path.stat().st_size:
             with open(path, newline="", encoding="utf-8") as f:
                 old = list(csv.DictReader(f))
-            if old and list(old[0]) != FIELDS:  # an older layout: rewrite it with today's columns
+            if old and list(old[0]) != self.fields:  # an older layout: rewrite it with today's columns
                 with open(path, "w", newline="", encoding="utf-8") as f:
-                    writer = csv.DictWriter(f, fieldnames=FIELDS)
+                    writer = csv.DictWriter(f, fieldnames=self.fields)
                     writer.writeheader()
-                    writer.writerows({k: row.get(k, "") for k in FIELDS} for row in old)
+                    writer.writerows({k: row.get(k, "") for k in self.fields} for row in old)
 
     def add(self, **row) -> dict:
         row = dict(self.common, **row)
         new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             if new:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            writer.writerow({k: row.get(k, "") for k in self.fields})
         self.rows.append(row)
         return row
 
@@ -570,9 +523,11 @@ def main(argv=None) -> None:
             return
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
         x_floor = f"{r['x_floor']:.2f}" if r["x_floor"] != "" else ""
+        gbps = f"{r['gbps']:.2f}" if r["gbps"] != "" else ""
+        pct_copy = f"{r['pct_copy']:.1f}" if r["pct_copy"] != "" else ""
         tqdm.write(
             f"{r['impl']:18s} {r['phase']:8s} {r['median_ms']:10.3f} {r['q20_ms']:9.3f} {r['q80_ms']:9.3f} "
-            f"{r['gbps']:8.2f} {r['pct_copy']:7.1f} {x_floor:>8s} {peak:>8s}"
+            f"{gbps:>8s} {pct_copy:>7s} {x_floor:>8s} {peak:>8s}"
         )
 
     show(
@@ -595,17 +550,18 @@ def main(argv=None) -> None:
     cases = [(name, phase, table[phase]) for phase in PHASES + ("adamw",) for name, table in impls if phase in table]
     cases = [(name, phase, fn) for name, phase, fn in cases if phase in phases or phase == "adamw"]
     for name, phase, fn in tqdm(cases, desc="bench_step", unit="case", leave=False):
-        nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel
+        bsam = name != "ivon"  # the byte counts and the floor are bSAM's
+        nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel if bsam else ""
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
             # a raised flag would have timed the skip path of every later update (once per case: no sync inside)
             if pb.found_inf.item() != 0:
                 raise RuntimeError("found_inf was raised: the timed update skipped")
-            gbps = nbytes / median / 1e6
-            x_floor = median / floor_ms if phase in ("step", "kernels") else ""
+            gbps = nbytes / median / 1e6 if bsam else ""
+            x_floor = median / floor_ms if phase in ("step", "kernels") and bsam else ""
             row = dict(
-                median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
-                x_floor=x_floor, peak_mb=peak, error="",
+                median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps,
+                pct_copy=100 * gbps / copy_gbps if bsam else "", x_floor=x_floor, peak_mb=peak, error="",
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -624,7 +580,19 @@ def main(argv=None) -> None:
                     if other in times
                 )
                 print(f"{phase} of {fused}: {times[fused] / floor_ms:.2f}x the floor; faster by {ratios}")
+    print_ivon_comparison(rows.rows)
     print(f"appended {len(rows.rows)} rows to {args.out}", file=sys.stderr)
+
+
+def print_ivon_comparison(rows: list[dict]) -> None:
+    """IVON's step (one gradient) and its optimizer work beside each sambayes backend's bSAM step (two)."""
+    times = {(r["impl"], r["phase"]): r["median_ms"] for r in rows if not r["error"]}
+    if ("ivon", "step") not in times:
+        return
+    step, work = times["ivon", "step"], times.get(("ivon", "kernels"))
+    line = f"ivon: step {step:.3f} ms (one gradient)" + (f", its optimizer work alone {work:.3f} ms" if work else "")
+    ratios = [f"{step / times[b, 'step']:.2f}x the bSAM step of {b}" for b in backends.NAMES if (b, "step") in times]
+    print(line + ("; the step is " + ", ".join(ratios) if ratios else ""))
 
 
 def main_launch_bound(args, device, common) -> None:
@@ -635,6 +603,8 @@ def main_launch_bound(args, device, common) -> None:
         us = host_time(fn, device, args.reps)
         rows.add(impl=name, phase=phase, host_us=us, error="")
         print(f"{name:18s} {phase:8s} {us:10.1f} us", flush=True)
+    if any(name == "ivon" for name, _, _ in cases):
+        print("ivon: one gradient per step (it writes .grad once), bSAM two")
     print(f"appended {len(rows.rows)} rows to {args.out}", file=sys.stderr)
 
 

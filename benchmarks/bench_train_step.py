@@ -2,18 +2,24 @@
 
 A bSAM or SAM step takes two forward-backward passes where SGD takes one, so
 2× an SGD step is the floor; the rest (noise, ascent, update, bookkeeping) is what
-this measures above it. Rows, for the CIFAR-style ResNet-18 of ``examples/``:
+this measures above it. IVON, the variational peer, takes one pass per step: its floor
+is 1× an AdamW step. Rows, for the CIFAR-style ResNet-18 of ``examples/``:
 
 - ``fwd+bwd``: zero the gradients, forward, backward (no optimizer): the unit.
 - ``sgd``: ``torch.optim.SGD`` (momentum 0.9, weight decay): one pass + its update.
+- ``adamw``: ``torch.optim.AdamW`` (PyTorch's default implementation): one pass + its update.
+- ``ivon``: ``ivon.IVON`` (``ivon-opt``, one Monte Carlo sample) as its README trains:
+  ``with opt.sampled_params(train=True):`` zero the gradients, forward, backward; then
+  ``opt.step()``. Skipped, with the reason, when ``ivon`` does not import.
 - ``sam``, ``bsam``: ``opt.step(closure, splits=k)`` as ``examples/train.py`` calls it.
-- ``sgd-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone, with a fixed gradient
-  assigned where the backward passes would be: the rest, measured directly (on a busy
-  machine far less noisy than the difference of two whole steps).
+- ``sgd-opt``, ``adamw-opt``, ``ivon-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone,
+  with a fixed gradient assigned where the backward passes would be (for IVON inside
+  ``sampled_params``): the rest, measured directly (on a busy machine far less noisy than
+  the difference of two whole steps).
 
 Columns: median and 20/80 % quantiles of the wall time per step (the device is
-synchronised around each step), the ratio to the SGD median, and the time above
-the passes, ``(t − passes × t_fwd+bwd) / t_fwd+bwd``. The cases are timed in turn,
+synchronised around each step), the ratios to the SGD and to the AdamW medians, and the
+time above the passes, ``(t − passes × t_fwd+bwd) / t_fwd+bwd``. The cases are timed in turn,
 one step each per round, so drift in the machine's load hits them alike. Rows are
 appended to ``benchmarks/results/train_step.csv`` with the device, date and versions.
 
@@ -25,11 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -41,10 +44,17 @@ import torch.nn.functional as F
 
 import sambayes
 from sambayes import backends
+from sambayes.bench import device_name
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+from bench_step import CsvRows
 from cifar_resnet import ResNet18, train_step
+
+try:
+    import ivon
+except ImportError as exc:  # the IVON rows are skipped, with this reason
+    ivon, IVON_MISSING = None, f"{exc} (pip install ivon-opt)"
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.csv"
 FIELDS = (
@@ -65,20 +75,11 @@ FIELDS = (
     "vs_sgd",
     "above_passes",
     "peak_mib",
+    "vs_adamw",
+    "note",
 )
 # lr small enough that random data cannot drive the weights to inf (a skipped step would time less)
 LR = 1e-4
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "cpu"
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def backend_name(backend: str, device: torch.device) -> str:
@@ -101,7 +102,7 @@ def setup(width: int, batch: int, device: torch.device) -> tuple[torch.nn.Module
 
 
 class Case(NamedTuple):
-    method: str  # fwd+bwd, sgd, sam, bsam; "-opt": the optimizer alone, gradients given
+    method: str  # fwd+bwd, sgd, adamw, ivon, sam, bsam; "-opt": the optimizer alone, gradients given
     backend: str  # sambayes backend ("" for torch)
     splits: int
     passes: int  # forward-backward passes per step
@@ -112,10 +113,12 @@ class Case(NamedTuple):
 def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
     """What is timed, each on its own copy of the model:
 
-    - whole steps: ``fwd+bwd`` (the unit), ``sgd``, and ``sam`` / ``bsam`` for each backend and k;
-    - the optimizer alone, ``sgd-opt`` / ``sam-opt`` / ``bsam-opt``: ``opt.step()`` or the
-      phases sample -> perturb (-> sample -> perturb)* -> update with fixed gradients
-      assigned in place of the backward passes: the cost above the passes, measured directly.
+    - whole steps: ``fwd+bwd`` (the unit), ``sgd``, ``adamw``, ``ivon`` (if it imports), and
+      ``sam`` / ``bsam`` for each backend and k;
+    - the optimizer alone, ``sgd-opt`` / ``adamw-opt`` / ``ivon-opt`` / ``sam-opt`` / ``bsam-opt``:
+      ``opt.step()`` (IVON: after entering and leaving ``sampled_params``), or the phases
+      sample -> perturb (-> sample -> perturb)* -> update, with fixed gradients assigned in
+      place of the backward passes: the cost above the passes, measured directly.
     """
     dtype = {"none": None, "bf16": torch.bfloat16}[args.amp]
 
@@ -126,6 +129,14 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
         loss.backward()
 
     def whole(model, opt, k):
+        if ivon is not None and isinstance(opt, ivon.IVON):
+
+            def ivon_step() -> None:
+                with opt.sampled_params(train=True):
+                    fwd_bwd(model)
+                opt.step()
+
+            return ivon_step
         return lambda: train_step(model, opt, images, labels, splits=k, dtype=dtype, scaler=None, max_grad_norm=None)
 
     def alone(params, grads, opt, k):
@@ -134,6 +145,11 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
                 p.grad = g
 
         def step() -> None:
+            if ivon is not None and isinstance(opt, ivon.IVON):
+                with opt.sampled_params(train=True):
+                    set_grads()
+                opt.step()
+                return
             if not isinstance(opt, (sambayes.BSAM, sambayes.SAM)):
                 set_grads()
                 opt.step()
@@ -151,11 +167,20 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
     fwd_bwd(unit_model)
     grads = [p.grad.detach().clone() for p in unit_model.parameters()]  # one real gradient, reused by the -opt rows
     out = [Case("fwd+bwd", "", 1, 1, lambda: fwd_bwd(unit_model), None)]
+    one_pass = {
+        "sgd": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4),
+        "adamw": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=5e-4),
+    }
+    if ivon is not None:
+        one_pass["ivon"] = lambda params: ivon.IVON(
+            params, lr=LR, ess=200_000, weight_decay=40 / 200_000, hess_init=0.1, beta2=0.99999
+        )
     for alone_ in (False, True):
-        sgd_model = copy.deepcopy(base)
-        sgd = torch.optim.SGD(sgd_model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
-        step = alone(list(sgd_model.parameters()), grads, sgd, 1) if alone_ else whole(sgd_model, sgd, 1)
-        out.append(Case("sgd-opt" if alone_ else "sgd", "", 1, 0 if alone_ else 1, step, sgd))
+        for method, make in one_pass.items():
+            model = copy.deepcopy(base)
+            opt = make(list(model.parameters()))
+            step = alone(list(model.parameters()), grads, opt, 1) if alone_ else whole(model, opt, 1)
+            out.append(Case(method + "-opt" * alone_, "", 1, 0 if alone_ else 1, step, opt))
     for alone_ in (False, True):
         for backend in args.backend.split(","):
             for k in (int(s) for s in args.splits.split(",")):
@@ -207,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--csv", default=str(RESULTS), help="append rows here ('' for none)")
+    parser.add_argument("--note", default="", help="free text stored with every row (e.g. machine load)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -224,9 +250,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         skipped = case.opt.param_groups[0].get("skipped_steps", 0) if case.opt is not None else 0
         if skipped:
             raise RuntimeError(f"{case.method}: {skipped} steps skipped (non-finite gradients): the timing is invalid")
+        params = [p for group in case.opt.param_groups for p in group["params"]] if case.opt is not None else []
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # IVON and the torch optimizers do not skip
+            raise RuntimeError(f"{case.method}: the weights went non-finite: the timing is invalid")
 
     medians = {(c.method, c.backend, c.splits): statistics.median(t) for c, t in zip(timed, times)}
-    unit, sgd = medians[("fwd+bwd", "", 1)], medians[("sgd", "", 1)]
+    unit, sgd, adamw = medians[("fwd+bwd", "", 1)], medians[("sgd", "", 1)], medians[("adamw", "", 1)]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     rows = []
     for case, seconds in zip(timed, times):
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "date": date,
                 "sambayes": sambayes.__version__,
                 "torch": torch.__version__,
-                "device": device_name(device),
+                "device": device_name(device, threads=False),
                 "threads": torch.get_num_threads(),
                 "model": f"resnet18-w{args.width}",
                 "batch": args.batch,
@@ -252,21 +281,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "vs_sgd": round(median / sgd, 3),
                 "above_passes": round((median - case.passes * unit) / unit, 3),
                 "peak_mib": round(peak, 1) if peak is not None else "",
+                "vs_adamw": round(median / adamw, 3),
+                "note": args.note,
             }
         )
 
     print(
-        f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{device_name(device, threads=False)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"ResNet-18 width {args.width}, batch {args.batch}, amp {args.amp}, {args.reps} rounds"
     )
     print(
         f"{'method':9s} {'backend':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
-        f"{'above passes':>13s}" + ("  peak MiB" if gpu else "")
+        f"{'vs AdamW':>8s} {'above passes':>13s}" + ("  peak MiB" if gpu else "")
     )
     for r in rows:
         print(
             f"{r['method']:9s} {r['backend']:8s} {r['splits']:2d} {r['median_ms']:10.2f} {r['q20_ms']:9.2f} "
-            f"{r['q80_ms']:9.2f} {r['vs_sgd']:7.3f} {r['above_passes']:13.3f}"
+            f"{r['q80_ms']:9.2f} {r['vs_sgd']:7.3f} {r['vs_adamw']:8.3f} {r['above_passes']:13.3f}"
             + (f"  {r['peak_mib']:8.0f}" if gpu else "")
         )
     print(
@@ -276,19 +307,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if method in ("sam", "bsam"):
             alone = medians[(method + "-opt", backend, k)]
             print(
-                f"{method} ({backend}, k={k}): step / SGD step = {median / sgd:.3f} (floor 2); "
-                f"from the parts: (2 fwd+bwd + {method}-opt) / (fwd+bwd + sgd-opt) = "
+                f"{method} ({backend}, k={k}): step / SGD step = {median / sgd:.3f}, / AdamW step = "
+                f"{median / adamw:.3f} (floor 2); from the parts: (2 fwd+bwd + {method}-opt) / (fwd+bwd + sgd-opt) = "
                 f"{(2 * unit + alone) / (unit + medians[('sgd-opt', '', 1)]):.3f}"
             )
+    if ivon is None:
+        print(f"skipped ivon: {IVON_MISSING}")
+    else:
+        step, alone = medians[("ivon", "", 1)], medians[("ivon-opt", "", 1)]
+        print(
+            f"ivon: step / AdamW step = {step / adamw:.3f} (floor 1); from the parts: (fwd+bwd + ivon-opt) / "
+            f"(fwd+bwd + adamw-opt) = {(unit + alone) / (unit + medians[('adamw-opt', '', 1)]):.3f}; "
+            f"ivon-opt / adamw-opt = {alone / medians[('adamw-opt', '', 1)]:.2f}"
+        )
     if args.csv:
-        path = pathlib.Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        csv_rows = CsvRows(pathlib.Path(args.csv), {}, fields=list(FIELDS))
+        for row in rows:
+            csv_rows.add(**row)
     return rows
 
 

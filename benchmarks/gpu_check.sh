@@ -38,6 +38,10 @@ timeout "$(limit 150)" python -m pytest tests -q -k "triton or cuda" --deselect 
   --deselect tests/test_hot_path.py --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
 check "${PIPESTATUS[0]}" "GPU tests"
 
+step "sambayes bench: the quick comparison of the backends that users run, on the GPU"
+timeout "$(limit 40)" python -m sambayes bench --device cuda 2>&1 | tee "$LOG/sambayes_bench.txt" | grep -v "sambayes bench: "
+check "${PIPESTATUS[0]}" "sambayes bench"
+
 step "compiled code for this GPU: 128-bit accesses, no local memory"
 arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
 timeout "$(limit 30)" python -m sambayes.kernels._compile_check --arch "$arch" --dtypes fp32,bf16 \
