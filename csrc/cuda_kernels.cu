@@ -329,12 +329,27 @@ struct AdamwOp {
 
 // ---- the multi-tensor kernel -----------------------------------------------------------------
 
+// Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
+// views of one buffer that may move between steps; with offsets their table stays cached and the
+// launch passes the base. `aligned` was decided on the addresses, so a base of another alignment
+// gives another key.
+template <int N>
+int64_t make_relative(std::vector<TensorRow<N>>& rows, int role) {
+  if (rows.empty()) return 0;
+  const auto base = reinterpret_cast<int64_t>(rows[0].ptr[role]);
+  for (auto& row : rows) row.ptr[role] = reinterpret_cast<void*>(reinterpret_cast<int64_t>(row.ptr[role]) - base);
+  return base;
+}
+
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
-template <int N, int V, typename Op>
-__global__ void __launch_bounds__(kThreads) multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, Op op_) {
+// kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
+template <int N, int V, int kRelative, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
   const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
-  const TensorRow<N> row = rows[chunk.row];
+  TensorRow<N> row = rows[chunk.row];
+  if constexpr (kRelative >= 0) row.ptr[kRelative] = static_cast<char*>(row.ptr[kRelative]) + base;
   int64_t tail = chunk.begin;
   if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
     const int64_t vectors = (chunk.end - chunk.begin) / V;
@@ -413,14 +428,14 @@ TableCache& table_cache() {
   return cache;
 }
 
-template <int N, typename A, typename Op>
-void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op) {
+template <int N, typename A, int kRelative = -1, typename Op>
+void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op, int64_t base = 0) {
   const auto table = table_cache().get(rows, device);
   if (table.num_chunks == 0) return;
   constexpr int V = 16 / sizeof(A);
-  multi_tensor_kernel<N, V, Op>
+  multi_tensor_kernel<N, V, kRelative, Op>
       <<<static_cast<unsigned>(table.num_chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          table.rows, table.chunks, op);
+          table.rows, table.chunks, base, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -455,12 +470,13 @@ void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
               {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
+  auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
+  const auto base = make_relative<5>(rows, 4);
   float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
     using A = acc_t<scalar_t>;
-    launch<5, A>(rows, device, BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate, flag, inv, A(1)});
+    launch<5, A, 4>(rows, device, BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate, flag, inv, A(1)}, base);
   });
 }
 
@@ -482,11 +498,12 @@ void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::T
   TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
   const auto device = grads[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto rows = make_rows<2>({grads, grad_sums});
+  auto rows = make_rows<2>({grads, grad_sums});
+  const auto base = make_relative<2>(rows, 1);
   float* flag = device_scalar(found_inf, device, "found_inf");
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "fold_grads", [&] {
     using A = acc_t<scalar_t>;
-    launch<2, A>(rows, device, FoldOp<scalar_t, A>{flag, first ? 0 : last ? 2 : 1});
+    launch<2, A, 1>(rows, device, FoldOp<scalar_t, A>{flag, first ? 0 : last ? 2 : 1}, base);
   });
 }
 
@@ -499,7 +516,8 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
@@ -507,7 +525,7 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits),       static_cast<A>(lr),        static_cast<A>(beta1),
                                 static_cast<A>(1 - beta1),    static_cast<A>(beta2),     static_cast<A>(1 - beta2),
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
-    launch<6, A>(rows, device, BsamUpdateOp<scalar_t, A>{c, flag, inv, false, A(1)});
+    launch<6, A, 5>(rows, device, BsamUpdateOp<scalar_t, A>{c, flag, inv, false, A(1)}, base);
   });
 }
 

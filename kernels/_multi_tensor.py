@@ -19,7 +19,11 @@ content (addresses, sizes, noise offsets): a reallocated tensor changes the key,
 an equal key means an identical table, so a cached table is never stale. The
 optimizers keep every tensor they pass (parameters, state, gradient buffers) at a
 fixed address, so in steady state every launch finds its table: no host work, no
-host-to-device copy.
+host-to-device copy. The running sums of a step (kind "X": ``grad_sum``,
+``curvature_sum``) live only within the step, as views of one buffer that the allocator
+may place anywhere: their table entries are offsets from the role's first tensor, whose
+address the launch passes (:func:`relative_base`, :func:`scratch_pointer`), so a new
+buffer with the same layout finds the same table.
 
 Noise (ALGORITHM.md, version 2): element i of a group takes lane i mod 4 of
 ``tl.randn4x(seed, i div 4)``. For the sampling kernel the blocks of a tensor are
@@ -96,6 +100,8 @@ class TensorTable:
         self.state = state_dtype(self.param)
         for r, (role, kind) in enumerate(zip(roles, kinds, strict=True)):
             want = self.param if kind == "P" else self.state
+            if kind not in "PSX":
+                raise ValueError(f"role kind {kind!r}: one of P, S, X")
             for i, (a, b) in enumerate(zip(first, role, strict=True)):
                 if a.numel() != b.numel():
                     raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
@@ -103,12 +109,13 @@ class TensorTable:
                     raise TypeError(f"role {r}, tensor {i}: dtype {b.dtype}, expected {want}")
         offsets = noise_offsets if noise_offsets is not None else [0] * len(first)
         classes: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
+        bases = [relative_base(role) if kind == "X" else 0 for role, kind in zip(roles, kinds)]
         for i, t in enumerate(first):
             shift = offsets[i] % 4 if noise_blocks else 0
             ptrs = [role[i].data_ptr() for role in roles]
             # 16-byte aligned bases, and blocks that start on multiples of BLOCK: 128-bit accesses
             aligned = shift == 0 and all(p % 16 == 0 for p in ptrs)
-            classes[aligned][0].append((t.numel(), offsets[i], ptrs))
+            classes[aligned][0].append((t.numel(), offsets[i], [p - base for p, base in zip(ptrs, bases)]))
             classes[aligned][1].append(shift)
         device = first[0].device
         self.parts = [
@@ -127,10 +134,16 @@ def tensor_table(
 
     All tensors must be contiguous; tensor i of every role has the same numel. ``kinds[r]`` is
     "P" where role r holds the parameter dtype (that of ``roles[0][0]``), "S" where it holds the
-    state dtype (float64 for float64 parameters, float32 otherwise); both are checked when the
-    table is built. ``noise_blocks``: place blocks on multiples of 4 in noise-index space (the
-    sampling kernel).
+    state dtype (float64 for float64 parameters, float32 otherwise), "X" for a state-dtype role
+    addressed relative to its first tensor (a kernel reads it with :func:`scratch_pointer`);
+    dtypes are checked when the table is built. ``noise_blocks``: place blocks on multiples of
+    4 in noise-index space (the sampling kernel).
     """
+    addresses = []
+    for role, kind in zip(roles, kinds):
+        base = relative_base(role) if kind == "X" else 0
+        # the base's alignment decides the table's aligned parts, so it is part of the key
+        addresses.append((base % 16, *(t.data_ptr() - base for t in role)))
     key = (
         roles[0][0].device,
         roles[0][0].dtype,
@@ -138,7 +151,7 @@ def tensor_table(
         noise_blocks,
         *(tuple(t.numel() for t in role) for role in roles),  # every role's sizes: checked when built
         tuple(noise_offsets) if noise_offsets is not None else None,
-        *(tuple(t.data_ptr() for t in role) for role in roles),
+        *addresses,
     )
     entry = _cache.get(key)
     if entry is None:
@@ -148,6 +161,11 @@ def tensor_table(
     else:
         _cache.move_to_end(key)
     return entry
+
+
+def relative_base(role: list[torch.Tensor]) -> int:
+    """The address a kind-"X" role's table entries are relative to: its first tensor's."""
+    return role[0].data_ptr()
 
 
 def cached_tables() -> int:
@@ -201,6 +219,15 @@ def role_pointer(record, start, ROLE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED
     ptr = tl.load(record + 2 + ROLE).to(tl.pointer_type(DTYPE)) + start
     if ALIGNED:
         # start is a multiple of BLOCK, so the block's base keeps the tensor's 16-byte alignment
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def scratch_pointer(record, start, ROLE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, base):
+    """:func:`role_pointer` for a kind-"X" role: the table holds an offset from ``base``."""
+    ptr = (tl.load(record + 2 + ROLE) + base).to(tl.pointer_type(DTYPE)) + start
+    if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
 

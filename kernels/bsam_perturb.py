@@ -22,8 +22,10 @@ from ._multi_tensor import (
     launch,
     load,
     locate,
+    relative_base,
     role_pointer,
     scalar,
+    scratch_pointer,
     sqrt,
     store,
     tensor_table,
@@ -56,6 +58,7 @@ def _bsam_perturb_kernel(
     found_inf,
     inv_scale_ptr,
     rho: tl.float64,
+    curvature_base,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -68,7 +71,7 @@ def _bsam_perturb_kernel(
         role_pointer(record, start, 1, PARAM, ALIGNED),
         role_pointer(record, start, 2, STATE, ALIGNED),
         role_pointer(record, start, 3, STATE, ALIGNED),
-        role_pointer(record, start, 4, STATE, ALIGNED),
+        scratch_pointer(record, start, 4, STATE, ALIGNED, curvature_base),
     )
     scalars = (scalar(rho, STATE), found_inf, tl.load(inv_scale_ptr).to(STATE))
     for_block(_perturb_block, pointers, scalars, start, remaining, 0, STATE, ACCUMULATE, BLOCK)
@@ -94,12 +97,13 @@ def bsam_perturb(
     float32 otherwise); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
     ``accumulate=False`` overwrites the sum (first sub-batch).
     """
-    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSSS")
+    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSSX")
     launch(
         _bsam_perturb_kernel,
         table,
         found_inf,
         inv_scale,
         float(rho),
+        relative_base(curvature_sums),
         ACCUMULATE=bool(accumulate),
     )

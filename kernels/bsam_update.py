@@ -14,7 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table, zero
+from ._multi_tensor import (
+    div,
+    for_block,
+    launch,
+    load,
+    locate,
+    relative_base,
+    role_pointer,
+    scalar,
+    scratch_pointer,
+    store,
+    tensor_table,
+    zero,
+)
 
 
 @triton.jit
@@ -55,6 +68,7 @@ def _bsam_update_kernel(
     weight_decay: tl.float64,
     damping: tl.float64,
     splits,
+    curvature_base,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -67,7 +81,7 @@ def _bsam_update_kernel(
         role_pointer(record, start, 2, STATE, ALIGNED),
         role_pointer(record, start, 3, STATE, ALIGNED),
         role_pointer(record, start, 4, STATE, ALIGNED),
-        role_pointer(record, start, 5, STATE, ALIGNED),
+        scratch_pointer(record, start, 5, STATE, ALIGNED, curvature_base),
     )
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
@@ -113,7 +127,7 @@ def bsam_update(
     ``grad_sums``: contiguous, one dtype; the state tensors: contiguous, float64 for
     float64 params, float32 otherwise; ``found_inf``, ``inv_scale``: float32 0-dim tensors.
     """
-    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums], "PPSSSS")
+    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums], "PPSSSX")
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     launch(
         _bsam_update_kernel,
@@ -122,4 +136,5 @@ def bsam_update(
         inv_scale,
         *(float(x) for x in scalars),
         int(splits),
+        relative_base(curvature_sums),
     )

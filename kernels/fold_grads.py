@@ -19,8 +19,10 @@ from ._multi_tensor import (
     launch,
     load,
     locate,
+    relative_base,
     role_pointer,
     rounded,
+    scratch_pointer,
     store,
     tensor_table,
     zero,
@@ -48,6 +50,7 @@ def _fold_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr,
 def _fold_grads_kernel(
     table,
     found_inf,
+    grad_sum_base,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     STAGE: tl.constexpr,
@@ -55,7 +58,10 @@ def _fold_grads_kernel(
     BLOCK: tl.constexpr,
 ):
     start, remaining, _, record = locate(table, 2)
-    pointers = (role_pointer(record, start, 0, PARAM, ALIGNED), role_pointer(record, start, 1, STATE, ALIGNED))
+    pointers = (
+        role_pointer(record, start, 0, PARAM, ALIGNED),
+        scratch_pointer(record, start, 1, STATE, ALIGNED, grad_sum_base),
+    )
     for_block(_fold_block, pointers, (found_inf,), start, remaining, 0, STATE, STAGE, BLOCK)
 
 
@@ -65,4 +71,5 @@ def fold_grads(
     """grad_sums (+)= grads and grads = 0, or (``last``) grads = grad_sums + grads; found_inf = 1 if a
     gradient is inf or NaN. One launch. ``first`` and ``last`` are exclusive (splits > 1)."""
     stage = 0 if first else 2 if last else 1
-    launch(_fold_grads_kernel, tensor_table([grads, grad_sums], "PS"), found_inf, STAGE=stage)
+    table = tensor_table([grads, grad_sums], "PX")
+    launch(_fold_grads_kernel, table, found_inf, relative_base(grad_sums), STAGE=stage)

@@ -59,6 +59,32 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def laid_out_as(shard: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A state tensor kept as ``p``'s local shard, as a DTensor laid out as ``p`` (sharing its storage), or
+    ``shard`` itself for a plain ``p``: what ``torch.distributed.checkpoint`` saves and reshards."""
+    if not hasattr(p, "device_mesh"):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def local_part(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """What this rank keeps of ``value`` for parameter ``p``: ``value`` is the whole tensor (a single-process
+    checkpoint; the shard is cut out of it), this rank's shard already (a per-rank checkpoint), or a DTensor
+    (laid out as ``p``: its local tensor; laid out otherwise: gathered first, a collective). The caller has
+    checked that ``value`` has ``p``'s shape or its shard's."""
+    if hasattr(value, "device_mesh"):
+        if hasattr(p, "device_mesh") and value.device_mesh == p.device_mesh and value.placements == p.placements:
+            return value.to_local()
+        value = value.full_tensor()
+    shard = local(p)
+    if value.shape == shard.shape:
+        return value
+    start = global_offset(p)  # sharded on dim 0: the shard is a contiguous run of the flat tensor
+    return value.reshape(-1)[start : start + shard.numel()].view(shard.shape)
+
+
 def global_offset(p: torch.Tensor) -> int:
     """Flat index, in the whole parameter, of the first element of this rank's shard."""
     if not hasattr(p, "device_mesh"):

@@ -135,12 +135,14 @@ class BSAM(TwoPassOptimizer):
             )
 
     def _perturb(self, inv_scale: dict) -> None:
+        if self._split == 0:  # the curvature sums live from the first ascent to the update
+            self._scratch("curvature_sum")
         for group, slots in zip(self.param_groups, self._group_slots):
             written = [s for s in slots if s.written]
             if self._split > 0:
                 for s in written:
                     if not s.ascended:  # its first gradient of this step came late: sum from 0
-                        self._curvature_sum(s).zero_()
+                        s.curvature_sum.zero_()
             if written:
                 backends.run(
                     self.backend,
@@ -149,7 +151,7 @@ class BSAM(TwoPassOptimizer):
                     self._grads(written),
                     self._states(written, "mean"),
                     self._states(written, "precision"),
-                    [self._curvature_sum(s) for s in written],
+                    [s.curvature_sum for s in written],
                     found_inf=self._flags(),
                     inv_scale=inv_scale,
                     rho=group["rho"],
@@ -161,25 +163,12 @@ class BSAM(TwoPassOptimizer):
         # the precision update needs this step's curvature estimate sqrt(s)·|g|
         return slot.ascended
 
-    @staticmethod
-    def _curvature_sum(slot) -> torch.Tensor:
-        """Running sum of the curvature estimate sqrt(s)·|g| over this step's sub-batches (scratch)."""
-        mean = slot.state["mean"]
-        if (
-            slot.curvature_sum is None
-            or slot.curvature_sum.device != mean.device
-            or slot.curvature_sum.shape != mean.shape
-            or slot.curvature_sum.dtype != mean.dtype
-        ):
-            slot.curvature_sum = torch.zeros_like(mean)
-        return slot.curvature_sum
-
     def _reduce_across_replicas(self) -> None:
         # DDP averages the gradients; the curvature sums are averaged here, in one call
         if not _distributed.is_ddp(self.model) or self._sync_group() is None:
             return
         # in parameter order: every rank must concatenate the same tensors in the same order
-        sums = [self._curvature_sum(s) for s in self._slots if s.ascended]
+        sums = [s.curvature_sum for s in self._slots if s.ascended]
         world = torch.distributed.get_world_size(self._sync_group())
         for dtype in dict.fromkeys(s.dtype for s in sums):  # first-seen order: the same on every rank
             same = [s for s in sums if s.dtype == dtype]
@@ -199,7 +188,7 @@ class BSAM(TwoPassOptimizer):
                 self._states(slots, "mean"),
                 self._states(slots, "precision"),
                 self._states(slots, "momentum"),
-                [self._curvature_sum(s) for s in slots],
+                [s.curvature_sum for s in slots],
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
                 lr=group["lr"],

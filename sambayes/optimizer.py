@@ -130,7 +130,7 @@ class _Slot:
         self.version = None  # (version, storage) of the parameter when we last wrote it
         self.grad = self.grad_local = None  # the gradient buffer (.grad) and its local tensor
         self.grad_version = -1  # the buffer's version when a phase last left it zeroed
-        self.grad_sum = self.curvature_sum = None  # sums over the sub-batches of a step
+        self.grad_sum = self.curvature_sum = None  # sums over the sub-batches of a step (see _scratch)
         self.written = self.ascended = self.folded = False  # this pass / this step
 
     def version_now(self) -> tuple[int, int]:
@@ -141,17 +141,6 @@ class _Slot:
         """Take ``grad`` as this parameter's gradient buffer, as it stands."""
         self.grad, self.grad_local = grad, _distributed.local(grad)
         self.grad_version = self.grad_local._version
-
-    def grad_sum_buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        """The running sum over sub-batches of the perturbed-point gradients, in the state dtype."""
-        if (
-            self.grad_sum is None
-            or self.grad_sum.shape != self.grad_local.shape
-            or self.grad_sum.device != self.grad_local.device
-            or self.grad_sum.dtype != dtype
-        ):
-            self.grad_sum = torch.empty_like(self.grad_local, dtype=dtype)
-        return self.grad_sum
 
 
 class TwoPassOptimizer(Optimizer):
@@ -196,6 +185,12 @@ class TwoPassOptimizer(Optimizer):
         self._hyperparameters = [k for k in defaults if k != "attempts"]  # what a checkpoint's groups carry
         super().__init__(params, defaults)
         self._init_scratch()
+        if not any(p.is_meta for group in self.param_groups for p in group["params"]):
+            # the state exists from the start, as torch.distributed.checkpoint's get/set_optimizer_state_dict
+            # need it (they would otherwise create it with step() and no closure); parameters changed before
+            # the first step are taken as between steps. Parameters still on the meta device: at the first step
+            with torch.no_grad():
+                self._prepare_state()
 
     def _init_scratch(self) -> None:
         """What lives between the phases of a step, and buffers kept across steps (not checkpointed)."""
@@ -383,11 +378,17 @@ class TwoPassOptimizer(Optimizer):
         """Mark the parameters that the backward pass just finished gave a gradient (``slot.written``).
 
         A pass accumulates into the zeroed buffer (its version moves) or installs a new
-        .grad (DDP's bucket views, a user's assignment); .grad set to None inside a step
-        has lost the gradients the optimizer keeps there, so it is an error.
+        .grad (DDP's bucket views, a user's assignment). .grad set to None inside a step
+        after a pass wrote into the buffer has lost the gradients the optimizer keeps
+        there, so it is an error; set to None while the buffer was still untouched
+        (``zero_grad()`` before the backward pass, as Lightning's closure does) it means
+        that the pass gave the parameter no gradient, and the buffer goes back.
         """
         for s in self._slots:
             grad = s.param.grad
+            if grad is None and s.grad is not None and s.grad_local._version == s.grad_version:
+                s.param.grad, s.written = s.grad, False  # an unused parameter: nothing was lost
+                continue
             if grad is None:
                 raise RuntimeError(
                     f"{action}(): the gradient of a parameter was set to None inside a step (zero_grad()?); "
@@ -417,7 +418,9 @@ class TwoPassOptimizer(Optimizer):
             first = []
         for slots, is_first in ((first, True), (later, False)):
             if slots:
-                sums = [s.grad_sum_buffer(state_dtype(s.param)) for s in slots]
+                if slots[0].grad_sum is None:
+                    self._scratch("grad_sum")
+                sums = [s.grad_sum for s in slots]
                 backends.run(
                     self.backend, "fold_grads", self._grads(slots), sums, found_inf=flags, first=is_first, last=last
                 )
@@ -425,6 +428,29 @@ class TwoPassOptimizer(Optimizer):
             s.folded = True
         if not last:
             self._consumed(written)
+
+    def _scratch(self, name: str) -> None:
+        """Give every slot its running sum ``name`` of this step ("grad_sum", "curvature_sum"),
+        allocated now and dropped when the step ends: between steps the optimizer holds its state
+        and nothing else.
+
+        For the tabled backends the sums are views of one buffer per (device, state dtype), 16-byte
+        aligned, whose launch tables hold offsets from its start and so stay cached wherever the
+        allocator puts it; elsewhere, one tensor each (see backends.scratch_in_one_buffer).
+        """
+        by_buffer: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+        for s in self._slots:
+            by_buffer.setdefault((s.local.device, state_dtype(s.param)), []).append(s)
+        for (device, dtype), slots in by_buffer.items():
+            if not backends.scratch_in_one_buffer(self.backend, device):
+                for s in slots:
+                    setattr(s, name, torch.empty_like(s.local, dtype=dtype))
+                continue
+            align = max(1, 16 // dtype.itemsize)
+            sizes = [-(-s.local.numel() // align) * align for s in slots]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            for s, piece in zip(slots, flat.split(sizes)):
+                setattr(s, name, piece[: s.local.numel()].view(s.local.shape))
 
     # ---- the step's flags ---------------------------------------------------------------
     def _devices(self) -> list[torch.device]:
@@ -692,6 +718,7 @@ class TwoPassOptimizer(Optimizer):
         self._unfolded = False
         for s in self._slots:
             s.written = s.ascended = s.folded = False
+            s.grad_sum = s.curvature_sum = None  # between steps the optimizer keeps its state only
         if _distributed.is_ddp(self.model):
             _distributed.set_grad_sync(self.model, True)
         self._freeze_bn(False)
@@ -806,26 +833,45 @@ class TwoPassOptimizer(Optimizer):
                     f"state of parameter {pid} has {keys}, a {type(self).__name__} keeps {sorted(expected)}: "
                     "is this another optimizer's state dict?"
                 )
-            shape = _distributed.local(p).shape  # FSDP2: this rank's shard
+            whole, shard = tuple(p.shape), tuple(_distributed.local(p).shape)  # FSDP2: this rank's shard
             for key, value in saved.items():
-                if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != shape:
+                # a DTensor is the whole tensor; a plain tensor the whole one or this rank's shard
+                fits = (whole,) if hasattr(value, "device_mesh") else (whole, shard)
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape not in fits:
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(
                         f"state_dict does not fit this model: state {key!r} of parameter {pid} has shape {got}, "
-                        f"the parameter has shape {tuple(shape)}"
+                        f"the parameter has shape {whole}"
+                        + (f" (this rank's shard: {shard})" if shard != whole else "")
                     )
         return by_id
 
     def state_dict(self) -> dict[str, Any]:
+        """The state of every trainable parameter and the groups' hyperparameters and counters.
+
+        Under FSDP2 each state tensor is a DTensor laid out as its parameter (sharing this
+        rank's shard, as ``torch.optim``'s state is), so ``torch.distributed.checkpoint``
+        saves it and loads it into any other sharding or into an unsharded model.
+        """
         if self._phase != _REST:
             raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._phase})")
+        if not self._posterior_seeds:  # (inside sampled_params() the model holds a sample, not the weights)
+            with torch.no_grad():  # state for parameters trainable since; weights set since the last step
+                self._prepare_state()
         self._report_skips(wait=True)
         state = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]  # torch's numbering of the ids
+        for pid, saved in list(state["state"].items()):
+            if hasattr(params[pid], "device_mesh"):  # a new dict: super() hands out the live one
+                state["state"][pid] = {
+                    key: _distributed.laid_out_as(value, params[pid]) for key, value in saved.items()
+                }
         for group, saved in zip(self.param_groups, state["param_groups"]):
             step, skipped = self._counters(group)
-            # plain numbers in the checkpoint, as before: (attempts = step + skipped_steps)
+            # plain numbers in the checkpoint; attempts too (= step + skipped_steps, recomputed on load),
+            # since DCP's flattened state dicts expect every key of the live groups
             saved["step"], saved["skipped_steps"] = int(step), int(skipped)
-            saved.pop("attempts", None)
+            saved["attempts"] = int(step) + int(skipped)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -836,8 +882,19 @@ class TwoPassOptimizer(Optimizer):
         hyperparameter). A step in progress is abandoned (as :meth:`abort` does). Unlike
         ``torch.optim.Optimizer``, keeps float32 master state for low-precision parameters
         instead of casting it to the parameter dtype.
+
+        Each state tensor may be this rank's shard (a per-rank checkpoint), the whole tensor
+        (a single-process checkpoint, under FSDP2 too: each rank cuts its shard out), or a
+        DTensor (:meth:`state_dict` under FSDP2, ``torch.distributed.checkpoint``).
         """
         by_id = self._check_state_dict(state_dict)
+        state_dict = {
+            **state_dict,
+            "state": {
+                pid: {key: _distributed.local_part(value, by_id[pid]) for key, value in saved.items()}
+                for pid, saved in state_dict["state"].items()
+            },
+        }
         if self._phase != _REST:  # a step in progress (say, it crashed halfway): abandoned first
             self.abort()
         super().load_state_dict(state_dict)

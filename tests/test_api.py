@@ -514,6 +514,35 @@ def test_zeroing_gradients_inside_a_split_step_loses_nothing():
     assert torch.equal(finals[0], finals[1])
 
 
+@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_zeroing_gradients_before_backward_with_an_unused_parameter(method):
+    """zero_grad() at the top of the closure (Lightning's closure does it before each backward
+    pass) leaves an unused parameter's .grad None: it got no gradient, which is no error; the
+    step equals the one without zero_grad() and the unused parameter stays where it was."""
+    finals = []
+    for zero in (True, False):
+        model, unused = small_mlp(), torch.nn.Linear(2, 2)
+        before = flat(unused)
+        x, y = data()
+        both = torch.nn.ModuleList([model, unused])
+        opt = sambayes.BSAM(both, num_data=10, seed=0) if method == "bsam" else sambayes.SAM(both, lr=0.1)
+        chunks = sambayes.split_batch(x, y, splits=2)
+
+        def closure(j, zero=zero, model=model, opt=opt, chunks=chunks):
+            if zero:
+                opt.zero_grad()
+            loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure, splits=2)
+        assert torch.equal(flat(unused), before)
+        assert unused.weight.grad is not None and not unused.weight.grad.any()  # its buffer is back, zero
+        finals.append(flat(model))
+    assert torch.equal(finals[0], finals[1])
+
+
 def test_gradients_set_to_none_between_phases_are_an_error():
     model = small_mlp()
     x, y = data()

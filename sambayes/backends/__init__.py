@@ -132,6 +132,18 @@ def resolve(backend: str, device: torch.device | str) -> ModuleType:
     return _module(pick(backend, device))
 
 
+#: the backends that launch through cached tables of addresses (see kernels/_multi_tensor.py)
+TABLED = ("triton", "cuda")
+
+
+def scratch_in_one_buffer(backend: str, device: torch.device | str) -> bool:
+    """Whether a step's running sums on ``device`` should be views of one buffer: the tabled
+    backends address them relative to it, so their tables survive the buffer's reallocation.
+    Elsewhere separate tensors are better: on the CPU, freed tensors of the same sizes come back
+    from the heap at once, while one large buffer is mapped afresh, page by page, every step."""
+    return pick(backend, device) in TABLED
+
+
 def check_backend(backend: object) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: choose one of {BACKENDS}")
