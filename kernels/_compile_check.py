@@ -61,7 +61,7 @@ def _arg_type(param, state: str) -> str:
         return "*fp32"
     if param.name in ("corrections_ptr", "scale_ptr"):  # float64 on the device, read in the state dtype
         return "*fp64"
-    if param.name == "seed":
+    if param.name == "seed" or param.name.endswith("_base"):  # a seed; the address of an "X" role's first tensor
         return "i64"
     if param.name == "splits":
         return "i32"
@@ -81,6 +81,9 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int):
             signature[p.name] = _arg_type(p, "fp64" if state == tl.float64 else "fp32")
     # the table comes from the caching allocator: 16-byte aligned, as Triton assumes for tensor arguments
     attrs = {(kernel.arg_names.index("table"),): [["tt.divisibility", 16]]}
+    for name in kernel.arg_names:  # an "X" role's base is a tensor's address: Triton specializes it as such
+        if name.endswith("_base"):
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _multi_tensor.NUM_WARPS})
 
