@@ -21,6 +21,16 @@ def is_fsdp2(model: torch.nn.Module | None) -> bool:
     return model is not None and hasattr(model, "set_requires_gradient_sync")
 
 
+def reshard(model: torch.nn.Module | None) -> None:
+    """Before the optimizer writes the parameters' shards: FSDP2 keeps a module's parameters gathered
+    after a forward pass with no backward pass (an evaluation), and the next forward pass would use
+    those stale copies instead of what was written. A no-op for modules already resharded."""
+    if is_fsdp2(model):
+        for module in unwrap(model).modules():
+            if hasattr(module, "set_requires_gradient_sync") and hasattr(module, "reshard"):
+                module.reshard()
+
+
 def is_ddp(model: torch.nn.Module | None) -> bool:
     return isinstance(unwrap(model), torch.nn.parallel.DistributedDataParallel)
 

@@ -49,6 +49,12 @@ class BSAM(TwoPassOptimizer):
             across devices: sub-batch index ``j * world_size + rank``).
         bn_stats: which pass updates BatchNorm running statistics: "noisy" (default),
             "perturbed" or "both". Needs ``model``.
+        keep_sums: whether the step's running sums (the curvature sum, and with splits > 1 the
+            sum of the perturbed-point gradients: 4 bytes per parameter each) stay allocated
+            between steps. None (default): on the CPU only, where allocating them again every
+            step maps fresh pages (measured: +23% of a step); elsewhere the caching allocator
+            hands the same memory back, so they live only within a step and the optimizer keeps
+            12 bytes per float32 parameter between steps.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
     for float64 parameters, float32 otherwise. Per group: ``step`` (updates taken) and
@@ -74,6 +80,7 @@ class BSAM(TwoPassOptimizer):
         backend: str = "auto",
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
+        keep_sums: bool | None = None,
     ) -> None:
         seed = _check_seed(seed, allow_none=True)
         defaults = dict(
@@ -86,7 +93,7 @@ class BSAM(TwoPassOptimizer):
             init_precision=init_precision,
             seed=seed,
         )
-        super().__init__(params, defaults, backend, model, bn_stats)
+        super().__init__(params, defaults, backend, model, bn_stats, keep_sums)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
             bits = self.param_groups[0]["seed"]  # as int64 bits: a seed may exceed 2^63
             seed_tensor = torch.tensor(
@@ -250,10 +257,12 @@ class BSAM(TwoPassOptimizer):
                 if self._posterior_seeds:
                     self._draw_posterior(self._posterior_seeds[-1])
                 else:
+                    _distributed.reshard(self.model)
                     self._restore(self._slots)
                     self._record_versions()
 
     def _draw_posterior(self, seed: int) -> None:
+        _distributed.reshard(self.model)  # forward passes without backward came before (evaluations)
         for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
             self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
 

@@ -83,6 +83,14 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
             return loss
 
         opt.step(closure, splits=splits)
+    if wrapper == "fsdp2" and method == "bsam":  # an evaluation leaves the root's parameters gathered
+        x = xs[0][:8]
+        with torch.no_grad():
+            at_mean = torch.softmax(net(x), -1)
+        averaged = sambayes.predict(net, opt, x, samples=4)
+        with torch.no_grad():
+            again = torch.softmax(net(x), -1)
+        torch.save([at_mean, averaged, again], f"{out_dir}/predict{rank}.pt")
     # a checkpoint of this rank's state loads into a fresh optimizer (FSDP2: shard shapes)
     fresh = make_optimizer(method, net, seed=0)
     fresh.load_state_dict(opt.state_dict())

@@ -51,6 +51,10 @@ def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
     reference = dist_workers.single_process(method, splits=1)
     for a, r in zip(rank0, reference):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    if method == "bsam":  # after an evaluation, the samples are samples (FSDP2 had left the root gathered)
+        at_mean, averaged, again = torch.load(tmp_path / "predict0.pt")
+        assert (averaged - at_mean).abs().max() > 1e-4
+        assert torch.equal(again, at_mean)  # and the mean is back
 
 
 def test_ddp_with_float32_and_float64_state(tmp_path):
