@@ -271,8 +271,9 @@ class Measured(NamedTuple):
 Maker = Callable[[list[torch.nn.Parameter], list[torch.Tensor]], tuple[object, Callable[[], object]]]
 
 
-def maker(optimizer: str, tier: str, splits: int) -> Maker:
-    """A function of (parameters, given gradients) returning (the optimizer, one step of it)."""
+def maker(optimizer: str, tier: str, splits: int, keep_sums: bool | None = None) -> Maker:
+    """A function of (parameters, given gradients) returning (the optimizer, one step of it);
+    ``keep_sums``: sambayes's option (None: kept between steps on the CPU only)."""
 
     def make(params, grads):
         h = HYPER
@@ -280,10 +281,16 @@ def maker(optimizer: str, tier: str, splits: int) -> Maker:
         if optimizer in SAMBAYES:
             if optimizer == "sam-adamw":
                 opt = sambayes.SAM(
-                    params, lr=h["lr"], rho=h["rho"], weight_decay=h["weight_decay"], base="adamw", backend=tier
+                    params,
+                    lr=h["lr"],
+                    rho=h["rho"],
+                    weight_decay=h["weight_decay"],
+                    base="adamw",
+                    backend=tier,
+                    keep_sums=keep_sums,
                 )
             else:
-                opt = make_optimizer("bsam" if optimizer == "bsam" else "sam", params, tier)
+                opt = make_optimizer("bsam" if optimizer == "bsam" else "sam", params, tier, keep_sums=keep_sums)
             return opt, lambda: opt.step(lambda *j: closure(), splits=splits)
         if optimizer == "adamw":
             opt = torch.optim.AdamW(params, lr=h["lr"], weight_decay=h["weight_decay"], **{tier: True})
@@ -504,6 +511,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--label", default="", help="stored with every row; 'before' marks an older commit")
     parser.add_argument("--note", default="", help="free text stored with every row")
     parser.add_argument("--markdown", action="store_true", help="print the README table at the end")
+    parser.add_argument(
+        "--keep-sums",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="sambayes's keep_sums: auto (None: kept between steps on the CPU only), yes, no",
+    )
     args = parser.parse_args(argv)
     args.optimizer_list = _list(args.optimizers, OPTIMIZERS, "--optimizers")
     args.tier_list = _list(args.tiers, backends.NAMES, "--tiers")
@@ -549,9 +562,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for optimizer, tier, splits in todo:
                 key = dict(dtype=dtype_name, optimizer=optimizer, tier=tier, splits=splits)
                 try:
-                    m = measure(maker(optimizer, tier, splits), shapes, getattr(torch, dtype_name), device, args.steps)
+                    keep = {"auto": None, "yes": True, "no": False}[args.keep_sums]
+                    make = maker(optimizer, tier, splits, keep)
+                    m = measure(make, shapes, getattr(torch, dtype_name), device, args.steps)
                     row = csv_rows.add(
-                        **dict(key, tier=tier or m.tier),
+                        # sambayes rows with keep_sums set say so in their tier
+                        **dict(
+                            key,
+                            tier=(tier or m.tier)
+                            + (f" keep_sums={keep}" if keep is not None and optimizer in SAMBAYES else ""),
+                        ),
                         params_grads_bytes=m.params_grads,
                         kept_bytes=m.held.bytes,
                         kept_b=m.held.bytes / m.numel,

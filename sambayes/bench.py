@@ -86,13 +86,20 @@ def closure_for(params: list[torch.Tensor], grads: list[torch.Tensor]) -> Callab
     return closure
 
 
-def make_optimizer(optimizer: str, params: list[torch.nn.Parameter], backend: str) -> BSAM | SAM:
-    """``sambayes.BSAM`` (``optimizer="bsam"``) or ``sambayes.SAM`` (SGD base) with :data:`HYPER`."""
+def make_optimizer(optimizer: str, params: list[torch.nn.Parameter], backend: str, **options) -> BSAM | SAM:
+    """``sambayes.BSAM`` (``optimizer="bsam"``) or ``sambayes.SAM`` (SGD base) with :data:`HYPER`;
+    ``options``: further keywords of the optimizer."""
     h = HYPER
     if optimizer == "bsam":
-        return BSAM(params, num_data=h["num_data"], lr=h["lr"], rho=h["rho"], seed=1, backend=backend)
+        return BSAM(params, num_data=h["num_data"], lr=h["lr"], rho=h["rho"], seed=1, backend=backend, **options)
     return SAM(
-        params, lr=h["lr"], rho=h["rho"], momentum=h["momentum"], weight_decay=h["weight_decay"], backend=backend
+        params,
+        lr=h["lr"],
+        rho=h["rho"],
+        momentum=h["momentum"],
+        weight_decay=h["weight_decay"],
+        backend=backend,
+        **options,
     )
 
 

@@ -31,7 +31,7 @@ class SAM(TwoPassOptimizer):
     parameters), ``momentum`` (the heavy-ball buffer, or AdamW's first moment) and,
     for AdamW, ``variance`` (its second moment). Per group: ``step`` and ``skipped_steps``
     (0-dim device tensors), ``attempts`` (a host int).
-    Between steps the model's parameters hold w. ``model`` and ``bn_stats``: as for
+    Between steps the model's parameters hold w. ``model``, ``bn_stats`` and ``keep_sums``: as for
     :class:`BSAM` (with DDP, each replica takes its own ascent: m-sharpness across devices).
     """
 
@@ -53,6 +53,7 @@ class SAM(TwoPassOptimizer):
         backend: str = "auto",
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
+        keep_sums: bool | None = None,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base={base!r}: choose one of {BASES}")
@@ -69,7 +70,7 @@ class SAM(TwoPassOptimizer):
                 raise ValueError("momentum and nesterov belong to base='sgd'; base='adamw' takes betas and eps")
             betas = (0.9, 0.999) if betas is None else betas
             defaults.update(betas=tuple(betas) if isinstance(betas, list) else betas, eps=1e-8 if eps is None else eps)
-        super().__init__(params, defaults, backend, model, bn_stats)
+        super().__init__(params, defaults, backend, model, bn_stats, keep_sums)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"])

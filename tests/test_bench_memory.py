@@ -28,8 +28,10 @@ FUSED = "cpu" if backends.why_unavailable("cpu", CPU) is None else "eager"
 PADDING = 2 * 16 * len(SHAPES)
 
 
-def measure(optimizer, tier="", splits=1, dtype=torch.float32):
-    return bench_memory.measure(bench_memory.maker(optimizer, tier, splits), SHAPES, dtype, CPU, steps=2)
+def measure(optimizer, tier="", splits=1, dtype=torch.float32, keep_sums=False):
+    """As on a GPU by default (keep_sums=False: the step's sums dropped between steps)."""
+    make = bench_memory.maker(optimizer, tier, splits, keep_sums)
+    return bench_memory.measure(make, SHAPES, dtype, CPU, steps=2)
 
 
 def per_parameter(m) -> dict[str, float]:
@@ -47,6 +49,14 @@ def test_bsam_keeps_12_bytes_per_float32_parameter(tier, splits):
     assert 0 < m.held.scalar_bytes < 100  # step counters and flags
     assert m.params_grads == 8 * NUMEL
     assert m.other == 0  # nothing else lives between steps: no cache, no leak
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_bsam_keeps_its_sums_on_the_cpu_by_default(splits):
+    # keep_sums=None: kept between steps on the CPU, where allocating them again costs a page-faulting pass
+    m = measure("bsam", FUSED, splits, keep_sums=None)
+    sums = {"_slots[*].curvature_sum": 4.0} | ({"_slots[*].grad_sum": 4.0} if splits == 2 else {})
+    assert per_parameter(m) == {"state[*].mean": 4.0, "state[*].precision": 4.0, "state[*].momentum": 4.0} | sums
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -166,5 +176,9 @@ def test_command_writes_rows_and_the_tables(tmp_path, capsys):
     assert all(r["commit"] and r["date"] and r["device"] for r in saved)
     assert "skipped triton on cpu" in printed
     assert "| optimizer, tier | fp32 kept | fp32 peak k=1 | fp32 peak k=2 |" in printed
-    assert f"| bSAM, {FUSED} | 12.0" in printed and "| torch AdamW, fused | 8.0" in printed
-    assert f"| {FUSED} | 1 | 12.0" in printed  # before -> now, here the same code twice
+    # keep_sums=None on the CPU: bSAM's sums stay between steps (12 + 4 B, + 4 with two sub-batches)
+    assert f"| bSAM, {FUSED} | 16.01 / 20.01 |" in printed and "| torch AdamW, fused | 8.0" in printed
+    assert f"| {FUSED} | 1 | 16.01 -> 16.01" in printed  # before -> now, here the same code twice
+    dropped = bench_memory.main([*args, "--optimizers", "bsam", "--tiers", FUSED, "--keep-sums", "no", "--markdown"])
+    assert [r["tier"] for r in dropped] == [f"{FUSED} keep_sums=False"] * 2
+    assert f"| bSAM, {FUSED} keep_sums=False | 12.0" in capsys.readouterr().out
