@@ -1,17 +1,36 @@
-"""Time of one training step with bSAM and SAM relative to one SGD step, same model and batch.
+"""Time of one training step with bSAM and SAM relative to one SGD step and one AdamW step, same model and batch.
 
 A bSAM or SAM step takes two forward-backward passes where SGD takes one, so
 2× an SGD step is the floor; the rest (noise, ascent, update, bookkeeping) is what
 this measures above it. IVON, the variational peer, takes one pass per step: its floor
-is 1× an AdamW step. Rows, for the CIFAR-style ResNet-18 of ``examples/``:
+is 1× an AdamW step.
+
+Models (``--model``, one per run: the shapes, batch and autocast defaults are each model's, and
+every row names its model in the ``model`` column):
+
+- ``resnet18`` (default): the CIFAR-style ResNet-18 of ``examples/cifar_resnet.py`` on one random
+  normalized batch [batch, 3, 32, 32]; width 16, batch 32 on the CPU (64, 200 on a GPU); float32
+  (``--amp bf16`` for autocast). Steps as ``examples/train.py`` takes them (its ``train_step``).
+- ``gpt``: the GPT-style decoder of ``examples/gpt.py`` (imported from that file) on one batch of
+  windows of its byte-level corpus; on the CPU the example's default shapes (4 layers, 4 heads,
+  128 wide, block 64: 0.8M parameters) and batch (16 sequences), on a GPU GPT-2 small's shapes
+  (12 × 768, block 1024) with batch 8; ``--n-layer``, ``--n-head``, ``--n-embd``, ``--block-size``
+  change them. The forward pass runs under bfloat16 autocast as in the example (``--amp none``:
+  float32). Steps as the example takes them (its ``lm_loss`` and ``train_step``; SAM, which the
+  example does not train, with the same closure as bSAM); no gradient clipping. Its AdamW is the
+  example's (weight decay on the matrices only, betas 0.9, 0.95) in PyTorch's fused implementation
+  where the device has it, else foreach: the ``backend`` column says which.
+
+Rows:
 
 - ``fwd+bwd``: zero the gradients, forward, backward (no optimizer): the unit.
 - ``sgd``: ``torch.optim.SGD`` (momentum 0.9, weight decay): one pass + its update.
-- ``adamw``: ``torch.optim.AdamW`` (PyTorch's default implementation): one pass + its update.
+- ``adamw``: ``torch.optim.AdamW``: one pass + its update (ResNet-18: PyTorch's default
+  implementation; GPT: fused or foreach, above).
 - ``ivon``: ``ivon.IVON`` (``ivon-opt``, one Monte Carlo sample) as its README trains:
   ``with opt.sampled_params(train=True):`` zero the gradients, forward, backward; then
   ``opt.step()``. Skipped, with the reason, when ``ivon`` does not import.
-- ``sam``, ``bsam``: ``opt.step(closure, splits=k)`` as ``examples/train.py`` calls it.
+- ``sam``, ``bsam``: ``opt.step(closure, splits=k)`` (``--backend``, default ``auto``, shown resolved).
 - ``sgd-opt``, ``adamw-opt``, ``ivon-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone,
   with a fixed gradient assigned where the backward passes would be (for IVON inside
   ``sampled_params``): the rest, measured directly (on a busy machine far less noisy than
@@ -23,8 +42,10 @@ time above the passes, ``(t − passes × t_fwd+bwd) / t_fwd+bwd``. The cases ar
 one step each per round, so drift in the machine's load hits them alike. Rows are
 appended to ``benchmarks/results/train_step.csv`` with the device, date and versions.
 
-    python benchmarks/bench_train_step.py --threads 1       # CPU: width 16, batch 32, k = 1
-    python benchmarks/bench_train_step.py --device cuda     # GPU: width 64, batch 200, k = 1 and 8
+    python benchmarks/bench_train_step.py --threads 1               # CPU: ResNet-18 width 16, batch 32, k = 1
+    python benchmarks/bench_train_step.py --device cuda             # GPU: width 64, batch 200, k = 1 and 8
+    python benchmarks/bench_train_step.py --model gpt --threads 2   # CPU: the example's GPT, batch 16, bf16
+    python benchmarks/bench_train_step.py --model gpt --device cuda # GPU: GPT-2 small's shapes, batch 8
 """
 
 from __future__ import annotations
@@ -32,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import pathlib
 import statistics
 import sys
@@ -92,6 +114,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Workload(NamedTuple):
+    """One model and batch to time: what ``cases`` needs of it."""
+
+    model: torch.nn.Module  # float32, training mode; each case trains its own copy
+    label: str  # the CSV's model column
+    description: str  # the header line's
+    fwd_bwd: Callable[[torch.nn.Module], None]  # zero the gradients, forward, backward
+    train_step: Callable[[torch.nn.Module, torch.optim.Optimizer, int], None]  # one whole step, k sub-batches
+    make_adamw: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
 def setup(width: int, batch: int, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """The model (float32, training mode) and one normalized CIFAR-shaped batch [batch, 3, 32, 32] with labels."""
     torch.manual_seed(0)
@@ -99,6 +132,102 @@ def setup(width: int, batch: int, device: torch.device) -> tuple[torch.nn.Module
     images = torch.randn(batch, 3, 32, 32, device=device)
     labels = torch.randint(10, (batch,), device=device)
     return model, images, labels
+
+
+def resnet_workload(args, device: torch.device) -> Workload:
+    """The CIFAR-style ResNet-18 of ``examples/cifar_resnet.py``, stepped by its ``train_step``."""
+    model, images, labels = setup(args.width, args.batch, device)
+    dtype = {"none": None, "bf16": torch.bfloat16}[args.amp]
+
+    def fwd_bwd(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+
+    def step(model, opt, k: int) -> None:
+        train_step(model, opt, images, labels, splits=k, dtype=dtype, scaler=None, max_grad_norm=None)
+
+    return Workload(
+        model,
+        f"resnet18-w{args.width}",
+        f"ResNet-18 width {args.width}",
+        fwd_bwd,
+        step,
+        lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=5e-4),  # PyTorch's default implementation
+    )
+
+
+def load_gpt():
+    """``examples/gpt.py`` as the module ``gpt`` (registered first: its dataclasses look their module up)."""
+    path = ROOT / "examples" / "gpt.py"
+    module = sys.modules.get("gpt")
+    if module is not None and pathlib.Path(getattr(module, "__file__", "")).resolve() == path:
+        return module
+    spec = importlib.util.spec_from_file_location("gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def gpt_workload(args, device: torch.device) -> Workload:
+    """The GPT of ``examples/gpt.py`` on one batch of its corpus's windows, int64 [batch, block_size],
+    stepped by its ``train_step`` (SAM, which the example does not train: with the same closure as bSAM)."""
+    gpt = load_gpt()
+    config = gpt.GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size)
+    torch.manual_seed(0)
+    model = gpt.GPT(config).to(device).train()
+    corpus = gpt.load_corpus()
+    offsets = gpt.batch_offsets(0, 0, args.batch, len(corpus.train), args.block_size)
+    inputs, targets = (t.to(device) for t in gpt.windows(corpus.train, offsets, args.block_size))
+    amp = args.amp == "bf16"
+
+    def fwd_bwd(model: torch.nn.Module) -> None:
+        model.zero_grad(set_to_none=True)
+        gpt.lm_loss(model, inputs, targets, amp).backward()
+
+    def step(model, opt, k: int) -> None:
+        if not isinstance(opt, sambayes.SAM):
+            gpt.train_step(model, opt, inputs, targets, splits=k, amp=amp, max_grad_norm=None)
+            return
+        chunks = sambayes.split_batch(inputs, targets, splits=k)
+
+        def closure(j: int = 0) -> torch.Tensor:
+            loss = gpt.lm_loss(model, *chunks[j], amp)
+            loss.backward()
+            return loss
+
+        opt.step(closure, splits=k)
+
+    def make_adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        # the example's AdamW (weight decay on the matrices only), fused where the device has the kernel
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fast = {"fused": True} if device.type in fused_devices() else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), **fast)
+
+    label = f"gpt-l{args.n_layer}-h{args.n_head}-e{args.n_embd}-t{args.block_size}"
+    described = (
+        f"GPT {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, block {args.block_size} "
+        f"({gpt.count_parameters(model):,} parameters)"
+    )
+    return Workload(model, label, described, fwd_bwd, step, make_adamw)
+
+
+def fused_devices() -> list[str]:
+    """Device types with PyTorch's fused AdamW kernel (CUDA where PyTorch does not say)."""
+    from torch.utils import _foreach_utils
+
+    return getattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
+
+
+def implementation(opt: torch.optim.Optimizer | None) -> str:
+    """Which implementation a torch optimizer was asked for: "fused", "foreach" or "" (PyTorch's default)."""
+    defaults = opt.defaults if isinstance(opt, torch.optim.Optimizer) else {}
+    return "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else ""
 
 
 class Case(NamedTuple):
@@ -110,7 +239,7 @@ class Case(NamedTuple):
     opt: object
 
 
-def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
+def cases(work: Workload, args) -> list[Case]:
     """What is timed, each on its own copy of the model:
 
     - whole steps: ``fwd+bwd`` (the unit), ``sgd``, ``adamw``, ``ivon`` (if it imports), and
@@ -120,13 +249,7 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
       sample -> perturb (-> sample -> perturb)* -> update, with fixed gradients assigned in
       place of the backward passes: the cost above the passes, measured directly.
     """
-    dtype = {"none": None, "bf16": torch.bfloat16}[args.amp]
-
-    def fwd_bwd(model: torch.nn.Module) -> None:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(images), labels)
-        loss.backward()
+    base, fwd_bwd = work.model, work.fwd_bwd
 
     def whole(model, opt, k):
         if ivon is not None and isinstance(opt, ivon.IVON):
@@ -137,7 +260,7 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
                 opt.step()
 
             return ivon_step
-        return lambda: train_step(model, opt, images, labels, splits=k, dtype=dtype, scaler=None, max_grad_norm=None)
+        return lambda: work.train_step(model, opt, k)
 
     def alone(params, grads, opt, k):
         def set_grads() -> None:
@@ -169,7 +292,7 @@ def cases(base: torch.nn.Module, images, labels, args, device) -> list[Case]:
     out = [Case("fwd+bwd", "", 1, 1, lambda: fwd_bwd(unit_model), None)]
     one_pass = {
         "sgd": lambda params: torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=5e-4),
-        "adamw": lambda params: torch.optim.AdamW(params, lr=LR, weight_decay=5e-4),
+        "adamw": work.make_adamw,
     }
     if ivon is not None:
         one_pass["ivon"] = lambda params: ivon.IVON(
@@ -223,11 +346,25 @@ def peak_mib(fn: Callable[[], None], device: torch.device) -> float | None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model", choices=("resnet18", "gpt"), default="resnet18", help="what trains (default: resnet18)"
+    )
     parser.add_argument("--width", type=int, default=None, help="ResNet-18 width (default: 16 on CPU, 64 on GPU)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default: 32 on CPU, 200 on GPU)")
+    parser.add_argument("--n-layer", type=int, default=None, help="GPT layers (default: 4 on CPU, 12 on GPU)")
+    parser.add_argument("--n-head", type=int, default=None, help="GPT heads (default: 4 on CPU, 12 on GPU)")
+    parser.add_argument("--n-embd", type=int, default=None, help="GPT width (default: 128 on CPU, 768 on GPU)")
+    parser.add_argument("--block-size", type=int, default=None, help="GPT context (default: 64 on CPU, 1024 on GPU)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size (default: ResNet-18 32 on CPU, 200 on GPU; GPT 16 sequences on CPU, 8 on GPU)",
+    )
     parser.add_argument("--splits", default=None, help="comma-separated k for bsam/sam (default: 1 on CPU, 1,8 on GPU)")
     parser.add_argument("--backend", default="auto", help="comma-separated sambayes backends")
-    parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument(
+        "--amp", choices=("none", "bf16"), default=None, help="autocast (default: none for resnet18, bf16 for gpt)"
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default: 30 on CPU, 100 on GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -238,13 +375,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
-    args.width = args.width or (64 if gpu else 16)
-    args.batch = args.batch or (200 if gpu else 32)
+    shapes = ("n_layer", "n_head", "n_embd", "block_size")
+    other = ("width",) if args.model == "gpt" else shapes
+    for key in (k for k in other if getattr(args, k) is not None):
+        parser.error(f"--{key.replace('_', '-')} is not a shape of --model {args.model}")
+    if args.model == "gpt":
+        cpu_shapes = (4, 4, 128, 64)  # examples/gpt.py's defaults (GPTConfig)
+        gpu_shapes = (12, 12, 768, 1024)  # GPT-2 small's (examples/gpt.py --gpt2-small)
+        for key, default in zip(shapes, gpu_shapes if gpu else cpu_shapes):
+            setattr(args, key, getattr(args, key) or default)
+        args.batch = args.batch or (8 if gpu else 16)
+        args.amp = args.amp or "bf16"
+    else:
+        args.width = args.width or (64 if gpu else 16)
+        args.batch = args.batch or (200 if gpu else 32)
+        args.amp = args.amp or "none"
     args.splits = args.splits or ("1,8" if gpu else "1")
     args.reps = args.reps or (100 if gpu else 30)
 
-    base, images, labels = setup(args.width, args.batch, device)
-    timed = cases(base, images, labels, args, device)
+    work = gpt_workload(args, device) if args.model == "gpt" else resnet_workload(args, device)
+    timed = cases(work, args)
     times = measure([case.step for case in timed], args.reps, args.warmup, device)
     for case in timed:
         skipped = case.opt.param_groups[0].get("skipped_steps", 0) if case.opt is not None else 0
@@ -269,11 +419,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "torch": torch.__version__,
                 "device": device_name(device, threads=False),
                 "threads": torch.get_num_threads(),
-                "model": f"resnet18-w{args.width}",
+                "model": work.label,
                 "batch": args.batch,
                 "amp": args.amp,
                 "method": case.method,
-                "backend": backend_name(case.backend, device) if case.backend else "",
+                "backend": backend_name(case.backend, device) if case.backend else implementation(case.opt),
                 "splits": case.splits,
                 "median_ms": round(1e3 * median, 3),
                 "q20_ms": round(1e3 * quantiles[1], 3),
@@ -288,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(
         f"{device_name(device, threads=False)}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"ResNet-18 width {args.width}, batch {args.batch}, amp {args.amp}, {args.reps} rounds"
+        f"{work.description}, batch {args.batch}, amp {args.amp}, {args.reps} rounds"
     )
     print(
         f"{'method':9s} {'backend':8s} {'k':>2s} {'median ms':>10s} {'20%':>9s} {'80%':>9s} {'vs SGD':>7s} "
