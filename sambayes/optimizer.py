@@ -434,7 +434,7 @@ class TwoPassOptimizer(Optimizer):
             first = []
         for slots, is_first in ((first, True), (later, False)):
             if slots:
-                if slots[0].grad_sum is None:
+                if is_first:  # allocated, or kept from the last step if still of the right layout
                     self._scratch("grad_sum")
                 sums = [s.grad_sum for s in slots]
                 backends.run(

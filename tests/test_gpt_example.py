@@ -173,7 +173,9 @@ def test_ddp_and_fsdp2_on_two_processes_equal_one_process_and_resume(tmp_path):
             log = logged(tmp_path / mode / name)
             assert [r["step"] for r in log] == [0, 6, 12]  # the resumed run logged each step once
             for got, want in zip(log, logged(tmp_path / "one" / name)):
-                assert got.get("train_loss") == pytest.approx(want.get("train_loss"), rel=1e-5), (mode, name)
+                assert got.keys() == want.keys(), (mode, name)  # step 0 has no training loss yet
+                if "train_loss" in want:  # pytest 9's approx refuses None
+                    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), (mode, name)
                 assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5), (mode, name)
     for name in ("bsam", "adamw"):  # the older checkpoint deleted once the new one is in place
         assert [p.name for p in (tmp_path / "fsdp2" / name).glob("dcp-*")] == ["dcp-00000012"]
