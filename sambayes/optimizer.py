@@ -446,9 +446,9 @@ class TwoPassOptimizer(Optimizer):
             self._consumed(written)
 
     def _scratch(self, name: str) -> None:
-        """Give every slot its running sum ``name`` of this step ("grad_sum", "curvature_sum"),
-        allocated now and dropped when the step ends: between steps the optimizer holds its state
-        and nothing else.
+        """Give every slot its running sum ``name`` of this step ("grad_sum", "curvature_sum"):
+        allocated now and dropped when the step ends, so that between steps the optimizer holds its
+        state and nothing else, or kept from the last step where ``keep_sums`` says so (the CPU).
 
         For the tabled backends the sums are views of one buffer per (device, state dtype), 16-byte
         aligned, whose launch tables hold offsets from its start and so stay cached wherever the
