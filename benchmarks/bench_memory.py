@@ -4,7 +4,7 @@
     python benchmarks/bench_memory.py --markdown          # and the README table
     python benchmarks/bench_memory.py --optimizers bsam --tiers cpu --dtypes float32 --splits 1,2
 
-Rows: ``sambayes.BSAM`` (``bsam``) and ``sambayes.SAM`` with ``base="sgd"`` (``sam-sgd``) and
+Rows: ``sambayes.BSAM`` (``bsam``; ``bsam-bf16`` with ``state_dtype=torch.bfloat16``) and ``sambayes.SAM`` with ``base="sgd"`` (``sam-sgd``) and
 ``base="adamw"`` (``sam-adamw``) on every tier (backend) that can run on the device (Triton on the
 CPU only runs in its interpreter, which copies through NumPy: skipped); ``torch.optim.AdamW``
 with ``foreach=True`` and ``fused=True`` (``adamw``); ``pytorch_optimizer.BSAM``
@@ -92,10 +92,11 @@ from sambayes.bench import why_not_timed as why_not_measured
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_memory.csv"
 DTYPES = ("float32", "bfloat16", "float16")
-SAMBAYES = ("bsam", "sam-sgd", "sam-adamw")
+SAMBAYES = ("bsam", "bsam-bf16", "sam-sgd", "sam-adamw")
 OPTIMIZERS = SAMBAYES + ("adamw", "pytorch_optimizer", "ivon")
 NAMES = {
     "bsam": "bSAM",
+    "bsam-bf16": "bSAM bf16 state",
     "sam-sgd": "SAM-SGD",
     "sam-adamw": "SAM-AdamW",
     "adamw": "torch AdamW",
@@ -289,6 +290,8 @@ def maker(optimizer: str, tier: str, splits: int, keep_sums: bool | None = None)
                     backend=tier,
                     keep_sums=keep_sums,
                 )
+            elif optimizer == "bsam-bf16":  # precision and momentum in bfloat16
+                opt = make_optimizer("bsam", params, tier, keep_sums=keep_sums, state_dtype=torch.bfloat16)
             else:
                 opt = make_optimizer("bsam" if optimizer == "bsam" else "sam", params, tier, keep_sums=keep_sums)
             return opt, lambda: opt.step(lambda *j: closure(), splits=splits)

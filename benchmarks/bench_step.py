@@ -107,15 +107,21 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+#: the suffix of the rows of BSAM(state_dtype=torch.bfloat16)
+BF16_STATE = "bf16-state"
+
+
 # ---- byte counts: the minimal traffic of each phase (the kernels' docstrings) -------------
-def minimal_bytes(phase: str, param_bytes: int, state_bytes: int) -> int:
-    """Bytes per parameter a fused implementation must move (one sub-batch)."""
+def minimal_bytes(phase: str, param_bytes: int, state_bytes: int, stored_bytes: int | None = None) -> int:
+    """Bytes per parameter a fused implementation must move (one sub-batch); ``stored_bytes``: those
+    of the precision and the momentum (2 with ``state_dtype=torch.bfloat16``), else the state's."""
     p, s = param_bytes, state_bytes
+    q = s if stored_bytes is None else stored_bytes
     per_phase = {
-        "sample": 2 * s + p,  # read m, s; write θ
-        "perturb": 3 * p + 3 * s,  # read g, m, s; write θ, the curvature sum, the zeroed g
+        "sample": s + q + p,  # read m, s; write θ
+        "perturb": 3 * p + 2 * s + q,  # read g, m, s; write θ, the curvature sum, the zeroed g
         "check": p,  # read h
-        "update": 3 * p + 7 * s,  # read h, m, s, g_m, curvature; write g_m, m, s, θ, the zeroed h
+        "update": 3 * p + 3 * s + 4 * q,  # read h, m, s, g_m, curvature; write g_m, m, s, θ, the zeroed h
         "adamw": 3 * p + 4 * s,  # read p, g, m, v; write p, m, v
         "copy": 2 * p,
     }
@@ -128,13 +134,14 @@ def minimal_bytes(phase: str, param_bytes: int, state_bytes: int) -> int:
 class Problem:
     """Parameters, given gradients and bSAM state for the shapes, as lists of tensors."""
 
-    def __init__(self, shapes, dtype, device):
+    def __init__(self, shapes, dtype, device, stored=None):
         state = torch.float64 if dtype == torch.float64 else torch.float32
-        self.device, self.dtype = device, dtype
+        stored = stored or state  # precision and momentum: torch.bfloat16 with state_dtype=torch.bfloat16
+        self.device, self.dtype, self.shapes = device, dtype, shapes
         self.params, self.grads = params_and_grads(shapes, dtype, device)
         self.means = [p.to(state) for p in self.params]
-        self.precisions = [torch.rand(s, dtype=state, device=device) + 1 for s in shapes]
-        self.momentums = [torch.zeros(s, dtype=state, device=device) for s in shapes]
+        self.precisions = [(torch.rand(s, dtype=state, device=device) + 1).to(stored) for s in shapes]
+        self.momentums = [torch.zeros(s, dtype=stored, device=device) for s in shapes]
         self.curvature_sums = [torch.zeros(s, dtype=state, device=device) for s in shapes]
         self.offsets = [0]
         for p in self.params[:-1]:
@@ -163,6 +170,7 @@ def backend_phases(module, pb: Problem):
             pb.precisions,
             pb.momentums,
             pb.curvature_sums,
+            pb.offsets,
             **flags,
             lr=h["lr"],
             beta1=h["beta1"],
@@ -170,6 +178,7 @@ def backend_phases(module, pb: Problem):
             weight_decay=h["weight_decay"],
             damping=h["damping"],
             splits=1,
+            seed=2,
         ),
     }
     parts = [phases[name] for name in ("sample", "perturb", "check", "update")]
@@ -337,6 +346,12 @@ def implementations(args, device, pb: Problem):
         phases = backend_phases(backends.resolve(name, device), pb)
         phases["step"] = public_step("bsam", pb.params, pb.grads, name)[0]
         out.append((name, phases))
+        if args.bf16_state and pb.dtype != torch.float64:  # BSAM(state_dtype=torch.bfloat16), same gradients
+            lean = Problem(pb.shapes, pb.dtype, device, stored=torch.bfloat16)
+            lean.params, lean.grads, lean.means = pb.params, pb.grads, pb.means
+            phases = backend_phases(backends.resolve(name, device), lean)
+            phases["step"] = public_step("bsam", pb.params, pb.grads, name, state_dtype=torch.bfloat16)[0]
+            out.append((f"{name} {BF16_STATE}", phases))
     if want("torch"):
         out.append(("torch", {**plain_phases(pb), "step": plain_step(pb)}))
     if want("torch.compile"):
@@ -454,6 +469,11 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", default="", help="comma-separated subset, e.g. cpu,torch,adamw_fused,copy")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     parser.add_argument("--launch-bound", action="store_true", help="1,000 tensors of 1,000: host time per step")
+    parser.add_argument(
+        "--bf16-state",
+        action="store_true",
+        help=f"also each sambayes backend with BSAM(state_dtype=torch.bfloat16) (rows '<backend> {BF16_STATE}')",
+    )
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per case")
     parser.add_argument("--reps", type=int, default=50, help="at most this many timed runs per case (CPU)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="CSV file to append to")
@@ -551,7 +571,8 @@ def main(argv=None) -> None:
     cases = [(name, phase, fn) for name, phase, fn in cases if phase in phases or phase == "adamw"]
     for name, phase, fn in tqdm(cases, desc="bench_step", unit="case", leave=False):
         bsam = name != "ivon"  # the byte counts and the floor are bSAM's
-        nbytes = minimal_bytes(phase, param_bytes, state_bytes) * pb.numel if bsam else ""
+        stored_bytes = 2 if name.endswith(BF16_STATE) else state_bytes
+        nbytes = minimal_bytes(phase, param_bytes, state_bytes, stored_bytes) * pb.numel if bsam else ""
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
             # a raised flag would have timed the skip path of every later update (once per case: no sync inside)

@@ -36,10 +36,12 @@ TORCH_LIBRARY(sambayes_C, m) {
   m.def("find_nonfinite(Tensor[] grads, Tensor(a!) found_inf) -> ()");
   m.def(
       "fold_grads(Tensor(a!)[] grads, Tensor(b!)[] grad_sums, Tensor(c!) found_inf, bool first, bool last) -> ()");
+  // bfloat16 precisions and momentums are stored with stochastic rounding: element offsets[i] + k of the group
+  // takes its random bits from the Philox stream `seed` (both ignored for float32/float64 state)
   m.def(
       "bsam_update(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] means, Tensor(d!)[] precisions, "
-      "Tensor(e!)[] momentums, Tensor[] curvature_sums, Tensor found_inf, Tensor inv_scale, float lr, float beta1, "
-      "float beta2, float weight_decay, float damping, int splits) -> ()");
+      "Tensor(e!)[] momentums, Tensor[] curvature_sums, int[] offsets, Tensor found_inf, Tensor inv_scale, float lr, "
+      "float beta1, float beta2, float weight_decay, float damping, int splits, int seed) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] weights) -> ()");
   m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, Tensor(a!) found_inf, Tensor inv_scale, bool adaptive) -> Tensor");
   m.def(

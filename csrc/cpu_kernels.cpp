@@ -7,6 +7,9 @@
 // Phases that read a gradient unscale it (GradScaler), check it for inf/NaN (the step's
 // found-inf flag) and, where they consume it, zero it for the next backward pass; the
 // updates read the flag and leave the state alone on a skipped step.
+// bSAM's precision and momentum are stored in the state dtype or, with float32 state, in
+// bfloat16 (BSAM(state_dtype=torch.bfloat16)): read and widened exactly, and written back by
+// the update with stochastic rounding, whose random bits come from a Philox stream like the noise.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -116,28 +119,42 @@ SB_CLONES void box_muller_block(float* __restrict out, const uint32_t* __restric
   }
 }
 
-// out[0 .. 4n) = the normals of counters counter .. counter + n - 1 (the counter's low word must not wrap).
-void randn4x_block(float* out, int64_t n, uint64_t counter, uint32_t k0, uint32_t k1) {
-#ifdef SB_HAVE_AVX512_PHILOX
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-#endif
-  alignas(64) uint32_t w0[kCounterBlock], w1[kCounterBlock], w2[kCounterBlock], w3[kCounterBlock];
+// The four Philox words of counters counter .. counter + n - 1 (the counter's low word must not wrap):
+// the AVX-512 loop where the CPU has it.
+void philox_words_block(uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3, int64_t n, uint64_t counter,
+                        uint32_t k0, uint32_t k1) {
   const uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
 #ifdef SB_HAVE_AVX512_PHILOX
-  if (avx512) {
-    philox_block_avx512(w0, w1, w2, w3, n, c0, c1, k0, k1);
-  } else {
-    philox_block(w0, w1, w2, w3, n, c0, c1, k0, k1);
-  }
-#else
-  philox_block(w0, w1, w2, w3, n, c0, c1, k0, k1);
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return philox_block_avx512(w0, w1, w2, w3, n, c0, c1, k0, k1);
 #endif
+  philox_block(w0, w1, w2, w3, n, c0, c1, k0, k1);
+}
+
+// out[0 .. 4n) = the normals of counters counter .. counter + n - 1 (the counter's low word must not wrap).
+void randn4x_block(float* out, int64_t n, uint64_t counter, uint32_t k0, uint32_t k1) {
+  alignas(64) uint32_t w0[kCounterBlock], w1[kCounterBlock], w2[kCounterBlock], w3[kCounterBlock];
+  philox_words_block(w0, w1, w2, w3, n, counter, k0, k1);
   box_muller_block(out, w0, w1, w2, w3, n);
 }
 
-// out[i] = z of noise index start + i, for i < n (any start: lanes are picked from whole calls).
-void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
-  alignas(64) float z[4 * kCounterBlock];
+// out[0 .. 4n) = the Philox words of counters counter .. counter + n - 1, the four of each call in a row.
+void words4x_block(uint32_t* out, int64_t n, uint64_t counter, uint32_t k0, uint32_t k1) {
+  alignas(64) uint32_t w0[kCounterBlock], w1[kCounterBlock], w2[kCounterBlock], w3[kCounterBlock];
+  philox_words_block(w0, w1, w2, w3, n, counter, k0, k1);
+  for (int64_t i = 0; i < n; ++i) {
+    out[4 * i] = w0[i];
+    out[4 * i + 1] = w1[i];
+    out[4 * i + 2] = w2[i];
+    out[4 * i + 3] = w3[i];
+  }
+}
+
+// out[i] = lane (start + i) mod 4 of call (start + i) div 4, for i < n (any start: lanes are picked from
+// whole calls); block(values, calls, counter) writes the four lanes of each of `calls` consecutive counters.
+template <typename T, typename Block>
+void lanes_range(T* out, int64_t start, int64_t n, Block&& block) {
+  alignas(64) T values[4 * kCounterBlock];
   int64_t i = 0;
   while (i < n) {
     const uint64_t index = static_cast<uint64_t>(start + i);
@@ -147,35 +164,53 @@ void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1)
     const int64_t calls_needed = (skip + (n - i) + 3) / 4;
     const int64_t before_wrap = static_cast<int64_t>((uint64_t{1} << 32) - (counter & 0xFFFFFFFFu));
     const int64_t calls = std::min({calls_needed, kCounterBlock, before_wrap});
-    randn4x_block(z, calls, counter, k0, k1);
+    block(values, calls, counter);
     const int64_t take = std::min(n - i, 4 * calls - skip);
-    std::copy(z + skip, z + skip + take, out + i);
+    std::copy(values + skip, values + skip + take, out + i);
     i += take;
   }
 }
 
+// out[i] = z of noise index start + i, for i < n.
+void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
+  lanes_range(out, start, n,
+              [&](float* z, int64_t calls, uint64_t counter) { randn4x_block(z, calls, counter, k0, k1); });
+}
+
+// out[i] = the stochastic-rounding word of element start + i, for i < n: word (start + i) mod 4 of
+// Philox4x32-10 at counter (start + i) div 4 (sambayes/_philox.py, "Stochastic rounding").
+void rounding_words(uint32_t* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1) {
+  lanes_range(out, start, n,
+              [&](uint32_t* words, int64_t calls, uint64_t counter) { words4x_block(words, calls, counter, k0, k1); });
+}
+
 // ---- per-phase loops (inlined into the clones below) --------------------------------------
 // `bad` collects "some value read was inf or NaN" as an integer or-reduction, which the compiler
-// vectorizes (a bool one it does not).
+// vectorizes (a bool one it does not). bSAM's loops read the precision and momentum as S, the
+// stored dtype: A itself, or c10::BFloat16 (widened to float exactly).
 
-template <typename P, typename A>
-SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const A* __restrict precision,
+// float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
+template <typename P, typename A, typename S>
+SB_HD void sample_loop(P* __restrict param, const A* __restrict mean, const S* __restrict precision,
                        const float* __restrict z, int64_t n, A num_data) {
   for (int64_t i = 0; i < n; ++i) {
-    param[i] = static_cast<P>(bsam_sample_param<A>(mean[i], precision[i], static_cast<A>(z[i]), num_data));
+    param[i] = static_cast<P>(
+        bsam_sample_param<A>(mean[i], static_cast<A>(precision[i]), static_cast<A>(z[i]), num_data));
   }
 }
 
-template <bool Accumulate, typename P, typename A>
+// float32 params: 24 B/param with float32 precision, 22 B with bfloat16 (reads g 4, m 4, s 4 or 2;
+// writes θ 4, a 4, zeroed g 4), 4 B more when accumulating (reads a).
+template <bool Accumulate, typename P, typename A, typename S>
 SB_HD bool bsam_perturb_loop(P* __restrict param, P* __restrict grad, const A* __restrict mean,
-                             const A* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho,
+                             const S* __restrict precision, A* __restrict curvature_sum, int64_t n, A rho,
                              A inv_scale) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
     const A g = static_cast<A>(grad[i]) * inv_scale;
     bad |= !is_finite(g);
-    param[i] = static_cast<P>(bsam_perturb_param<A>(g, mean[i], precision[i], rho));
-    const A a = bsam_curvature<A>(g, precision[i]);
+    param[i] = static_cast<P>(bsam_perturb_param<A>(g, mean[i], static_cast<A>(precision[i]), rho));
+    const A a = bsam_curvature<A>(g, static_cast<A>(precision[i]));
     curvature_sum[i] = Accumulate ? curvature_sum[i] + a : a;
     grad[i] = P(0);  // consumed: the next backward pass accumulates into a zeroed buffer
   }
@@ -210,16 +245,24 @@ SB_HD bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
   return bad != 0;
 }
 
-template <typename P, typename A>
-SB_HD void bsam_update_loop(P* __restrict param, P* __restrict grad, A* __restrict mean, A* __restrict precision,
-                            A* __restrict momentum, const A* __restrict curvature_sum, int64_t n,
-                            const BsamUpdateCoeffs<A>& c, A inv_scale) {
+// float32 params: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
+// s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4). `words`: the elements'
+// stochastic-rounding words when S is bfloat16 (rounding_words), unused otherwise.
+template <typename P, typename A, typename S>
+SB_HD void bsam_update_loop(P* __restrict param, P* __restrict grad, A* __restrict mean, S* __restrict precision,
+                            S* __restrict momentum, const A* __restrict curvature_sum, int64_t n,
+                            const BsamUpdateCoeffs<A>& c, A inv_scale, const uint32_t* __restrict words) {
   for (int64_t i = 0; i < n; ++i) {
-    A m = mean[i], s = precision[i], gm = momentum[i];
+    A m = mean[i], s = static_cast<A>(precision[i]), gm = static_cast<A>(momentum[i]);
     bsam_update_element<A>(static_cast<A>(grad[i]) * inv_scale, curvature_sum[i], m, s, gm, c);
     mean[i] = m;
-    precision[i] = s;
-    momentum[i] = gm;
+    if constexpr (std::is_same_v<S, A>) {
+      precision[i] = s;
+      momentum[i] = gm;
+    } else {
+      precision[i] = S(round_bf16_stochastic(s, precision_rounding_bits(words[i])), S::from_bits());
+      momentum[i] = S(round_bf16_stochastic(gm, momentum_rounding_bits(words[i])), S::from_bits());
+    }
     param[i] = static_cast<P>(m);
     grad[i] = P(0);
   }
@@ -308,23 +351,11 @@ struct Kernels;
 
 #define SB_DEFINE_CPU_KERNELS(P, TAG)                                                                              \
   using A_##TAG = acc_t<P>;                                                                                        \
-  SB_CLONES void sample_##TAG(P* p, const A_##TAG* m, const A_##TAG* s, const float* z, int64_t n, A_##TAG nd) {  \
-    sample_loop<P, A_##TAG>(p, m, s, z, n, nd);                                                                    \
-  }                                                                                                                \
-  SB_CLONES bool bsam_perturb_##TAG(P* p, P* g, const A_##TAG* m, const A_##TAG* s, A_##TAG* cs, int64_t n,       \
-                                    A_##TAG rho, A_##TAG inv, bool acc) {                                          \
-    return acc ? bsam_perturb_loop<true, P, A_##TAG>(p, g, m, s, cs, n, rho, inv)                                  \
-               : bsam_perturb_loop<false, P, A_##TAG>(p, g, m, s, cs, n, rho, inv);                                \
-  }                                                                                                                \
   SB_CLONES bool find_nonfinite_##TAG(const P* g, int64_t n) { return find_nonfinite_loop<P>(g, n); }              \
   SB_CLONES bool fold_##TAG(P* g, A_##TAG* sum, int64_t n, int stage) {                                            \
     return stage == 0   ? fold_loop<0, P, A_##TAG>(g, sum, n)                                                      \
            : stage == 1 ? fold_loop<1, P, A_##TAG>(g, sum, n)                                                      \
                         : fold_loop<2, P, A_##TAG>(g, sum, n);                                                     \
-  }                                                                                                                \
-  SB_CLONES void bsam_update_##TAG(P* p, P* g, A_##TAG* m, A_##TAG* s, A_##TAG* gm, const A_##TAG* cs, int64_t n, \
-                                   const BsamUpdateCoeffs<A_##TAG>& c, A_##TAG inv) {                              \
-    bsam_update_loop<P, A_##TAG>(p, g, m, s, gm, cs, n, c, inv);                                                   \
   }                                                                                                                \
   SB_CLONES void skip_##TAG(P* p, P* g, const A_##TAG* w, int64_t n) { skip_loop<P, A_##TAG>(p, g, w, n); }        \
   SB_CLONES void restore_##TAG(P* p, const A_##TAG* w, int64_t n) { restore_loop<P, A_##TAG>(p, w, n); }           \
@@ -352,11 +383,8 @@ struct Kernels;
   }                                                                                                                \
   template <>                                                                                                      \
   struct Kernels<P> {                                                                                              \
-    static constexpr auto sample = &sample_##TAG;                                                                  \
-    static constexpr auto bsam_perturb = &bsam_perturb_##TAG;                                                      \
     static constexpr auto find_nonfinite = &find_nonfinite_##TAG;                                                  \
     static constexpr auto fold = &fold_##TAG;                                                                      \
-    static constexpr auto bsam_update = &bsam_update_##TAG;                                                        \
     static constexpr auto skip = &skip_##TAG;                                                                      \
     static constexpr auto restore = &restore_##TAG;                                                                \
     static constexpr auto sq_norm = &sq_norm_##TAG;                                                                \
@@ -371,6 +399,42 @@ SB_DEFINE_CPU_KERNELS(c10::BFloat16, bf16)
 SB_DEFINE_CPU_KERNELS(c10::Half, f16)
 
 #undef SB_DEFINE_CPU_KERNELS
+
+// bSAM's phases per parameter dtype P and stored dtype S of the precision and momentum.
+template <typename P, typename S>
+struct BsamKernels;
+
+#define SB_DEFINE_BSAM_KERNELS(P, S, TAG)                                                                          \
+  using A_##TAG = acc_t<P>;                                                                                        \
+  SB_CLONES void sample_##TAG(P* p, const A_##TAG* m, const S* s, const float* z, int64_t n, A_##TAG nd) {         \
+    sample_loop<P, A_##TAG, S>(p, m, s, z, n, nd);                                                                 \
+  }                                                                                                                \
+  SB_CLONES bool bsam_perturb_##TAG(P* p, P* g, const A_##TAG* m, const S* s, A_##TAG* cs, int64_t n,              \
+                                    A_##TAG rho, A_##TAG inv, bool acc) {                                          \
+    return acc ? bsam_perturb_loop<true, P, A_##TAG, S>(p, g, m, s, cs, n, rho, inv)                               \
+               : bsam_perturb_loop<false, P, A_##TAG, S>(p, g, m, s, cs, n, rho, inv);                             \
+  }                                                                                                                \
+  SB_CLONES void bsam_update_##TAG(P* p, P* g, A_##TAG* m, S* s, S* gm, const A_##TAG* cs, int64_t n,              \
+                                   const BsamUpdateCoeffs<A_##TAG>& c, A_##TAG inv, const uint32_t* words) {       \
+    bsam_update_loop<P, A_##TAG, S>(p, g, m, s, gm, cs, n, c, inv, words);                                         \
+  }                                                                                                                \
+  template <>                                                                                                      \
+  struct BsamKernels<P, S> {                                                                                       \
+    static constexpr auto sample = &sample_##TAG;                                                                  \
+    static constexpr auto perturb = &bsam_perturb_##TAG;                                                           \
+    static constexpr auto update = &bsam_update_##TAG;                                                             \
+  };
+
+SB_DEFINE_BSAM_KERNELS(float, float, f32)
+SB_DEFINE_BSAM_KERNELS(double, double, f64)
+SB_DEFINE_BSAM_KERNELS(c10::BFloat16, float, bf16)
+SB_DEFINE_BSAM_KERNELS(c10::Half, float, f16)
+// bfloat16 precision and momentum: float32 state only (float64 parameters refuse it)
+SB_DEFINE_BSAM_KERNELS(float, c10::BFloat16, f32_bf16state)
+SB_DEFINE_BSAM_KERNELS(c10::BFloat16, c10::BFloat16, bf16_bf16state)
+SB_DEFINE_BSAM_KERNELS(c10::Half, c10::BFloat16, f16_bf16state)
+
+#undef SB_DEFINE_BSAM_KERNELS
 
 // ---- the bucket driver --------------------------------------------------------------------
 
@@ -403,24 +467,39 @@ void raise_flag(const at::Tensor& found_inf) {
 #define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
+// body(P{}, S{}) with P the parameter dtype and S the stored dtype of bSAM's precision and momentum:
+// the state dtype, or c10::BFloat16 (float32 state only, as check_group's stored_like enforces).
+template <typename F>
+void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
+  SB_DISPATCH_PARAM_DTYPE(dtype, "bsam", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16_state) return body(P{}, c10::BFloat16{});
+    }
+    body(P{}, A{});
+  });
+}
+
 void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                      at::IntArrayRef offsets, double num_data, int64_t seed) {
-  check_group("bsam_sample", params, {}, {{"means", means}, {"precisions", precisions}});
+  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
   TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
               " params");
   const auto key = philox_key(seed);
   const uint32_t k0 = key.first, k1 = key.second;
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_sample", [&] {
-    using P = scalar_t;
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using S = decltype(stored);
     using A = acc_t<P>;
     for_each_chunk(rows, [&](const TensorRow<3>& row, int64_t begin, int64_t end) {
       alignas(64) float z[kNoiseBlock];
       for (int64_t i = begin; i < end; i += kNoiseBlock) {
         const int64_t len = std::min(kNoiseBlock, end - i);
         randn_range(z, row.offset + i, len, k0, k1);
-        Kernels<P>::sample(at_<P>(row.ptr[0], i), at_<A>(row.ptr[1], i), at_<A>(row.ptr[2], i), z, len,
-                           static_cast<A>(num_data));
+        BsamKernels<P, S>::sample(at_<P>(row.ptr[0], i), at_<A>(row.ptr[1], i), at_<S>(row.ptr[2], i), z, len,
+                                  static_cast<A>(num_data));
       }
     });
   });
@@ -429,18 +508,19 @@ void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList
 void bsam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
                       at::TensorList curvature_sums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
                       double rho, bool accumulate) {
-  check_group("bsam_perturb", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
+  check_group("bsam_perturb", params, {{"grads", grads}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}});
   const float inv = read_scalar(inv_scale, "inv_scale");
   read_scalar(found_inf, "found_inf");
   const auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
-    using P = scalar_t;
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using S = decltype(stored);
     using A = acc_t<P>;
     for_each_chunk(rows, [&](const TensorRow<5>& row, int64_t b, int64_t e) {
-      if (Kernels<P>::bsam_perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
-                                   at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), e - b, static_cast<A>(rho),
-                                   static_cast<A>(inv), accumulate)) {
+      if (BsamKernels<P, S>::perturb(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
+                                     at_<S>(row.ptr[3], b), at_<A>(row.ptr[4], b), e - b, static_cast<A>(rho),
+                                     static_cast<A>(inv), accumulate)) {
         raise_flag(found_inf);
       }
     });
@@ -475,7 +555,8 @@ void fold_grads_cpu(at::TensorList grads, at::TensorList grad_sums, const at::Te
   });
 }
 
-// θ = the state word, the gradient buffer zeroed: a skipped step (rows' roles 0, 1 and `weight`).
+// θ = the state word, the gradient buffer zeroed: a skipped step (rows' roles 0, 1 and `weight`, which
+// holds the state dtype: bSAM's mean, never its possibly bfloat16 precision or momentum).
 template <int N>
 void skip_step(const std::vector<TensorRow<N>>& rows, at::ScalarType dtype, int weight) {
   SB_DISPATCH_PARAM_DTYPE(dtype, "skip", [&] {
@@ -487,26 +568,47 @@ void skip_step(const std::vector<TensorRow<N>>& rows, at::ScalarType dtype, int 
   });
 }
 
+// bfloat16 precision and momentum: computed in float32, stored with stochastic rounding, element k of
+// tensor i drawing the rounding word of group element offsets[i] + k from the Philox stream `seed`.
 void bsam_update_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
-                     at::TensorList momentums, at::TensorList curvature_sums, const at::Tensor& found_inf,
-                     const at::Tensor& inv_scale, double lr, double beta1, double beta2, double weight_decay,
-                     double damping, int64_t splits) {
-  check_group("bsam_update", params, {{"grad_sums", grad_sums}},
-              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
+                     at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
+                     const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
+                     double weight_decay, double damping, int64_t splits, int64_t seed) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  TORCH_CHECK(offsets.size() == params.size(), "bsam_update: ", offsets.size(), " offsets for ", params.size(),
+              " params");
+  const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
   const float inv = read_scalar(inv_scale, "inv_scale");
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
-    using P = scalar_t;
+  const bool bf16_state = stored_in_bf16(precisions);
+  const auto key = bf16_state ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};  // the seed matters only then
+  const uint32_t k0 = key.first, k1 = key.second;
+  dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
+    using P = decltype(param);
+    using S = decltype(stored);
     using A = acc_t<P>;
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits), static_cast<A>(lr),      static_cast<A>(beta1),
                                 static_cast<A>(1 - beta1), static_cast<A>(beta2), static_cast<A>(1 - beta2),
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
     for_each_chunk(rows, [&](const TensorRow<6>& row, int64_t b, int64_t e) {
-      Kernels<P>::bsam_update(at_<P>(row.ptr[0], b), at_<P>(row.ptr[1], b), at_<A>(row.ptr[2], b),
-                              at_<A>(row.ptr[3], b), at_<A>(row.ptr[4], b), at_<A>(row.ptr[5], b), e - b, c,
-                              static_cast<A>(inv));
+      const auto update = [&](int64_t begin, int64_t len, const uint32_t* words) {
+        BsamKernels<P, S>::update(at_<P>(row.ptr[0], begin), at_<P>(row.ptr[1], begin), at_<A>(row.ptr[2], begin),
+                                  at_<S>(row.ptr[3], begin), at_<S>(row.ptr[4], begin), at_<A>(row.ptr[5], begin),
+                                  len, c, static_cast<A>(inv), words);
+      };
+      if constexpr (std::is_same_v<S, A>) {
+        update(b, e - b, nullptr);
+      } else {
+        // the rounding words drawn into an L1-resident buffer, a block at a time
+        alignas(64) uint32_t words[kNoiseBlock];
+        for (int64_t i = b; i < e; i += kNoiseBlock) {
+          const int64_t len = std::min(kNoiseBlock, e - i);
+          rounding_words(words, row.offset + i, len, k0, k1);
+          update(i, len, words);
+        }
+      }
     });
   });
 }

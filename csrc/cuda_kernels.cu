@@ -5,6 +5,8 @@
 // a row's pointers are 16-byte aligned (decided per row), each thread moves 16 bytes of
 // state per load (4 float32 or 2 float64 elements) and the matching 8 bytes of
 // bfloat16/float16; float32 math for float32/bfloat16/float16 storage; 64-bit indices.
+// bSAM's precision and momentum may be stored in bfloat16 over float32 state
+// (BSAM(state_dtype=torch.bfloat16)): read widened to float32, written with stochastic rounding.
 // Phases that read a gradient unscale it, raise the step's found-inf flag on inf/NaN and,
 // where they consume it, zero it; the updates leave the state alone when the flag is set.
 #include <ATen/ATen.h>
@@ -43,6 +45,31 @@ __device__ __forceinline__ Pack<T, W> load(const void* base, int64_t i) {
   return *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(base) + i);
 }
 
+// W elements stored as S read as A, exactly (a bfloat16 is the high half of a float32). Widened from the
+// bits: c10's conversion (inline asm on an address) makes every access of the kernel generic; by 32-bit
+// pairs where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
+template <typename S, typename A, int W>
+__device__ __forceinline__ Pack<A, W> load_widened(const void* base, int64_t i) {
+  if constexpr (std::is_same_v<S, A>) {
+    return load<A, W>(base, i);
+  } else {
+    Pack<A, W> widened;
+    if constexpr (W % 2 == 0) {
+      const auto pairs = load<uint32_t, W / 2>(base, i / 2);
+#pragma unroll
+      for (int j = 0; j < W / 2; ++j) {  // little-endian: element 2j in the low half
+        widened.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
+        widened.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
+      }
+    } else {
+      const auto stored = load<S, W>(base, i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) widened.v[j] = __uint_as_float(static_cast<uint32_t>(stored.v[j].x) << 16);
+    }
+    return widened;
+  }
+}
+
 template <typename T, int W>
 __device__ __forceinline__ void store(void* base, int64_t i, const Pack<T, W>& pack) {
   *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(base) + i) = pack;
@@ -63,10 +90,39 @@ __device__ __forceinline__ float lane(const float* z, uint64_t k) {
   return k == 0 ? z[0] : k == 1 ? z[1] : k == 2 ? z[2] : z[3];
 }
 
+// Word k of a Philox call, by selects as above.
+__device__ __forceinline__ uint32_t lane(const PhiloxWords& w, uint64_t k) {
+  return k == 0 ? w.w0 : k == 1 ? w.w1 : k == 2 ? w.w2 : w.w3;
+}
+
+// The stochastic-rounding words of elements first .. first + W - 1 of a group: word i mod 4 of the
+// Philox call at counter i div 4 under key (k0, k1).
+template <int W>
+__device__ __forceinline__ void rounding_words(uint64_t first, uint32_t k0, uint32_t k1, uint32_t* words) {
+  PhiloxWords call_words;
+  uint64_t call = ~uint64_t(0);
+#pragma unroll
+  for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
+    const uint64_t index = first + j;
+    if (index / 4 != call) {
+      call = index / 4;
+      call_words = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+    }
+    words[j] = lane(call_words, index % 4);
+  }
+}
+
+// x stored in bfloat16, rounded stochastically with 16 random bits.
+__device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_bits) {
+  return c10::BFloat16(round_bf16_stochastic(x, random_bits), c10::BFloat16::from_bits());
+}
+
 // ---- per-phase element ops: run<W> handles elements i .. i + W - 1 of one row ----------------
 // prepared() is called once per thread before the loop: it reads the step's device scalars.
+// bSAM's ops take S, the stored dtype of the precision and momentum: A, or c10::BFloat16 over float32 A.
 
-template <typename P, typename A>
+// float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
+template <typename P, typename A, typename S>
 struct SampleOp {
   A num_data;
   uint32_t k0, k1;
@@ -74,7 +130,7 @@ struct SampleOp {
   template <int W>
   __device__ void run(const TensorRow<3>& row, int64_t i) const {
     const auto mean = load<A, W>(row.ptr[1], i);
-    const auto precision = load<A, W>(row.ptr[2], i);
+    const auto precision = load_widened<S, A, W>(row.ptr[2], i);
     const uint64_t first = static_cast<uint64_t>(row.offset + i);
     float z[W];
     float lanes[4];
@@ -97,7 +153,9 @@ struct SampleOp {
   }
 };
 
-template <typename P, typename A>
+// float32 params: 24 B/param with float32 precision, 22 B with bfloat16
+// (reads g 4, m 4, s 4 or 2, a 4 when accumulating; writes θ 4, a 4, zeroed g 4).
+template <typename P, typename A, typename S>
 struct BsamPerturbOp {
   A rho;
   bool accumulate;
@@ -113,7 +171,7 @@ struct BsamPerturbOp {
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
     const auto grad = load<P, W>(row.ptr[1], i);
     const auto mean = load<A, W>(row.ptr[2], i);
-    const auto precision = load<A, W>(row.ptr[3], i);
+    const auto precision = load_widened<S, A, W>(row.ptr[3], i);
     Pack<A, W> curvature_sum;
     if (accumulate) curvature_sum = load<A, W>(row.ptr[4], i);
     Pack<P, W> param;
@@ -176,13 +234,16 @@ struct FoldOp {
   }
 };
 
-template <typename P, typename A>
+// float32 params: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
+// s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4).
+template <typename P, typename A, typename S>
 struct BsamUpdateOp {
   BsamUpdateCoeffs<A> c;
   const float* found_inf;
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
+  uint32_t k0, k1;  // the stochastic-rounding key: bfloat16 S only
   __device__ BsamUpdateOp prepared() const {
     BsamUpdateOp op = *this;
     op.skip = *found_inf != 0.0f;
@@ -194,8 +255,8 @@ struct BsamUpdateOp {
     auto mean = load<A, W>(row.ptr[2], i);
     if (!skip) {
       const auto grad = load<P, W>(row.ptr[1], i);
-      auto precision = load<A, W>(row.ptr[3], i);
-      auto momentum = load<A, W>(row.ptr[4], i);
+      auto precision = load_widened<S, A, W>(row.ptr[3], i);
+      auto momentum = load_widened<S, A, W>(row.ptr[4], i);
       const auto curvature_sum = load<A, W>(row.ptr[5], i);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
@@ -203,8 +264,21 @@ struct BsamUpdateOp {
                                momentum.v[j], c);
       }
       store<A, W>(row.ptr[2], i, mean);
-      store<A, W>(row.ptr[3], i, precision);
-      store<A, W>(row.ptr[4], i, momentum);
+      if constexpr (std::is_same_v<S, A>) {
+        store<A, W>(row.ptr[3], i, precision);
+        store<A, W>(row.ptr[4], i, momentum);
+      } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
+        uint32_t words[W];
+        rounding_words<W>(static_cast<uint64_t>(row.offset + i), k0, k1, words);
+        Pack<S, W> stored_precision, stored_momentum;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          stored_precision.v[j] = rounded_bf16(precision.v[j], precision_rounding_bits(words[j]));
+          stored_momentum.v[j] = rounded_bf16(momentum.v[j], momentum_rounding_bits(words[j]));
+        }
+        store<S, W>(row.ptr[3], i, stored_precision);
+        store<S, W>(row.ptr[4], i, stored_momentum);
+      }
     }
     Pack<P, W> param;
 #pragma unroll
@@ -449,34 +523,52 @@ float* device_scalar(const at::Tensor& t, at::Device device, const char* what) {
 #define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
 
+// body(P{}, S{}) with P the parameter dtype and S the stored dtype of bSAM's precision and momentum:
+// the state dtype, or c10::BFloat16 (float32 state only, as check_group's stored_like enforces).
+template <typename F>
+void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
+  SB_DISPATCH_PARAM_DTYPE(dtype, "bsam", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16_state) return body(P{}, c10::BFloat16{});
+    }
+    body(P{}, A{});
+  });
+}
+
 void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
                       at::IntArrayRef offsets, double num_data, int64_t seed) {
-  check_group("bsam_sample", params, {}, {{"means", means}, {"precisions", precisions}});
+  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
   TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
               " params");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto key = philox_key(seed);
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_sample", [&] {
-    using A = acc_t<scalar_t>;
-    launch<3, A>(rows, params[0].device(), SampleOp<scalar_t, A>{static_cast<A>(num_data), key.first, key.second});
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using A = acc_t<P>;
+    launch<3, A>(rows, params[0].device(),
+                 SampleOp<P, A, decltype(stored)>{static_cast<A>(num_data), key.first, key.second});
   });
 }
 
 void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
                        at::TensorList curvature_sums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
                        double rho, bool accumulate) {
-  check_group("bsam_perturb", params, {{"grads", grads}},
-              {{"means", means}, {"precisions", precisions}, {"curvature_sums", curvature_sums}});
+  check_group("bsam_perturb", params, {{"grads", grads}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}});
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   const auto base = make_relative<5>(rows, 4);
   float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_perturb", [&] {
-    using A = acc_t<scalar_t>;
-    launch<5, A, 4>(rows, device, BsamPerturbOp<scalar_t, A>{static_cast<A>(rho), accumulate, flag, inv, A(1)}, base);
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using A = acc_t<P>;
+    launch<5, A, 4>(rows, device,
+                    BsamPerturbOp<P, A, decltype(stored)>{static_cast<A>(rho), accumulate, flag, inv, A(1)}, base);
   });
 }
 
@@ -508,24 +600,30 @@ void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::T
 }
 
 void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
-                      at::TensorList momentums, at::TensorList curvature_sums, const at::Tensor& found_inf,
-                      const at::Tensor& inv_scale, double lr, double beta1, double beta2, double weight_decay,
-                      double damping, int64_t splits) {
-  check_group("bsam_update", params, {{"grad_sums", grad_sums}},
-              {{"means", means}, {"precisions", precisions}, {"momentums", momentums}, {"curvature_sums", curvature_sums}});
+                      at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
+                      const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
+                      double weight_decay, double damping, int64_t splits, int64_t seed) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
+  TORCH_CHECK(offsets.size() == params.size(), "bsam_update: ", offsets.size(), " offsets for ", params.size(),
+              " params");
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums});
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
   const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
-  SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "bsam_update", [&] {
-    using A = acc_t<scalar_t>;
+  const bool bf16_state = stored_in_bf16(precisions);
+  const auto key = bf16_state ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};  // the seed matters only then
+  dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
+    using P = decltype(param);
+    using A = acc_t<P>;
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits),       static_cast<A>(lr),        static_cast<A>(beta1),
                                 static_cast<A>(1 - beta1),    static_cast<A>(beta2),     static_cast<A>(1 - beta2),
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
-    launch<6, A, 5>(rows, device, BsamUpdateOp<scalar_t, A>{c, flag, inv, false, A(1)}, base);
+    launch<6, A, 5>(rows, device,
+                    BsamUpdateOp<P, A, decltype(stored)>{c, flag, inv, false, A(1), key.first, key.second}, base);
   });
 }
 

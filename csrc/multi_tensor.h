@@ -39,9 +39,12 @@ inline at::ScalarType state_dtype(at::ScalarType param_dtype) {
 using NamedList = std::pair<const char*, at::TensorList>;
 
 // Parallel lists of one group: same length, same numel at each index, contiguous, one
-// device; `param_like` lists hold the parameter dtype, `state_like` ones the state dtype.
+// device; `param_like` lists hold the parameter dtype, `state_like` ones the state dtype,
+// `stored_like` ones (bSAM's precision and momentum) the state dtype or, for float32 state,
+// bfloat16 (BSAM(state_dtype=torch.bfloat16)): the dtype of the first one, all of them alike.
 inline void check_group(const char* op, at::TensorList params, std::initializer_list<NamedList> param_like,
-                        std::initializer_list<NamedList> state_like) {
+                        std::initializer_list<NamedList> state_like,
+                        std::initializer_list<NamedList> stored_like = {}) {
   TORCH_CHECK(!params.empty(), op, ": empty parameter list");
   const auto device = params[0].device();
   const auto dtype = params[0].scalar_type();
@@ -63,6 +66,19 @@ inline void check_group(const char* op, at::TensorList params, std::initializer_
   check_list("params", params, dtype);
   for (const auto& [name, list] : param_like) check_list(name, list, dtype);
   for (const auto& [name, list] : state_like) check_list(name, list, state_dtype(dtype));
+  if (stored_like.size() == 0) return;
+  const auto& [first_name, first_list] = *stored_like.begin();
+  TORCH_CHECK(!first_list.empty(), op, ": ", first_name, " is empty");
+  const auto stored = first_list[0].scalar_type();
+  TORCH_CHECK(stored == state_dtype(dtype) || (stored == at::kBFloat16 && state_dtype(dtype) == at::kFloat), op, ": ",
+              first_name, " has dtype ", stored, ", expected ", state_dtype(dtype),
+              state_dtype(dtype) == at::kFloat ? " or bfloat16" : "");
+  for (const auto& [name, list] : stored_like) check_list(name, list, stored);
+}
+
+// Whether a stored_like list holds bfloat16 (precision and momentum rounded stochastically).
+inline bool stored_in_bf16(at::TensorList stored) {
+  return !stored.empty() && stored[0].scalar_type() == at::kBFloat16;
 }
 
 // The rows of N parallel lists (the first list decides numel); offsets may be empty.

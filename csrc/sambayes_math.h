@@ -193,6 +193,28 @@ SB_HD void bsam_update_element(T grad_sum, T curvature_sum, T& mean, T& precisio
   precision = c.beta2 * precision + c.one_minus_beta2 * (a + c.weight_decay + c.damping);
 }
 
+// ---- bfloat16 precision and momentum: stochastic rounding (BSAM(state_dtype=torch.bfloat16)) ---
+// The element's 16 random bits: word i mod 4 of Philox4x32-10 at counter i div 4 under the step's
+// rounding key (sambayes/_philox.py, "Stochastic rounding"); the precision takes the word's high
+// half, the momentum its low half.
+SB_HD uint32_t precision_rounding_bits(uint32_t word) { return word >> 16; }
+SB_HD uint32_t momentum_rounding_bits(uint32_t word) { return word & 0xFFFFu; }
+
+// The bfloat16 bits of x rounded stochastically with 16 random bits r: x's float32 bits plus r,
+// truncated. x rounds away from zero with probability (dropped bits) / 2^16, so the stored value
+// equals x in expectation, where round-to-nearest would drop every increment below half an ulp.
+// inf stays inf; NaN becomes the quiet NaN 0x7FC0 (branch-free, so that the loops vectorize).
+SB_HD uint16_t round_bf16_stochastic(float x, uint32_t r) {
+  union {
+    float f;
+    uint32_t u;
+  } bits = {x};
+  const uint32_t u = bits.u;
+  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
+  const uint32_t nonfinite = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (u >> 16);
+  return static_cast<uint16_t>(finite ? (u + (r & 0xFFFFu)) >> 16 : nonfinite);
+}
+
 // ---- SAM ------------------------------------------------------------------------------
 
 // (T·g)², T = |w| if adaptive else 1: one term of the squared global norm.

@@ -2,6 +2,7 @@
 what the machine code does: 128-bit global loads/stores, registers, local memory.
 
     python -m sambayes.kernels._compile_check [--arch 90]    # prints one JSON object per kernel
+    python -m sambayes.kernels._compile_check --stored bf16  # bSAM's kernels with bfloat16 precision/momentum
 
 Needs Triton's NVIDIA backend (ptxas and cuobjdump ship with the wheel) and
 TRITON_INTERPRET unset.
@@ -35,7 +36,8 @@ from . import (
     sam_update_sgd,
 )
 
-# kernel, its extra constexprs; PARAM/STATE/ALIGNED/BLOCK are filled in per dtype
+# kernel, its extra constexprs; PARAM/STATE/ALIGNED/BLOCK (and STORED where the kernel has it) are
+# filled in per dtype
 KERNELS = [
     (bsam_sample._bsam_sample_kernel, {}),
     (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
@@ -68,10 +70,17 @@ def _arg_type(param, state: str) -> str:
     raise ValueError(f"no type for kernel argument {param.name!r}")
 
 
-def compile_kernel(kernel, constexprs: dict, param, arch: int):
-    """The CompiledKernel of ``kernel`` for params of tl dtype ``param`` on sm_<arch>."""
+def has_stored(kernel) -> bool:
+    """Whether the kernel reads bSAM's stored state (precision, momentum) through a ``STORED`` dtype."""
+    return "STORED" in kernel.arg_names
+
+
+def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None):
+    """The CompiledKernel of ``kernel`` for params of tl dtype ``param`` on sm_<arch>; ``stored``: the
+    dtype of its stored state (kernels with a ``STORED`` constexpr), None for the state dtype."""
     state = tl.float64 if param == tl.float64 else tl.float32
-    values = dict(PARAM=param, STATE=state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK, **constexprs)
+    values = dict(PARAM=param, STATE=state, STORED=stored or state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK)
+    values.update(constexprs)
     signature, constants = {}, {}
     for p in kernel.params:
         if p.is_constexpr:
@@ -114,15 +123,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100")
     parser.add_argument("--dtypes", default="fp32,bf16", help="parameter dtypes: fp32, bf16, fp16, fp64")
+    parser.add_argument(
+        "--stored",
+        default="state",
+        help="dtypes of bSAM's stored precision and momentum: state (the state dtype), bf16 (only the "
+        "kernels that have stored state, and not for fp64 parameters); reports of bf16 carry stored=bf16",
+    )
     args = parser.parse_args(argv)
     if _multi_tensor.INTERPRETED:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
     names = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
-    for dtype in args.dtypes.split(","):
-        for kernel, constexprs in KERNELS:
-            compiled = compile_kernel(kernel, constexprs, names[dtype], args.arch)
-            report = dict(kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}", **sass_report(compiled))
-            print(json.dumps(report), flush=True)
+    for stored in args.stored.split(","):
+        if stored not in ("state", "bf16"):
+            raise SystemExit(f"--stored {stored}: state or bf16")
+        for dtype in args.dtypes.split(","):
+            for kernel, constexprs in KERNELS:
+                if stored == "bf16" and (not has_stored(kernel) or dtype == "fp64"):
+                    continue
+                compiled = compile_kernel(kernel, constexprs, names[dtype], args.arch, names.get(stored))
+                report = dict(kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
+                if stored == "bf16":
+                    report["stored"] = stored
+                report.update(sass_report(compiled))
+                print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,13 @@ Noise (ALGORITHM.md, version 2): element i of a group takes lane i mod 4 of
 ``tl.randn4x(seed, i div 4)``. For the sampling kernel the blocks of a tensor are
 placed in noise-index space: a tensor whose first element has noise index o starts
 at element -(o mod 4) (masked), so that every block begins on a multiple of 4 and
-draws its BLOCK normals from BLOCK/4 Philox calls.
+draws its BLOCK normals from BLOCK/4 Philox calls. The update's stochastic rounding of
+bfloat16 state draws its random words the same way (:func:`words_block`).
+
+Stored state (kind "R"): bSAM's precision and momentum are kept in the state dtype or, with
+float32 state, in bfloat16 (``BSAM(state_dtype=torch.bfloat16)``); the launch passes that dtype
+as the constexpr ``STORED`` to the kernels whose tables have such roles. Loads convert to the
+math dtype (exact); bfloat16 stores round stochastically (:func:`store_stochastic`).
 """
 
 from __future__ import annotations
@@ -67,10 +73,10 @@ def state_dtype(param: torch.dtype) -> torch.dtype:
 class _Part:
     """One launch's table: the tensors of a bucket that share an alignment."""
 
-    __slots__ = ("aligned", "num_blocks", "param", "state", "table")
+    __slots__ = ("aligned", "num_blocks", "param", "state", "stored", "table")
 
     def __init__(
-        self, rows: list[tuple[int, int, list[int]]], shifts: list[int], aligned: bool, device, param, state
+        self, rows: list[tuple[int, int, list[int]]], shifts: list[int], aligned: bool, device, param, state, stored
     ) -> None:
         numels = torch.tensor([numel for numel, _, _ in rows], dtype=torch.int64)
         shift = torch.tensor(shifts, dtype=torch.int64)
@@ -85,12 +91,13 @@ class _Part:
         # allocator keeps the host buffer until the copy is done)
         self.table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
         self.num_blocks, self.aligned, self.param, self.state = num_blocks, aligned, param, state
+        self.stored = stored  # the dtype of the kind-"R" roles; None where the table has none
 
 
 class TensorTable:
     """The device tables of a list of tensors (see the module docstring), one per alignment class."""
 
-    __slots__ = ("num_blocks", "param", "parts", "state")
+    __slots__ = ("num_blocks", "param", "parts", "state", "stored")
 
     def __init__(
         self, roles: list[list[torch.Tensor]], kinds: str, noise_offsets: list[int] | None, noise_blocks: bool
@@ -98,10 +105,18 @@ class TensorTable:
         first = roles[0]
         self.param = first[0].dtype
         self.state = state_dtype(self.param)
+        self.stored = stored_dtype(roles, kinds)
+        if self.stored is not None and not (
+            self.stored == self.state or (self.stored == torch.bfloat16 and self.state == torch.float32)
+        ):
+            raise TypeError(
+                f"stored state of dtype {self.stored}: expected {self.state}"
+                + (" or torch.bfloat16" if self.state == torch.float32 else "")
+            )
         for r, (role, kind) in enumerate(zip(roles, kinds, strict=True)):
-            want = self.param if kind == "P" else self.state
-            if kind not in "PSX":
-                raise ValueError(f"role kind {kind!r}: one of P, S, X")
+            if kind not in "PSXR":
+                raise ValueError(f"role kind {kind!r}: one of P, S, X, R")
+            want = self.param if kind == "P" else self.stored if kind == "R" else self.state
             for i, (a, b) in enumerate(zip(first, role, strict=True)):
                 if a.numel() != b.numel():
                     raise ValueError(f"tensor of {b.numel()} elements where {a.numel()} were expected")
@@ -119,7 +134,7 @@ class TensorTable:
             classes[aligned][1].append(shift)
         device = first[0].device
         self.parts = [
-            _Part(rows, shifts, aligned, device, self.param, self.state)
+            _Part(rows, shifts, aligned, device, self.param, self.state, self.stored)
             for aligned, (rows, shifts) in classes.items()
             if rows
         ]
@@ -135,9 +150,11 @@ def tensor_table(
     All tensors must be contiguous; tensor i of every role has the same numel. ``kinds[r]`` is
     "P" where role r holds the parameter dtype (that of ``roles[0][0]``), "S" where it holds the
     state dtype (float64 for float64 parameters, float32 otherwise), "X" for a state-dtype role
-    addressed relative to its first tensor (a kernel reads it with :func:`scratch_pointer`);
+    addressed relative to its first tensor (a kernel reads it with :func:`scratch_pointer`), "R"
+    for stored state (bSAM's precision and momentum): the state dtype or, with float32 state,
+    bfloat16, the same for every tensor of every "R" role (the launch passes it as ``STORED``);
     dtypes are checked when the table is built. ``noise_blocks``: place blocks on multiples of
-    4 in noise-index space (the sampling kernel).
+    4 in noise-index space (the sampling kernel, the update's stochastic rounding).
     """
     addresses = []
     for role, kind in zip(roles, kinds):
@@ -147,6 +164,7 @@ def tensor_table(
     key = (
         roles[0][0].device,
         roles[0][0].dtype,
+        stored_dtype(roles, kinds),  # of two allowed dtypes: which one the launch passes
         kinds,
         noise_blocks,
         *(tuple(t.numel() for t in role) for role in roles),  # every role's sizes: checked when built
@@ -163,6 +181,14 @@ def tensor_table(
     return entry
 
 
+def stored_dtype(roles: list[list[torch.Tensor]], kinds: str) -> torch.dtype | None:
+    """The dtype of the kind-"R" roles (that of the first one's first tensor), None where there are none."""
+    for role, kind in zip(roles, kinds):
+        if kind == "R":
+            return role[0].dtype
+    return None
+
+
 def relative_base(role: list[torch.Tensor]) -> int:
     """The address a kind-"X" role's table entries are relative to: its first tensor's."""
     return role[0].data_ptr()
@@ -175,7 +201,7 @@ def cached_tables() -> int:
 
 def launch(kernel, table: TensorTable, *args, **constexprs) -> None:
     """``kernel[(one program per block)](table, *args, PARAM=, STATE=, ALIGNED=, BLOCK=, **constexprs)``,
-    once per alignment class of the table.
+    once per alignment class of the table; ``STORED=`` too where the table has kind-"R" roles.
 
     Hyperparameters go as Python floats to arguments annotated ``tl.float64``; the kernel
     rounds them to its math dtype with :func:`scalar`.
@@ -186,6 +212,8 @@ def launch(kernel, table: TensorTable, *args, **constexprs) -> None:
 
 def launch_part(kernel, part: _Part, *args, **constexprs) -> None:
     """:func:`launch` for one part of a table (a kernel that writes one value per block)."""
+    if part.stored is not None:
+        constexprs["STORED"] = TL_DTYPES[part.stored]
     kernel[(part.num_blocks,)](
         part.table,
         *args,
@@ -277,6 +305,17 @@ def randn_block(seed, noise_index, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def words_block(seed, noise_index, BLOCK: tl.constexpr):
+    """The BLOCK random words (uint32) of element indices ``noise_index .. noise_index + BLOCK - 1``
+    (a multiple of 4): element i takes word i mod 4 of ``tl.randint4x(seed, i div 4)``, Philox4x32-10
+    at counter i div 4 under key ``seed``; BLOCK/4 calls, their four words interleaved as in
+    :func:`randn_block`."""
+    counters = noise_index // 4 + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters.to(tl.int64))
+    return tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+
+
+@triton.jit
 def flag_nonfinite(x, found_inf):
     """found_inf = 1 if any of ``x`` is inf or NaN (masked lanes must hold finite values)."""
     if tl.max(tl.where(tl.abs(x) < float("inf"), 0.0, 1.0), axis=0) > 0:
@@ -325,6 +364,27 @@ def rounded(value, DTYPE: tl.constexpr):
         return half.to(tl.bfloat16, bitcast=True)
     else:
         return value.to(DTYPE)
+
+
+@triton.jit
+def rounded_stochastic(value, r):
+    """float32 ``value`` rounded to bfloat16 with the 16 random bits ``r`` (uint32, < 2^16) per value:
+    ``(bits + r) >> 16`` on its float32 bits, so it rounds away from zero with probability (the dropped
+    bits) / 2^16; inf stays inf, NaN becomes the quiet NaN 0x7FC0. On the bits, as :func:`rounded`."""
+    bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    nonfinite = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, bits >> 16)
+    half = tl.where(finite, (bits + r) >> 16, nonfinite).to(tl.uint16)
+    return half.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_stochastic(ptr, offs, value, r, mask):
+    """:func:`store` to a bfloat16 pointer with stochastic rounding (:func:`rounded_stochastic`)."""
+    if mask is None:
+        tl.store(ptr + offs, rounded_stochastic(value, r))
+    else:
+        tl.store(ptr + offs, rounded_stochastic(value, r), mask=mask)
 
 
 @triton.jit

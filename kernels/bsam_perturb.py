@@ -4,7 +4,9 @@ inf/NaN (the step's found-inf flag), and zeroed for the next backward pass.
 
 Bytes per parameter: reads g (param dtype), m, s (state), and for sub-batches after
 the first the running curvature sum; writes θ and the zeroed g (param dtype) and the
-sum. float32: 24 B (28 B when accumulating); bfloat16/float16: 18 B (22 B). The
+sum. float32: 24 B (28 B when accumulating); bfloat16/float16: 18 B (22 B). With the
+precision in bfloat16 (``BSAM(state_dtype=torch.bfloat16)``) 2 B less: float32 22 B (26 B),
+bfloat16/float16 16 B (20 B). The
 curvature cannot fold into s because s must stay the old precision until the update;
 zeroing g here saves a separate pass before the next backward (which accumulates into it).
 """
@@ -40,7 +42,7 @@ def _perturb_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constex
     g = load(grad, offs, mask, STATE) * inv_scale
     flag_nonfinite(g, found_inf)
     m = load(mean, offs, mask, STATE)
-    s = load(precision, offs, mask, STATE, 1.0)
+    s = load(precision, offs, mask, STATE, 1.0)  # bfloat16: converted exactly
     # adversarial point, from the mean
     store(param, offs, m + div(rho * g, s), mask)
     # curvature estimate of the precision update, summed over sub-batches
@@ -61,6 +63,7 @@ def _bsam_perturb_kernel(
     curvature_base,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
+    STORED: tl.constexpr,  # the dtype the precision is stored in: STATE or bfloat16
     ACCUMULATE: tl.constexpr,
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -70,7 +73,7 @@ def _bsam_perturb_kernel(
         role_pointer(record, start, 0, PARAM, ALIGNED),
         role_pointer(record, start, 1, PARAM, ALIGNED),
         role_pointer(record, start, 2, STATE, ALIGNED),
-        role_pointer(record, start, 3, STATE, ALIGNED),
+        role_pointer(record, start, 3, STORED, ALIGNED),
         scratch_pointer(record, start, 4, STATE, ALIGNED, curvature_base),
     )
     scalars = (scalar(rho, STATE), found_inf, tl.load(inv_scale_ptr).to(STATE))
@@ -94,10 +97,10 @@ def bsam_perturb(
 
     ``params``, ``grads``: contiguous, one dtype (float64/32, bf16, fp16); ``means``,
     ``precisions``, ``curvature_sums``: contiguous state tensors (float64 for float64 params,
-    float32 otherwise); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
+    float32 otherwise; ``precisions`` may be bfloat16 instead of float32, read only); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
     ``accumulate=False`` overwrites the sum (first sub-batch).
     """
-    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSSX")
+    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSRX")
     launch(
         _bsam_perturb_kernel,
         table,

@@ -1,7 +1,8 @@
 """bSAM noisy sample: θ = m + z / sqrt(N·s), z ~ N(0, I) drawn in-kernel (Philox, ``tl.randn4x``).
 
 Bytes per parameter: reads mean and precision (2 state words), writes θ (1 param
-word): 12 B for float32 parameters, 10 B for bfloat16/float16. Minimal: the
+word): 12 B for float32 parameters, 10 B for bfloat16/float16; with the precision in
+bfloat16 (``BSAM(state_dtype=torch.bfloat16)``) 10 B and 8 B. Minimal: the
 sample depends on m and s elementwise and must land in the parameter, and z
 costs no traffic because it is generated from (seed, element index): one Philox
 call per four elements (ALGORITHM.md, "Noise", version 2).
@@ -33,7 +34,7 @@ def _sample_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
     param, mean, precision = pointers
     seed, num_data = scalars
     m = load(mean, offs, mask, STATE)
-    s = load(precision, offs, mask, STATE, 1.0)  # masked lanes: no division by zero
+    s = load(precision, offs, mask, STATE, 1.0)  # masked lanes: no division by zero; bfloat16: exact
     z = randn_block(seed, noise_index, BLOCK).to(STATE)
     # noisy sample
     store(param, offs, m + div(z, sqrt(num_data * s)), mask)
@@ -46,6 +47,7 @@ def _bsam_sample_kernel(
     num_data: tl.float64,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
+    STORED: tl.constexpr,  # the dtype the precision is stored in: STATE or bfloat16
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -53,7 +55,7 @@ def _bsam_sample_kernel(
     pointers = (
         role_pointer(record, start, 0, PARAM, ALIGNED),
         role_pointer(record, start, 1, STATE, ALIGNED),
-        role_pointer(record, start, 2, STATE, ALIGNED),
+        role_pointer(record, start, 2, STORED, ALIGNED),
     )
     scalars = (seed, scalar(num_data, STATE))
     for_block(_sample_block, pointers, scalars, start, remaining, noise_index, STATE, BLOCK, BLOCK)
@@ -72,9 +74,10 @@ def bsam_sample(
 
     ``params``: contiguous float64/32, bf16 or fp16 tensors, written in place;
     ``means``, ``precisions``: contiguous state tensors of the same shapes (float64
-    for float64 params, float32 otherwise); ``offsets[i]``: index of tensor i's
+    for float64 params, float32 otherwise; ``precisions`` may be bfloat16 instead of
+    float32, read and converted to float32); ``offsets[i]``: index of tensor i's
     first element in the group's flat concatenation (element k of tensor i takes
     lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63.
     """
-    table = tensor_table([params, means, precisions], "PSS", offsets, noise_blocks=True)
+    table = tensor_table([params, means, precisions], "PSR", offsets, noise_blocks=True)
     launch(_bsam_sample_kernel, table, seed, float(num_data))

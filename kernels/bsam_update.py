@@ -6,6 +6,12 @@ Bytes per parameter: reads h (the perturbed-gradient sum, param dtype), m, s, g_
 the curvature sum (state); writes g_m, m, s (state), θ and the zeroed h (param dtype).
 float32: 40 B; bfloat16/float16: 34 B. Minimal for the state layout: the three state
 words are read and written once each, the sums are read once, the parameter written once.
+
+With s and g_m stored in bfloat16 (``BSAM(state_dtype=torch.bfloat16)``; the mean stays
+float32) 8 B less: float32 params 32 B (reads h 4, m 4, s 2, g_m 2, curvature 4; writes g_m 2,
+m 4, s 2, θ 4, zeroed h 4), bfloat16/float16 26 B. They are computed in float32 and stored with
+stochastic rounding: element i of the group takes word w = word (i mod 4) of Philox4x32-10(seed,
+counter i div 4), and bf16 = (float32 bits + r) >> 16 with r = w >> 16 for s, w & 0xFFFF for g_m.
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ from ._multi_tensor import (
     scalar,
     scratch_pointer,
     store,
+    store_stochastic,
     tensor_table,
+    words_block,
     zero,
 )
 
 
 @triton.jit
-def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
+def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, STORED: tl.constexpr):
     param, grad_sum, mean, precision, momentum, curvature_sum = pointers
-    run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits = scalars
+    run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits, seed = scalars
     m = load(mean, offs, mask, STATE)
     if run:
         # the means over the sub-batches
@@ -47,9 +55,17 @@ def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
         m = m - div(lr * g_m, s)
         # precision
         s = beta2 * s + one_minus_beta2 * (a + weight_decay + damping)
-        store(momentum, offs, g_m, mask)
-        store(mean, offs, m, mask)
-        store(precision, offs, s, mask)
+        if STORED == tl.bfloat16:
+            # stochastic rounding: one Philox word per element (noise_index: a multiple of 4), its
+            # low half for the momentum, its high half for the precision
+            word = words_block(seed, noise_index, offs.shape[0])
+            store_stochastic(momentum, offs, g_m, word & 0xFFFF, mask)
+            store(mean, offs, m, mask)
+            store_stochastic(precision, offs, s, word >> 16, mask)
+        else:
+            store(momentum, offs, g_m, mask)
+            store(mean, offs, m, mask)
+            store(precision, offs, s, mask)
     # the model holds the mean between steps (on a skipped step: the old mean)
     store(param, offs, m, mask)
     zero(grad_sum, offs, mask)
@@ -69,18 +85,20 @@ def _bsam_update_kernel(
     damping: tl.float64,
     splits,
     curvature_base,
+    seed,
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
+    STORED: tl.constexpr,  # the dtype precision and momentum are stored in: STATE or bfloat16
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, remaining, _, record = locate(table, 6)
+    start, remaining, noise_index, record = locate(table, 6)
     pointers = (
         role_pointer(record, start, 0, PARAM, ALIGNED),
         role_pointer(record, start, 1, PARAM, ALIGNED),
         role_pointer(record, start, 2, STATE, ALIGNED),
-        role_pointer(record, start, 3, STATE, ALIGNED),
-        role_pointer(record, start, 4, STATE, ALIGNED),
+        role_pointer(record, start, 3, STORED, ALIGNED),
+        role_pointer(record, start, 4, STORED, ALIGNED),
         scratch_pointer(record, start, 5, STATE, ALIGNED, curvature_base),
     )
     scalars = (
@@ -94,8 +112,9 @@ def _bsam_update_kernel(
         scalar(weight_decay, STATE),
         scalar(damping, STATE),
         tl.cast(splits, STATE),
+        seed,
     )
-    for_block(_update_block, pointers, scalars, start, remaining, 0, STATE, False, BLOCK)
+    for_block(_update_block, pointers, scalars, start, remaining, noise_index, STATE, STORED, BLOCK)
 
 
 def bsam_update(
@@ -105,6 +124,7 @@ def bsam_update(
     precisions: list[torch.Tensor],
     momentums: list[torch.Tensor],
     curvature_sums: list[torch.Tensor],
+    offsets: list[int],
     found_inf: torch.Tensor,
     inv_scale: torch.Tensor,
     *,
@@ -114,6 +134,7 @@ def bsam_update(
     weight_decay: float,
     damping: float,
     splits: int,
+    seed: int,
 ) -> None:
     """The bSAM update of every tensor, one launch per alignment class (see ALGORITHM.md)::
 
@@ -126,8 +147,17 @@ def bsam_update(
     or, when ``found_inf`` is set, only ``param = mean; grad_sum = 0``. ``params``,
     ``grad_sums``: contiguous, one dtype; the state tensors: contiguous, float64 for
     float64 params, float32 otherwise; ``found_inf``, ``inv_scale``: float32 0-dim tensors.
+    ``precisions`` and ``momentums`` may instead both be bfloat16 (float32 state): computed in
+    float32, stored with stochastic rounding, element k of tensor i taking word (j mod 4) of
+    ``tl.randint4x(seed, j div 4)``, j = offsets[i] + k (0 <= seed < 2^63); float32/float64
+    precisions and momentums ignore ``offsets`` and ``seed``.
     """
-    table = tensor_table([params, grad_sums, means, precisions, momentums, curvature_sums], "PPSSSX")
+    roles = [params, grad_sums, means, precisions, momentums, curvature_sums]
+    if precisions and precisions[0].dtype == torch.bfloat16:
+        # blocks on multiples of 4 in element-index space: BLOCK/4 Philox calls each
+        table = tensor_table(roles, "PPSRRX", offsets, noise_blocks=True)
+    else:
+        table, seed = tensor_table(roles, "PPSRRX"), 0  # no rounding: one compiled variant whatever the seed
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     launch(
         _bsam_update_kernel,
@@ -137,4 +167,5 @@ def bsam_update(
         *(float(x) for x in scalars),
         int(splits),
         relative_base(curvature_sums),
+        int(seed),
     )

@@ -11,6 +11,18 @@ two Box-Muller pairs (cosine and sine each), for elements 4c .. 4c + 3::
     randn4x(seed, c) = pair(word0, word1) + pair(word2, word3)
 
 The per-call seed is ``noise_seed(seed, group, attempt, split)``, documented below.
+
+Stochastic rounding (``BSAM(state_dtype=torch.bfloat16)``): the update computes the new
+precision and momentum in float32 and stores them in bfloat16, rounded with 16 random bits
+per value from the same generator, under the key ``rounding_seed(seed, group, attempt)``::
+
+    word_i        = word (i mod 4) of philox4x32(key, counter i div 4)   (element i of the group)
+    r_precision   = word_i >> 16 ;  r_momentum = word_i & 0xFFFF
+    bf16(x, r)    = (bits(x) + r) >> 16     (bits(x): x's float32 bits; inf stays, NaN -> 0x7FC0)
+
+x rounds away from zero with probability (the 16 dropped bits) / 2^16, so the stored value
+equals x in expectation. Deterministic and resumable (a function of the seed, the group,
+the attempt and the element index) and the same in every backend.
 """
 
 from __future__ import annotations
@@ -25,6 +37,10 @@ _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 #: Step index used by :meth:`BSAM.sampled_params`: far beyond any training step,
 #: so posterior samples never reuse the noise of a training step.
 POSTERIOR_STREAM = 1 << 62
+
+
+#: Sub-batch index of the stochastic-rounding key: no sub-batch has it (2^64 - 1).
+ROUNDING_STREAM = (1 << 64) - 1
 
 
 def _splitmix64(x: int) -> int:
@@ -96,17 +112,24 @@ def randn4x(seed: int, counters: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
-def randn_range(seed: int, start: int, numel: int, device=None, chunk: int = 1 << 20) -> torch.Tensor:
-    """z of elements ``start .. start + numel - 1`` as a flat float32 tensor: element i takes
-    lane i mod 4 of ``randn4x(seed, i div 4)``. Built in chunks to bound the int64 temporaries."""
-    out = torch.empty(numel, dtype=torch.float32, device=device)
+def _lanes_range(calls, start: int, numel: int, dtype: torch.dtype, device, chunk: int) -> torch.Tensor:
+    """Lane i mod 4 of call i div 4 for elements ``start .. start + numel - 1``, flat; ``calls(counters)``
+    gives the four lanes of each counter, [len(counters), 4]. Built in chunks to bound the int64
+    temporaries, each chunk from whole calls (one per four elements)."""
+    out = torch.empty(numel, dtype=dtype, device=device)
     for lo in range(0, numel, chunk):
         hi = min(numel, lo + chunk)
         first, last = (start + lo) // 4, (start + hi - 1) // 4
-        z = randn4x(seed, torch.arange(first, last + 1, device=device)).flatten()
+        lanes = calls(torch.arange(first, last + 1, device=device)).flatten()
         skip = (start + lo) - 4 * first
-        out[lo:hi] = z[skip : skip + hi - lo]
+        out[lo:hi] = lanes[skip : skip + hi - lo]
     return out
+
+
+def randn_range(seed: int, start: int, numel: int, device=None, chunk: int = 1 << 20) -> torch.Tensor:
+    """z of elements ``start .. start + numel - 1`` as a flat float32 tensor: element i takes
+    lane i mod 4 of ``randn4x(seed, i div 4)``."""
+    return _lanes_range(lambda counters: randn4x(seed, counters), start, numel, torch.float32, device, chunk)
 
 
 def randn_tensors(seed: int, offsets: list[int], likes: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,3 +144,29 @@ def randn_tensors(seed: int, offsets: list[int], likes: list[torch.Tensor]) -> l
         z[offset - start : offset - start + like.numel()].view(like.shape).to(like.dtype)
         for offset, like in zip(offsets, likes)
     ]
+
+
+def rounding_seed(seed: int, group: int, attempt: int) -> int:
+    """The Philox key of a step's stochastic rounding: ``noise_seed(seed, group, attempt, ROUNDING_STREAM)``,
+    ``attempt`` counted as for the noise of the same step (attempts before this one)."""
+    return noise_seed(seed, group, attempt, ROUNDING_STREAM)
+
+
+def rounding_words(seed: int, start: int, numel: int, device=None, chunk: int = 1 << 20) -> torch.Tensor:
+    """The random word of elements ``start .. start + numel - 1``: word i mod 4 of the Philox call at
+    counter i div 4; int64 [numel] holding uint32 values."""
+
+    def words(counters: torch.Tensor) -> torch.Tensor:
+        return torch.stack(philox4x32(seed, counters), dim=-1)
+
+    return _lanes_range(words, start, numel, torch.int64, device, chunk)
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to bfloat16 with the 16 random bits ``bits`` (int64, < 2^16) per value:
+    ``(bits(x) + r) >> 16``; inf stays inf, NaN becomes the quiet NaN 0x7FC0."""
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    finite = (u & 0x7F800000) != 0x7F800000
+    nonfinite = torch.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, u >> 16)
+    half = torch.where(finite, (u + bits) >> 16, nonfinite)
+    return ((half ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16).view(x.shape)

@@ -103,11 +103,11 @@ def make_optimizer(optimizer: str, params: list[torch.nn.Parameter], backend: st
     )
 
 
-def public_step(optimizer: str, params: list[torch.Tensor], grads: list[torch.Tensor], backend: str):
+def public_step(optimizer: str, params: list[torch.Tensor], grads: list[torch.Tensor], backend: str, **options):
     """``opt.step(closure)`` on the optimizer's own copies of ``params``, the closure adding ``grads``;
-    returns (the step as a function of no arguments, the optimizer)."""
+    returns (the step as a function of no arguments, the optimizer). ``options``: see make_optimizer."""
     copies = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = make_optimizer(optimizer, copies, backend)
+    opt = make_optimizer(optimizer, copies, backend, **options)
     closure = closure_for(copies, grads)
     return (lambda: opt.step(closure)), opt
 

@@ -55,9 +55,17 @@ class BSAM(TwoPassOptimizer):
             step maps fresh pages (measured: +23% of a step); elsewhere the caching allocator
             hands the same memory back, so they live only within a step and the optimizer keeps
             12 bytes per float32 parameter between steps.
+        state_dtype: None (default) keeps ``precision`` and ``momentum`` in the mean's dtype;
+            ``torch.bfloat16`` keeps them in bfloat16 (8 bytes per parameter in all instead of
+            12; not for float64 parameters). The math still runs in float32; the update stores
+            them with stochastic rounding from a counter-based stream (:mod:`sambayes._philox`,
+            "Stochastic rounding"): deterministic, resumable and the same in every backend, and
+            unbiased, so that the precision's small steps (1 − β2 = 0.001 of a value, below
+            bfloat16's resolution of 2^-8) are not lost as rounding to nearest would lose them.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
-    for float64 parameters, float32 otherwise. Per group: ``step`` (updates taken) and
+    for float64 parameters, float32 otherwise (``precision`` and ``momentum``: bfloat16
+    with ``state_dtype=torch.bfloat16``). Per group: ``step`` (updates taken) and
     ``skipped_steps`` (steps skipped for a non-finite gradient), 0-dim device tensors
     counted without a host sync; ``attempts`` (their sum, a host int); ``seed``. The
     noise of a step is ``noise_seed(seed, group index, attempts, j)`` (see
@@ -81,8 +89,15 @@ class BSAM(TwoPassOptimizer):
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
         keep_sums: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         seed = _check_seed(seed, allow_none=True)
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(
+                f"state_dtype={state_dtype!r}: None (precision and momentum in the mean's dtype) or torch.bfloat16"
+            )
+        #: the dtype of ``precision`` and ``momentum``: None for the mean's, or torch.bfloat16
+        self.state_dtype = state_dtype
         defaults = dict(
             num_data=num_data,
             lr=lr,
@@ -103,7 +118,21 @@ class BSAM(TwoPassOptimizer):
             for group in self.param_groups:
                 group["seed"] = int(seed_tensor) % 2**64
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "state_dtype": self.state_dtype}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict, with the state and groups only
+        self.__dict__.setdefault("state_dtype", None)
+
     def _check_group(self, group: dict[str, Any]) -> None:
+        if self.state_dtype is not None:
+            for i, p in enumerate(group["params"]):
+                if p.dtype == torch.float64:
+                    raise ValueError(
+                        f"parameter {i} (shape {tuple(p.shape)}) is float64: state_dtype={self.state_dtype} would "
+                        "keep its precision and momentum below the parameter's own precision; use the default"
+                    )
         group["seed"] = _check_seed(group["seed"], allow_none=True)
         check_number("num_data", group["num_data"], low_open=True)
         check_number("lr", group["lr"])
@@ -116,11 +145,22 @@ class BSAM(TwoPassOptimizer):
     def _state_keys(self) -> set[str]:
         return {"mean", "precision", "momentum"}
 
+    def _state_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is None or key == "mean":
+            return state_dtype(param)
+        if param.dtype == torch.float64:  # the model was cast to float64 after construction
+            raise ValueError(
+                f"a parameter of shape {tuple(param.shape)} is float64 now: state_dtype={self.state_dtype} is for "
+                "float32, bfloat16 and float16 parameters"
+            )
+        return self.state_dtype
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        dtype = state_dtype(p)
-        state["mean"] = _distributed.local(p).detach().to(dtype, copy=True)
-        state["precision"] = torch.full_like(state["mean"], group["init_precision"])
-        state["momentum"] = torch.zeros_like(state["mean"])
+        state["mean"] = _distributed.local(p).detach().to(state_dtype(p), copy=True)
+        state["precision"] = torch.full_like(
+            state["mean"], group["init_precision"], dtype=self._state_dtype("precision", p)
+        )
+        state["momentum"] = torch.zeros_like(state["mean"], dtype=self._state_dtype("momentum", p))
 
     # ---- phases -----------------------------------------------------------------------
     def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
@@ -184,9 +224,12 @@ class BSAM(TwoPassOptimizer):
             flat /= world
             torch._foreach_copy_(same, [f.view_as(s) for f, s in zip(flat.split([s.numel() for s in same]), same)])
 
-    def _update_group(self, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
+    def _update_group(self, index: int, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
         beta1, beta2 = group["betas"]
         if slots:
+            # stochastic rounding of bfloat16 state; attempts counts this step already (see _count)
+            rounding = self.state_dtype is not None
+            seed = _philox.rounding_seed(group["seed"], index, group["attempts"] - 1) if rounding else 0
             backends.run(
                 self.backend,
                 "bsam_update",
@@ -196,6 +239,7 @@ class BSAM(TwoPassOptimizer):
                 self._states(slots, "precision"),
                 self._states(slots, "momentum"),
                 [s.curvature_sum for s in slots],
+                [s.offset for s in slots],  # element index: the rounding stream's counter
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
                 lr=group["lr"],
@@ -204,6 +248,7 @@ class BSAM(TwoPassOptimizer):
                 weight_decay=group["weight_decay"],
                 damping=group["damping"],
                 splits=self._split,
+                seed=seed,
             )
 
     # ---- the posterior ----------------------------------------------------------------
@@ -213,7 +258,7 @@ class BSAM(TwoPassOptimizer):
             for p in self._trainable(group):
                 state = self.state.get(p)
                 if state:
-                    yield p, state["precision"], group
+                    yield p, state["precision"].to(state_dtype(p)), group  # bfloat16 state: in float32
                 else:
                     yield (
                         p,

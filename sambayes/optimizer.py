@@ -314,7 +314,7 @@ class TwoPassOptimizer(Optimizer):
             if rest.device != p.device or rest.dtype != state_dtype(p):  # module.to(...) moved or cast them
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
-                        state[key] = value.to(p.device, state_dtype(p))
+                        state[key] = value.to(p.device, self._state_dtype(key, p))
                 rest = state[self._rest_key]
                 self._slot_devices = list(dict.fromkeys(s.param.device for s in self._slots))
             if s.version != s.version_now():
@@ -680,10 +680,10 @@ class TwoPassOptimizer(Optimizer):
         self._reduce_across_replicas()
         if max_grad_norm is not None and has_grad:
             self._clip(has_grad, max_grad_norm * self._split, inv_scale)
-        for group, slots in zip(self.param_groups, self._group_slots):
+        for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
             updated = [s for s in slots if (s.written or s.folded) and self._has_ascent(s)]
             self._count(group)
-            self._update_group(group, updated, inv_scale)
+            self._update_group(index, group, updated, inv_scale)
             self._consumed(updated)
             done = {id(s) for s in updated}
             self._restore([s for s in slots if id(s) not in done])
@@ -821,6 +821,10 @@ class TwoPassOptimizer(Optimizer):
         """The state keys of each parameter (overridden)."""
         return {self._rest_key}
 
+    def _state_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
+        """The dtype state ``key`` of ``param`` is kept in (overridden where some keys are kept lower)."""
+        return state_dtype(param)
+
     def _check_state_dict(self, state_dict: Any) -> dict:
         """ValueError naming the first way ``state_dict`` does not fit this optimizer; else {saved id: param}."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
@@ -910,7 +914,8 @@ class TwoPassOptimizer(Optimizer):
         first problem: another optimizer's state dict, other parameter shapes, a bad
         hyperparameter). A step in progress is abandoned (as :meth:`abort` does). Unlike
         ``torch.optim.Optimizer``, keeps float32 master state for low-precision parameters
-        instead of casting it to the parameter dtype.
+        instead of casting it to the parameter dtype; each state tensor is cast to the dtype
+        this optimizer keeps it in (so float32 and bfloat16 state checkpoints load into either).
 
         Each state tensor may be this rank's shard (a per-rank checkpoint), the whole tensor
         (a single-process checkpoint, under FSDP2 too: each rank cuts its shard out), or a
@@ -936,7 +941,7 @@ class TwoPassOptimizer(Optimizer):
                 continue
             for key, value in saved.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
+                    self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(key, p), copy=True)
         # between steps the model holds the state it was saved with
         self._refresh_slots(rebuild=True)  # the state dicts were replaced
         with torch.no_grad():

@@ -160,7 +160,7 @@ class SAM(TwoPassOptimizer):
                 adaptive=group["adaptive"],
             )
 
-    def _update_group(self, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
+    def _update_group(self, index: int, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
         if not slots:
             return
         grad_sums, weights, momentums = (

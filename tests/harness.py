@@ -64,6 +64,36 @@ def cases(backends_: list[str] = COMPARED) -> list:
     return out
 
 
+def stored_cases(backends_: list[str] = COMPARED) -> list:
+    """pytest params (backend, dtype, sizes) for bSAM's phases with bfloat16 precision and momentum
+    (``BSAM(state_dtype=torch.bfloat16)``): the parameter dtypes it takes, fewer sizes."""
+    out = []
+    for backend in backends_:
+        for dtype in PARAM_DTYPES[:3]:
+            name = str(dtype).split(".")[-1]
+            for sizes in ([BLOCK + 1], [7, 1025, 1]) + (([65537], MANY) if dtype == torch.float32 else ()):
+                size_id = "500" if sizes is MANY else "x".join(map(str, sizes))
+                out.append(pytest.param(backend, dtype, sizes, id=f"{backend}-{name}-{size_id}-bf16state"))
+    return out
+
+
+def offsets_of(sizes: list[int], first: int = 3) -> list[int]:
+    """Group element index of each tensor's first element: consecutive, starting off a multiple of 4."""
+    return [first + sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def assert_stochastically_rounded(actual: list, expected: list, name: str) -> None:
+    """bfloat16 state rounded with the same random bits from float32 values that may differ by a
+    float32 ulp between backends: bitwise equal, but for rare elements one bfloat16 ulp apart."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype == torch.bfloat16, f"{name}[{i}]: dtype {a.dtype}"
+        apart = (a.view(torch.int16).int() - e.view(torch.int16).int()).abs()
+        if (apart > 1).any() or int((apart == 1).sum()) > max(2, a.numel() // 1000):
+            idx = (apart > 0).nonzero().flatten()[:5].tolist()
+            pairs = ", ".join(f"[{j}] {a.flatten()[j].item():.6g} vs {e.flatten()[j].item():.6g}" for j in idx)
+            pytest.fail(f"{name}[{i}]: {int((apart > 0).sum())} of {a.numel()} bfloat16 values differ; first: {pairs}")
+
+
 #: 1/scale of a GradScaler: the phases that read gradients unscale them (not a power of 2: real rounding)
 INV_SCALE = 1 / 3
 

@@ -20,14 +20,20 @@ from harness import (
     normal,
     positive,
     state_dtype,
+    stored_cases,
     with_nonfinite,
 )
 
 
-@pytest.mark.parametrize("backend,dtype,sizes", cases())
-def test_bsam_perturb_matches_eager(backend, dtype, sizes):
+@pytest.mark.parametrize(
+    "backend,dtype,sizes,stored",
+    [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()],
+    ids=[c.id for c in cases()] + [c.id for c in stored_cases()],
+)
+def test_bsam_perturb_matches_eager(backend, dtype, sizes, stored):
     sd = state_dtype(dtype)
-    means, precisions = normal(sizes, sd), positive(sizes, sd)
+    # stored: bfloat16 precision (BSAM(state_dtype=torch.bfloat16)), else the state dtype
+    means, precisions = normal(sizes, sd), positive(sizes, stored or sd)
     inputs = clones(means) + clones(precisions)
     curvature_sums = Guarded(sizes, sd)  # poisoned: the first sub-batch overwrites it
     expected_sums = nan_like(curvature_sums.tensors)

@@ -2,14 +2,32 @@
 
 import pytest
 import torch
-from harness import NOISE_ULPS, SPEC, Guarded, assert_close, cases, module, nan_like, normal, positive, state_dtype
+from harness import (
+    NOISE_ULPS,
+    SPEC,
+    Guarded,
+    assert_close,
+    cases,
+    module,
+    nan_like,
+    normal,
+    offsets_of,
+    positive,
+    state_dtype,
+    stored_cases,
+)
 
 
-@pytest.mark.parametrize("backend,dtype,sizes", cases())
-def test_bsam_sample_matches_eager(backend, dtype, sizes):
+@pytest.mark.parametrize(
+    "backend,dtype,sizes,stored",
+    [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()],
+    ids=[c.id for c in cases()] + [c.id for c in stored_cases()],
+)
+def test_bsam_sample_matches_eager(backend, dtype, sizes, stored):
     sd = state_dtype(dtype)
-    means, precisions = normal(sizes, sd), positive(sizes, sd)
-    offsets = [sum(sizes[:i]) + 3 for i in range(len(sizes))]
+    # stored: bfloat16 precision (BSAM(state_dtype=torch.bfloat16)), else the state dtype
+    means, precisions = normal(sizes, sd), positive(sizes, stored or sd)
+    offsets = offsets_of(sizes)
     hyper = {"num_data": 7.0, "seed": 2**40 + 17}
     params = Guarded(sizes, dtype)
     expected = nan_like(params.tensors)

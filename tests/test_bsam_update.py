@@ -8,6 +8,7 @@ from harness import (
     Guarded,
     assert_lists_close,
     assert_rounded,
+    assert_stochastically_rounded,
     assert_zeros,
     cases,
     clones,
@@ -16,19 +17,26 @@ from harness import (
     module,
     nan_like,
     normal,
+    offsets_of,
     positive,
     state_dtype,
+    stored_cases,
 )
 
-HYPER = {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-3, "damping": 0.1, "splits": 3}
+#: seed: the stochastic-rounding stream's key (read with bfloat16 precision and momentum only)
+HYPER = {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-3, "damping": 0.1, "splits": 3, "seed": 2**40 + 5}
+BOTH = [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()]
+IDS = [c.id for c in cases()] + [c.id for c in stored_cases()]
 
 
-def _run(backend, dtype, sizes, found_inf):
+def _run(backend, dtype, sizes, found_inf, stored):
     sd = state_dtype(dtype)
     grad_sums, curvature_sums = normal(sizes, dtype), positive(sizes, sd)
-    start = [normal(sizes, sd), positive(sizes, sd), normal(sizes, sd)]  # mean, precision, momentum
-    state = [Guarded(sizes, sd, values) for values in start]
+    # mean, precision, momentum; stored: bfloat16 precision and momentum, else the state dtype
+    start = [normal(sizes, sd), positive(sizes, stored or sd), normal(sizes, stored or sd)]
+    state = [Guarded(sizes, t[0].dtype, t) for t in start]
     expected_state = [clones(values) for values in start]
+    offsets = offsets_of(sizes)
     got_grads, want_grads = Guarded(sizes, dtype, grad_sums), clones(grad_sums)
     params = Guarded(sizes, dtype)
     expected = nan_like(params.tensors)
@@ -37,29 +45,35 @@ def _run(backend, dtype, sizes, found_inf):
         got_grads.tensors,
         *(s.tensors for s in state),
         curvature_sums,
+        offsets,
         flag(found_inf),
         inv_scale(),
         **HYPER,
     )
-    SPEC.bsam_update(expected, want_grads, *expected_state, curvature_sums, flag(found_inf), inv_scale(), **HYPER)
+    SPEC.bsam_update(
+        expected, want_grads, *expected_state, curvature_sums, offsets, flag(found_inf), inv_scale(), **HYPER
+    )
     params.check("bsam_update params")
     got_grads.check("bsam_update grad_sums")
     for name, got, want in zip(("mean", "precision", "momentum"), state, expected_state):
         got.check(f"bsam_update {name}")
-        assert_lists_close(got.tensors, want, sd, name)
+        if want[0].dtype == torch.bfloat16:
+            assert_stochastically_rounded(got.tensors, want, name)
+        else:
+            assert_lists_close(got.tensors, want, sd, name)
     # the model holds the (new) mean; the gradient buffer is ready for the next step
     assert_rounded(params.tensors, state[0].tensors, "param")
     assert_zeros(got_grads.tensors, "grad_sum")
     return start, state
 
 
-@pytest.mark.parametrize("backend,dtype,sizes", cases())
-def test_bsam_update_matches_eager(backend, dtype, sizes):
-    _run(backend, dtype, sizes, 0.0)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", BOTH, ids=IDS)
+def test_bsam_update_matches_eager(backend, dtype, sizes, stored):
+    _run(backend, dtype, sizes, 0.0, stored)
 
 
-@pytest.mark.parametrize("backend,dtype,sizes", cases())
-def test_bsam_update_skips_on_the_flag(backend, dtype, sizes):
-    start, state = _run(backend, dtype, sizes, 1.0)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", BOTH, ids=IDS)
+def test_bsam_update_skips_on_the_flag(backend, dtype, sizes, stored):
+    start, state = _run(backend, dtype, sizes, 1.0, stored)
     for name, before, after in zip(("mean", "precision", "momentum"), start, state):
         assert all(torch.equal(a, b) for a, b in zip(after.tensors, before)), f"skipped step changed the {name}"

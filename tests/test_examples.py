@@ -274,3 +274,14 @@ def test_evaluate_bma_nll_of_a_confident_mistake_is_finite():
         assert math.isfinite(result["nll"]) and result["nll"] == pytest.approx(100, rel=1e-3)  # (200 + 0) / 2
         assert result["ece"] == pytest.approx(0.5, abs=1e-6)
     assert model.training  # put back in its mode
+
+
+def test_bf16_state_evidence_runs_and_writes_its_table(tmp_path):
+    out = run([sys.executable, str(EXAMPLES / "bf16_state.py"), "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "bf16_state.md").read_text()
+    assert table in out
+    # two runs x (mean, BMA) x (accuracy, nll, ece)
+    assert table.count("| demo (2 epochs") == 6 and table.count("| longer (8 epochs, β2 0.999)") == 6
+    rows = (tmp_path / "bf16_state.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2 * 2  # runs x states x seeds x predictions
+    assert (tmp_path / "bf16_state.png").stat().st_size > 10_000

@@ -34,9 +34,12 @@ calls them). Each call gets the tensors of one bucket as parallel lists:
   sub-batches), in the parameter dtype;
 - state (``means``, ``precisions``, ``momentums``, ``curvature_sums``, ``weights``,
   ``variances``) and the running sums of ``fold_grads``: float64 for float64
-  parameters, float32 otherwise.
+  parameters, float32 otherwise; with ``BSAM(state_dtype=torch.bfloat16)``, bSAM's
+  ``precisions`` and ``momentums`` are bfloat16 (stored with stochastic rounding);
+- ``offsets``: each tensor's first element index in its group's flat concatenation
+  (the noise's and the rounding stream's element index).
 
-All math runs in the state dtype. The noise z comes from :mod:`sambayes._philox`, the
+All math runs in the state dtype (the mean's). The noise z comes from :mod:`sambayes._philox`, the
 reference generator; this module depends on nothing else of the package. The eager
 backend decides on the host whether a step is skipped; the others decide on the device.
 """
@@ -54,7 +57,7 @@ def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: in
     # z of element i of the group's flat concatenation (ALGORITHM.md, "Noise")
     for param, mean, precision, z in zip(params, means, precisions, _philox.randn_tensors(seed, offsets, means)):
         # noisy sample
-        param.copy_(mean + z / torch.sqrt(num_data * precision))
+        param.copy_(mean + z / torch.sqrt(num_data * precision.to(mean.dtype)))
 
 
 @torch.no_grad()
@@ -65,10 +68,11 @@ def bsam_perturb(
     for param, grad, mean, precision, curvature_sum in zip(params, grads, means, precisions, curvature_sums):
         g = grad.to(mean.dtype) * inv_scale
         _flag_nonfinite(g, found_inf)
+        s = precision.to(mean.dtype)
         # adversarial point
-        param.copy_(mean + rho * g / precision)
+        param.copy_(mean + rho * g / s)
         # curvature estimate of the precision update, summed over sub-batches
-        a = torch.sqrt(precision) * g.abs()
+        a = torch.sqrt(s) * g.abs()
         curvature_sum.copy_(curvature_sum + a if accumulate else a)
         grad.zero_()
 
@@ -104,6 +108,7 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    offsets,
     found_inf,
     inv_scale,
     *,
@@ -113,22 +118,31 @@ def bsam_update(
     weight_decay: float,
     damping: float,
     splits: int,
+    seed: int,
 ) -> None:
-    """Momentum, mean (with the old precision), precision, then θ = m; a skipped step only θ = m."""
+    """Momentum, mean (with the old precision), precision, then θ = m; a skipped step only θ = m.
+    bfloat16 precision and momentum: computed in the mean's dtype, stored with stochastic rounding
+    (the rounding stream ``seed``, element index ``offsets[i] + k``; see :mod:`sambayes._philox`)."""
     skip = bool(found_inf)
-    for param, grad_sum, mean, precision, momentum, curvature_sum in zip(
-        params, grad_sums, means, precisions, momentums, curvature_sums
+    for param, grad_sum, mean, precision, momentum, curvature_sum, offset in zip(
+        params, grad_sums, means, precisions, momentums, curvature_sums, offsets
     ):
         if not skip:
             # the means over the k sub-batches
             h = grad_sum.to(mean.dtype) * inv_scale / splits
             a = curvature_sum / splits
+            s, g_m = precision.to(mean.dtype), momentum.to(mean.dtype)
             # momentum
-            momentum.copy_(beta1 * momentum + (1 - beta1) * (h + weight_decay * mean))
+            g_m = beta1 * g_m + (1 - beta1) * (h + weight_decay * mean)
             # mean step, divided by the precision before this step's update
-            mean.copy_(mean - lr * momentum / precision)
+            mean.copy_(mean - lr * g_m / s)
             # precision
-            precision.copy_(beta2 * precision + (1 - beta2) * (a + weight_decay + damping))
+            s = beta2 * s + (1 - beta2) * (a + weight_decay + damping)
+            if precision.dtype == torch.bfloat16:  # unbiased: increments below half an ulp survive on average
+                word = _philox.rounding_words(seed, offset, precision.numel(), precision.device).view(precision.shape)
+                s, g_m = _philox.round_stochastic(s, word >> 16), _philox.round_stochastic(g_m, word & 0xFFFF)
+            precision.copy_(s)
+            momentum.copy_(g_m)
         # the model holds the mean between steps
         param.copy_(mean)
         grad_sum.zero_()

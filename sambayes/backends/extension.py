@@ -91,6 +91,7 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    offsets,
     found_inf,
     inv_scale,
     *,
@@ -100,6 +101,7 @@ def bsam_update(
     weight_decay: float,
     damping: float,
     splits: int,
+    seed: int,
 ) -> None:
     _ops.bsam_update(
         params,
@@ -108,6 +110,7 @@ def bsam_update(
         precisions,
         momentums,
         curvature_sums,
+        [int(o) for o in offsets],
         found_inf,
         inv_scale,
         float(lr),
@@ -116,6 +119,7 @@ def bsam_update(
         float(weight_decay),
         float(damping),
         int(splits),
+        int(seed),
     )
 
 

@@ -34,7 +34,7 @@ def _unless_skipped(found_inf, targets, values) -> None:
 @torch.no_grad()
 def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
     z = _philox.randn_tensors(seed, offsets, means)
-    std = torch._foreach_mul(precisions, num_data)
+    std = torch._foreach_mul(_upcast(precisions, means[0].dtype), num_data)
     torch._foreach_sqrt_(std)
     torch._foreach_div_(z, std)
     torch._foreach_add_(z, means)
@@ -47,6 +47,7 @@ def bsam_perturb(
 ) -> None:
     g = torch._foreach_mul(_upcast(grads, means[0].dtype), inv_scale)
     _flag_nonfinite(g, found_inf)
+    precisions = _upcast(precisions, means[0].dtype)
     theta = torch._foreach_div(g, precisions)
     torch._foreach_mul_(theta, rho)
     torch._foreach_add_(theta, means)
@@ -87,6 +88,7 @@ def bsam_update(
     precisions,
     momentums,
     curvature_sums,
+    offsets,
     found_inf,
     inv_scale,
     *,
@@ -96,17 +98,26 @@ def bsam_update(
     weight_decay: float,
     damping: float,
     splits: int,
+    seed: int,
 ) -> None:
-    h = torch._foreach_mul(_upcast(grad_sums, means[0].dtype), inv_scale)
+    dtype = means[0].dtype
+    h = torch._foreach_mul(_upcast(grad_sums, dtype), inv_scale)
     torch._foreach_div_(h, splits)
     torch._foreach_add_(h, means, alpha=weight_decay)
-    new_momentums = torch._foreach_mul(momentums, beta1)
+    new_momentums = torch._foreach_mul(_upcast(momentums, dtype), beta1)
     torch._foreach_add_(new_momentums, h, alpha=1 - beta1)
-    new_means = torch._foreach_addcdiv(means, new_momentums, precisions, value=-lr)
+    new_means = torch._foreach_addcdiv(means, new_momentums, _upcast(precisions, dtype), value=-lr)
     a = torch._foreach_div(curvature_sums, splits)
     torch._foreach_add_(a, weight_decay + damping)
-    new_precisions = torch._foreach_mul(precisions, beta2)
+    new_precisions = torch._foreach_mul(_upcast(precisions, dtype), beta2)
     torch._foreach_add_(new_precisions, a, alpha=1 - beta2)
+    if precisions[0].dtype == torch.bfloat16:  # stochastic rounding (see sambayes._philox), a tensor at a time
+        new_precisions, new_momentums = list(new_precisions), list(new_momentums)
+        for i, offset in enumerate(offsets):
+            word = _philox.rounding_words(seed, offset, precisions[i].numel(), means[i].device)
+            word = word.view(precisions[i].shape)
+            new_precisions[i] = _philox.round_stochastic(new_precisions[i], word >> 16)
+            new_momentums[i] = _philox.round_stochastic(new_momentums[i], word & 0xFFFF)
     for targets, values in ((momentums, new_momentums), (means, new_means), (precisions, new_precisions)):
         _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, means)

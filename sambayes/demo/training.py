@@ -61,6 +61,7 @@ class Recipe:
     bsam_data_factor: float = 4.0  # a tempered posterior, as the paper's N = 4 × 50,000; see the sweep
     bsam_damping: float = 0.1
     bsam_init_precision: float = 1.0
+    bsam_state_dtype: torch.dtype | None = None  # torch.bfloat16: precision and momentum in bfloat16
     # IVON (Shen et al., 2024): α, (β1, β2), h0, prior precision (δ = prior_precision / ess) and
     # MC samples per step; ess = n_train, the training-set size, untempered. ivon-opt scales α by
     # (h0 + δ), so α acts like SGD's α / (1 − momentum) = 4 here; β2 is the authors' 1 − 1e-5
@@ -119,6 +120,7 @@ def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_trai
             init_precision=recipe.bsam_init_precision,
             seed=seed,
             backend=backend,
+            state_dtype=recipe.bsam_state_dtype,
         )
     if method == "IVON":
         import ivon
