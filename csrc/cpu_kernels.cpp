@@ -35,10 +35,6 @@ namespace {
 constexpr int64_t kCpuChunk = 1 << 15;    // elements per task: a few hundred KiB over all arrays, cache-sized
 constexpr int64_t kNoiseBlock = 1 << 10;  // z drawn into an L1-resident buffer this many at a time
 
-// float64 state for float64 parameters, float32 otherwise.
-template <typename P>
-using acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
-
 // ---- noise (ALGORITHM.md, "Noise", version 2) ---------------------------------------------
 
 constexpr int64_t kCounterBlock = 256;  // Philox calls drawn at a time into L1 (4 normals each)
@@ -464,22 +460,6 @@ void raise_flag(const at::Tensor& found_inf) {
   __atomic_store(found_inf.data_ptr<float>(), &one, __ATOMIC_RELAXED);
 }
 
-#define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
-
-// body(P{}, S{}) with P the parameter dtype and S the stored dtype of bSAM's precision and momentum:
-// the state dtype, or c10::BFloat16 (float32 state only, as check_group's stored_like enforces).
-template <typename F>
-void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
-  SB_DISPATCH_PARAM_DTYPE(dtype, "bsam", [&] {
-    using P = scalar_t;
-    using A = acc_t<P>;
-    if constexpr (std::is_same_v<A, float>) {
-      if (bf16_state) return body(P{}, c10::BFloat16{});
-    }
-    body(P{}, A{});
-  });
-}
 
 void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                      at::IntArrayRef offsets, double num_data, int64_t seed) {

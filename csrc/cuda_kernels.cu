@@ -31,9 +31,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kCudaChunk = 1 << 14;  // elements per block: 16 vector iterations of 256 threads
 
-template <typename P>
-using acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
-
 // W elements of T moved as one aligned load or store.
 template <typename T, int W>
 struct alignas(sizeof(T) * W) Pack {
@@ -520,22 +517,6 @@ float* device_scalar(const at::Tensor& t, at::Device device, const char* what) {
   return t.data_ptr<float>();
 }
 
-#define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
-
-// body(P{}, S{}) with P the parameter dtype and S the stored dtype of bSAM's precision and momentum:
-// the state dtype, or c10::BFloat16 (float32 state only, as check_group's stored_like enforces).
-template <typename F>
-void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
-  SB_DISPATCH_PARAM_DTYPE(dtype, "bsam", [&] {
-    using P = scalar_t;
-    using A = acc_t<P>;
-    if constexpr (std::is_same_v<A, float>) {
-      if (bf16_state) return body(P{}, c10::BFloat16{});
-    }
-    body(P{}, A{});
-  });
-}
 
 void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
                       at::IntArrayRef offsets, double num_data, int64_t seed) {

@@ -3,12 +3,15 @@
 // at most `chunk` elements; a CPU task or a CUDA block handles one chunk.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,6 +37,27 @@ struct Chunk {
 // The state dtype of a parameter dtype: float64 for float64, float32 otherwise.
 inline at::ScalarType state_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The same in C++ types: the state (and math) type of parameter type P.
+template <typename P>
+using acc_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+#define SB_DISPATCH_PARAM_DTYPE(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, name, __VA_ARGS__)
+
+// body(P{}, S{}) with P the parameter dtype and S the stored dtype of bSAM's precision and momentum:
+// the state dtype, or c10::BFloat16 (float32 state only, as check_group's stored_like enforces).
+template <typename F>
+void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
+  SB_DISPATCH_PARAM_DTYPE(dtype, "bsam", [&] {
+    using P = scalar_t;
+    using A = acc_t<P>;
+    if constexpr (std::is_same_v<A, float>) {
+      if (bf16_state) return body(P{}, c10::BFloat16{});
+    }
+    body(P{}, A{});
+  });
 }
 
 using NamedList = std::pair<const char*, at::TensorList>;

@@ -77,6 +77,14 @@ def stored_cases(backends_: list[str] = COMPARED) -> list:
     return out
 
 
+def bsam_cases(backends_: list[str] = COMPARED) -> list:
+    """pytest params (backend, dtype, sizes, stored) for bSAM's phases: :func:`cases` with the
+    precision and momentum in the state dtype (stored None), then :func:`stored_cases` in bfloat16."""
+    return [pytest.param(*c.values, None, id=c.id) for c in cases(backends_)] + [
+        pytest.param(*c.values, torch.bfloat16, id=c.id) for c in stored_cases(backends_)
+    ]
+
+
 def offsets_of(sizes: list[int], first: int = 3) -> list[int]:
     """Group element index of each tensor's first element: consecutive, starting off a multiple of 4."""
     return [first + sum(sizes[:i]) for i in range(len(sizes))]

@@ -74,10 +74,10 @@ def test_bsam_peak_is_at_most_16_bytes_plus_parameters_gradients_and_grad_sum(sp
 def test_bsam_with_bfloat16_state_keeps_8_bytes_per_float32_parameter(tier, splits):
     m = measure("bsam-bf16", tier, splits)
     assert per_parameter(m) == {"state[*].mean": 4.0, "state[*].precision": 2.0, "state[*].momentum": 2.0}
-    float32_state = measure("bsam", tier, splits).peak
-    assert m.peak <= float32_state  # the rounding's random words are drawn a tensor or a block at a time
     if tier == "cpu":  # the fused kernels allocate nothing of their own: 4 B less than float32 state
-        assert m.peak == float32_state - 4 * NUMEL
+        assert m.peak == measure("bsam", tier, splits).peak - 4 * NUMEL
+    # (eager draws the rounding's random words one tensor at a time through int64 temporaries: with
+    # these three tensors, more than the 4 B per parameter saved; with 1,000,000 in 7, less: README)
 
 
 def test_bsam_bfloat16_keeps_float32_state():

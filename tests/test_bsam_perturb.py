@@ -11,7 +11,7 @@ from harness import (
     Guarded,
     assert_close,
     assert_zeros,
-    cases,
+    bsam_cases,
     clones,
     flag,
     inv_scale,
@@ -20,16 +20,11 @@ from harness import (
     normal,
     positive,
     state_dtype,
-    stored_cases,
     with_nonfinite,
 )
 
 
-@pytest.mark.parametrize(
-    "backend,dtype,sizes,stored",
-    [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()],
-    ids=[c.id for c in cases()] + [c.id for c in stored_cases()],
-)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", bsam_cases())
 def test_bsam_perturb_matches_eager(backend, dtype, sizes, stored):
     sd = state_dtype(dtype)
     # stored: bfloat16 precision (BSAM(state_dtype=torch.bfloat16)), else the state dtype

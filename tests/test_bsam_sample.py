@@ -7,22 +7,17 @@ from harness import (
     SPEC,
     Guarded,
     assert_close,
-    cases,
+    bsam_cases,
     module,
     nan_like,
     normal,
     offsets_of,
     positive,
     state_dtype,
-    stored_cases,
 )
 
 
-@pytest.mark.parametrize(
-    "backend,dtype,sizes,stored",
-    [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()],
-    ids=[c.id for c in cases()] + [c.id for c in stored_cases()],
-)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", bsam_cases())
 def test_bsam_sample_matches_eager(backend, dtype, sizes, stored):
     sd = state_dtype(dtype)
     # stored: bfloat16 precision (BSAM(state_dtype=torch.bfloat16)), else the state dtype

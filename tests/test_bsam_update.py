@@ -10,7 +10,7 @@ from harness import (
     assert_rounded,
     assert_stochastically_rounded,
     assert_zeros,
-    cases,
+    bsam_cases,
     clones,
     flag,
     inv_scale,
@@ -20,13 +20,10 @@ from harness import (
     offsets_of,
     positive,
     state_dtype,
-    stored_cases,
 )
 
 #: seed: the stochastic-rounding stream's key (read with bfloat16 precision and momentum only)
 HYPER = {"lr": 0.3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-3, "damping": 0.1, "splits": 3, "seed": 2**40 + 5}
-BOTH = [(*c.values, None) for c in cases()] + [(*c.values, torch.bfloat16) for c in stored_cases()]
-IDS = [c.id for c in cases()] + [c.id for c in stored_cases()]
 
 
 def _run(backend, dtype, sizes, found_inf, stored):
@@ -67,12 +64,12 @@ def _run(backend, dtype, sizes, found_inf, stored):
     return start, state
 
 
-@pytest.mark.parametrize("backend,dtype,sizes,stored", BOTH, ids=IDS)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", bsam_cases())
 def test_bsam_update_matches_eager(backend, dtype, sizes, stored):
     _run(backend, dtype, sizes, 0.0, stored)
 
 
-@pytest.mark.parametrize("backend,dtype,sizes,stored", BOTH, ids=IDS)
+@pytest.mark.parametrize("backend,dtype,sizes,stored", bsam_cases())
 def test_bsam_update_skips_on_the_flag(backend, dtype, sizes, stored):
     start, state = _run(backend, dtype, sizes, 1.0, stored)
     for name, before, after in zip(("mean", "precision", "momentum"), start, state):
