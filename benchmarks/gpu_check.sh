@@ -61,6 +61,16 @@ timeout "$(limit 30)" python benchmarks/bench_step.py --preset resnet50 --budget
   --impls triton,cuda,torch,adamw_fused,copy 2>&1 | tee "$LOG/bench_resnet50.txt" | grep -v "bench_step:"
 check "${PIPESTATUS[0]}" "bench_step resnet50"; save
 
+step "benchmark: GPT-2 small with bfloat16 precision and momentum (BSAM(state_dtype=torch.bfloat16)): update and step"
+timeout "$(limit 25)" python benchmarks/bench_step.py --preset gpt2 --budget 1 --impls triton,cuda,copy --bf16-state \
+  --phases update,step 2>&1 | tee "$LOG/bench_gpt2_bf16_state.txt" | grep -v "bench_step:"
+check "${PIPESTATUS[0]}" "bench_step gpt2 bf16 state"; save
+
+step "optimizer memory on the GPU (max_memory_allocated): bSAM, bSAM bf16 state, AdamW; float32, k = 1"
+timeout "$(limit 25)" python benchmarks/bench_memory.py --device cuda --dtypes float32 --splits 1 \
+  --optimizers bsam,bsam-bf16,adamw --markdown 2>&1 | tee "$LOG/bench_memory.txt"
+check "${PIPESTATUS[0]}" "bench_memory"; save
+
 step "benchmark: launch-bound (1,000 tensors of 1,000), host time per step against AdamW"
 timeout "$(limit 30)" python benchmarks/bench_step.py --launch-bound --reps 20 2>&1 | tee "$LOG/bench_launch_bound.txt"
 check "${PIPESTATUS[0]}" "bench_step launch-bound"; save
