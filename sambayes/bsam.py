@@ -126,13 +126,8 @@ class BSAM(TwoPassOptimizer):
         self.__dict__.setdefault("state_dtype", None)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if self.state_dtype is not None:
-            for i, p in enumerate(group["params"]):
-                if p.dtype == torch.float64:
-                    raise ValueError(
-                        f"parameter {i} (shape {tuple(p.shape)}) is float64: state_dtype={self.state_dtype} would "
-                        "keep its precision and momentum below the parameter's own precision; use the default"
-                    )
+        for p in group["params"]:
+            self._state_dtype("precision", p)  # ValueError for a float64 parameter with bfloat16 state
         group["seed"] = _check_seed(group["seed"], allow_none=True)
         check_number("num_data", group["num_data"], low_open=True)
         check_number("lr", group["lr"])
@@ -148,10 +143,10 @@ class BSAM(TwoPassOptimizer):
     def _state_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
         if self.state_dtype is None or key == "mean":
             return state_dtype(param)
-        if param.dtype == torch.float64:  # the model was cast to float64 after construction
+        if param.dtype == torch.float64:  # given so, or cast so after construction (model.double())
             raise ValueError(
-                f"a parameter of shape {tuple(param.shape)} is float64 now: state_dtype={self.state_dtype} is for "
-                "float32, bfloat16 and float16 parameters"
+                f"a parameter of shape {tuple(param.shape)} is float64: state_dtype={self.state_dtype} is for "
+                "float32, bfloat16 and float16 parameters (float64 ones keep float64 state: use the default)"
             )
         return self.state_dtype
 
