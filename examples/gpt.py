@@ -360,6 +360,7 @@ def make_optimizer(name: str, args: argparse.Namespace, net: torch.nn.Module, nu
             init_precision=args.init_precision,
             seed=args.seed,
             backend=args.backend,
+            state_dtype=torch.bfloat16 if args.bsam_state == "bfloat16" else None,
         )
     # GPT-2's convention: weight decay on the matrices only, not on biases and LayerNorm gains
     params = [p for p in net.parameters() if p.requires_grad]
@@ -895,6 +896,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--data-factor", type=float, default=1.0, help="bSAM: N = data factor × training tokens")
     arg("--damping", type=float, default=0.1, help="bSAM's γ")
     arg("--init-precision", type=float, default=1.0, help="bSAM's s0")
+    arg(
+        "--bsam-state",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bSAM's precision and momentum: float32, or bfloat16 with stochastic rounding (8 B per parameter)",
+    )
     arg(
         "--splits",
         type=int,

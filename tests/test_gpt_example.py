@@ -89,6 +89,15 @@ def test_both_optimizers_train_and_write_the_comparison(straight):
     assert bsam["in_step_bytes_per_param"] >= bsam["state_bytes_per_param"] + 4  # its curvature sum at least
 
 
+def test_bsam_with_bfloat16_state_keeps_8_bytes_per_parameter(tmp_path):
+    gpt.main([*TINY, "--steps", "6", "--optimizer", "bsam", "--bsam-state", "bfloat16", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "bsam" / "summary.json").read_text())
+    assert summary["state_bytes_per_param"] == pytest.approx(8, abs=0.01)
+    assert math.isfinite(summary["final_val_loss"])
+    state = torch.load(tmp_path / "bsam" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    assert {s["precision"].dtype for s in state.values()} == {torch.bfloat16}
+
+
 def test_killed_twice_resumes_to_the_same_end(straight, tmp_path):
     """SIGKILL after a random step of bSAM; the resumed run SIGKILLed again halfway through a random
     checkpoint write (bSAM's or AdamW's); a second resume ends exactly where the uninterrupted run ends:
