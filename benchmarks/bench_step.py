@@ -5,6 +5,7 @@
     python benchmarks/bench_step.py --preset resnet50
     python benchmarks/bench_step.py --numel 10_000_000 --tensors 100 --impls cpu,eager,torch
     python benchmarks/bench_step.py --launch-bound                 # 1,000 tensors of 1,000: host time per step
+    python benchmarks/bench_step.py --launch-bound --capturable    # also capturable=True (on CUDA: a graph replay)
 
 Implementations: every backend of ``sambayes.backends.NAMES`` available on the device,
 ``torch`` (a plain per-tensor PyTorch bSAM step as a user would write it, noise from
@@ -109,6 +110,8 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 
 #: the suffix of the rows of BSAM(state_dtype=torch.bfloat16)
 BF16_STATE = "bf16-state"
+#: the suffix of the rows of BSAM(capturable=True)
+CAPTURABLE = "capturable"
 
 
 # ---- byte counts: the minimal traffic of each phase (the kernels' docstrings) -------------
@@ -352,6 +355,10 @@ def implementations(args, device, pb: Problem):
             phases = backend_phases(backends.resolve(name, device), lean)
             phases["step"] = public_step("bsam", pb.params, pb.grads, name, state_dtype=torch.bfloat16)[0]
             out.append((f"{name} {BF16_STATE}", phases))
+        if args.capturable:  # the seeds hashed on the device: what capturable=True costs a step not captured
+            out.append(
+                (f"{name} {CAPTURABLE}", {"step": public_step("bsam", pb.params, pb.grads, name, capturable=True)[0]})
+            )
     if want("torch"):
         out.append(("torch", {**plain_phases(pb), "step": plain_step(pb)}))
     if want("torch.compile"):
@@ -389,6 +396,14 @@ def launch_bound(args, device) -> list[tuple[str, str, object]]:
     for name in ("triton", "cuda", "cpu"):  # the fused backends
         if why_not_timed(name, device) is None:
             cases.append((name, "step", public_step("bsam", pb.params, pb.grads, name)[0]))
+            if args.capturable:
+                step = public_step("bsam", pb.params, pb.grads, name, capturable=True)[0]
+                cases.append((f"{name} {CAPTURABLE}", "step", step))
+            if args.capturable and device.type == "cuda":
+                try:
+                    cases.append((f"{name} graph", "replay", captured_step(pb, name)))
+                except RuntimeError as exc:  # reported, not fatal: the other rows still count
+                    print(f"skipped {name} graph: {str(exc).splitlines()[0]}")
     try:
         cases.append(("ivon", "step", ivon_phases(pb)["step"]))
     except ImportError as exc:
@@ -399,6 +414,22 @@ def launch_bound(args, device) -> list[tuple[str, str, object]]:
         except (RuntimeError, ValueError) as exc:
             print(f"skipped {name}: {str(exc).splitlines()[0]}")
     return pb, cases
+
+
+def captured_step(pb: Problem, backend: str):
+    """The public step with capturable=True, captured once in a CUDA graph after three warm-up
+    steps (as torch.cuda.graphs asks): returns the graph's replay, one whole step."""
+    step = public_step("bsam", pb.params, pb.grads, backend, capturable=True)[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def host_time(fn, device, reps: int) -> float:
@@ -473,6 +504,11 @@ def main(argv=None) -> None:
         "--bf16-state",
         action="store_true",
         help=f"also each sambayes backend with BSAM(state_dtype=torch.bfloat16) (rows '<backend> {BF16_STATE}')",
+    )
+    parser.add_argument(
+        "--capturable",
+        action="store_true",
+        help=f"also the public step of each sambayes backend with BSAM(capturable=True) (rows '<backend> {CAPTURABLE}')",
     )
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timing per case")
     parser.add_argument("--reps", type=int, default=50, help="at most this many timed runs per case (CPU)")

@@ -31,11 +31,12 @@ python -c "import sambayes._C as C, sys; print('CUDA kernels compiled:', C.cuda_
 check $? "the CUDA build of sambayes._C"
 timeout 60 python -m sambayes info | tee "$LOG/info.txt"
 
-step "GPU tests, the most telling first: no sync on the hot path, then every phase, AMP, trajectories"
-timeout "$(limit 60)" python -m pytest tests/test_hot_path.py -q -x -k "cuda or triton" 2>&1 | tee "$LOG/pytest_hot_path.txt" | tail -15
-check "${PIPESTATUS[0]}" "hot-path GPU tests"
+step "GPU tests, the most telling first: no sync on the hot path and CUDA-graph capture, then every phase, AMP, trajectories"
+timeout "$(limit 70)" python -m pytest tests/test_hot_path.py tests/test_capturable.py -q -k "cuda or triton or captured" \
+  2>&1 | tee "$LOG/pytest_hot_path.txt" | tail -15
+check "${PIPESTATUS[0]}" "hot-path and capture GPU tests"
 timeout "$(limit 150)" python -m pytest tests -q -k "triton or cuda" --deselect tests/test_nvcc_compile.py \
-  --deselect tests/test_hot_path.py --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
+  --deselect tests/test_hot_path.py --deselect tests/test_capturable.py --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
 check "${PIPESTATUS[0]}" "GPU tests"
 
 step "sambayes bench: the quick comparison of the backends that users run, on the GPU"
@@ -71,8 +72,8 @@ timeout "$(limit 25)" python benchmarks/bench_memory.py --device cuda --dtypes f
   --optimizers bsam,bsam-bf16,adamw --markdown 2>&1 | tee "$LOG/bench_memory.txt"
 check "${PIPESTATUS[0]}" "bench_memory"; save
 
-step "benchmark: launch-bound (1,000 tensors of 1,000), host time per step against AdamW"
-timeout "$(limit 30)" python benchmarks/bench_step.py --launch-bound --reps 20 2>&1 | tee "$LOG/bench_launch_bound.txt"
+step "benchmark: launch-bound (1,000 tensors of 1,000), host time per step against AdamW; capturable and a CUDA-graph replay"
+timeout "$(limit 30)" python benchmarks/bench_step.py --launch-bound --capturable --reps 20 2>&1 | tee "$LOG/bench_launch_bound.txt"
 check "${PIPESTATUS[0]}" "bench_step launch-bound"; save
 
 step "benchmark: whole training step, bSAM and SAM vs SGD (ResNet-18 w64, batch 200, k = 1, 8)"

@@ -26,10 +26,12 @@ static const char* cuda_note() {
 }
 
 TORCH_LIBRARY(sambayes_C, m) {
-  // found_inf, inv_scale: float32 one-element tensors on the bucket's device (the step's flag, 1/scale)
+  // found_inf, inv_scale: float32 one-element tensors on the bucket's device (the step's flag, 1/scale).
+  // seed_tensor (int64), lr_tensor (float64): optional one-element tensors on the bucket's device that replace
+  // the seed / lr argument, read by the kernel (CUDA-graph capture: each replay reads the current value)
   m.def(
       "bsam_sample(Tensor(a!)[] params, Tensor[] means, Tensor[] precisions, int[] offsets, float num_data, "
-      "int seed) -> ()");
+      "int seed, Tensor? seed_tensor=None) -> ()");
   m.def(
       "bsam_perturb(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] means, Tensor[] precisions, "
       "Tensor(c!)[] curvature_sums, Tensor(d!) found_inf, Tensor inv_scale, float rho, bool accumulate) -> ()");
@@ -41,7 +43,8 @@ TORCH_LIBRARY(sambayes_C, m) {
   m.def(
       "bsam_update(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] means, Tensor(d!)[] precisions, "
       "Tensor(e!)[] momentums, Tensor[] curvature_sums, int[] offsets, Tensor found_inf, Tensor inv_scale, float lr, "
-      "float beta1, float beta2, float weight_decay, float damping, int splits, int seed) -> ()");
+      "float beta1, float beta2, float weight_decay, float damping, int splits, int seed, Tensor? lr_tensor=None, "
+      "Tensor? seed_tensor=None) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] weights) -> ()");
   m.def("sam_sq_norm(Tensor[] grads, Tensor[] weights, Tensor(a!) found_inf, Tensor inv_scale, bool adaptive) -> Tensor");
   m.def(
@@ -49,11 +52,12 @@ TORCH_LIBRARY(sambayes_C, m) {
       "bool adaptive) -> ()");
   m.def(
       "sam_update_sgd(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] weights, Tensor(d!)[] momentums, "
-      "Tensor found_inf, Tensor inv_scale, float lr, float momentum, float weight_decay, bool nesterov, int splits) -> ()");
+      "Tensor found_inf, Tensor inv_scale, float lr, float momentum, float weight_decay, bool nesterov, int splits, "
+      "Tensor? lr_tensor=None) -> ()");
   m.def(
       "sam_update_adamw(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] weights, Tensor(d!)[] momentums, "
       "Tensor(e!)[] variances, Tensor found_inf, Tensor inv_scale, Tensor step, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, int splits) -> ()");
+      "float eps, float weight_decay, int splits, Tensor? lr_tensor=None) -> ()");
   // z(seed, start + i) into a contiguous float32 tensor (ALGORITHM.md, "Noise", version 2)
   m.def("philox_randn_(Tensor(a!) out, int seed, int start) -> ()");
   // the four Philox4x32-10 words per counter, int64 [n, 4]: a test hook

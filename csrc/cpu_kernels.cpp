@@ -460,13 +460,21 @@ void raise_flag(const at::Tensor& found_inf) {
   __atomic_store(found_inf.data_ptr<float>(), &one, __ATOMIC_RELAXED);
 }
 
+// A step scalar: its tensor's value where given (seed_tensor, lr_tensor; host memory here), else the argument.
+template <typename T>
+T scalar_or(const std::optional<at::Tensor>& t, T value, const char* op, const char* what) {
+  const T* data = optional_scalar<T>(t, at::Device(at::kCPU), op, what);
+  return data != nullptr ? *data : value;
+}
+
 
 void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
-                     at::IntArrayRef offsets, double num_data, int64_t seed) {
+                     at::IntArrayRef offsets, double num_data, int64_t seed,
+                     const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
   TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
               " params");
-  const auto key = philox_key(seed);
+  const auto key = philox_key(scalar_or(seed_tensor, seed, "bsam_sample", "seed_tensor"));
   const uint32_t k0 = key.first, k1 = key.second;
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
   dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
@@ -553,12 +561,15 @@ void skip_step(const std::vector<TensorRow<N>>& rows, at::ScalarType dtype, int 
 void bsam_update_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
                      at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
                      const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
-                     double weight_decay, double damping, int64_t splits, int64_t seed) {
+                     double weight_decay, double damping, int64_t splits, int64_t seed,
+                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
   TORCH_CHECK(offsets.size() == params.size(), "bsam_update: ", offsets.size(), " offsets for ", params.size(),
               " params");
+  lr = scalar_or(lr_tensor, lr, "bsam_update", "lr_tensor");
+  seed = scalar_or(seed_tensor, seed, "bsam_update", "seed_tensor");
   const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
   const float inv = read_scalar(inv_scale, "inv_scale");
@@ -653,9 +664,11 @@ void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 
 void sam_update_sgd_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
                         at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr,
-                        double momentum, double weight_decay, bool nesterov, int64_t splits) {
+                        double momentum, double weight_decay, bool nesterov, int64_t splits,
+                        const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
+  lr = scalar_or(lr_tensor, lr, "sam_update_sgd", "lr_tensor");
   const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
   const float inv = read_scalar(inv_scale, "inv_scale");
@@ -674,12 +687,14 @@ void sam_update_sgd_cpu(at::TensorList params, at::TensorList grad_sums, at::Ten
 void sam_update_adamw_cpu(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
                           at::TensorList momentums, at::TensorList variances, const at::Tensor& found_inf,
                           const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
-                          double eps, double weight_decay, int64_t splits) {
+                          double eps, double weight_decay, int64_t splits,
+                          const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
   TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
   TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
               "sam_update_adamw: step must be a float64 CPU tensor of one element");
+  lr = scalar_or(lr_tensor, lr, "sam_update_adamw", "lr_tensor");
   const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
   const float inv = read_scalar(inv_scale, "inv_scale");

@@ -109,13 +109,21 @@ __device__ __forceinline__ void rounding_words(uint64_t first, uint32_t k0, uint
   }
 }
 
+// The Philox key of a seed read on the device (seed_tensor), split as philox_key splits an int seed.
+__device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k0, uint32_t& k1) {
+  const auto s = static_cast<uint64_t>(*seed);
+  k0 = static_cast<uint32_t>(s);
+  k1 = static_cast<uint32_t>(s >> 32);
+}
+
 // x stored in bfloat16, rounded stochastically with 16 random bits.
 __device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_bits) {
   return c10::BFloat16(round_bf16_stochastic(x, random_bits), c10::BFloat16::from_bits());
 }
 
 // ---- per-phase element ops: run<W> handles elements i .. i + W - 1 of one row ----------------
-// prepared() is called once per thread before the loop: it reads the step's device scalars.
+// prepared() is called once per thread before the loop: it reads the step's device scalars, and the seed or lr
+// where given as a tensor (seed_ptr, lr_ptr non-null: CUDA-graph capture, each replay reads the current value).
 // bSAM's ops take S, the stored dtype of the precision and momentum: A, or c10::BFloat16 over float32 A.
 
 // float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
@@ -123,7 +131,12 @@ template <typename P, typename A, typename S>
 struct SampleOp {
   A num_data;
   uint32_t k0, k1;
-  __device__ SampleOp prepared() const { return *this; }
+  const int64_t* seed_ptr;
+  __device__ SampleOp prepared() const {
+    SampleOp op = *this;
+    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
+    return op;
+  }
   template <int W>
   __device__ void run(const TensorRow<3>& row, int64_t i) const {
     const auto mean = load<A, W>(row.ptr[1], i);
@@ -232,8 +245,10 @@ struct FoldOp {
 };
 
 // float32 params: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
-// s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4).
-template <typename P, typename A, typename S>
+// s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4). kSeedTensor: the key is read
+// from seed_ptr, in an instantiation of its own, as a key held in registers rather than kernel parameters costs
+// the bfloat16 update 4 to 8 registers on sm_80 (64: 4 blocks an SM, more: 3).
+template <typename P, typename A, typename S, bool kSeedTensor = false>
 struct BsamUpdateOp {
   BsamUpdateCoeffs<A> c;
   const float* found_inf;
@@ -241,10 +256,14 @@ struct BsamUpdateOp {
   bool skip;
   A inv_scale;
   uint32_t k0, k1;  // the stochastic-rounding key: bfloat16 S only
+  const double* lr_ptr;
+  const int64_t* seed_ptr;
   __device__ BsamUpdateOp prepared() const {
     BsamUpdateOp op = *this;
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
+    if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
     return op;
   }
   template <int W>
@@ -332,10 +351,12 @@ struct SgdOp {
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
+  const double* lr_ptr;
   __device__ SgdOp prepared() const {
     SgdOp op = *this;
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
     return op;
   }
   template <int W>
@@ -360,19 +381,23 @@ struct SgdOp {
 template <typename P, typename A>
 struct AdamwOp {
   AdamwCoeffs<A> c;
-  double lr, beta1, beta2;
+  double lr, beta1, beta2, weight_decay;
   const double* step;  // updates taken, counting this one: the bias corrections, without a host sync
   const float* found_inf;
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
+  const double* lr_ptr;
   __device__ AdamwOp prepared() const {
     AdamwOp op = *this;
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     const double t = *step;
+    const double rate = lr_ptr ? *lr_ptr : lr;
+    // as the host computes it: __dmul_rn keeps nvcc from fusing the product into an fma
+    if (lr_ptr) op.c.decay_factor = static_cast<A>(1 - __dmul_rn(rate, weight_decay));
     op.c.bias2 = static_cast<A>(1 - pow(beta2, t));
-    op.c.step_size = static_cast<A>(lr / (1 - pow(beta1, t)));
+    op.c.step_size = static_cast<A>(rate / (1 - pow(beta1, t)));
     return op;
   }
   template <int W>
@@ -519,18 +544,20 @@ float* device_scalar(const at::Tensor& t, at::Device device, const char* what) {
 
 
 void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
-                      at::IntArrayRef offsets, double num_data, int64_t seed) {
+                      at::IntArrayRef offsets, double num_data, int64_t seed,
+                      const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
   TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
               " params");
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const auto key = philox_key(seed);
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
+  const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
   dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
     using P = decltype(param);
     using A = acc_t<P>;
     launch<3, A>(rows, params[0].device(),
-                 SampleOp<P, A, decltype(stored)>{static_cast<A>(num_data), key.first, key.second});
+                 SampleOp<P, A, decltype(stored)>{static_cast<A>(num_data), key.first, key.second, seed_ptr});
   });
 }
 
@@ -583,7 +610,8 @@ void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::T
 void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
                       at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
                       const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
-                      double weight_decay, double damping, int64_t splits, int64_t seed) {
+                      double weight_decay, double damping, int64_t splits, int64_t seed,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
@@ -595,16 +623,26 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
   const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
+  const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "bsam_update", "lr_tensor");
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "bsam_update", "seed_tensor");
   const bool bf16_state = stored_in_bf16(precisions);
-  const auto key = bf16_state ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};  // the seed matters only then
+  // the seed matters only with bfloat16 state; a seed tensor is read by the kernel
+  const auto key = bf16_state && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
   dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
     using P = decltype(param);
+    using S = decltype(stored);
     using A = acc_t<P>;
     const BsamUpdateCoeffs<A> c{static_cast<A>(splits),       static_cast<A>(lr),        static_cast<A>(beta1),
                                 static_cast<A>(1 - beta1),    static_cast<A>(beta2),     static_cast<A>(1 - beta2),
                                 static_cast<A>(weight_decay), static_cast<A>(damping)};
-    launch<6, A, 5>(rows, device,
-                    BsamUpdateOp<P, A, decltype(stored)>{c, flag, inv, false, A(1), key.first, key.second}, base);
+    const auto run = [&](auto seed_tensor) {
+      using Op = BsamUpdateOp<P, A, S, decltype(seed_tensor)::value>;
+      launch<6, A, 5>(rows, device, Op{c, flag, inv, false, A(1), key.first, key.second, lr_ptr, seed_ptr}, base);
+    };
+    if constexpr (!std::is_same_v<S, A>) {
+      if (seed_ptr) return run(std::true_type{});
+    }
+    run(std::false_type{});
   });
 }
 
@@ -690,10 +728,12 @@ void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
 
 void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
                          at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
-                         double lr, double momentum, double weight_decay, bool nesterov, int64_t splits) {
+                         double lr, double momentum, double weight_decay, bool nesterov, int64_t splits,
+                         const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
   TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
   const auto device = params[0].device();
+  const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_sgd", "lr_tensor");
   const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
   const float* flag = device_scalar(found_inf, device, "found_inf");
@@ -702,33 +742,37 @@ void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::Te
     using A = acc_t<scalar_t>;
     const SgdCoeffs<A> c{static_cast<A>(splits), static_cast<A>(lr), static_cast<A>(momentum),
                          static_cast<A>(weight_decay), nesterov};
-    launch<4, A>(rows, device, SgdOp<scalar_t, A>{c, flag, inv, false, A(1)});
+    launch<4, A>(rows, device, SgdOp<scalar_t, A>{c, flag, inv, false, A(1), lr_ptr});
   });
 }
 
 void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
                            at::TensorList momentums, at::TensorList variances, const at::Tensor& found_inf,
                            const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int64_t splits) {
+                           double eps, double weight_decay, int64_t splits,
+                           const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
   TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
   const auto device = params[0].device();
   TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
               "sam_update_adamw: step must be a float64 tensor of one element on ", device);
+  const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_adamw", "lr_tensor");
   const c10::cuda::CUDAGuard guard(device);
   const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_update_adamw", [&] {
     using A = acc_t<scalar_t>;
-    // bias2 and step_size are filled in on the device from `step` (AdamwOp::prepared)
+    // bias2 and step_size are filled in on the device from `step`, and decay_factor from lr_tensor
+    // where given (AdamwOp::prepared)
     const AdamwCoeffs<A> c{static_cast<A>(splits), static_cast<A>(1 - lr * weight_decay),
                            static_cast<A>(beta1),  static_cast<A>(1 - beta1),
                            static_cast<A>(beta2),  static_cast<A>(1 - beta2),
                            A(1),                   static_cast<A>(eps),
                            A(1)};
-    launch<5, A>(rows, device, AdamwOp<scalar_t, A>{c, lr, beta1, beta2, step.data_ptr<double>(), flag, inv, false, A(1)});
+    launch<5, A>(rows, device, AdamwOp<scalar_t, A>{c, lr, beta1, beta2, weight_decay, step.data_ptr<double>(), flag,
+                                                    inv, false, A(1), lr_ptr});
   });
 }
 

@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -139,6 +140,20 @@ inline std::pair<uint32_t, uint32_t> philox_key(int64_t seed) {
   TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
   const auto s = static_cast<uint64_t>(seed);
   return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32)};
+}
+
+// The data of an optional one-element tensor of type T on `device`, or nullptr: a step scalar (seed_tensor,
+// lr_tensor) that replaces its int/float argument, read by the kernel so that a captured CUDA graph sees each
+// replay's value.
+template <typename T>
+const T* optional_scalar(const std::optional<at::Tensor>& t, at::Device device, const char* op, const char* what) {
+  static_assert(std::is_same_v<T, int64_t> || std::is_same_v<T, double>, "an int64 or float64 scalar");
+  if (!t.has_value()) return nullptr;
+  constexpr auto dtype = std::is_same_v<T, int64_t> ? at::kLong : at::kDouble;
+  TORCH_CHECK(t->device() == device && t->scalar_type() == dtype && t->numel() == 1, op, ": ", what, " must be ",
+              std::is_same_v<T, int64_t> ? "an int64" : "a float64", " tensor of one element on ", device, ", got ",
+              t->scalar_type(), " of ", t->numel(), " elements on ", t->device());
+  return t->data_ptr<T>();
 }
 
 }  // namespace sambayes

@@ -3,6 +3,7 @@ what the machine code does: 128-bit global loads/stores, registers, local memory
 
     python -m sambayes.kernels._compile_check [--arch 90]    # prints one JSON object per kernel
     python -m sambayes.kernels._compile_check --stored bf16  # bSAM's kernels with bfloat16 precision/momentum
+    python -m sambayes.kernels._compile_check --capturable   # lr and seeds read from device memory
 
 Needs Triton's NVIDIA backend (ptxas and cuobjdump ship with the wheel) and
 TRITON_INTERPRET unset.
@@ -52,6 +53,10 @@ KERNELS = [
 ]
 
 
+#: capturable=True's step scalars in device memory, by argument name (otherwise None: constexprs)
+STEP_POINTERS = {"lr_ptr": "*fp64", "decay_ptr": "*fp64", "seed_ptr": "*i64"}
+
+
 def _arg_type(param, state: str) -> str:
     if param.annotation_type:  # hyperparameters: annotated tl.float64
         return param.annotation_type
@@ -75,9 +80,10 @@ def has_stored(kernel) -> bool:
     return "STORED" in kernel.arg_names
 
 
-def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None):
+def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None, capturable: bool = False):
     """The CompiledKernel of ``kernel`` for params of tl dtype ``param`` on sm_<arch>; ``stored``: the
-    dtype of its stored state (kernels with a ``STORED`` constexpr), None for the state dtype."""
+    dtype of its stored state (kernels with a ``STORED`` constexpr), None for the state dtype;
+    ``capturable``: its lr and seed arguments are pointers to device memory (else None)."""
     state = tl.float64 if param == tl.float64 else tl.float32
     values = dict(PARAM=param, STATE=state, STORED=stored or state, ALIGNED=True, BLOCK=_multi_tensor.BLOCK)
     values.update(constexprs)
@@ -86,6 +92,11 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
             constants[p.name] = values[p.name]
+        elif p.name in STEP_POINTERS and not capturable:
+            signature[p.name] = "constexpr"
+            constants[p.name] = None
+        elif p.name in STEP_POINTERS:
+            signature[p.name] = STEP_POINTERS[p.name]
         else:
             signature[p.name] = _arg_type(p, "fp64" if state == tl.float64 else "fp32")
     # the table comes from the caching allocator: 16-byte aligned, as Triton assumes for tensor arguments
@@ -129,6 +140,9 @@ def main(argv=None) -> None:
         help="dtypes of bSAM's stored precision and momentum: state (the state dtype), bf16 (only the "
         "kernels that have stored state, and not for fp64 parameters); reports of bf16 carry stored=bf16",
     )
+    parser.add_argument(
+        "--capturable", action="store_true", help="only the kernels with step scalars, reading them from memory"
+    )
     args = parser.parse_args(argv)
     if _multi_tensor.INTERPRETED:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
@@ -140,10 +154,16 @@ def main(argv=None) -> None:
             for kernel, constexprs in KERNELS:
                 if stored == "bf16" and (not has_stored(kernel) or dtype == "fp64"):
                     continue
-                compiled = compile_kernel(kernel, constexprs, names[dtype], args.arch, names.get(stored))
+                if args.capturable and not STEP_POINTERS.keys() & set(kernel.arg_names):
+                    continue
+                compiled = compile_kernel(
+                    kernel, constexprs, names[dtype], args.arch, names.get(stored), args.capturable
+                )
                 report = dict(kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
                 if stored == "bf16":
                     report["stored"] = stored
+                if args.capturable:
+                    report["capturable"] = True
                 report.update(sass_report(compiled))
                 print(json.dumps(report), flush=True)
 

@@ -271,6 +271,16 @@ def scalar(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def step_value(value, pointer):
+    """``value``, or what ``pointer`` holds when it is given: with ``capturable=True`` the kernel reads
+    the step's lr or seed from device memory, so that a CUDA graph replays it with the current one."""
+    if pointer is None:
+        return value
+    else:
+        return tl.load(pointer)
+
+
+@triton.jit
 def for_block(
     BODY: tl.constexpr,
     pointers,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -24,6 +25,7 @@ from ._multi_tensor import (
     role_pointer,
     scalar,
     sqrt,
+    step_value,
     store,
     tensor_table,
 )
@@ -45,6 +47,7 @@ def _bsam_sample_kernel(
     table,
     seed,
     num_data: tl.float64,
+    seed_ptr,  # None, or the seed in device memory (capturable)
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     STORED: tl.constexpr,  # the dtype the precision is stored in: STATE or bfloat16
@@ -57,7 +60,7 @@ def _bsam_sample_kernel(
         role_pointer(record, start, 1, STATE, ALIGNED),
         role_pointer(record, start, 2, STORED, ALIGNED),
     )
-    scalars = (seed, scalar(num_data, STATE))
+    scalars = (step_value(seed, seed_ptr), scalar(num_data, STATE))
     for_block(_sample_block, pointers, scalars, start, remaining, noise_index, STATE, BLOCK, BLOCK)
 
 
@@ -68,7 +71,7 @@ def bsam_sample(
     offsets: list[int],
     *,
     num_data: float,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> None:
     """θ_i = m_i + z / sqrt(N·s_i) for every tensor, one launch per alignment class.
 
@@ -77,7 +80,9 @@ def bsam_sample(
     for float64 params, float32 otherwise; ``precisions`` may be bfloat16 instead of
     float32, read and converted to float32); ``offsets[i]``: index of tensor i's
     first element in the group's flat concatenation (element k of tensor i takes
-    lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63.
+    lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63, or a
+    one-element int64 tensor on the device holding it, read by the kernel (CUDA-graph capture).
     """
     table = tensor_table([params, means, precisions], "PSR", offsets, noise_blocks=True)
-    launch(_bsam_sample_kernel, table, seed, float(num_data))
+    seed, seed_ptr = step_args(seed, int)
+    launch(_bsam_sample_kernel, table, seed, float(num_data), seed_ptr)

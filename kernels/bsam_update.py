@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -30,6 +31,7 @@ from ._multi_tensor import (
     role_pointer,
     scalar,
     scratch_pointer,
+    step_value,
     store,
     store_stochastic,
     tensor_table,
@@ -86,6 +88,8 @@ def _bsam_update_kernel(
     splits,
     curvature_base,
     seed,
+    lr_ptr,  # None, or lr in device memory (capturable)
+    seed_ptr,  # None, or the seed in device memory (capturable)
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     STORED: tl.constexpr,  # the dtype precision and momentum are stored in: STATE or bfloat16
@@ -104,7 +108,7 @@ def _bsam_update_kernel(
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
         tl.load(inv_scale_ptr).to(STATE),
-        scalar(lr, STATE),
+        scalar(step_value(lr, lr_ptr), STATE),
         scalar(beta1, STATE),
         scalar(one_minus_beta1, STATE),
         scalar(beta2, STATE),
@@ -112,7 +116,7 @@ def _bsam_update_kernel(
         scalar(weight_decay, STATE),
         scalar(damping, STATE),
         tl.cast(splits, STATE),
-        seed,
+        step_value(seed, seed_ptr),
     )
     for_block(_update_block, pointers, scalars, start, remaining, noise_index, STATE, STORED, BLOCK)
 
@@ -128,13 +132,13 @@ def bsam_update(
     found_inf: torch.Tensor,
     inv_scale: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     damping: float,
     splits: int,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> None:
     """The bSAM update of every tensor, one launch per alignment class (see ALGORITHM.md)::
 
@@ -150,7 +154,8 @@ def bsam_update(
     ``precisions`` and ``momentums`` may instead both be bfloat16 (float32 state): computed in
     float32, stored with stochastic rounding, element k of tensor i taking word (j mod 4) of
     ``tl.randint4x(seed, j div 4)``, j = offsets[i] + k (0 <= seed < 2^63); float32/float64
-    precisions and momentums ignore ``offsets`` and ``seed``.
+    precisions and momentums ignore ``offsets`` and ``seed``. ``lr`` and ``seed`` may be one-element
+    float64 / int64 tensors on the device, read by the kernel (CUDA-graph capture).
     """
     roles = [params, grad_sums, means, precisions, momentums, curvature_sums]
     if precisions and precisions[0].dtype == torch.bfloat16:
@@ -158,6 +163,8 @@ def bsam_update(
         table = tensor_table(roles, "PPSRRX", offsets, noise_blocks=True)
     else:
         table, seed = tensor_table(roles, "PPSRRX"), 0  # no rounding: one compiled variant whatever the seed
+    lr, lr_ptr = step_args(lr, float)
+    seed, seed_ptr = step_args(seed, int)
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)
     launch(
         _bsam_update_kernel,
@@ -167,5 +174,7 @@ def bsam_update(
         *(float(x) for x in scalars),
         int(splits),
         relative_base(curvature_sums),
-        int(seed),
+        seed,
+        lr_ptr,
+        seed_ptr,
     )

@@ -13,7 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, sqrt, store, tensor_table, zero
+from ..backends import step_args
+from ._multi_tensor import (
+    div,
+    for_block,
+    launch,
+    load,
+    locate,
+    role_pointer,
+    scalar,
+    sqrt,
+    step_value,
+    store,
+    tensor_table,
+    zero,
+)
 
 
 @triton.jit
@@ -49,6 +63,7 @@ def _sam_update_adamw_kernel(
     one_minus_beta2: tl.float64,
     eps: tl.float64,
     splits,
+    decay_ptr,  # None, or 1 − lr·δ in device memory (a tensor lr: capturable)
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -65,7 +80,7 @@ def _sam_update_adamw_kernel(
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
         tl.load(inv_scale_ptr).to(STATE),
-        scalar(decay, STATE),
+        scalar(step_value(decay, decay_ptr), STATE),
         scalar(beta1, STATE),
         scalar(one_minus_beta1, STATE),
         scalar(beta2, STATE),
@@ -88,7 +103,7 @@ def sam_update_adamw(
     inv_scale: torch.Tensor,
     step: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -96,11 +111,13 @@ def sam_update_adamw(
     splits: int,
 ) -> None:
     """AdamW on grad_sum·inv_scale/splits, then θ = w, grad_sums zeroed, for every tensor (found_inf set:
-    θ = w and grad_sums zeroed only). ``step``: float64 0-dim device tensor, updates taken counting this one."""
+    θ = w and grad_sums zeroed only). ``step``: float64 0-dim device tensor, updates taken counting this one.
+    ``lr`` may be a one-element float64 tensor on the device, read on the device (CUDA-graph capture)."""
     table = tensor_table([params, grad_sums, weights, momentums, variances], "PPSSS")
     # the bias corrections of this step, on the device, in float64 as the host would compute them
     corrections = torch.stack([1 - beta2**step, lr / (1 - beta1**step)])
-    scalars = (1 - lr * weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, eps)
+    decay, decay_ptr = step_args(1 - lr * weight_decay, float)
+    scalars = (decay, beta1, 1 - beta1, beta2, 1 - beta2, eps)
     launch(
         _sam_update_adamw_kernel,
         table,
@@ -109,4 +126,5 @@ def sam_update_adamw(
         corrections,
         *(float(x) for x in scalars),
         int(splits),
+        decay_ptr,
     )

@@ -13,7 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import div, for_block, launch, load, locate, role_pointer, scalar, store, tensor_table, zero
+from ..backends import step_args
+from ._multi_tensor import (
+    div,
+    for_block,
+    launch,
+    load,
+    locate,
+    role_pointer,
+    scalar,
+    step_value,
+    store,
+    tensor_table,
+    zero,
+)
 
 
 @triton.jit
@@ -45,6 +58,7 @@ def _sam_update_sgd_kernel(
     momentum: tl.float64,
     weight_decay: tl.float64,
     splits,
+    lr_ptr,  # None, or lr in device memory (capturable)
     PARAM: tl.constexpr,
     STATE: tl.constexpr,
     NESTEROV: tl.constexpr,
@@ -61,7 +75,7 @@ def _sam_update_sgd_kernel(
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
         tl.load(inv_scale_ptr).to(STATE),
-        scalar(lr, STATE),
+        scalar(step_value(lr, lr_ptr), STATE),
         scalar(momentum, STATE),
         scalar(weight_decay, STATE),
         tl.cast(splits, STATE),
@@ -77,23 +91,26 @@ def sam_update_sgd(
     found_inf: torch.Tensor,
     inv_scale: torch.Tensor,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     weight_decay: float,
     nesterov: bool,
     splits: int,
 ) -> None:
     """Heavy ball on grad_sum·inv_scale/splits + δ·w, then θ = w, grad_sums zeroed, for every tensor
-    (found_inf set: θ = w and grad_sums zeroed only)."""
+    (found_inf set: θ = w and grad_sums zeroed only). ``lr`` may be a one-element float64 tensor on the
+    device, read by the kernel (CUDA-graph capture)."""
     table = tensor_table([params, grad_sums, weights, momentums], "PPSS")
+    lr, lr_ptr = step_args(lr, float)
     launch(
         _sam_update_sgd_kernel,
         table,
         found_inf,
         inv_scale,
-        float(lr),
+        lr,
         float(momentum),
         float(weight_decay),
         int(splits),
+        lr_ptr,
         NESTEROV=bool(nesterov),
     )

@@ -59,10 +59,37 @@ def noise_seed(seed: int, group: int, step: int, split: int) -> int:
     ``step`` the number of step attempts before this one (updates taken plus steps
     skipped: the host always knows it), ``split`` the sub-batch index j.
     """
-    x = _splitmix64(seed & _M64)
-    for word in (group, step, split):
+    x = _splitmix64(_splitmix64(seed & _M64) ^ (group & _M64))
+    for word in (step, split):
         x = _splitmix64(x ^ (word & _M64))
     return x >> 1
+
+
+def noise_seed_on_device(seed: int, group: int, step: torch.Tensor, split: int) -> torch.Tensor:
+    """:func:`noise_seed` with ``step`` a 0-dim int64 tensor (``capturable=True``): the same key, as a
+    0-dim int64 tensor on ``step``'s device, hashed there by integer tensor ops (which wrap modulo
+    2^64), so that a CUDA graph replays it with the step count the tensor holds then."""
+    x = step ^ _signed(_splitmix64(_splitmix64(seed & _M64) ^ (group & _M64)))
+    x = _splitmix64_tensor(_splitmix64_tensor(x) ^ _signed(split & _M64))
+    return _shift_right(x, 1)
+
+
+def _signed(x: int) -> int:
+    """The int64 with the bits of the unsigned 64-bit ``x``."""
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # logical: int64's >> copies the sign bit
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_splitmix64` of int64 tensors, bit for bit."""
+    x = x + _signed(0x9E3779B97F4A7C15)
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _shift_right(x, 31)
 
 
 def _mul_hi_lo(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

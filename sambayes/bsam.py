@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import _distributed, _philox, backends
-from .optimizer import TwoPassOptimizer, check_betas, check_number, state_dtype
+from .optimizer import TwoPassOptimizer, check_betas, check_number, devices_of, state_dtype
 
 
 class BSAM(TwoPassOptimizer):
@@ -62,6 +62,12 @@ class BSAM(TwoPassOptimizer):
             "Stochastic rounding"): deterministic, resumable and the same in every backend, and
             unbiased, so that the precision's small steps (1 − β2 = 0.001 of a value, below
             bfloat16's resolution of 2^-8) are not lost as rounding to nearest would lose them.
+        capturable: True to capture whole steps in a CUDA graph (as torch.optim.Adam's ``capturable``):
+            the noise and rounding seeds are hashed on the device from the step counters, a tensor
+            ``lr`` is read by the kernels, and nothing is copied to the host per step (the warning
+            for a skipped step comes when ``skipped_steps`` or ``state_dict()`` is read). A float
+            ``lr`` is baked into a captured graph; pass a 0-dim float64 tensor on the device to change
+            it between replays. The same numbers as ``capturable=False``; see README.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64
     for float64 parameters, float32 otherwise (``precision`` and ``momentum``: bfloat16
@@ -90,6 +96,7 @@ class BSAM(TwoPassOptimizer):
         bn_stats: str = "noisy",
         keep_sums: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        capturable: bool = False,
     ) -> None:
         seed = _check_seed(seed, allow_none=True)
         if state_dtype not in (None, torch.bfloat16):
@@ -108,7 +115,7 @@ class BSAM(TwoPassOptimizer):
             init_precision=init_precision,
             seed=seed,
         )
-        super().__init__(params, defaults, backend, model, bn_stats, keep_sums)
+        super().__init__(params, defaults, backend, model, bn_stats, keep_sums, capturable)
         if self._sync_group() is not None:  # replicas share one seed, whatever each was given
             bits = self.param_groups[0]["seed"]  # as int64 bits: a seed may exceed 2^63
             seed_tensor = torch.tensor(
@@ -159,11 +166,21 @@ class BSAM(TwoPassOptimizer):
 
     # ---- phases -----------------------------------------------------------------------
     def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
-        seed = _philox.noise_seed(group["seed"], index, group["attempts"], self._noise_split())
-        self._draw(group, slots, seed)
+        self._draw(group, slots, self._step_seed(index, group, slots, self._noise_split(), counted=False))
 
-    def _draw(self, group: dict[str, Any], slots: list, seed: int) -> None:
-        """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed)."""
+    def _step_seed(self, index: int, group: dict[str, Any], slots: list, split: int, *, counted: bool) -> int | dict:
+        """``noise_seed(seed, group, attempts, split)`` of this step (``counted``: the update has counted it
+        already): from the host's count, or with capturable=True hashed on the device from its counters, so
+        that a captured step replays with the count the device holds then ({device: 0-dim int64 tensor})."""
+        if not self.capturable:
+            return _philox.noise_seed(group["seed"], index, group["attempts"] - int(counted), split)
+        attempts = self._attempts_on_device(group, counted=counted)
+        key = _philox.noise_seed_on_device(group["seed"], index, attempts, split)
+        return {device: key.to(device) for device in devices_of(slots)}
+
+    def _draw(self, group: dict[str, Any], slots: list, seed: int | dict) -> None:
+        """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed) (an int, or
+        {device: 0-dim int64 tensor} with capturable=True)."""
         if slots:
             backends.run(
                 self.backend,
@@ -222,9 +239,9 @@ class BSAM(TwoPassOptimizer):
     def _update_group(self, index: int, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
         beta1, beta2 = group["betas"]
         if slots:
-            # stochastic rounding of bfloat16 state; attempts counts this step already (see _count)
+            # stochastic rounding of bfloat16 state (_philox.rounding_seed); _count has counted this step
             rounding = self.state_dtype is not None
-            seed = _philox.rounding_seed(group["seed"], index, group["attempts"] - 1) if rounding else 0
+            seed = self._step_seed(index, group, slots, _philox.ROUNDING_STREAM, counted=True) if rounding else 0
             backends.run(
                 self.backend,
                 "bsam_update",
@@ -237,7 +254,7 @@ class BSAM(TwoPassOptimizer):
                 [s.offset for s in slots],  # element index: the rounding stream's counter
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
-                lr=group["lr"],
+                lr=self._lr(group, slots),
                 beta1=beta1,
                 beta2=beta2,
                 weight_decay=group["weight_decay"],

@@ -102,6 +102,11 @@ def _check_splits(splits: Any) -> None:
         raise ValueError(f"splits={splits!r}: must be an integer >= 1")
 
 
+def devices_of(slots: list) -> list[torch.device]:
+    """The devices of the slots' tensors, in first-seen order."""
+    return list(dict.fromkeys(s.local.device for s in slots))
+
+
 class _Slot:
     """One trainable parameter as the optimizer keeps it between phases and steps."""
 
@@ -161,6 +166,11 @@ class TwoPassOptimizer(Optimizer):
     never waits for the device to decide. ``group["step"]`` (updates taken) and
     ``group["skipped_steps"]`` are 0-dim device tensors; ``group["attempts"]`` (their
     sum, which the noise seed counts) is a host int.
+
+    ``capturable=True`` (as torch.optim.Adam's): everything that changes from step to step
+    is read by the kernels from device memory (the attempt count behind the noise and
+    rounding seeds, hashed on the device; a tensor ``lr``), and the step copies nothing to
+    the host, so that a whole step can be captured in a CUDA graph and replayed.
     """
 
     _rest_key = "mean"
@@ -173,10 +183,15 @@ class TwoPassOptimizer(Optimizer):
         model: torch.nn.Module | None,
         bn_stats: str,
         keep_sums: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         self.backend = backends.check_backend(backend)
         if keep_sums not in (None, True, False):
             raise ValueError(f"keep_sums={keep_sums!r}: True, False or None (on the CPU only)")
+        if capturable not in (True, False):
+            raise ValueError(f"capturable={capturable!r}: True or False")
+        #: the step's changing scalars are read on the device and nothing is copied to the host (CUDA graphs)
+        self.capturable = bool(capturable)
         #: keep the step's running sums allocated between steps (None: on the CPU only; see BSAM)
         self.keep_sums = keep_sums
         if isinstance(params, torch.nn.Module):
@@ -252,6 +267,7 @@ class TwoPassOptimizer(Optimizer):
             "backend": self.backend,
             "model": self.model,
             "bn_stats": self.bn_stats,
+            "capturable": self.capturable,
             "_hyperparameters": self._hyperparameters,
         }
 
@@ -263,6 +279,7 @@ class TwoPassOptimizer(Optimizer):
             ("bn_stats", "noisy"),
             ("_bn_saved", None),
             ("keep_sums", None),
+            ("capturable", False),
         ):
             self.__dict__.setdefault(name, value)
         self.__dict__.setdefault("_hyperparameters", [k for k in self.defaults if k != "attempts"])
@@ -334,6 +351,21 @@ class TwoPassOptimizer(Optimizer):
             if not isinstance(value, torch.Tensor) or value.device != device:
                 group[key] = torch.as_tensor(value, dtype=dtype).to(device)
         return group["step"], group["skipped_steps"]
+
+    def _attempts_on_device(self, group: dict[str, Any], *, counted: bool) -> torch.Tensor:
+        """The group's step attempts before this step (step + skipped_steps), a 0-dim int64 tensor on
+        its device, for ``capturable=True``; ``counted``: the update has counted this step already."""
+        step, skipped = self._counters(group)
+        return step.long() + skipped - int(counted)
+
+    @staticmethod
+    def _lr(group: dict[str, Any], slots: list[_Slot]) -> float | dict[torch.device, torch.Tensor]:
+        """The group's lr for the update kernels: a number by value; a tensor (say, one a scheduler fills)
+        as a float64 0-dim tensor on each device, which the kernels read there (no host sync)."""
+        lr = group["lr"]
+        if not isinstance(lr, torch.Tensor):
+            return lr
+        return {device: lr.to(device=device, dtype=torch.float64).reshape(()) for device in devices_of(slots)}
 
     def _record_versions(self) -> None:
         for s in self._slots:
@@ -532,8 +564,11 @@ class TwoPassOptimizer(Optimizer):
 
         The count is copied to host memory after each update without waiting; it is read here
         when the copy is done (at once on the CPU; on a GPU at a later step), or, with ``wait``,
-        after waiting for it (``skipped_steps``, ``state_dict()``).
+        after waiting for it (``skipped_steps``, ``state_dict()``). ``capturable=True`` copies
+        nothing per step: the count is copied and read only with ``wait``.
         """
+        if self._skip_report is None and wait and self.capturable:
+            self._send_skip_count(warn=True, now=True)
         if self._skip_report is None:
             return
         host, event, warn = self._skip_report
@@ -552,8 +587,11 @@ class TwoPassOptimizer(Optimizer):
             )
         self._skips_reported = max(self._skips_reported, total)
 
-    def _send_skip_count(self, warn: bool) -> None:
-        """Start copying the total skipped count to the host (no wait)."""
+    def _send_skip_count(self, warn: bool, now: bool = False) -> None:
+        """Start copying the total skipped count to the host (no wait); with ``capturable=True`` only
+        ``now`` (a copy to the host would be part of a captured step)."""
+        if self.capturable and not now:
+            return
         counts = [self._counters(group)[1] for group in self.param_groups]
         total = counts[0] if len(counts) == 1 else torch.stack([c.to(counts[0].device) for c in counts]).amax()
         pinned = total.device.type == "cuda"

@@ -31,8 +31,9 @@ class SAM(TwoPassOptimizer):
     parameters), ``momentum`` (the heavy-ball buffer, or AdamW's first moment) and,
     for AdamW, ``variance`` (its second moment). Per group: ``step`` and ``skipped_steps``
     (0-dim device tensors), ``attempts`` (a host int).
-    Between steps the model's parameters hold w. ``model``, ``bn_stats`` and ``keep_sums``: as for
-    :class:`BSAM` (with DDP, each replica takes its own ascent: m-sharpness across devices).
+    Between steps the model's parameters hold w. ``model``, ``bn_stats``, ``keep_sums`` and
+    ``capturable``: as for :class:`BSAM` (with DDP, each replica takes its own ascent: m-sharpness
+    across devices).
     """
 
     _rest_key = "weight"
@@ -54,6 +55,7 @@ class SAM(TwoPassOptimizer):
         model: torch.nn.Module | None = None,
         bn_stats: str = "noisy",
         keep_sums: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         if base not in BASES:
             raise ValueError(f"base={base!r}: choose one of {BASES}")
@@ -70,7 +72,7 @@ class SAM(TwoPassOptimizer):
                 raise ValueError("momentum and nesterov belong to base='sgd'; base='adamw' takes betas and eps")
             betas = (0.9, 0.999) if betas is None else betas
             defaults.update(betas=tuple(betas) if isinstance(betas, list) else betas, eps=1e-8 if eps is None else eps)
-        super().__init__(params, defaults, backend, model, bn_stats, keep_sums)
+        super().__init__(params, defaults, backend, model, bn_stats, keep_sums, capturable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_number("lr", group["lr"])
@@ -178,7 +180,7 @@ class SAM(TwoPassOptimizer):
                 momentums,
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
-                lr=group["lr"],
+                lr=self._lr(group, slots),
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 nesterov=group["nesterov"],
@@ -198,7 +200,7 @@ class SAM(TwoPassOptimizer):
                 found_inf=self._flags(),
                 inv_scale=inv_scale,
                 step=step,
-                lr=group["lr"],
+                lr=self._lr(group, slots),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

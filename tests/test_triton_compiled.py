@@ -1,6 +1,7 @@
 """The compiled kernels, without a GPU: Triton compiles them ahead of time for sm_90 (H100),
 and the machine code must use 128-bit global loads and stores on every stream of a full
-block and no local memory (no register spills)."""
+block and no local memory (no register spills); with capturable=True's lr and seeds read from device
+memory too."""
 
 import json
 import os
@@ -24,9 +25,12 @@ STREAMS = {
     "_sam_update_sgd_kernel": (3, 4),
     "_sam_update_adamw_kernel": (4, 5),
 }
+#: the kernels that take a step scalar (lr, seed) from device memory with capturable=True
+CAPTURABLE = {"_bsam_sample_kernel", "_bsam_update_kernel", "_sam_update_sgd_kernel", "_sam_update_adamw_kernel"}
 
 
-def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
+@pytest.mark.parametrize("capturable", [False, True], ids=["scalars-by-value", "capturable"])
+def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(capturable):
     try:
         from triton.backends import nvidia  # noqa: F401
     except ImportError:
@@ -34,7 +38,8 @@ def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     out = subprocess.run(
-        [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90", "--dtypes", "fp32"],
+        [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90", "--dtypes", "fp32"]
+        + ["--capturable"] * capturable,
         capture_output=True,
         text=True,
         env=env,
@@ -43,8 +48,10 @@ def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     reports = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}
-    assert set(reports) == set(STREAMS)
-    for name, (inputs, outputs) in STREAMS.items():
+    expected = CAPTURABLE if capturable else set(STREAMS)
+    assert set(reports) == expected
+    for name in expected:
+        inputs, outputs = STREAMS[name]
         r = reports[name]
         # BLOCK = 1024 over 128 threads: 8 float32 per thread and stream, two 16-byte accesses
         assert r["ldg128"] == 2 * inputs, r

@@ -181,6 +181,15 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     return results
 
 
+def step_args(value, number) -> tuple:
+    """(number argument, tensor argument) of a fused kernel for a step scalar (``seed``, ``lr``): a
+    tensor goes as is, read by the kernel on the device (capturable), next to a dummy number; a Python
+    number by value, through ``number`` (int, float), next to None."""
+    if isinstance(value, torch.Tensor):
+        return number(0), value
+    return number(value), None
+
+
 def _bump(op: str, lists: tuple) -> None:
     """Move the version counters of what ``op`` wrote (autograd's check for stale saved tensors,
     and the optimizers' for weights changed behind their back, then see every backend's writes)."""

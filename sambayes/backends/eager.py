@@ -37,7 +37,10 @@ calls them). Each call gets the tensors of one bucket as parallel lists:
   parameters, float32 otherwise; with ``BSAM(state_dtype=torch.bfloat16)``, bSAM's
   ``precisions`` and ``momentums`` are bfloat16 (stored with stochastic rounding);
 - ``offsets``: each tensor's first element index in its group's flat concatenation
-  (the noise's and the rounding stream's element index).
+  (the noise's and the rounding stream's element index);
+- the step scalars ``seed`` (a Philox key in [0, 2^63)) and ``lr``: Python numbers, or 0-dim
+  int64 / float64 tensors on the bucket's device, which the fused backends read on the device
+  (``capturable=True``: a CUDA graph replays the step with the values they hold then).
 
 All math runs in the state dtype (the mean's). The noise z comes from :mod:`sambayes._philox`, the
 reference generator; this module depends on nothing else of the package. The eager

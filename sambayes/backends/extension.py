@@ -9,6 +9,9 @@ contiguous tensors only.
 
 The ops are registered with ``torch.library`` as ``torch.ops.sambayes_C.*``, with fake
 implementations here, so that ``torch.compile`` can trace around them.
+
+``seed`` and ``lr`` may also be one-element tensors on the bucket's device (int64 and float64): the kernel reads
+them on the device, so that a captured CUDA graph uses each replay's value.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import importlib.util
 import os
 
 import torch
+
+from . import step_args
 
 if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
     raise ImportError("the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)")
@@ -60,8 +65,8 @@ def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int) -> None:
-    _ops.bsam_sample(params, means, precisions, [int(o) for o in offsets], float(num_data), int(seed))
+def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int | torch.Tensor) -> None:
+    _ops.bsam_sample(params, means, precisions, [int(o) for o in offsets], float(num_data), *step_args(seed, int))
 
 
 @torch.no_grad()
@@ -95,14 +100,16 @@ def bsam_update(
     found_inf,
     inv_scale,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
     damping: float,
     splits: int,
-    seed: int,
+    seed: int | torch.Tensor,
 ) -> None:
+    lr, lr_tensor = step_args(lr, float)
+    seed, seed_tensor = step_args(seed, int)
     _ops.bsam_update(
         params,
         grad_sums,
@@ -113,13 +120,15 @@ def bsam_update(
         [int(o) for o in offsets],
         found_inf,
         inv_scale,
-        float(lr),
+        lr,
         float(beta1),
         float(beta2),
         float(weight_decay),
         float(damping),
         int(splits),
-        int(seed),
+        seed,
+        lr_tensor,
+        seed_tensor,
     )
 
 
@@ -147,12 +156,13 @@ def sam_update_sgd(
     found_inf,
     inv_scale,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     weight_decay: float,
     nesterov: bool,
     splits: int,
 ) -> None:
+    lr, lr_tensor = step_args(lr, float)
     _ops.sam_update_sgd(
         params,
         grad_sums,
@@ -160,11 +170,12 @@ def sam_update_sgd(
         momentums,
         found_inf,
         inv_scale,
-        float(lr),
+        lr,
         float(momentum),
         float(weight_decay),
         bool(nesterov),
         int(splits),
+        lr_tensor,
     )
 
 
@@ -179,13 +190,14 @@ def sam_update_adamw(
     inv_scale,
     step,
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     splits: int,
 ) -> None:
+    lr, lr_tensor = step_args(lr, float)
     _ops.sam_update_adamw(
         params,
         grad_sums,
@@ -195,12 +207,13 @@ def sam_update_adamw(
         found_inf,
         inv_scale,
         step,
-        float(lr),
+        lr,
         float(beta1),
         float(beta2),
         float(eps),
         float(weight_decay),
         int(splits),
+        lr_tensor,
     )
 
 

@@ -106,7 +106,10 @@ def bsam_update(
     torch._foreach_add_(h, means, alpha=weight_decay)
     new_momentums = torch._foreach_mul(_upcast(momentums, dtype), beta1)
     torch._foreach_add_(new_momentums, h, alpha=1 - beta1)
-    new_means = torch._foreach_addcdiv(means, new_momentums, _upcast(precisions, dtype), value=-lr)
+    if isinstance(lr, torch.Tensor):  # on the device (capturable): no Python number to fold in
+        new_means = _minus_lr_times(means, torch._foreach_div(new_momentums, _upcast(precisions, dtype)), lr)
+    else:
+        new_means = torch._foreach_addcdiv(means, new_momentums, _upcast(precisions, dtype), value=-lr)
     a = torch._foreach_div(curvature_sums, splits)
     torch._foreach_add_(a, weight_decay + damping)
     new_precisions = torch._foreach_mul(_upcast(precisions, dtype), beta2)
@@ -122,6 +125,13 @@ def bsam_update(
         _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, means)
     torch._foreach_zero_(grad_sums)
+
+
+def _minus_lr_times(bases: list, directions: list, lr) -> list:
+    """bases − lr·directions, new tensors; ``lr`` a number, or a 0-dim tensor on the device (read there)."""
+    if isinstance(lr, torch.Tensor):
+        return torch._foreach_sub(bases, torch._foreach_mul(directions, lr.to(bases[0].dtype)))
+    return torch._foreach_add(bases, directions, alpha=-lr)
 
 
 @torch.no_grad()
@@ -174,7 +184,7 @@ def sam_update_sgd(
         torch._foreach_add_(d, new_momentums, alpha=momentum)
     else:
         d = new_momentums
-    new_weights = torch._foreach_add(weights, d, alpha=-lr)
+    new_weights = _minus_lr_times(weights, d, lr)
     _unless_skipped(found_inf, momentums, new_momentums)
     _unless_skipped(found_inf, weights, new_weights)
     torch._foreach_copy_(params, weights)
@@ -204,7 +214,8 @@ def sam_update_adamw(
     step_size = lr / (1 - beta1**step)
     h = torch._foreach_mul(_upcast(grad_sums, weights[0].dtype), inv_scale)
     torch._foreach_div_(h, splits)
-    new_weights = torch._foreach_mul(weights, 1 - lr * weight_decay)
+    decay = 1 - lr * weight_decay
+    new_weights = torch._foreach_mul(weights, decay.to(weights[0].dtype) if isinstance(decay, torch.Tensor) else decay)
     new_momentums = torch._foreach_mul(momentums, beta1)
     torch._foreach_add_(new_momentums, h, alpha=1 - beta1)
     new_variances = torch._foreach_mul(variances, beta2)
