@@ -609,6 +609,22 @@ class TwoPassOptimizer(Optimizer):
         self._report_skips(wait=True)
         return max((int(self._counters(group)[1]) for group in self.param_groups), default=0)
 
+    def _check_capture(self) -> None:
+        """RuntimeError if a CUDA graph is capturing this step and its replays would be wrong."""
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return
+        name = type(self).__name__
+        if not self.capturable:  # the graph would keep this step's seeds: every replay the same noise
+            raise RuntimeError(
+                f"{name} step captured in a CUDA graph, but the optimizer was built with capturable=False: each "
+                "replay would reuse this step's noise seed and copy counts to the host. Pass capturable=True"
+            )
+        if any(backends.pick(self.backend, d) == "eager" for d in self._devices() if d.type == "cuda"):
+            raise RuntimeError(
+                f"{name} step captured in a CUDA graph on the 'eager' backend, which decides on the host whether "
+                "a step is skipped: use backend='auto' (or 'triton', 'cuda', 'foreach')"
+            )
+
     # ---- the model between passes ------------------------------------------------------
     def _freeze_bn(self, frozen: bool) -> None:
         if self.model is None or frozen == (self._bn_saved is not None):
@@ -645,6 +661,7 @@ class TwoPassOptimizer(Optimizer):
         locally); BatchNorm statistics follow ``bn_stats``.
         """
         self._expect(_REST, _PERTURBED, action="sample")
+        self._check_capture()
         _distributed.reshard(self.model)  # an evaluation since the last step may have left them gathered
         if self._split == 0:
             self._report_skips()

@@ -303,3 +303,23 @@ def test_a_captured_step_replays_as_steps_taken_one_by_one(backend, kind):
         for key, value in state.items():
             assert torch.equal(value, eager_state["state"][pid][key]), key
     assert graph_state["param_groups"][0]["step"] == eager_state["param_groups"][0]["step"] == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graphs")
+@pytest.mark.parametrize("capturable, backend", [(False, "auto"), (True, "eager")], ids=["not-capturable", "eager"])
+def test_a_capture_that_would_replay_wrongly_is_refused(capturable, backend):
+    """capturable=False would replay one step's noise forever; the eager backend reads the flag on the host."""
+    model = mlp().cuda()
+    opt = make("bsam", model, backend, capturable)
+    x, y = torch.randn(8, 5, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.cuda.synchronize()
+    match = "capturable=True" if not capturable else "eager"
+    with pytest.raises(RuntimeError, match=match), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        opt.step(closure)
