@@ -611,7 +611,8 @@ class TwoPassOptimizer(Optimizer):
 
     def _check_capture(self) -> None:
         """RuntimeError if a CUDA graph is capturing this step and its replays would be wrong."""
-        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        cuda = [d for d in self._devices() if d.type == "cuda"]  # (CPU training: no CUDA call at all)
+        if not cuda or not torch.cuda.is_current_stream_capturing():
             return
         name = type(self).__name__
         if not self.capturable:  # the graph would keep this step's seeds: every replay the same noise
@@ -619,7 +620,7 @@ class TwoPassOptimizer(Optimizer):
                 f"{name} step captured in a CUDA graph, but the optimizer was built with capturable=False: each "
                 "replay would reuse this step's noise seed and copy counts to the host. Pass capturable=True"
             )
-        if any(backends.pick(self.backend, d) == "eager" for d in self._devices() if d.type == "cuda"):
+        if any(backends.pick(self.backend, d) == "eager" for d in cuda):
             raise RuntimeError(
                 f"{name} step captured in a CUDA graph on the 'eager' backend, which decides on the host whether "
                 "a step is skipped: use backend='auto' (or 'triton', 'cuda', 'foreach')"

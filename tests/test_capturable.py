@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import AVAILABLE_BACKENDS, DEVICE
 from harness import BLOCK, flag, inv_scale, module, nan_like, normal, offsets_of, positive
-from test_hot_path import no_host_reads
+from test_hot_path import mlp, no_host_reads, train
 
 import sambayes
 from sambayes import _philox
@@ -124,30 +124,6 @@ def make(kind, model, backend, capturable, lr=None, **kw):
     )
 
 
-def mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(DEVICE)
-
-
-def train(model, opt, steps, splits=2, poison=None, scheduler=None):
-    """Steps on fixed data; ``poison``: the step whose first pass returns an inf loss."""
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g).to(DEVICE), torch.randint(0, 3, (8,), generator=g).to(DEVICE)
-    chunks = sambayes.split_batch(x, y, splits=splits)
-    for step in range(steps):
-
-        def closure(j=0, step=step):
-            loss = F.cross_entropy(model(chunks[j][0]), chunks[j][1])
-            if step == poison and j == 0:
-                loss = loss * float("inf")
-            loss.backward()
-            return loss
-
-        opt.step(closure, splits=splits)
-        if scheduler is not None:
-            scheduler.step()
-
-
 def skip_warnings(caught):
     # (Triton's interpreter warns of its own on the inf's NaNs)
     return [w for w in caught if "step skipped" in str(w.message)]
@@ -171,7 +147,7 @@ def test_capturable_steps_equal_plain_ones(backend, kind):
         opt = make(kind, model, backend, capturable, lr=lr, **extra)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train(model, opt, 4, poison=2)
+            train(model, opt, 4, splits=2, poison=(2, 0))
         # capturable: nothing reaches the host during the steps, the warning comes when the count is read
         assert len(skip_warnings(caught)) == (0 if capturable else 1)
         with warnings.catch_warnings(record=True) as caught:
@@ -194,9 +170,9 @@ def test_a_capturable_step_makes_no_host_read(backend, kind):
     extra = {"state_dtype": torch.bfloat16} if kind == "bsam-bf16" else {}
     model = mlp()
     opt = make(kind.split("-")[0], model, backend, True, lr=on_device(0.05, torch.float64), **extra)
-    train(model, opt, 2)  # warm-up: state, buffers, tables
+    train(model, opt, 2, splits=2)  # warm-up: state, buffers, tables
     with no_host_reads():
-        train(model, opt, 3, poison=1)
+        train(model, opt, 3, splits=2, poison=(1, 0))
 
 
 @pytest.mark.parametrize("stored", [None, torch.bfloat16], ids=["", "bf16state"])
@@ -209,7 +185,7 @@ def test_the_seeds_follow_the_counters_on_the_device(stored):
         model = mlp()
         opt = make("bsam", model, backend, capturable, state_dtype=stored)
         for _ in range(3):
-            train(model, opt, 1)
+            train(model, opt, 1, splits=2)
             if tamper:
                 opt.param_groups[0]["attempts"] = 1000
         runs[capturable, tamper] = weights(model)
@@ -227,7 +203,9 @@ def test_a_scheduler_drives_a_tensor_lr_on_the_device(kind):
         model = mlp()
         opt = make(kind, model, backend, isinstance(lr, torch.Tensor), lr=lr)
         scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        train(model, opt, 3, scheduler=scheduler)
+        for _ in range(3):  # the same batch each step
+            train(model, opt, 1, splits=2)
+            scheduler.step()
         runs.append(weights(model))
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], weights(mlp())))
     for a, b in zip(*runs):
@@ -238,14 +216,14 @@ def test_a_capturable_checkpoint_resumes_the_same_run():
     backend = "cpu" if "cpu" in AVAILABLE_BACKENDS else "foreach"
     model = mlp()
     opt = make("bsam", model, backend, True, state_dtype=torch.bfloat16)
-    train(model, opt, 2, poison=1)
+    train(model, opt, 2, splits=2, poison=(1, 0))
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())  # not the live tensors
-    train(model, opt, 2)
+    train(model, opt, 2, splits=2)
     resumed_model = mlp()
     resumed_model.load_state_dict(saved_model)
     resumed = make("bsam", resumed_model, backend, True, state_dtype=torch.bfloat16)
     resumed.load_state_dict(saved)
-    train(resumed_model, resumed, 2)
+    train(resumed_model, resumed, 2, splits=2)
     for a, b in zip(weights(model), weights(resumed_model)):
         assert torch.equal(a, b)
 
