@@ -472,8 +472,7 @@ void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList
                      at::IntArrayRef offsets, double num_data, int64_t seed,
                      const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
-  TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
-              " params");
+  check_offsets("bsam_sample", offsets, params);
   const auto key = philox_key(scalar_or(seed_tensor, seed, "bsam_sample", "seed_tensor"));
   const uint32_t k0 = key.first, k1 = key.second;
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
@@ -565,9 +564,8 @@ void bsam_update_cpu(at::TensorList params, at::TensorList grad_sums, at::Tensor
                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}, {"momentums", momentums}});
-  TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  TORCH_CHECK(offsets.size() == params.size(), "bsam_update: ", offsets.size(), " offsets for ", params.size(),
-              " params");
+  check_splits("bsam_update", splits);
+  check_offsets("bsam_update", offsets, params);
   lr = scalar_or(lr_tensor, lr, "bsam_update", "lr_tensor");
   seed = scalar_or(seed_tensor, seed, "bsam_update", "seed_tensor");
   const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
@@ -667,7 +665,7 @@ void sam_update_sgd_cpu(at::TensorList params, at::TensorList grad_sums, at::Ten
                         double momentum, double weight_decay, bool nesterov, int64_t splits,
                         const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
-  TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
+  check_splits("sam_update_sgd", splits);
   lr = scalar_or(lr_tensor, lr, "sam_update_sgd", "lr_tensor");
   const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
@@ -691,7 +689,7 @@ void sam_update_adamw_cpu(at::TensorList params, at::TensorList grad_sums, at::T
                           const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
+  check_splits("sam_update_adamw", splits);
   TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
               "sam_update_adamw: step must be a float64 CPU tensor of one element");
   lr = scalar_or(lr_tensor, lr, "sam_update_adamw", "lr_tensor");

@@ -547,8 +547,7 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
                       at::IntArrayRef offsets, double num_data, int64_t seed,
                       const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
-  TORCH_CHECK(offsets.size() == params.size(), "bsam_sample: ", offsets.size(), " offsets for ", params.size(),
-              " params");
+  check_offsets("bsam_sample", offsets, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
   const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
@@ -614,9 +613,8 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}, {"momentums", momentums}});
-  TORCH_CHECK(splits >= 1, "bsam_update: splits must be >= 1, got ", splits);
-  TORCH_CHECK(offsets.size() == params.size(), "bsam_update: ", offsets.size(), " offsets for ", params.size(),
-              " params");
+  check_splits("bsam_update", splits);
+  check_offsets("bsam_update", offsets, params);
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
@@ -731,7 +729,7 @@ void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::Te
                          double lr, double momentum, double weight_decay, bool nesterov, int64_t splits,
                          const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
-  TORCH_CHECK(splits >= 1, "sam_update_sgd: splits must be >= 1, got ", splits);
+  check_splits("sam_update_sgd", splits);
   const auto device = params[0].device();
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_sgd", "lr_tensor");
   const c10::cuda::CUDAGuard guard(device);
@@ -753,7 +751,7 @@ void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::
                            const std::optional<at::Tensor>& lr_tensor) {
   check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
               {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  TORCH_CHECK(splits >= 1, "sam_update_adamw: splits must be >= 1");
+  check_splits("sam_update_adamw", splits);
   const auto device = params[0].device();
   TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
               "sam_update_adamw: step must be a float64 tensor of one element on ", device);

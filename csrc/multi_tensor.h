@@ -63,6 +63,16 @@ void dispatch_bsam(at::ScalarType dtype, bool bf16_state, F&& body) {
 
 using NamedList = std::pair<const char*, at::TensorList>;
 
+// The element index of each tensor's first element (bSAM's noise and rounding streams): one per parameter.
+inline void check_offsets(const char* op, at::IntArrayRef offsets, at::TensorList params) {
+  TORCH_CHECK(offsets.size() == params.size(), op, ": ", offsets.size(), " offsets for ", params.size(), " params");
+}
+
+// The number of sub-batches an update averages its sums over: at least one.
+inline void check_splits(const char* op, int64_t splits) {
+  TORCH_CHECK(splits >= 1, op, ": splits must be >= 1, got ", splits);
+}
+
 // Parallel lists of one group: same length, same numel at each index, contiguous, one
 // device; `param_like` lists hold the parameter dtype, `state_like` ones the state dtype,
 // `stored_like` ones (bSAM's precision and momentum) the state dtype or, for float32 state,
