@@ -37,20 +37,20 @@ from . import (
     sam_update_sgd,
 )
 
-# kernel, its extra constexprs; PARAM/STATE/ALIGNED/BLOCK (and STORED where the kernel has it) are
-# filled in per dtype
-KERNELS = [
-    (bsam_sample._bsam_sample_kernel, {}),
-    (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
-    (bsam_update._bsam_update_kernel, {}),
-    (find_nonfinite._find_nonfinite_kernel, {}),
-    (fold_grads._fold_grads_kernel, {"STAGE": 1}),
-    (restore._restore_kernel, {}),
-    (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
-    (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
-    (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
-    (sam_update_adamw._sam_update_adamw_kernel, {}),
-]
+# phase: (its kernel, the kernel's extra constexprs); PARAM/STATE/ALIGNED/BLOCK (and STORED where the kernel has
+# it) are filled in per dtype. Every phase of sambayes.phases (tests/test_phases.py)
+KERNELS = {
+    "bsam_sample": (bsam_sample._bsam_sample_kernel, {}),
+    "bsam_perturb": (bsam_perturb._bsam_perturb_kernel, {"ACCUMULATE": True}),
+    "bsam_update": (bsam_update._bsam_update_kernel, {}),
+    "find_nonfinite": (find_nonfinite._find_nonfinite_kernel, {}),
+    "fold_grads": (fold_grads._fold_grads_kernel, {"STAGE": 1}),
+    "restore": (restore._restore_kernel, {}),
+    "sam_sq_norm": (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
+    "sam_perturb": (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
+    "sam_update_sgd": (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
+    "sam_update_adamw": (sam_update_adamw._sam_update_adamw_kernel, {}),
+}
 
 
 #: capturable=True's step scalars in device memory, by argument name (otherwise None: constexprs)
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
         if stored not in ("state", "bf16"):
             raise SystemExit(f"--stored {stored}: state or bf16")
         for dtype in args.dtypes.split(","):
-            for kernel, constexprs in KERNELS:
+            for phase, (kernel, constexprs) in KERNELS.items():
                 if stored == "bf16" and (not has_stored(kernel) or dtype == "fp64"):
                     continue
                 if args.capturable and not STEP_POINTERS.keys() & set(kernel.arg_names):
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
                 compiled = compile_kernel(
                     kernel, constexprs, names[dtype], args.arch, names.get(stored), args.capturable
                 )
-                report = dict(kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
+                report = dict(phase=phase, kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
                 if stored == "bf16":
                     report["stored"] = stored
                 if args.capturable:

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import master_dtype
+
 #: Elements per program: 8 per thread at 4 warps, i.e. two 128-bit accesses per fp32 stream. Under
 #: the interpreter (kernels defined with TRITON_INTERPRET set) each program costs milliseconds of
 #: Python whatever its size, so blocks are larger there.
@@ -63,11 +65,6 @@ TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
-
-
-def state_dtype(param: torch.dtype) -> torch.dtype:
-    """The state dtype of a parameter dtype: float64 for float64, float32 otherwise."""
-    return torch.float64 if param == torch.float64 else torch.float32
 
 
 class _Part:
@@ -104,7 +101,7 @@ class TensorTable:
     ) -> None:
         first = roles[0]
         self.param = first[0].dtype
-        self.state = state_dtype(self.param)
+        self.state = master_dtype(self.param)
         self.stored = stored_dtype(roles, kinds)
         if self.stored is not None and not (
             self.stored == self.state or (self.stored == torch.bfloat16 and self.state == torch.float32)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import BSAM_PERTURB
 from ._multi_tensor import (
     div,
     flag_nonfinite,
@@ -100,7 +101,7 @@ def bsam_perturb(
     float32 otherwise; ``precisions`` may be bfloat16 instead of float32, read only); ``found_inf``, ``inv_scale``: float32 0-dim tensors on the device.
     ``accumulate=False`` overwrites the sum (first sub-batch).
     """
-    table = tensor_table([params, grads, means, precisions, curvature_sums], "PPSRX")
+    table = tensor_table([params, grads, means, precisions, curvature_sums], BSAM_PERTURB.kinds)
     launch(
         _bsam_perturb_kernel,
         table,

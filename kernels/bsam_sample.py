@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import step_args
+from ..phases import BSAM_SAMPLE, step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -83,6 +83,6 @@ def bsam_sample(
     lane j mod 4 of ``tl.randn4x(seed, j div 4)``, j = offsets[i] + k); ``seed``: 0 <= seed < 2^63, or a
     one-element int64 tensor on the device holding it, read by the kernel (CUDA-graph capture).
     """
-    table = tensor_table([params, means, precisions], "PSR", offsets, noise_blocks=True)
+    table = tensor_table([params, means, precisions], BSAM_SAMPLE.kinds, offsets, noise_blocks=True)
     seed, seed_ptr = step_args(seed, int)
     launch(_bsam_sample_kernel, table, seed, float(num_data), seed_ptr)

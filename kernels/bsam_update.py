@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import step_args
+from ..phases import BSAM_UPDATE, step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -160,9 +160,9 @@ def bsam_update(
     roles = [params, grad_sums, means, precisions, momentums, curvature_sums]
     if precisions and precisions[0].dtype == torch.bfloat16:
         # blocks on multiples of 4 in element-index space: BLOCK/4 Philox calls each
-        table = tensor_table(roles, "PPSRRX", offsets, noise_blocks=True)
+        table = tensor_table(roles, BSAM_UPDATE.kinds, offsets, noise_blocks=True)
     else:
-        table, seed = tensor_table(roles, "PPSRRX"), 0  # no rounding: one compiled variant whatever the seed
+        table, seed = tensor_table(roles, BSAM_UPDATE.kinds), 0  # no rounding: one compiled variant whatever the seed
     lr, lr_ptr = step_args(lr, float)
     seed, seed_ptr = step_args(seed, int)
     scalars = (lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, damping)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import FIND_NONFINITE
 from ._multi_tensor import flag_nonfinite, for_block, launch, load, locate, role_pointer, tensor_table
 
 
@@ -34,4 +35,4 @@ def _find_nonfinite_kernel(
 
 def find_nonfinite(grads: list[torch.Tensor], found_inf: torch.Tensor) -> None:
     """found_inf = 1 if any element of ``grads`` (contiguous, one dtype) is inf or NaN, one launch."""
-    launch(_find_nonfinite_kernel, tensor_table([grads], "P"), found_inf)
+    launch(_find_nonfinite_kernel, tensor_table([grads], FIND_NONFINITE.kinds), found_inf)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import FOLD_GRADS
 from ._multi_tensor import (
     flag_nonfinite,
     for_block,
@@ -71,5 +72,5 @@ def fold_grads(
     """grad_sums (+)= grads and grads = 0, or (``last``) grads = grad_sums + grads; found_inf = 1 if a
     gradient is inf or NaN. One launch. ``first`` and ``last`` are exclusive (splits > 1)."""
     stage = 0 if first else 2 if last else 1
-    table = tensor_table([grads, grad_sums], "PX")
+    table = tensor_table([grads, grad_sums], FOLD_GRADS.kinds)
     launch(_fold_grads_kernel, table, found_inf, relative_base(grad_sums), STAGE=stage)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import RESTORE
 from ._multi_tensor import for_block, launch, load, locate, role_pointer, store, tensor_table
 
 
@@ -28,4 +29,4 @@ def _restore_kernel(table, PARAM: tl.constexpr, STATE: tl.constexpr, ALIGNED: tl
 
 def restore(params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
     """params[i] = weights[i] (rounded to the param dtype) for every tensor, one launch. Contiguous tensors."""
-    launch(_restore_kernel, tensor_table([params, weights], "PS"))
+    launch(_restore_kernel, tensor_table([params, weights], RESTORE.kinds))

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import SAM_PERTURB
 from ._multi_tensor import for_block, launch, load, locate, role_pointer, store, tensor_table, zero
 
 
@@ -62,7 +63,7 @@ def sam_perturb(
 ) -> None:
     """θ_i = w_i + scale·T_i²·g_i for every tensor (g = grad·inv_scale), grads zeroed; ``scale`` =
     ρ/‖T·g‖₂ is a 0-dim device tensor in the state dtype (read in-kernel: no host synchronisation)."""
-    table = tensor_table([params, grads, weights], "PPS")
+    table = tensor_table([params, grads, weights], SAM_PERTURB.kinds)
     launch(
         _sam_perturb_kernel,
         table,

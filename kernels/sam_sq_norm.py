@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..phases import SAM_SQ_NORM
 from ._multi_tensor import flag_nonfinite, for_block, launch_part, load, locate, role_pointer, tensor_table
 
 
@@ -58,7 +59,7 @@ def sam_sq_norm(
 ) -> torch.Tensor:
     """Σ (T·g)² over all tensors (g = grad·inv_scale, T = |w| if adaptive else 1) as a 0-dim tensor
     in the state dtype; found_inf = 1 if any g is inf or NaN."""
-    table = tensor_table([grads, weights], "PS")
+    table = tensor_table([grads, weights], SAM_SQ_NORM.kinds)
     # every block writes its own partial: no memset, unless there is no block at all
     make = torch.empty if table.num_blocks else torch.zeros
     partials = make(max(table.num_blocks, 1), dtype=table.state, device=weights[0].device)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import step_args
+from ..phases import SAM_UPDATE_ADAMW, step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -113,7 +113,7 @@ def sam_update_adamw(
     """AdamW on grad_sum·inv_scale/splits, then θ = w, grad_sums zeroed, for every tensor (found_inf set:
     θ = w and grad_sums zeroed only). ``step``: float64 0-dim device tensor, updates taken counting this one.
     ``lr`` may be a one-element float64 tensor on the device, read on the device (CUDA-graph capture)."""
-    table = tensor_table([params, grad_sums, weights, momentums, variances], "PPSSS")
+    table = tensor_table([params, grad_sums, weights, momentums, variances], SAM_UPDATE_ADAMW.kinds)
     # the bias corrections of this step, on the device, in float64 as the host would compute them
     corrections = torch.stack([1 - beta2**step, lr / (1 - beta1**step)])
     decay, decay_ptr = step_args(1 - lr * weight_decay, float)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import step_args
+from ..phases import SAM_UPDATE_SGD, step_args
 from ._multi_tensor import (
     div,
     for_block,
@@ -100,7 +100,7 @@ def sam_update_sgd(
     """Heavy ball on grad_sum·inv_scale/splits + δ·w, then θ = w, grad_sums zeroed, for every tensor
     (found_inf set: θ = w and grad_sums zeroed only). ``lr`` may be a one-element float64 tensor on the
     device, read by the kernel (CUDA-graph capture)."""
-    table = tensor_table([params, grad_sums, weights, momentums], "PPSS")
+    table = tensor_table([params, grad_sums, weights, momentums], SAM_UPDATE_SGD.kinds)
     lr, lr_ptr = step_args(lr, float)
     launch(
         _sam_update_sgd_kernel,

@@ -5,7 +5,7 @@
 >>> probs = sambayes.predict(model, opt, x)      # Bayesian model average over 32 posterior samples
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def _bind_kernels() -> None:
@@ -38,7 +38,7 @@ _bind_kernels()
 from ._batchnorm import frozen_bn_stats
 from ._philox import noise_seed
 from .bsam import BSAM
-from .optimizer import split_batch
+from ._arguments import split_batch
 from .predict import predict
 from .sam import SAM
 

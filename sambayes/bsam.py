@@ -10,8 +10,12 @@ from typing import Any
 
 import torch
 
-from . import _distributed, _philox, backends
-from .optimizer import TwoPassOptimizer, check_betas, check_number, devices_of, state_dtype
+from . import _distributed, _philox, phases
+from ._arguments import check_betas, check_number
+from ._ledger import Slot, grads, offsets, params, states, trainable
+from ._step import Step, devices_of, per_device
+from .optimizer import Groups, TwoPassOptimizer
+from .phases import master_dtype
 
 
 class BSAM(TwoPassOptimizer):
@@ -80,6 +84,9 @@ class BSAM(TwoPassOptimizer):
     Between steps the model's parameters hold the mean.
     """
 
+    rest_key = "mean"
+    rank0_hyperparameters = ("seed",)  # replicas share one noise seed, whatever each was given
+
     def __init__(
         self,
         params,
@@ -117,14 +124,6 @@ class BSAM(TwoPassOptimizer):
             seed=seed,
         )
         super().__init__(params, defaults, backend, model, bn_stats, keep_sums, capturable)
-        if self._sync_group() is not None:  # replicas share one seed, whatever each was given
-            bits = self.param_groups[0]["seed"]  # as int64 bits: a seed may exceed 2^63
-            seed_tensor = torch.tensor(
-                [bits - 2**64 if bits >= 2**63 else bits], device=_distributed.comm_device(self._sync_group())
-            )
-            torch.distributed.broadcast(seed_tensor, src=0, group=self._sync_group())
-            for group in self.param_groups:
-                group["seed"] = int(seed_tensor) % 2**64
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "state_dtype": self.state_dtype}
@@ -135,7 +134,7 @@ class BSAM(TwoPassOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
-            self._state_dtype("precision", p)  # ValueError for a float64 parameter with bfloat16 state
+            self._stored_dtype("precision", p)  # ValueError for a float64 parameter with bfloat16 state
         group["seed"] = _check_seed(group["seed"], allow_none=True)
         check_number("num_data", group["num_data"], low_open=True)
         check_number("lr", group["lr"])
@@ -148,9 +147,9 @@ class BSAM(TwoPassOptimizer):
     def _state_keys(self) -> set[str]:
         return {"mean", "precision", "momentum"}
 
-    def _state_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
+    def _stored_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
         if self.state_dtype is None or key == "mean":
-            return state_dtype(param)
+            return master_dtype(param.dtype)
         if param.dtype == torch.float64:  # given so, or cast so after construction (model.double())
             raise ValueError(
                 f"a parameter of shape {tuple(param.shape)} is float64: state_dtype={self.state_dtype} is for "
@@ -159,125 +158,109 @@ class BSAM(TwoPassOptimizer):
         return self.state_dtype
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["mean"] = _distributed.local(p).detach().to(state_dtype(p), copy=True)
+        state["mean"] = _distributed.local(p).detach().to(master_dtype(p.dtype), copy=True)
         state["precision"] = torch.full_like(
-            state["mean"], group["init_precision"], dtype=self._state_dtype("precision", p)
+            state["mean"], group["init_precision"], dtype=self._stored_dtype("precision", p)
         )
-        state["momentum"] = torch.zeros_like(state["mean"], dtype=self._state_dtype("momentum", p))
+        state["momentum"] = torch.zeros_like(state["mean"], dtype=self._stored_dtype("momentum", p))
 
     # ---- phases -----------------------------------------------------------------------
-    def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
-        self._draw(group, slots, self._step_seed(index, group, slots, self._noise_split(), counted=False))
+    def _sample_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
+        self._draw(group, slots, self._seed(step, index, group, slots, step.noise_split()))
 
-    def _step_seed(self, index: int, group: dict[str, Any], slots: list, split: int, *, counted: bool) -> int | dict:
-        """``noise_seed(seed, group, attempts, split)`` of this step (``counted``: the update has counted it
-        already): from the host's count, or with capturable=True hashed on the device from its counters, so
+    def _seed(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot], stream: int) -> int | dict:
+        """``noise_seed(seed, group, attempts, stream)`` of this step (a sub-batch's noise, or the rounding
+        stream): from the host's count, or with capturable=True hashed on the device from its counters, so
         that a captured step replays with the count the device holds then ({device: 0-dim int64 tensor})."""
-        if not self.capturable:
-            return _philox.noise_seed(group["seed"], index, group["attempts"] - int(counted), split)
-        attempts = self._attempts_on_device(group, counted=counted)
-        key = _philox.noise_seed_on_device(group["seed"], index, attempts, split)
+        attempts = step.attempts[index]
+        if not isinstance(attempts, torch.Tensor):
+            return _philox.noise_seed(group["seed"], index, attempts, stream)
+        key = _philox.noise_seed_on_device(group["seed"], index, attempts, stream)
         return {device: key.to(device) for device in devices_of(slots)}
 
-    def _draw(self, group: dict[str, Any], slots: list, seed: int | dict) -> None:
+    def _draw(self, group: dict[str, Any], slots: list[Slot], seed: int | dict) -> None:
         """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed) (an int, or
         {device: 0-dim int64 tensor} with capturable=True)."""
         if slots:
-            backends.run(
-                self.backend,
-                "bsam_sample",
-                self._local(slots),
-                self._states(slots, "mean"),
-                self._states(slots, "precision"),
-                [s.offset for s in slots],  # element index: position in the group's flat concatenation
+            self._run(
+                phases.BSAM_SAMPLE,
+                params(slots),
+                states(slots, "mean"),
+                states(slots, "precision"),
+                offsets(slots),
                 num_data=group["num_data"],
                 seed=seed,
             )
 
-    def _perturb(self, inv_scale: dict) -> None:
-        if self._split == 0:  # the curvature sums live from the first ascent to the update
-            self._scratch("curvature_sum")
-        for group, slots in zip(self.param_groups, self._group_slots):
-            written = [s for s in slots if s.written]
-            if self._split > 0:
-                for s in written:
-                    if not s.ascended:  # its first gradient of this step came late: sum from 0
-                        s.curvature_sum.zero_()
+    def _perturb(self, step: Step, groups: Groups) -> None:
+        step.allocate("curvature_sum")  # the curvature sums live from the first ascent to the update
+        for group, slots in groups:
+            written = step.written_in(slots)
+            curvature_sums = step.sum_of("curvature_sum", written)
+            if step.split > 0:
+                for s, curvature_sum in zip(written, curvature_sums):
+                    if s not in step.ascended:  # its first gradient of this step came late: sum from 0
+                        curvature_sum.zero_()
             if written:
-                backends.run(
-                    self.backend,
-                    "bsam_perturb",
-                    self._local(written),
-                    self._grads(written),
-                    self._states(written, "mean"),
-                    self._states(written, "precision"),
-                    [s.curvature_sum for s in written],
-                    found_inf=self._flags(),
-                    inv_scale=inv_scale,
+                self._run(
+                    phases.BSAM_PERTURB,
+                    params(written),
+                    grads(written),
+                    states(written, "mean"),
+                    states(written, "precision"),
+                    curvature_sums,
+                    found_inf=step.found_inf,
+                    inv_scale=step.inv_scale,
                     rho=group["rho"],
-                    accumulate=self._split > 0,
+                    accumulate=step.split > 0,
                 )
-            self._restore([s for s in slots if not s.written])
+            self._restore([s for s in slots if s not in step.written])
 
-    def _has_ascent(self, slot) -> bool:
+    def _updated(self, step: Step, slots: list[Slot]) -> list[Slot]:
         # the precision update needs this step's curvature estimate sqrt(s)·|g|
-        return slot.ascended
+        return [s for s in step.with_grad(slots) if s in step.ascended]
 
-    def _reduce_across_replicas(self) -> None:
-        # DDP averages the gradients; the curvature sums are averaged here, in one call
-        if not _distributed.is_ddp(self.model) or self._sync_group() is None:
+    def _replica_statistics(self, step: Step) -> list[torch.Tensor]:
+        # DDP averages the gradients, the curvature sums are averaged too; in parameter order, the same on every rank
+        return [step.sums["curvature_sum"][s] for s in step.ledger.slots if s in step.ascended]
+
+    def _update_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
+        if not slots:
             return
-        # in parameter order: every rank must concatenate the same tensors in the same order
-        sums = [s.curvature_sum for s in self._slots if s.ascended]
-        world = torch.distributed.get_world_size(self._sync_group())
-        for dtype in dict.fromkeys(s.dtype for s in sums):  # first-seen order: the same on every rank
-            same = [s for s in sums if s.dtype == dtype]
-            flat = torch.cat([s.flatten() for s in same])
-            torch.distributed.all_reduce(flat, group=self._sync_group())
-            flat /= world
-            torch._foreach_copy_(same, [f.view_as(s) for f, s in zip(flat.split([s.numel() for s in same]), same)])
-
-    def _update_group(self, index: int, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
         beta1, beta2 = group["betas"]
-        if slots:
-            # stochastic rounding of bfloat16 state (_philox.rounding_seed); _count has counted this step
-            rounding = self.state_dtype is not None
-            seed = self._step_seed(index, group, slots, _philox.ROUNDING_STREAM, counted=True) if rounding else 0
-            backends.run(
-                self.backend,
-                "bsam_update",
-                self._local(slots),
-                self._grads(slots),
-                self._states(slots, "mean"),
-                self._states(slots, "precision"),
-                self._states(slots, "momentum"),
-                [s.curvature_sum for s in slots],
-                [s.offset for s in slots],  # element index: the rounding stream's counter
-                found_inf=self._flags(),
-                inv_scale=inv_scale,
-                lr=self._lr(group, slots),
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                damping=group["damping"],
-                splits=self._split,
-                seed=seed,
-            )
+        # stochastic rounding of bfloat16 state: its own stream of this step (_philox.rounding_seed)
+        rounding = self.state_dtype is not None
+        self._run(
+            phases.BSAM_UPDATE,
+            params(slots),
+            grads(slots),
+            states(slots, "mean"),
+            states(slots, "precision"),
+            states(slots, "momentum"),
+            step.sum_of("curvature_sum", slots),
+            offsets(slots),  # element index: the rounding stream's counter
+            found_inf=step.found_inf,
+            inv_scale=step.inv_scale,
+            lr=per_device(group["lr"], slots),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            damping=group["damping"],
+            splits=step.split,
+            seed=self._seed(step, index, group, slots, _philox.ROUNDING_STREAM) if rounding else 0,
+        )
 
     # ---- the posterior ----------------------------------------------------------------
     def _posterior(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
         """(param, precision, group) for every trainable parameter; s0 where no state yet."""
         for group in self.param_groups:
-            for p in self._trainable(group):
+            for p in trainable(group):
                 state = self.state.get(p)
                 if state:
-                    yield p, state["precision"].to(state_dtype(p)), group  # bfloat16 state: in float32
+                    yield p, state["precision"].to(master_dtype(p.dtype)), group  # bfloat16 state: in float32
                 else:
-                    yield (
-                        p,
-                        torch.full_like(_distributed.local(p), group["init_precision"], dtype=state_dtype(p)),
-                        group,
-                    )
+                    local = _distributed.local(p)
+                    yield p, torch.full_like(local, group["init_precision"], dtype=master_dtype(p.dtype)), group
 
     @torch.no_grad()
     def posterior_variance(self) -> list[torch.Tensor]:
@@ -289,8 +272,7 @@ class BSAM(TwoPassOptimizer):
         """σ = 1/sqrt(N·s) for every trainable parameter, in its shape (state dtype)."""
         return [torch.rsqrt(group["num_data"] * precision) for _, precision, group in self._posterior()]
 
-    @contextlib.contextmanager
-    def sampled_params(self, seed: int = 0) -> Iterator[None]:
+    def sampled_params(self, seed: int = 0) -> contextlib.AbstractContextManager[None]:
         """Within the block the model holds one sample θ ~ N(m, 1/(N·s)) of the posterior.
 
         The sample is a pure function of ``seed`` (and the state). On exit, also on an
@@ -299,29 +281,10 @@ class BSAM(TwoPassOptimizer):
         no step can start inside the block.
         """
         seed = _check_seed(seed, allow_none=False)
-        if self._phase != "at rest":
-            self._expect("at rest", action="sampled_params")
-        with torch.no_grad():
-            if not self._posterior_seeds:
-                self._prepare_state()
-            self._posterior_seeds.append(seed)
-        try:
-            with torch.no_grad():
-                self._draw_posterior(seed)
-            yield
-        finally:
-            with torch.no_grad():
-                self._posterior_seeds.pop()
-                if self._posterior_seeds:
-                    self._draw_posterior(self._posterior_seeds[-1])
-                else:
-                    _distributed.reshard(self.model)
-                    self._restore(self._slots)
-                    self._record_versions()
+        return self._holding_sample(seed, self._draw_posterior)
 
-    def _draw_posterior(self, seed: int) -> None:
-        _distributed.reshard(self.model)  # forward passes without backward came before (evaluations)
-        for index, (group, slots) in enumerate(zip(self.param_groups, self._group_slots)):
+    def _draw_posterior(self, seed: int, groups: Groups) -> None:
+        for index, (group, slots) in enumerate(groups):
             self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
 
 

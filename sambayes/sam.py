@@ -6,8 +6,12 @@ from typing import Any
 
 import torch
 
-from . import _distributed, backends
-from .optimizer import TwoPassOptimizer, check_betas, check_number, state_dtype
+from . import _distributed, _progress, phases
+from ._arguments import check_betas, check_number
+from ._ledger import Slot, grads, params, states
+from ._step import Step, per_device
+from .optimizer import Groups, TwoPassOptimizer
+from .phases import master_dtype
 
 BASES = ("sgd", "adamw")
 
@@ -36,7 +40,7 @@ class SAM(TwoPassOptimizer):
     across devices).
     """
 
-    _rest_key = "weight"
+    rest_key = "weight"
 
     def __init__(
         self,
@@ -94,7 +98,7 @@ class SAM(TwoPassOptimizer):
         return {"weight", "momentum"} | ({"variance"} if self.base == "adamw" else set())
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        dtype = state_dtype(p)
+        dtype = master_dtype(p.dtype)
         state["weight"] = _distributed.local(p).detach().to(dtype, copy=True)
         state["momentum"] = torch.zeros_like(state["weight"])
         if self.base == "adamw":
@@ -119,91 +123,74 @@ class SAM(TwoPassOptimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})
 
     # ---- phases -----------------------------------------------------------------------
-    def _sample_group(self, index: int, group: dict[str, Any], slots: list) -> None:
-        if self._split > 0:  # the previous sub-batch left the parameters at its adversarial point
+    def _sample_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
+        if step.split > 0:  # the previous sub-batch left the parameters at its adversarial point
             self._restore(slots)
 
-    def _perturb(self, inv_scale: dict) -> None:
+    def _perturb(self, step: Step, groups: Groups) -> None:
         work = []
-        for group, slots in zip(self.param_groups, self._group_slots):
-            self._restore([s for s in slots if not s.written])
-            written = [s for s in slots if s.written]
+        for group, slots in groups:
+            self._restore([s for s in slots if s not in step.written])
+            written = step.written_in(slots)
             if written:
                 work.append((group, written))
         if not work:
             return
-        flags = self._flags()
         # the global 2-norm over all parameters, kept on the device (no host sync)
         sq = [
-            s
+            partial
             for group, ps in work
-            for s in backends.run(
-                self.backend,
-                "sam_sq_norm",
-                self._grads(ps),
-                self._states(ps, "weight"),
-                found_inf=flags,
-                inv_scale=inv_scale,
+            for partial in self._run(
+                phases.SAM_SQ_NORM,
+                grads(ps),
+                states(ps, "weight"),
+                found_inf=step.found_inf,
+                inv_scale=step.inv_scale,
                 adaptive=group["adaptive"],
             )
         ]
-        norm = self._global_sum(sq).sqrt()
+        norm = step.global_sum(sq).sqrt()
         for group, ps in work:
             scale = torch.where(norm > 0, group["rho"] / norm, torch.zeros_like(norm))
-            backends.run(
-                self.backend,
-                "sam_perturb",
-                self._local(ps),
-                self._grads(ps),
-                self._states(ps, "weight"),
-                inv_scale=inv_scale,
+            self._run(
+                phases.SAM_PERTURB,
+                params(ps),
+                grads(ps),
+                states(ps, "weight"),
+                inv_scale=step.inv_scale,
                 # float64, on each bucket's device: each bucket reads it in its own state dtype
                 scale={device: scale.to(device) for device in {s.param.device for s in ps}},
                 adaptive=group["adaptive"],
             )
 
-    def _update_group(self, index: int, group: dict[str, Any], slots: list, inv_scale: dict) -> None:
+    def _update_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
         if not slots:
             return
-        grad_sums, weights, momentums = (
-            self._grads(slots),
-            self._states(slots, "weight"),
-            self._states(slots, "momentum"),
-        )
+        tensors = (params(slots), grads(slots), states(slots, "weight"), states(slots, "momentum"))
+        flags = dict(found_inf=step.found_inf, inv_scale=step.inv_scale)
         if self.base == "sgd":
-            backends.run(
-                self.backend,
-                "sam_update_sgd",
-                self._local(slots),
-                grad_sums,
-                weights,
-                momentums,
-                found_inf=self._flags(),
-                inv_scale=inv_scale,
-                lr=self._lr(group, slots),
+            self._run(
+                phases.SAM_UPDATE_SGD,
+                *tensors,
+                **flags,
+                lr=per_device(group["lr"], slots),
                 momentum=group["momentum"],
                 weight_decay=group["weight_decay"],
                 nesterov=group["nesterov"],
-                splits=self._split,
+                splits=step.split,
             )
         else:
             beta1, beta2 = group["betas"]
-            step, _ = self._counters(group)  # counted already: this update included
-            backends.run(
-                self.backend,
-                "sam_update_adamw",
-                self._local(slots),
-                grad_sums,
-                weights,
-                momentums,
-                self._states(slots, "variance"),
-                found_inf=self._flags(),
-                inv_scale=inv_scale,
-                step=step,
-                lr=self._lr(group, slots),
+            self._run(
+                phases.SAM_UPDATE_ADAMW,
+                *tensors,
+                states(slots, "variance"),
+                **flags,
+                step=_progress.counters(group)[0],  # counted already: this update included
+                lr=per_device(group["lr"], slots),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                splits=self._split,
+                splits=step.split,
             )

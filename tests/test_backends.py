@@ -15,36 +15,36 @@ from conftest import DEVICE
 from harness import COMPARED, Guarded, assert_rounded, normal
 
 import sambayes
-from sambayes import backends
+from sambayes import backends, phases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sambayes"
 
 
-def _record_calls(monkeypatch, backend, op):
-    """Wrap ``op`` of the backend's module (and of the fallback) to record the tensors each was given."""
+def _record_calls(monkeypatch, backend, phase):
+    """Wrap ``phase`` of the backend (and of the fallback) to record the tensors each was given."""
     calls = []
     for name in dict.fromkeys([backend, backends.FALLBACK]):
-        module = backends.resolve(name, DEVICE)
-        original = getattr(module, op)
+        table = backends.implementations(backends.resolve(name, DEVICE))
+        original = table[phase]
 
         def recording(*lists, _name=name, _original=original, **hyper):
             calls.append((_name, [id(t) for t in lists[0]]))
             return _original(*lists, **hyper)
 
-        monkeypatch.setattr(module, op, recording)
+        monkeypatch.setitem(table, phase, recording)
     return calls
 
 
 @pytest.mark.parametrize("backend", COMPARED)
 def test_non_contiguous_tensors_go_to_the_fallback(monkeypatch, backend):
     """A transposed parameter goes to eager whatever the backend; the others stay on it."""
-    calls = _record_calls(monkeypatch, backend, "restore")
+    calls = _record_calls(monkeypatch, backend, phases.RESTORE)
     base = torch.randn(33, 17, device=DEVICE)
     params = [torch.full((17, 33), float("nan"), device=DEVICE).T, Guarded([5, 1025], torch.float32)]
     flat = [params[0]] + params[1].tensors
     weights = [base, *normal([5, 1025], torch.float32)]
-    backends.run(backend, "restore", flat, weights)
+    backends.run(backend, phases.RESTORE, flat, weights)
     params[1].check("restore")
     assert_rounded(flat, weights, "param")
     assert sorted(calls) == sorted([(backends.FALLBACK, [id(flat[0])]), (backend, [id(flat[1]), id(flat[2])])])
@@ -52,26 +52,26 @@ def test_non_contiguous_tensors_go_to_the_fallback(monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", COMPARED)
 def test_non_contiguous_gradients_go_to_the_fallback(monkeypatch, backend):
-    calls = _record_calls(monkeypatch, backend, "sam_perturb")
+    calls = _record_calls(monkeypatch, backend, phases.SAM_PERTURB)
     weights = normal([12, 12], torch.float32)
     grads = [torch.randn(24, device=DEVICE)[::2], *normal([12], torch.float32)]  # a strided view, then a dense one
     params = [torch.full((12,), float("nan"), device=DEVICE) for _ in range(2)]
     scale, inv_scale = torch.tensor(0.5, device=DEVICE), torch.ones((), device=DEVICE)
     want = [w + 0.5 * g for g, w in zip(grads, weights)]
-    backends.run(backend, "sam_perturb", params, grads, weights, inv_scale=inv_scale, scale=scale, adaptive=False)
+    backends.run(backend, phases.SAM_PERTURB, params, grads, weights, inv_scale=inv_scale, scale=scale, adaptive=False)
     for p, w in zip(params, want):
         torch.testing.assert_close(p, w, rtol=1e-6, atol=1e-6)
     assert sorted(calls) == sorted([(backends.FALLBACK, [id(params[0])]), (backend, [id(params[1])])])
 
 
 def test_one_call_per_bucket_of_device_and_dtype(monkeypatch):
-    calls = _record_calls(monkeypatch, "foreach", "restore")
+    calls = _record_calls(monkeypatch, "foreach", phases.RESTORE)
     dtypes = [torch.float32, torch.float64, torch.float32, torch.bfloat16]
     params = [torch.zeros(3, dtype=d, device=DEVICE) for d in dtypes]
     weights = [
         torch.ones(3, dtype=torch.float64 if d == torch.float64 else torch.float32, device=DEVICE) for d in dtypes
     ]
-    backends.run("foreach", "restore", params, weights)
+    backends.run("foreach", phases.RESTORE, params, weights)
     assert sorted(len(ids) for _, ids in calls) == [1, 1, 2]  # float32 twice, float64, bfloat16
     assert all(name == "foreach" for name, _ in calls)
     assert all(torch.equal(p, torch.ones_like(p)) for p in params)
@@ -81,7 +81,7 @@ def test_auto_is_resolved_once_per_device():
     backends._pick.cache_clear()
     params, weights = [torch.zeros(3)], [torch.ones(3)]
     for _ in range(5):
-        backends.run("auto", "restore", params, weights)
+        backends.run("auto", phases.RESTORE, params, weights)
     info = backends._pick.cache_info()
     assert info.misses == 1 and info.hits == 4
     expected = next(n for n in backends.AUTO_ORDER["cpu"] if backends.why_unavailable(n, "cpu") is None)
@@ -102,31 +102,38 @@ def test_unknown_and_unavailable_backends_say_why():
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
-    """The sambayes modules a file imports at module level (not inside functions), as dotted names.
+    """The sambayes modules a file imports anywhere (at module level, inside functions, or through
+    ``importlib.import_module`` with a constant name), as dotted names.
 
     ``from X import a`` counts as importing the module ``X.a`` when there is one, else ``X``.
     """
     parts = _dotted(path).split(".") + (["__init__"] if path.name == "__init__.py" else [])
     base = parts[:-1]  # the package that level-1 relative imports start from (for __init__: itself)
 
-    def top_level(body):
-        for node in body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                yield node
-            elif isinstance(node, (ast.If, ast.Try)):
-                yield from top_level(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []))
-                for handler in getattr(node, "handlers", []):
-                    yield from top_level(handler.body)
+    def absolute(module: str | None, level: int) -> str:
+        parent = base[: len(base) - level + 1] if level else []
+        return ".".join(parent + ([module] if module else []))
 
     found = set()
-    for node in top_level(ast.parse(path.read_text()).body):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-            continue
-        parent = base[: len(base) - node.level + 1] if node.level else []
-        module = ".".join(parent + ([node.module] if node.module else []))
-        for alias in node.names:
-            found.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+        elif isinstance(node, ast.ImportFrom):
+            module = absolute(node.module, node.level)
+            for alias in node.names:
+                found.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            name = node.args[0].value
+            if name.startswith("."):  # relative to the package the second argument names: ours
+                level = len(name) - len(name.lstrip("."))
+                name = absolute(name.lstrip("."), level)
+            found.add(name)
     return {m for m in found if m.startswith("sambayes")}
 
 
@@ -144,7 +151,8 @@ def _module_files() -> dict[str, pathlib.Path]:
 
 
 def test_no_import_cycles_in_the_package():
-    """The graph of module-level imports between sambayes modules is acyclic (checked on the source)."""
+    """The graph of imports between sambayes modules is acyclic, counting imports inside functions and through
+    importlib (checked on the source): a module that needs another lazily still depends on it."""
     files = _module_files()
     graph = {name: {m for m in _imports(path, set(files)) if m in files and m != name} for name, path in files.items()}
     state: dict[str, int] = {}

@@ -55,7 +55,7 @@ def test_bsam_keeps_12_bytes_per_float32_parameter(tier, splits):
 def test_bsam_keeps_its_sums_on_the_cpu_by_default(splits):
     # keep_sums=None: kept between steps on the CPU, where allocating them again costs a page-faulting pass
     m = measure("bsam", FUSED, splits, keep_sums=None)
-    sums = {"_slots[*].curvature_sum": 4.0} | ({"_slots[*].grad_sum": 4.0} if splits == 2 else {})
+    sums = {"_pool.kept.curvature_sum[*]": 4.0} | ({"_pool.kept.grad_sum[*]": 4.0} if splits == 2 else {})
     assert per_parameter(m) == {"state[*].mean": 4.0, "state[*].precision": 4.0, "state[*].momentum": 4.0} | sums
 
 
@@ -117,21 +117,19 @@ class KeepsCurvatureSum(sambayes.BSAM):
     """The layout before: the curvature sums stay between steps."""
 
     def _end_step(self):
-        kept = [s.curvature_sum for s in self._slots]
+        self.kept = list(self._step.sums["curvature_sum"].values())
         super()._end_step()
-        for s, buffer in zip(self._slots, kept):
-            s.curvature_sum = buffer
 
 
 def test_a_kept_buffer_is_counted():
     def make(params, grads):
-        opt = KeepsCurvatureSum(params, num_data=100.0, seed=1, backend=FUSED)
+        opt = KeepsCurvatureSum(params, num_data=100.0, seed=1, backend=FUSED, keep_sums=False)
         closure = bench.closure_for(params, grads)
         return opt, lambda: opt.step(closure)
 
     m = bench_memory.measure(make, SHAPES, torch.float32, CPU, steps=2)
     assert m.held.bytes - m.held.scalar_bytes in range(16 * NUMEL, 16 * NUMEL + PADDING + 1)
-    assert "_slots[*].curvature_sum" in m.held.by_name
+    assert "kept[*]" in m.held.by_name
 
 
 def test_storages_are_counted_once_and_parameters_and_gradients_never():

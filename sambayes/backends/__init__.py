@@ -1,16 +1,17 @@
 """The one dispatch layer: which backend computes a phase, on which tensors.
 
-The optimizers call a phase (``bsam_sample``, ``bsam_perturb``, ... ; see
+The optimizers call a phase (:mod:`sambayes.phases` declares each; see
 :mod:`sambayes.backends.eager`, the executable spec) only through :func:`run`::
 
-    run(backend, "bsam_update", params, grad_sums, means, ..., lr=0.5, ...)
+    run(backend, phases.BSAM_UPDATE, params, grad_sums, means, ..., lr=0.5, ...)
 
 :func:`run` cuts the parallel lists into buckets by (device, dtype, layout) of
 each tensor, calls the backend's function once per bucket, and owns every
 fallback: a tensor with a non-contiguous role goes to :data:`FALLBACK` (eager,
 which handles any strides), whatever the backend. The backend that ``"auto"``
 or a name stands for on a device is resolved once per (backend, device) and
-cached; the modules themselves only compute.
+cached; the modules themselves only compute, each phase in a function named as
+the phase with the arguments of its declaration.
 
 =========  =====================================================  ==============
 backend    what                                                   devices
@@ -34,12 +35,14 @@ benchmark (``benchmarks/gpu_check.sh``) has not been run yet.
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from .. import phases
+from .._version import __version__
 
 NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
 #: what ``backend=`` accepts
@@ -50,31 +53,36 @@ _DEFAULT_AUTO = ("foreach",)
 #: the backend of tensors the others cannot take (non-contiguous ones)
 FALLBACK = "eager"
 
-_MODULES = {"eager": "eager", "foreach": "foreach", "triton": "triton", "cpu": "extension", "cuda": "extension"}
 
-#: the lists each phase writes in place, by position: their version counters move after the
-#: call, as after an in-place torch op (the fused kernels write memory autograd does not see)
-WRITES = {
-    "bsam_sample": (0,),
-    "bsam_perturb": (0, 1, 4),
-    "find_nonfinite": (),
-    "fold_grads": (0, 1),
-    "bsam_update": (0, 1, 2, 3, 4),
-    "restore": (0,),
-    "sam_sq_norm": (),
-    "sam_perturb": (0, 1),
-    "sam_update_sgd": (0, 1, 2, 3),
-    "sam_update_adamw": (0, 1, 2, 3, 4),
-}
+def _import(name: str) -> ModuleType:
+    """The module of backend ``name``, imported on first use (Triton and the extension load only then)."""
+    if name == "eager":
+        from . import eager as module
+    elif name == "foreach":
+        from . import foreach as module
+    elif name == "triton":
+        from . import triton as module
+    else:  # "cpu" and "cuda": the two device halves of the C++/CUDA extension
+        from . import extension as module
+    return module
 
 
 @functools.cache
 def _module(name: str) -> ModuleType | str:
     """The backend's module, or the reason it does not import."""
     try:
-        return importlib.import_module(f".{_MODULES[name]}", __name__)
+        return _import(name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
         return f"{type(exc).__name__}: {exc}"
+
+
+@functools.cache
+def implementations(module: ModuleType) -> dict[phases.Phase, Callable]:
+    """A backend module's function for each phase (each is named as its phase)."""
+    missing = [phase.name for phase in phases.PHASES if not callable(getattr(module, phase.name, None))]
+    if missing:
+        raise TypeError(f"backend module {module.__name__} lacks the phases {missing}")
+    return {phase: getattr(module, phase.name) for phase in phases.PHASES}
 
 
 def why_unavailable(name: str, device: torch.device | str) -> str | None:
@@ -150,8 +158,8 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
-    """Phase ``op`` on parallel lists (entry i of each list belongs to tensor i), one call per bucket.
+def run(backend: str, phase: phases.Phase, *lists: list, **scalars: Any) -> list:
+    """``phase`` on parallel lists (entry i of each list belongs to tensor i), one call per bucket.
 
     Tensor i goes to the bucket of (device, dtype of ``lists[0][i]``, whether all its tensors
     are contiguous). A keyword given as a dict {device: value} passes each bucket its device's
@@ -164,8 +172,8 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     if all(t.dtype == dtype and t.device == device for t in lists[0]) and all(
         all(map(torch.Tensor.is_contiguous, values)) for values in tensor_lists
     ):  # the common case: one bucket, the backend's own
-        results = [getattr(resolve(backend, device), op)(*lists, **_for_device(hyper, device))]
-        _bump(op, lists)
+        results = [implementations(resolve(backend, device))[phase](*lists, **_for_device(scalars, device))]
+        _bump(phase, lists)
         return results
     buckets: dict[tuple, list[int]] = {}
     for i, tensors in enumerate(zip(*lists)):
@@ -176,24 +184,15 @@ def run(backend: str, op: str, *lists: list, **hyper: Any) -> list:
     for (device, _, dense), index in buckets.items():
         module = resolve(backend, device) if dense else _module(FALLBACK)
         args = [[values[i] for i in index] for values in lists]
-        results.append(getattr(module, op)(*args, **_for_device(hyper, device)))
-    _bump(op, lists)
+        results.append(implementations(module)[phase](*args, **_for_device(scalars, device)))
+    _bump(phase, lists)
     return results
 
 
-def step_args(value, number) -> tuple:
-    """(number argument, tensor argument) of a fused kernel for a step scalar (``seed``, ``lr``): a
-    tensor goes as is, read by the kernel on the device (capturable), next to a dummy number; a Python
-    number by value, through ``number`` (int, float), next to None."""
-    if isinstance(value, torch.Tensor):
-        return number(0), value
-    return number(value), None
-
-
-def _bump(op: str, lists: tuple) -> None:
-    """Move the version counters of what ``op`` wrote (autograd's check for stale saved tensors,
+def _bump(phase: phases.Phase, lists: tuple) -> None:
+    """Move the version counters of what ``phase`` wrote (autograd's check for stale saved tensors,
     and the optimizers' for weights changed behind their back, then see every backend's writes)."""
-    written = [t for position in WRITES[op] for t in lists[position]]
+    written = [t for position in phase.writes for t in lists[position]]
     if written:
         try:
             torch.autograd.graph.increment_version(written)
@@ -209,8 +208,6 @@ def _for_device(hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def info() -> str:
     """A report of every backend (available or not, and why), versions and devices."""
-    from .. import __version__
-
     lines = [f"sambayes {__version__}  torch {torch.__version__}"]
     try:
         import triton

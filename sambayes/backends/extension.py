@@ -22,7 +22,8 @@ import os
 
 import torch
 
-from . import step_args
+from .. import phases
+from ..phases import step_args
 
 if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
     raise ImportError("the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)")
@@ -218,28 +219,20 @@ def sam_update_adamw(
 
 
 def _register_fakes() -> None:
-    """Shape-only implementations, so that torch.compile traces the ops without running them."""
+    """Shape-only implementations, so that torch.compile traces the ops without running them: one per
+    phase of :mod:`sambayes.phases` (a 0-dim state-dtype tensor where the phase returns one), and the
+    test hooks."""
 
     def nothing(*args, **kwargs):
         return None
 
-    for op in (
-        "bsam_sample",
-        "bsam_perturb",
-        "find_nonfinite",
-        "fold_grads",
-        "bsam_update",
-        "restore",
-        "sam_perturb",
-        "sam_update_sgd",
-        "sam_update_adamw",
-        "philox_randn_",
-    ):
-        torch.library.register_fake(f"sambayes_C::{op}", nothing)
+    def scalar_like(position: int):
+        return lambda *args, **kwargs: args[position][0].new_empty(())
 
-    @torch.library.register_fake("sambayes_C::sam_sq_norm")
-    def _(grads, weights, found_inf, inv_scale, adaptive):
-        return weights[0].new_empty(())
+    for phase in phases.PHASES:
+        state = next(i for i, role in enumerate(phase.roles) if role.kind in "SR") if phase.returns else None
+        torch.library.register_fake(f"sambayes_C::{phase.name}", nothing if state is None else scalar_like(state))
+    torch.library.register_fake("sambayes_C::philox_randn_", nothing)
 
     @torch.library.register_fake("sambayes_C::philox_words")
     def _(counters, seed):

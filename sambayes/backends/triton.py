@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import re
 
 import torch
@@ -29,6 +28,16 @@ if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):  
     raise ImportError(f"Triton {triton.__version__} is too old: the triton backend needs Triton >= 3.4")
 
 from ..kernels import _multi_tensor
+from ..kernels.bsam_sample import bsam_sample as _bsam_sample
+from ..kernels.bsam_perturb import bsam_perturb as _bsam_perturb
+from ..kernels.bsam_update import bsam_update as _bsam_update
+from ..kernels.find_nonfinite import find_nonfinite as _find_nonfinite
+from ..kernels.fold_grads import fold_grads as _fold_grads
+from ..kernels.restore import restore as _restore
+from ..kernels.sam_sq_norm import sam_sq_norm as _sam_sq_norm
+from ..kernels.sam_perturb import sam_perturb as _sam_perturb
+from ..kernels.sam_update_sgd import sam_update_sgd as _sam_update_sgd
+from ..kernels.sam_update_adamw import sam_update_adamw as _sam_update_adamw
 
 #: the kernels run in Triton's interpreter (CPU tensors), not compiled for a GPU
 INTERPRETED = _multi_tensor.INTERPRETED
@@ -46,18 +55,14 @@ def _on_their_device(launcher):
     return torch.no_grad()(run)
 
 
-#: the phases, each the launcher of its file in sambayes.kernels
-PHASES = (
-    "bsam_sample",
-    "bsam_perturb",
-    "bsam_update",
-    "find_nonfinite",
-    "fold_grads",
-    "restore",
-    "sam_sq_norm",
-    "sam_perturb",
-    "sam_update_sgd",
-    "sam_update_adamw",
-)
-for _phase in PHASES:
-    globals()[_phase] = _on_their_device(getattr(importlib.import_module(f"..kernels.{_phase}", __package__), _phase))
+# each phase: the launcher of its file in sambayes.kernels, on its tensors' device
+bsam_sample = _on_their_device(_bsam_sample)
+bsam_perturb = _on_their_device(_bsam_perturb)
+bsam_update = _on_their_device(_bsam_update)
+find_nonfinite = _on_their_device(_find_nonfinite)
+fold_grads = _on_their_device(_fold_grads)
+restore = _on_their_device(_restore)
+sam_sq_norm = _on_their_device(_sam_sq_norm)
+sam_perturb = _on_their_device(_sam_perturb)
+sam_update_sgd = _on_their_device(_sam_update_sgd)
+sam_update_adamw = _on_their_device(_sam_update_adamw)

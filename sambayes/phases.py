@@ -1,0 +1,193 @@
+"""The phases, each declared once: its tensor roles, which of them it writes, its scalars.
+
+A phase is one memory pass of a step (ALGORITHM.md), implemented by every backend under the
+phase's name with the same arguments: the tensor lists of its roles, in order, then its
+device scalars (the step's found-inf flag, 1/scale, ...), then its scalars as keywords. The
+eager backend (:mod:`sambayes.backends.eager`) is the executable spec of each.
+
+What follows from a declaration: the dispatch moves the version counters of the roles a phase
+writes (:func:`sambayes.backends.run`), the Triton kernels build their launch tables from the
+roles' kinds, the C++ extension's fake implementations are registered per phase, and tests hold
+every backend's signature, the op schemas of ``csrc/bindings.cpp`` and the compile check of the
+Triton kernels to these declarations (``tests/test_phases.py``).
+
+Role kinds (the dtype each tensor of a role has, for parameters of dtype P):
+
+====  ==================================================================================
+P     the parameter dtype (parameters, gradient buffers)
+S     the master dtype :func:`master_dtype` (state: ``mean``, ``weight``, ...)
+R     bSAM's stored state (``precision``, ``momentum``): the master dtype, or bfloat16
+      over float32 master state (``BSAM(state_dtype=torch.bfloat16)``)
+X     a running sum of the step in the master dtype; the Triton and CUDA tables address
+      it relative to its first tensor (it lives only within a step)
+I     an int per tensor (``offsets``: its first element's index in the group's flat
+      concatenation, the noise's element index), not a tensor
+====  ==================================================================================
+
+This module imports nothing of sambayes: the kernels and every backend may import it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the state and the math for parameters of ``param_dtype``: float64 for float64
+    parameters, float32 (master weights) for float32, bfloat16 and float16 ones."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def step_args(value, number) -> tuple:
+    """(number argument, tensor argument) of a fused kernel for a step scalar (``seed``, ``lr``), which the
+    phases take as a Python number or as a 0-dim tensor on the bucket's device (``capturable=True``): a
+    tensor goes as is, read by the kernel on the device, next to a dummy number; a number by value,
+    through ``number`` (int, float), next to None."""
+    if isinstance(value, torch.Tensor):
+        return number(0), value
+    return number(value), None
+
+
+class Role(NamedTuple):
+    """One tensor list of a phase: its argument name, its kind (see the module docstring), whether
+    the phase writes it in place."""
+
+    name: str
+    kind: str
+    written: bool = False
+
+
+class Phase(NamedTuple):
+    """One phase: ``roles`` (tensor lists, in argument order), ``device_scalars`` (0-dim tensors on the
+    bucket's device after the lists), ``scalars`` (keyword-only), what it returns (None: it writes in
+    place), and whether it raises the step's ``found_inf`` flag on a non-finite gradient it reads."""
+
+    name: str
+    roles: tuple[Role, ...]
+    device_scalars: tuple[str, ...] = ()
+    scalars: tuple[str, ...] = ()
+    returns: str | None = None
+    checks_grads: bool = False
+
+    @property
+    def kinds(self) -> str:
+        """The kinds of the tensor-list roles, in order (a Triton launch table's layout)."""
+        return "".join(role.kind for role in self.roles if role.kind != "I")
+
+    @property
+    def writes(self) -> tuple[int, ...]:
+        """Argument positions of the roles written in place."""
+        return tuple(i for i, role in enumerate(self.roles) if role.written)
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Every argument's name, in the order of the backends' functions."""
+        return tuple(role.name for role in self.roles) + self.device_scalars + self.scalars
+
+
+P, S, R, X, I = "P", "S", "R", "X", "I"
+
+# ---- bSAM ----------------------------------------------------------------------------------------
+#: θ = m + z / sqrt(N·s), z drawn from Philox(seed) at each element's noise index
+BSAM_SAMPLE = Phase(
+    "bsam_sample",
+    (Role("params", P, True), Role("means", S), Role("precisions", R), Role("offsets", I)),
+    scalars=("num_data", "seed"),
+)
+#: θ = m + ρ·g/s ; curvature_sum (+)= sqrt(s)·|g| ; g consumed (zeroed)
+BSAM_PERTURB = Phase(
+    "bsam_perturb",
+    (
+        Role("params", P, True),
+        Role("grads", P, True),
+        Role("means", S),
+        Role("precisions", R),
+        Role("curvature_sums", X, True),
+    ),
+    ("found_inf", "inv_scale"),
+    ("rho", "accumulate"),
+    checks_grads=True,
+)
+#: momentum, mean (old precision), precision from the means over sub-batches; θ = m; sums zeroed
+BSAM_UPDATE = Phase(
+    "bsam_update",
+    (
+        Role("params", P, True),
+        Role("grad_sums", P, True),
+        Role("means", S, True),
+        Role("precisions", R, True),
+        Role("momentums", R, True),
+        Role("curvature_sums", X),
+        Role("offsets", I),
+    ),
+    ("found_inf", "inv_scale"),
+    ("lr", "beta1", "beta2", "weight_decay", "damping", "splits", "seed"),
+)
+
+# ---- gradients and rest, for every optimizer -----------------------------------------------------
+#: found_inf = 1 if a gradient holds an inf or NaN
+FIND_NONFINITE = Phase("find_nonfinite", (Role("grads", P),), ("found_inf",), checks_grads=True)
+#: grad_sum (+)= h_j in the master dtype; the last sub-batch puts the total back into .grad
+FOLD_GRADS = Phase(
+    "fold_grads",
+    (Role("grads", P, True), Role("grad_sums", X, True)),
+    ("found_inf",),
+    ("first", "last"),
+    checks_grads=True,
+)
+#: θ = m (or w): the model back at rest
+RESTORE = Phase("restore", (Role("params", P, True), Role("weights", S)))
+
+# ---- SAM -----------------------------------------------------------------------------------------
+#: Σ (T·g)² over a bucket: a partial sum of the global norm
+SAM_SQ_NORM = Phase(
+    "sam_sq_norm",
+    (Role("grads", P), Role("weights", S)),
+    ("found_inf", "inv_scale"),
+    ("adaptive",),
+    returns="sq_norm",
+    checks_grads=True,
+)
+#: w' = w + scale·T²·g ; g consumed (zeroed)
+SAM_PERTURB = Phase(
+    "sam_perturb",
+    (Role("params", P, True), Role("grads", P, True), Role("weights", S)),
+    ("inv_scale",),
+    ("scale", "adaptive"),
+)
+#: heavy ball (or Nesterov) on the mean perturbed-point gradient; θ = w
+SAM_UPDATE_SGD = Phase(
+    "sam_update_sgd",
+    (Role("params", P, True), Role("grad_sums", P, True), Role("weights", S, True), Role("momentums", S, True)),
+    ("found_inf", "inv_scale"),
+    ("lr", "momentum", "weight_decay", "nesterov", "splits"),
+)
+#: AdamW on the mean perturbed-point gradient; θ = w
+SAM_UPDATE_ADAMW = Phase(
+    "sam_update_adamw",
+    (
+        Role("params", P, True),
+        Role("grad_sums", P, True),
+        Role("weights", S, True),
+        Role("momentums", S, True),
+        Role("variances", S, True),
+    ),
+    ("found_inf", "inv_scale", "step"),
+    ("lr", "beta1", "beta2", "eps", "weight_decay", "splits"),
+)
+
+#: every phase, in the order of ALGORITHM.md's step
+PHASES = (
+    BSAM_SAMPLE,
+    BSAM_PERTURB,
+    BSAM_UPDATE,
+    FIND_NONFINITE,
+    FOLD_GRADS,
+    RESTORE,
+    SAM_SQ_NORM,
+    SAM_PERTURB,
+    SAM_UPDATE_SGD,
+    SAM_UPDATE_ADAMW,
+)
