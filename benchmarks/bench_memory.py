@@ -34,7 +34,7 @@ parameters and of their ``.grad``. Reachable: the optimizer's attributes (``__di
 ``__slots__``) and, recursively, the keys and values of dicts, the items of lists, tuples and sets,
 and the attributes of other objects; modules, classes and functions are not entered. That is
 ``state``, tensors in ``param_groups`` (step counters; IVON's ``momentum`` and ``hess``), and
-whatever else the optimizer keeps (sambayes's per-parameter ``_Slot`` fields, its found-inf
+whatever else the optimizer keeps (sambayes's ledger slots and kept sums, its found-inf
 flags). The 0-dim tensors among them (counters, flags) add a few dozen bytes in all: +0.00 B per
 parameter at this size. The ``held`` column breaks the bytes down by where they were found. (IVON
 makes its parameters views of one flat buffer of the means: that buffer counts as the parameters.)

@@ -460,7 +460,7 @@ def optimizer_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[
 
     ``state``: every tensor in ``opt.state``; ``held``: those plus every other tensor reachable from
     the optimizer's attributes, its parameter groups' values and its own helper objects (sambayes
-    keeps per-parameter scratch such as ``grad_sum`` and ``curvature_sum`` in ``_Slot`` objects).
+    keeps per-parameter scratch such as ``grad_sum`` and ``curvature_sum`` in its step and sum pool).
     A storage shared by several tensors counts once; modules (``opt.model``) are not searched.
     """
     excluded = set()

@@ -35,10 +35,10 @@ def _bind_kernels() -> None:
 
 _bind_kernels()
 
+from ._arguments import split_batch
 from ._batchnorm import frozen_bn_stats
 from ._philox import noise_seed
 from .bsam import BSAM
-from ._arguments import split_batch
 from .predict import predict
 from .sam import SAM
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from . import _batchnorm, backends
+
 #: the parameter dtypes every backend trains
 PARAM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,6 +54,26 @@ def check_params(params: list[torch.Tensor], index: int) -> None:
         if id(p) in seen:
             raise ValueError(f"parameter {i} of group {index} (shape {tuple(p.shape)}) is listed twice")
         seen.add(id(p))
+
+
+def check_options(
+    params: Any, backend: Any, model: Any, bn_stats: Any, keep_sums: Any, capturable: Any
+) -> tuple[Any, torch.nn.Module | None]:
+    """The optimizers' options checked; (params, model) with a module given as ``params`` taken as both."""
+    backends.check_backend(backend)
+    if keep_sums not in (None, True, False):
+        raise ValueError(f"keep_sums={keep_sums!r}: True, False or None (on the CPU only)")
+    if capturable not in (True, False):
+        raise ValueError(f"capturable={capturable!r}: True or False")
+    if isinstance(params, torch.nn.Module):
+        if model is not None and model is not params:
+            raise ValueError("pass the model either as params or as model=, not two different ones")
+        model, params = params, params.parameters()
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model={type(model).__name__}: expected a torch.nn.Module (or DDP / FSDP2 module)")
+    if bn_stats not in _batchnorm.BN_POLICIES:
+        raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_batchnorm.BN_POLICIES}")
+    return params, model
 
 
 def split_batch(*tensors: torch.Tensor, splits: int) -> list[tuple[torch.Tensor, ...]]:

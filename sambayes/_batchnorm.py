@@ -29,6 +29,17 @@ def set_bn_stats_frozen(model: torch.nn.Module, frozen: bool, saved: list | None
     return []
 
 
+def freeze(model: torch.nn.Module | None, saved: list | None, frozen: bool) -> list | None:
+    """Freeze (``frozen``) or resume the statistics of ``model``'s BatchNorm layers for the next pass;
+    ``saved``: what the last call froze (None: nothing). Returns what is frozen now."""
+    if model is None or frozen == (saved is not None):
+        return saved
+    if frozen:
+        return set_bn_stats_frozen(model, True)
+    set_bn_stats_frozen(model, False, saved)
+    return None
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, BatchNorm layers of ``model`` do not update their running

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _distributed
+from . import _distributed, _progress
 
 
 def check(
@@ -104,3 +104,63 @@ def keep_state_dtypes(
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 state[p][key] = value.to(device=p.device, dtype=stored_dtype(key, p), copy=True)
+
+
+class Checkpoints:
+    """``state_dict`` and ``load_state_dict`` of the optimizers (mixed into TwoPassOptimizer, before
+    torch.optim.Optimizer, whose own methods do the dict handling)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every trainable parameter and the groups' hyperparameters and counters.
+
+        Under FSDP2 each state tensor is a DTensor laid out as its parameter (sharing this
+        rank's shard, as ``torch.optim``'s state is), so ``torch.distributed.checkpoint``
+        saves it and loads it into any other sharding or into an unsharded model.
+        """
+        if self._step is not None:
+            raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._step.phase})")
+        if not self._samples_held:  # (inside sampled_params() the model holds a sample, not the weights)
+            with torch.no_grad():  # state for parameters trainable since; weights set since the last step
+                self._prepare_state()
+        self._skips.receive(self.param_groups, wait=True)
+        state = super().state_dict()
+        laid_out(state, self.param_groups)
+        for group, saved in zip(self.param_groups, state["param_groups"]):
+            saved.update(_progress.numbers(group))
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint written by any backend.
+
+        Checks all of it first and changes nothing if it does not fit (ValueError naming the
+        first problem: another optimizer's state dict, other parameter shapes, a bad
+        hyperparameter). A step in progress is abandoned (as :meth:`abort` does). Unlike
+        ``torch.optim.Optimizer``, keeps float32 master state for low-precision parameters
+        instead of casting it to the parameter dtype; each state tensor is cast to the dtype
+        this optimizer keeps it in (so float32 and bfloat16 state checkpoints load into either).
+
+        Each state tensor may be this rank's shard (a per-rank checkpoint), the whole tensor
+        (a single-process checkpoint, under FSDP2 too: each rank cuts its shard out), or a
+        DTensor (:meth:`state_dict` under FSDP2, ``torch.distributed.checkpoint``).
+        """
+        by_id = check(
+            state_dict,
+            self.param_groups,
+            name=type(self).__name__,
+            hyperparameters=self._hyperparameters,
+            check_group=self._check_group,
+            state_keys=self._state_keys(),
+        )
+        state_dict = local_parts(state_dict, by_id)
+        self.abort()  # a step in progress (say, it crashed halfway): abandoned first
+        super().load_state_dict(state_dict)  # casts state to the parameters' dtypes: undone next
+        keep_state_dtypes(self.state, state_dict["state"], by_id, self._stored_dtype)
+        for group in self.param_groups:
+            _progress.loaded(group)
+        # between steps the model holds the state it was saved with
+        self._ledger.refresh(self.param_groups, self.state, rebuild=True)  # the state dicts were replaced
+        with torch.no_grad():
+            self._restore([s for s in self._ledger.slots if s.state])
+        self._skips = _progress.SkipReport(type(self).__name__, self.capturable)
+        self._skips.reported = sum(int(group["skipped_steps"]) for group in self.param_groups)
+        self._ledger.record_versions()

@@ -14,7 +14,18 @@ from .phases import master_dtype
 class Slot:
     """One trainable parameter as the optimizer keeps it between phases and steps."""
 
-    __slots__ = ("grad", "grad_local", "grad_version", "group", "local", "offset", "param", "sharded", "state", "version")
+    __slots__ = (
+        "grad",
+        "grad_local",
+        "grad_version",
+        "group",
+        "local",
+        "offset",
+        "param",
+        "sharded",
+        "state",
+        "version",
+    )
 
     def __init__(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         self.param, self.group, self.offset, self.state = param, group, 0, {}

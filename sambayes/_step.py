@@ -14,12 +14,54 @@ from typing import Any, Callable
 
 import torch
 
-from . import backends, phases
+from . import _amp, backends, phases
 from ._ledger import Ledger, Slot, grads
 from ._replication import Local
 from .phases import master_dtype
 
 REST, SAMPLED, PERTURBED = "at rest", "sampled", "perturbed"
+
+
+class DeviceScalars:
+    """The 0-dim tensors every step uses, one per device, allocated once (fixed addresses: a captured CUDA
+    graph reads them in every replay): the found-inf flags, and 1/scale = 1 without a GradScaler."""
+
+    def __init__(self) -> None:
+        self.flags: dict[torch.device, torch.Tensor] = {}
+        self.ones: dict[torch.device, torch.Tensor] = {}
+
+    def found_inf(self, devices: list[torch.device]) -> dict[torch.device, torch.Tensor]:
+        """The found-inf flag per device (float32 0-dim tensors, as torch's GradScaler keeps them)."""
+        for device in devices:
+            if device not in self.flags:
+                self.flags[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self.flags
+
+    def inv_scale(self, grad_scaler, devices: list[torch.device]) -> dict[torch.device, torch.Tensor]:
+        """1/scale per device: the GradScaler's (read on the device, no host sync), or 1."""
+        if _amp.enabled(grad_scaler):
+            return _amp.inv_scale(grad_scaler, devices)
+        for device in devices:
+            if device not in self.ones:
+                self.ones[device] = torch.ones((), dtype=torch.float32, device=device)
+        return self.ones
+
+
+def check_capture(name: str, capturable: bool, backend: str, devices: list[torch.device]) -> None:
+    """RuntimeError if a CUDA graph is capturing a step of optimizer ``name`` and its replays would be wrong."""
+    cuda = [d for d in devices if d.type == "cuda"]  # (CPU training: no CUDA call at all)
+    if not cuda or not torch.cuda.is_current_stream_capturing():
+        return
+    if not capturable:  # the graph would keep this step's seeds: every replay the same noise
+        raise RuntimeError(
+            f"{name} step captured in a CUDA graph, but the optimizer was built with capturable=False: each "
+            "replay would reuse this step's noise seed and copy counts to the host. Pass capturable=True"
+        )
+    if any(backends.pick(backend, d) == "eager" for d in cuda):
+        raise RuntimeError(
+            f"{name} step captured in a CUDA graph on the 'eager' backend, which decides on the host whether "
+            "a step is skipped: use backend='auto' (or 'triton', 'cuda', 'foreach')"
+        )
 
 
 class SumPool:
@@ -67,7 +109,8 @@ class SumPool:
     def give_back(self, sums: dict[str, dict[Slot, torch.Tensor]]) -> None:
         """The step is over: keep its sums where :meth:`keeps` says so, drop the rest."""
         for name, by_slot in sums.items():
-            kept = {s: t for s, t in by_slot.items() if self.keeps(t.device)}
+            keeps = {device: self.keeps(device) for device in {t.device for t in by_slot.values()}}
+            kept = {s: t for s, t in by_slot.items() if keeps[t.device]}
             if kept:
                 self.kept[name] = kept
 

@@ -23,14 +23,14 @@ from torch.optim import Optimizer
 from . import _amp, _arguments, _batchnorm, _checkpoint, _progress, _replication, backends, phases
 from ._arguments import check_number
 from ._ledger import Ledger, Slot, grads, params, states
-from ._step import PERTURBED, REST, SAMPLED, Step, SumPool
+from ._step import PERTURBED, REST, SAMPLED, DeviceScalars, Step, SumPool, check_capture
 from .phases import master_dtype
 
 #: (group, its trainable parameters' slots) for every parameter group
 Groups = list[tuple[dict[str, Any], list[Slot]]]
 
 
-class TwoPassOptimizer(Optimizer):
+class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
     """Base of :class:`BSAM` and :class:`SAM`: a step of two gradient passes per sub-batch.
 
     Subclasses set ``rest_key`` (the state the parameters equal at rest) and implement the hooks:
@@ -68,23 +68,13 @@ class TwoPassOptimizer(Optimizer):
         keep_sums: bool | None = None,
         capturable: bool = False,
     ) -> None:
-        self.backend = backends.check_backend(backend)
-        if keep_sums not in (None, True, False):
-            raise ValueError(f"keep_sums={keep_sums!r}: True, False or None (on the CPU only)")
-        if capturable not in (True, False):
-            raise ValueError(f"capturable={capturable!r}: True or False")
+        params, model = _arguments.check_options(params, backend, model, bn_stats, keep_sums, capturable)
+        #: "auto" or a backend name (sambayes.backends)
+        self.backend = backend
         #: the step's changing scalars are read on the device and nothing is copied to the host (CUDA graphs)
-        self.capturable = bool(capturable)
+        self.capturable = capturable
         #: keep the step's running sums allocated between steps (None: on the CPU only; see BSAM)
         self.keep_sums = keep_sums
-        if isinstance(params, torch.nn.Module):
-            if model is not None and model is not params:
-                raise ValueError("pass the model either as params or as model=, not two different ones")
-            model, params = params, params.parameters()
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model={type(model).__name__}: expected a torch.nn.Module (or DDP / FSDP2 module)")
-        if bn_stats not in _batchnorm.BN_POLICIES:
-            raise ValueError(f"bn_stats={bn_stats!r}: choose one of {_batchnorm.BN_POLICIES}")
         #: the module trained, when given: its BatchNorm statistics and gradient sync are managed
         self.model, self.bn_stats = model, bn_stats
         _replication.warn_without_model(model)
@@ -111,8 +101,7 @@ class TwoPassOptimizer(Optimizer):
         self._replication = _replication.policy(self.model)
         self._skips = _progress.SkipReport(type(self).__name__, self.capturable)
         self._step: Step | None = None  # the step in progress
-        self._found_inf: dict[torch.device, torch.Tensor] = {}  # per device, every step's (fixed addresses)
-        self._ones: dict[torch.device, torch.Tensor] = {}  # inv_scale without a GradScaler
+        self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
 
     # ---- hyperparameters and pickling ----------------------------------------------------------
@@ -134,12 +123,11 @@ class TwoPassOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # torch's load_state_dict passes state and param_groups only
-        if "_ledger" not in self.__dict__:  # unpickled
-            for name, value in (("backend", "auto"), ("model", None), ("bn_stats", "noisy")):
+        if "_ledger" not in self.__dict__:  # unpickled (an older pickle may lack some options)
+            hyperparameters = [k for k in self.defaults if k != "attempts"]
+            options = dict(backend="auto", model=None, bn_stats="noisy", capturable=False, keep_sums=None)
+            for name, value in {**options, "_hyperparameters": hyperparameters}.items():
                 self.__dict__.setdefault(name, value)
-            self.__dict__.setdefault("capturable", False)
-            self.__dict__.setdefault("keep_sums", None)
-            self.__dict__.setdefault("_hyperparameters", [k for k in self.defaults if k != "attempts"])
             self._build()
 
     # ---- hooks ------------------------------------------------------------------------------------
@@ -201,7 +189,7 @@ class TwoPassOptimizer(Optimizer):
         locally); BatchNorm statistics follow ``bn_stats``.
         """
         self._expect(REST, PERTURBED, action="sample")
-        self._check_capture()
+        check_capture(type(self).__name__, self.capturable, self.backend, self._devices())
         self._replication.reshard()  # an evaluation since the last step may have left them gathered
         step = self._step
         if step is None:  # a new step
@@ -209,14 +197,15 @@ class TwoPassOptimizer(Optimizer):
             self._prepare_state()
             self._ledger.attach_grads(type(self).__name__)
             attempts = [_progress.attempts(group, self.capturable) for group in self.param_groups]
-            step = self._step = Step(self._run, self._ledger, self._pool, self._replication, self._flags(), attempts)
+            flags = self._scalars.found_inf(self._devices())
+            step = self._step = Step(self._run, self._ledger, self._pool, self._replication, flags, attempts)
         else:
             step.written = set(self._ledger.find_written("sample"))
             step.fold(last=False)
         for index, (group, slots) in enumerate(self._groups()):
             self._sample_group(step, index, group, slots)
         self._replication.grad_sync(False)
-        self._freeze_bn(step, self.bn_stats == "perturbed")
+        step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "perturbed")
         step.phase = SAMPLED
 
     @torch.no_grad()
@@ -232,7 +221,7 @@ class TwoPassOptimizer(Optimizer):
         self._expect(SAMPLED, action="perturb")
         step = self._step
         step.written = set(self._ledger.find_written("perturb"))
-        step.inv_scale = self._inv_scale(grad_scaler)
+        step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         self._perturb(step, self._groups())  # subclasses restore the parameters without a gradient
         written = step.written_in(self._ledger.slots)
         self._ledger.grads_zeroed(written)
@@ -244,7 +233,7 @@ class TwoPassOptimizer(Optimizer):
             step.sums_in_grad = True
         step.split += 1
         self._replication.grad_sync(sync)
-        self._freeze_bn(step, self.bn_stats == "noisy")
+        step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "noisy")
         step.phase = PERTURBED
 
     @torch.no_grad()
@@ -263,7 +252,7 @@ class TwoPassOptimizer(Optimizer):
         if max_grad_norm is not None:
             check_number("max_grad_norm", max_grad_norm, low_open=True)
         step = self._step
-        step.inv_scale = self._inv_scale(grad_scaler)
+        step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         step.written = set(self._ledger.find_written("update"))
         if step.split > 1 and not step.sums_in_grad:
             step.fold(last=True)
@@ -310,7 +299,7 @@ class TwoPassOptimizer(Optimizer):
         step, self._step = self._step, None
         self._pool.give_back(step.sums)
         self._replication.grad_sync(True)
-        self._freeze_bn(step, False)
+        _batchnorm.freeze(self.model, step.frozen_bn, False)
         self._ledger.record_versions()
         self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
 
@@ -386,62 +375,6 @@ class TwoPassOptimizer(Optimizer):
                     self._restore(self._ledger.slots)
                     self._ledger.record_versions()
 
-    # ---- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The state of every trainable parameter and the groups' hyperparameters and counters.
-
-        Under FSDP2 each state tensor is a DTensor laid out as its parameter (sharing this
-        rank's shard, as ``torch.optim``'s state is), so ``torch.distributed.checkpoint``
-        saves it and loads it into any other sharding or into an unsharded model.
-        """
-        if self._step is not None:
-            raise RuntimeError(f"state_dict() called in the middle of a step (optimizer is {self._step.phase})")
-        if not self._samples_held:  # (inside sampled_params() the model holds a sample, not the weights)
-            with torch.no_grad():  # state for parameters trainable since; weights set since the last step
-                self._prepare_state()
-        self._skips.receive(self.param_groups, wait=True)
-        state = super().state_dict()
-        _checkpoint.laid_out(state, self.param_groups)
-        for group, saved in zip(self.param_groups, state["param_groups"]):
-            saved.update(_progress.numbers(group))
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint written by any backend.
-
-        Checks all of it first and changes nothing if it does not fit (ValueError naming the
-        first problem: another optimizer's state dict, other parameter shapes, a bad
-        hyperparameter). A step in progress is abandoned (as :meth:`abort` does). Unlike
-        ``torch.optim.Optimizer``, keeps float32 master state for low-precision parameters
-        instead of casting it to the parameter dtype; each state tensor is cast to the dtype
-        this optimizer keeps it in (so float32 and bfloat16 state checkpoints load into either).
-
-        Each state tensor may be this rank's shard (a per-rank checkpoint), the whole tensor
-        (a single-process checkpoint, under FSDP2 too: each rank cuts its shard out), or a
-        DTensor (:meth:`state_dict` under FSDP2, ``torch.distributed.checkpoint``).
-        """
-        by_id = _checkpoint.check(
-            state_dict,
-            self.param_groups,
-            name=type(self).__name__,
-            hyperparameters=self._hyperparameters,
-            check_group=self._check_group,
-            state_keys=self._state_keys(),
-        )
-        state_dict = _checkpoint.local_parts(state_dict, by_id)
-        self.abort()  # a step in progress (say, it crashed halfway): abandoned first
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            _progress.loaded(group)
-        _checkpoint.keep_state_dtypes(self.state, state_dict["state"], by_id, self._stored_dtype)
-        # between steps the model holds the state it was saved with
-        self._ledger.refresh(self.param_groups, self.state, rebuild=True)  # the state dicts were replaced
-        with torch.no_grad():
-            self._restore([s for s in self._ledger.slots if s.state])
-        self._skips = _progress.SkipReport(type(self).__name__, self.capturable)
-        self._skips.reported = sum(int(group["skipped_steps"]) for group in self.param_groups)
-        self._ledger.record_versions()
-
     @property
     def skipped_steps(self) -> int:
         """Steps skipped so far for a non-finite gradient (the largest count of any group; waits for the device)."""
@@ -458,22 +391,6 @@ class TwoPassOptimizer(Optimizer):
     def _devices(self) -> list[torch.device]:
         return self._ledger.devices or [torch.device("cpu")]
 
-    def _flags(self) -> dict[torch.device, torch.Tensor]:
-        """The found-inf flag per device (float32 0-dim tensors, as torch's GradScaler keeps them)."""
-        for device in self._devices():
-            if device not in self._found_inf:
-                self._found_inf[device] = torch.zeros((), dtype=torch.float32, device=device)
-        return self._found_inf
-
-    def _inv_scale(self, grad_scaler: torch.amp.GradScaler | None) -> dict[torch.device, torch.Tensor]:
-        """1/scale per device: the GradScaler's (read on the device, no host sync), or 1."""
-        if _amp.enabled(grad_scaler):
-            return _amp.inv_scale(grad_scaler, self._devices())
-        for device in self._devices():
-            if device not in self._ones:
-                self._ones[device] = torch.ones((), dtype=torch.float32, device=device)
-        return self._ones
-
     def _expect(self, *allowed: str, action: str) -> None:
         if self._samples_held:
             raise RuntimeError(
@@ -486,30 +403,3 @@ class TwoPassOptimizer(Optimizer):
                 f"{action}() called while the optimizer is {phase}; a step is "
                 "sample() -> backward -> perturb() -> backward [repeat per sub-batch] -> update()"
             )
-
-    def _check_capture(self) -> None:
-        """RuntimeError if a CUDA graph is capturing this step and its replays would be wrong."""
-        cuda = [d for d in self._devices() if d.type == "cuda"]  # (CPU training: no CUDA call at all)
-        if not cuda or not torch.cuda.is_current_stream_capturing():
-            return
-        name = type(self).__name__
-        if not self.capturable:  # the graph would keep this step's seeds: every replay the same noise
-            raise RuntimeError(
-                f"{name} step captured in a CUDA graph, but the optimizer was built with capturable=False: each "
-                "replay would reuse this step's noise seed and copy counts to the host. Pass capturable=True"
-            )
-        if any(backends.pick(self.backend, d) == "eager" for d in cuda):
-            raise RuntimeError(
-                f"{name} step captured in a CUDA graph on the 'eager' backend, which decides on the host whether "
-                "a step is skipped: use backend='auto' (or 'triton', 'cuda', 'foreach')"
-            )
-
-    def _freeze_bn(self, step: Step, frozen: bool) -> None:
-        """Stop (or resume) the model's BatchNorm statistics updates for the next pass (``bn_stats``)."""
-        if self.model is None or frozen == (step.frozen_bn is not None):
-            return
-        if frozen:
-            step.frozen_bn = _batchnorm.set_bn_stats_frozen(self.model, True)
-        else:
-            _batchnorm.set_bn_stats_frozen(self.model, False, step.frozen_bn)
-            step.frozen_bn = None

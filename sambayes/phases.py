@@ -29,6 +29,7 @@ This module imports nothing of sambayes: the kernels and every backend may impor
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -59,7 +60,8 @@ class Role(NamedTuple):
     written: bool = False
 
 
-class Phase(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, a cheap dict key for the dispatch
+class Phase:
     """One phase: ``roles`` (tensor lists, in argument order), ``device_scalars`` (0-dim tensors on the
     bucket's device after the lists), ``scalars`` (keyword-only), what it returns (None: it writes in
     place), and whether it raises the step's ``found_inf`` flag on a non-finite gradient it reads."""
@@ -70,16 +72,14 @@ class Phase(NamedTuple):
     scalars: tuple[str, ...] = ()
     returns: str | None = None
     checks_grads: bool = False
+    #: argument positions of the roles written in place (derived)
+    writes: tuple[int, ...] = dataclasses.field(init=False)
+    #: the kinds of the tensor-list roles, in order: a Triton launch table's layout (derived)
+    kinds: str = dataclasses.field(init=False)
 
-    @property
-    def kinds(self) -> str:
-        """The kinds of the tensor-list roles, in order (a Triton launch table's layout)."""
-        return "".join(role.kind for role in self.roles if role.kind != "I")
-
-    @property
-    def writes(self) -> tuple[int, ...]:
-        """Argument positions of the roles written in place."""
-        return tuple(i for i, role in enumerate(self.roles) if role.written)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "writes", tuple(i for i, role in enumerate(self.roles) if role.written))
+        object.__setattr__(self, "kinds", "".join(role.kind for role in self.roles if role.kind != "I"))
 
     @property
     def arguments(self) -> tuple[str, ...]:

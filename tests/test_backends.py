@@ -110,7 +110,7 @@ def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
     parts = _dotted(path).split(".") + (["__init__"] if path.name == "__init__.py" else [])
     base = parts[:-1]  # the package that level-1 relative imports start from (for __init__: itself)
 
-    def absolute(module: str | None, level: int) -> str:
+    def absolute(module, level: int) -> str:
         parent = base[: len(base) - level + 1] if level else []
         return ".".join(parent + ([module] if module else []))
 

@@ -28,16 +28,16 @@ if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):  
     raise ImportError(f"Triton {triton.__version__} is too old: the triton backend needs Triton >= 3.4")
 
 from ..kernels import _multi_tensor
-from ..kernels.bsam_sample import bsam_sample as _bsam_sample
 from ..kernels.bsam_perturb import bsam_perturb as _bsam_perturb
+from ..kernels.bsam_sample import bsam_sample as _bsam_sample
 from ..kernels.bsam_update import bsam_update as _bsam_update
 from ..kernels.find_nonfinite import find_nonfinite as _find_nonfinite
 from ..kernels.fold_grads import fold_grads as _fold_grads
 from ..kernels.restore import restore as _restore
-from ..kernels.sam_sq_norm import sam_sq_norm as _sam_sq_norm
 from ..kernels.sam_perturb import sam_perturb as _sam_perturb
-from ..kernels.sam_update_sgd import sam_update_sgd as _sam_update_sgd
+from ..kernels.sam_sq_norm import sam_sq_norm as _sam_sq_norm
 from ..kernels.sam_update_adamw import sam_update_adamw as _sam_update_adamw
+from ..kernels.sam_update_sgd import sam_update_sgd as _sam_update_sgd
 
 #: the kernels run in Triton's interpreter (CPU tensors), not compiled for a GPU
 INTERPRETED = _multi_tensor.INTERPRETED
