@@ -16,8 +16,9 @@ from sambayes import backends
 DATA = pathlib.Path(__file__).parent / "data"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: Every backend that can run here, on the device the tests use.
-AVAILABLE_BACKENDS = [b for b in backends.NAMES if backends.why_unavailable(b, DEVICE) is None]
+#: Every backend that can run here, on the device the tests use (the C++ extension not compiled yet:
+#: collecting the tests compiles nothing; the first test that runs the extension does)
+AVAILABLE_BACKENDS = [b for b in backends.NAMES if backends.why_unavailable(b, DEVICE, load=False) is None]
 
 
 def load_golden(name: str) -> dict:

@@ -4,6 +4,8 @@ the reference noise, backend modules that do not know each other, the kernels be
 package, the specification shipped with it."""
 
 import ast
+import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -234,3 +236,22 @@ def test_the_golden_data_are_the_shared_ones():
         copy = ROOT / "tests" / "data" / path.name
         assert copy.is_file(), f"tests/data/{path.name} is missing"
         assert copy.read_bytes() == path.read_bytes(), f"tests/data/{path.name} differs from ../shared/golden"
+
+
+@pytest.mark.slow
+def test_collecting_the_tests_compiles_nothing(tmp_path):
+    """The C++ extension compiles on first use: when a test runs it, not when pytest collects the tests."""
+    if importlib.util.find_spec("sambayes._C") is not None:
+        pytest.skip("the extension was built at install: nothing would compile")
+    env = {**os.environ, "SAMBAYES_BUILD_DIR": str(tmp_path / "build")}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "compiling the C++ extension" not in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "build").exists() or not any((tmp_path / "build").iterdir())

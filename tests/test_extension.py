@@ -11,11 +11,16 @@ from conftest import DATA
 import sambayes
 from sambayes import _philox, backends
 
-REASON = backends.why_unavailable("cpu", "cpu")
-extension = None if REASON else backends.resolve("cpu", "cpu")
+REASON = backends.why_unavailable("cpu", "cpu", load=False)
 needs_ext = pytest.mark.skipif(REASON is not None, reason=f"C++ extension unavailable: {REASON}")
 
 EPS32 = 2.0**-23
+
+
+@pytest.fixture(scope="module")
+def extension():
+    """The extension's backend module, loaded (compiled on first use) when a test asks for it."""
+    return backends.resolve("cpu", "cpu")
 
 
 def test_extension_is_built():
@@ -32,7 +37,7 @@ def _assert_lists_close(got, want, rtol, atol, what):
 
 
 @needs_ext
-def test_philox_words_match_triton_vectors():
+def test_philox_words_match_triton_vectors(extension):
     cases = json.loads((DATA / "philox_randn.json").read_text())["cases"]
     for case in cases:
         words = extension.philox_words(case["seed"], torch.tensor(case["offsets"]))
@@ -40,7 +45,7 @@ def test_philox_words_match_triton_vectors():
 
 
 @needs_ext
-def test_randn4x_matches_triton_vectors():
+def test_randn4x_matches_triton_vectors(extension):
     """Element i takes lane i mod 4 of tl.randn4x(seed, i div 4) (ALGORITHM.md, "Noise", version 2)."""
     for case in json.loads((DATA / "philox_randn4x.json").read_text())["cases"]:
         seed = int(case["seed"])
@@ -55,7 +60,7 @@ def test_randn4x_matches_triton_vectors():
 @needs_ext
 @pytest.mark.parametrize("seed", [0, 1234, 2**40 + 5, 2**63 - 1])
 @pytest.mark.parametrize("start", [0, 2**32 - 700, 10**12 + 3])
-def test_randn_range_matches_reference(seed, start):
+def test_randn_range_matches_reference(seed, start, extension):
     # 2**32 - 700 crosses the carry into the counter's high word inside the range
     for numel in (1, 7, 1025, 4099):
         z = extension.randn_range(seed, start, numel)
@@ -65,13 +70,13 @@ def test_randn_range_matches_reference(seed, start):
 
 
 @needs_ext
-def test_randn_is_standard_normal():
+def test_randn_is_standard_normal(extension):
     z = extension.randn_range(7, 0, 1 << 20).double()
     assert abs(z.mean()) < 5e-3 and abs(z.std() - 1) < 5e-3
 
 
 @needs_ext
-def test_sample_uses_the_compiled_noise_exactly():
+def test_sample_uses_the_compiled_noise_exactly(extension):
     # with z taken from the extension, θ = m + z/sqrt(N·s) agrees to float32 rounding
     gen = torch.Generator().manual_seed(0)
     means = [torch.randn(1025, generator=gen), torch.randn(7, generator=gen)]
@@ -84,7 +89,7 @@ def test_sample_uses_the_compiled_noise_exactly():
 
 
 @needs_ext
-def test_mismatched_lists_raise():
+def test_mismatched_lists_raise(extension):
     with pytest.raises(RuntimeError, match="numel|elements"):
         extension.restore([torch.zeros(3)], [torch.zeros(4)])
     with pytest.raises(RuntimeError, match="dtype"):

@@ -35,13 +35,15 @@ benchmark (``benchmarks/gpu_check.sh``) has not been run yet.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import warnings
 from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
-from .. import phases
+from .. import _build, phases
 from .._version import __version__
 
 NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
@@ -70,6 +72,7 @@ def _import(name: str) -> ModuleType:
 @functools.cache
 def _module(name: str) -> ModuleType | str:
     """The backend's module, or the reason it does not import."""
+    _tried.add(name)
     try:
         return _import(name)
     except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
@@ -85,28 +88,51 @@ def implementations(module: ModuleType) -> dict[phases.Phase, Callable]:
     return {phase: getattr(module, phase.name) for phase in phases.PHASES}
 
 
-def why_unavailable(name: str, device: torch.device | str) -> str | None:
-    """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
+def why_unavailable(name: str, device: torch.device | str, *, load: bool = True) -> str | None:
+    """None if backend ``name`` can run on ``device``, else a sentence saying why not.
+
+    ``load=False`` answers without loading the C++ extension (which a plain install compiles on first
+    use): its backends count as available where it is built or can be compiled here.
+    """
     device = torch.device(device)
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "cuda" and not torch.cuda.is_available():
+        return "backend 'cuda' is not available: no CUDA device is visible to PyTorch"
+    if name in ("cpu", "cuda") and device.type != name:
+        return f"backend {name!r} runs on {name.upper()} tensors only, got parameters on {device}"
+    if name in ("cpu", "cuda") and not load and name not in _tried:
+        reason = _extension_unbuildable()
+        return None if reason is None else f"backend {name!r} is not available: {reason}"
     module = _module(name)
     if isinstance(module, str):
         return f"backend {name!r} is not available: {module}"
     if name == "cuda" and not module.HAS_CUDA_KERNELS:
         return f"backend 'cuda' is not available: sambayes._C has no CUDA kernels: {module.CUDA_NOTE}"
-    if name == "cuda" and not torch.cuda.is_available():
-        return "backend 'cuda' is not available: no CUDA device is visible to PyTorch"
-    if name in ("cpu", "cuda") and device.type != name:
-        return f"backend {name!r} runs on {name.upper()} tensors only, got parameters on {device}"
     if name == "triton" and device.type == "cpu" and not module.INTERPRETED:
         return (
             "backend 'triton' is not available on cpu: the Triton kernels were compiled for GPUs; "
-            "set TRITON_INTERPRET=1 before importing sambayes"
+            "they run on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 set before importing "
+            "sambayes), for testing: slow"
         )
     if name == "triton" and device.type not in ("cuda", "cpu"):
         return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device}"
     return None
+
+
+#: the backends whose module this process has imported, or tried to (see _module)
+_tried: set[str] = set()
+
+
+def _extension_unbuildable() -> str | None:
+    """Why the C++ extension can neither load nor compile here, without loading or compiling it; None if
+    it is built (installed, or cached by a first-use build) or can be compiled."""
+    if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
+        return "the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)"
+    if importlib.util.find_spec("sambayes._C") is not None:
+        return None
+    missing = _build.missing_tools()
+    return None if not missing else "the C++ extension is not built and cannot compile here: missing " + "; ".join(missing)
 
 
 def pick(backend: str, device: torch.device | str) -> str:
