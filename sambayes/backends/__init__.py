@@ -132,7 +132,9 @@ def _extension_unbuildable() -> str | None:
     if importlib.util.find_spec("sambayes._C") is not None:
         return None
     missing = _build.missing_tools()
-    return None if not missing else "the C++ extension is not built and cannot compile here: missing " + "; ".join(missing)
+    return (
+        None if not missing else "the C++ extension is not built and cannot compile here: missing " + "; ".join(missing)
+    )
 
 
 def pick(backend: str, device: torch.device | str) -> str:
