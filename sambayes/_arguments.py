@@ -21,7 +21,7 @@ PARAM_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 def check_number(name: str, value: Any, *, low: float = 0.0, low_open: bool = False, high: float | None = None) -> None:
     """ValueError naming the argument unless low <(=) value (< high). A one-element tensor counts
     as its value (``lr=torch.tensor(0.1)``, as torch.optim accepts it)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r}: expected a finite number")
@@ -54,6 +54,45 @@ def check_params(params: list[torch.Tensor], index: int) -> None:
         if id(p) in seen:
             raise ValueError(f"parameter {i} of group {index} (shape {tuple(p.shape)}) is listed twice")
         seen.add(id(p))
+
+
+def check_no_overlap(param_groups: list[dict[str, Any]]) -> None:
+    """ValueError naming two parameters that overlap in memory (two Parameter objects over one tensor, the
+    mistake ``head.weight = nn.Parameter(emb.weight)``): the optimizer would keep a state for each, the
+    last restore would win and one gradient would be lost. Tied weights share one Parameter object."""
+    spans: dict[int, list[tuple[int, int, int, int]]] = {}  # storage -> (first byte, end, group, index)
+    for g, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            t = p.to_local() if hasattr(p, "to_local") else p
+            if t.is_meta or t.numel() == 0:
+                continue
+            first = t.storage_offset() * t.element_size()
+            extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append(
+                (first, first + extent * t.element_size(), g, i)
+            )
+    for ranges in spans.values():
+        ranges.sort()
+        for (_, end, g, i), (start, _, h, j) in zip(ranges, ranges[1:]):
+            if start < end:
+                a, b = param_groups[g]["params"][i], param_groups[h]["params"][j]
+                raise ValueError(
+                    f"parameter {i} of group {g} (shape {tuple(a.shape)}) and parameter {j} of group {h} (shape "
+                    f"{tuple(b.shape)}) overlap in memory: two Parameter objects over one tensor train as two "
+                    "parameters and one gradient would be lost. To tie weights, share the Parameter object "
+                    "(head.weight = emb.weight, not nn.Parameter(emb.weight))"
+                )
+
+
+def check_materialized(slots: list) -> None:
+    """RuntimeError before a step on parameters still on the meta device (deferred initialization)."""
+    meta = [s for s in slots if s.param.is_meta]
+    if meta:
+        raise RuntimeError(
+            f"{len(meta)} parameters (the first of shape {tuple(meta[0].param.shape)}) are on the meta device: "
+            "materialize and initialize them (module.to_empty(device=...), then reset_parameters()) before the "
+            "first step"
+        )
 
 
 def check_options(
@@ -90,6 +129,24 @@ def split_batch(*tensors: torch.Tensor, splits: int) -> list[tuple[torch.Tensor,
     if size % splits:
         raise ValueError(f"splits={splits} does not divide the batch size {size}")
     return list(zip(*(t.chunk(splits) for t in tensors)))
+
+
+def closure_result(values: list[Any]) -> Any:
+    """What ``step(closure)`` returns: the mean of the perturbed passes' losses, detached, when each call
+    returned a loss (a one-element tensor or a real number); otherwise the last call's value as it is."""
+    losses = all(
+        (isinstance(v, torch.Tensor) and v.numel() == 1) or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+        for v in values
+    )
+    if not losses:
+        return values[-1]
+    if len(values) == 1:
+        return torch.as_tensor(values[0]).detach()
+    tensors = [torch.as_tensor(v).detach().reshape(()) for v in values]
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype) if t.is_floating_point() else dtype
+    return torch.stack([t.to(dtype) for t in tensors]).mean()
 
 
 # this package, torch (no_grad's wrapper) and contextlib: frames between the user's call and a warning

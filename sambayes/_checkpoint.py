@@ -103,7 +103,8 @@ def keep_state_dtypes(
             continue
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                state[p][key] = value.to(device=p.device, dtype=stored_dtype(key, p), copy=True)
+                with torch.inference_mode(False):  # a checkpoint callback may run under inference mode
+                    state[p][key] = value.to(device=p.device, dtype=stored_dtype(key, p), copy=True)
 
 
 class Checkpoints:
@@ -124,6 +125,7 @@ class Checkpoints:
                 self._prepare_state()
         self._skips.receive(self.param_groups, wait=True)
         state = super().state_dict()
+        state["state"] = {pid: saved for pid, saved in state["state"].items() if saved}  # none yet: on the meta device
         laid_out(state, self.param_groups)
         for group, saved in zip(self.param_groups, state["param_groups"]):
             saved.update(_progress.numbers(group))
@@ -161,6 +163,7 @@ class Checkpoints:
         self._ledger.refresh(self.param_groups, self.state, rebuild=True)  # the state dicts were replaced
         with torch.no_grad():
             self._restore([s for s in self._ledger.slots if s.state])
-        self._skips = _progress.SkipReport(type(self).__name__, self.capturable)
+        torch.clear_autocast_cache()
+        self._skips = _progress.SkipReport(type(self).__name__, self.capturable, self._weights)
         self._skips.reported = sum(int(group["skipped_steps"]) for group in self.param_groups)
         self._ledger.record_versions()

@@ -3,6 +3,7 @@ buffer, and the version counters that tell the optimizer who wrote what (docs/ar
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -15,10 +16,14 @@ class Slot:
     """One trainable parameter as the optimizer keeps it between phases and steps."""
 
     __slots__ = (
+        "__weakref__",
+        "given",
         "grad",
         "grad_local",
         "grad_version",
         "group",
+        "hook_id",
+        "hooked",
         "local",
         "offset",
         "param",
@@ -34,6 +39,8 @@ class Slot:
         self.version = None  # (version, storage) of the parameter when we last wrote it
         self.grad = self.grad_local = None  # the gradient buffer (.grad) and its local tensor
         self.grad_version = -1  # the buffer's version when a phase last left it zeroed
+        self.given = False  # autograd accumulated a gradient into .grad since the ledger last looked
+        _watch(self)
 
     def version_now(self) -> tuple[int, int]:
         # in-place writes bump _version; `p.data = new` swaps the storage
@@ -43,6 +50,49 @@ class Slot:
         """Take ``grad`` as this parameter's gradient buffer, as it stands."""
         self.grad, self.grad_local = grad, _distributed.local(grad)
         self.grad_version = self.grad_local._version
+
+    def changed_since_zeroed(self) -> bool:
+        """Whether the buffer was written since a phase (or the ledger) last left it zero."""
+        return self.given or self.grad_local._version != self.grad_version
+
+    def zero(self) -> None:
+        """Zero the buffer (a rare path: what was written there is not a gradient of this step)."""
+        self.grad_local.zero_()
+        self.grad_version, self.given = self.grad_local._version, False
+
+
+def _watch(slot: Slot) -> None:
+    """Mark ``slot.given`` whenever autograd accumulates into its parameter's .grad (a backward pass, DDP's
+    all-reduce, FSDP2's reduce-scatter): torch.optim's "given a gradient", told apart from in-place changes of
+    the buffer (clipping, ``zero_grad(set_to_none=False)``). The hook holds the slot weakly and goes with it."""
+    ref = weakref.ref(slot)
+
+    def accumulated(param: torch.Tensor) -> None:
+        s = ref()
+        if s is not None:
+            s.given = True
+
+    handle = slot.param.register_post_accumulate_grad_hook(accumulated)
+    weakref.finalize(slot, handle.remove)
+    slot.hook_id, slot.hooked = handle.id, slot.param._cdata  # the tensor whose autograd metadata holds it
+
+
+def _rewatch(slot: Slot) -> None:
+    """The slot's hook back on its parameter after a swap: the parameter object kept the hooks' dict, but the
+    tensor it now holds does not call it until the dict is assigned to it again (torch registers it then)."""
+    hooks = getattr(slot.param, "_post_accumulate_grad_hooks", None)
+    if hooks is not None and slot.hook_id in hooks:
+        slot.param._post_accumulate_grad_hooks = hooks
+        slot.hooked = slot.param._cdata
+    else:
+        _watch(slot)
+
+
+def _watched(slot: Slot) -> bool:
+    """Whether the slot's hook is still on its parameter: ``torch.utils.swap_tensors`` (``module.to_empty()``,
+    ``load_state_dict(assign=True)`` with swapping on) gives the parameter object another tensor, and the hook
+    stays with the old one."""
+    return slot.param._cdata == slot.hooked
 
 
 # ---- what the backends get, as parallel lists ------------------------------------------------------
@@ -124,13 +174,23 @@ class Ledger:
         rest_key: str,
     ) -> None:
         """Create state lazily (``init_state``); follow parameters that were moved or overwritten since
-        we last wrote them (state ``rest_key`` is what the parameters hold at rest)."""
+        we last wrote them (state ``rest_key`` is what the parameters hold at rest). Under inference mode too
+        (``predict()``, ``state_dict()`` in a validation loop), the state made is made as ordinary tensors,
+        which the steps outside it can update."""
+        with torch.inference_mode(False):
+            self._prepare_state(param_groups, state, init_state, stored_dtype, rest_key)
+
+    def _prepare_state(self, param_groups, state, init_state, stored_dtype, rest_key) -> None:
         self.refresh(param_groups, state)
         for s in self.slots:
             p, slot_state = s.param, s.state
             if not slot_state:
+                if p.is_meta:  # no values yet (deferred initialization): its state comes at the first step
+                    continue
                 init_state(p, slot_state, s.group)
                 s.version = s.version_now()
+                if p.device not in self.devices:  # materialized since (deferred initialization)
+                    self.devices = list(dict.fromkeys(s.param.device for s in self.slots))
                 continue
             rest = slot_state[rest_key]
             if rest.device != p.device or rest.dtype != master_dtype(p.dtype):  # module.to(...) moved or cast them
@@ -154,16 +214,27 @@ class Ledger:
 
     # ---- gradient buffers ------------------------------------------------------------------------
     def attach_grads(self, optimizer_name: str) -> None:
-        """Give every trainable parameter whose .grad is None its (zeroed) gradient buffer."""
+        """Give every trainable parameter its zeroed gradient buffer as .grad, at the start of a step.
+
+        A step starts from zero gradients, as after torch's ``zero_grad()``: what a backward pass
+        outside the step left in a buffer (a diagnostic backward, then ``zero_grad()`` or not) is
+        discarded, and a tensor assigned to .grad between steps becomes the buffer, zeroed.
+        """
         for s in self.slots:
             p = s.param
-            if p.grad is s.grad and s.grad is not None:  # steady state: our buffer, zeroed
-                s.grad_version = s.grad_local._version
+            if not _watched(s):
+                _rewatch(s)
+            if p.grad is s.grad and s.grad is not None:  # steady state: our buffer, zeroed by the phases
+                if s.changed_since_zeroed():
+                    s.zero()
                 continue
             if p.grad is None:
                 buffer = s.grad
                 if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                    buffer = torch.zeros_like(p)  # a DTensor for a DTensor parameter (FSDP2)
+                    with torch.inference_mode(False):
+                        buffer = torch.zeros_like(p)  # a DTensor for a DTensor parameter (FSDP2)
+                elif s.changed_since_zeroed():
+                    s.zero()  # written after the last step, then zero_grad(): not this step's
                 p.grad = buffer
             elif p.grad is not s.grad:
                 p.grad.zero_()  # a .grad set between steps: the optimizer's buffer from now on
@@ -172,34 +243,42 @@ class Ledger:
                     f"{optimizer_name} does not support sparse gradients (parameter of shape {tuple(p.shape)})"
                 )
             s.adopt(p.grad)
+            s.given = False
 
     def find_written(self, action: str) -> list[Slot]:
-        """The slots that the backward pass just finished gave a gradient.
+        """The slots that the backward pass just finished gave a gradient, as torch.optim counts them: autograd
+        accumulated into .grad (``Slot.given``), or a new tensor is there (installed by autograd after
+        ``zero_grad()``, by DDP as its bucket view, or by the user).
 
-        A pass accumulates into the zeroed buffer (its version moves) or installs a new
-        .grad (DDP's bucket views, a user's assignment). .grad set to None inside a step
-        after a pass wrote into the buffer has lost the gradients the optimizer keeps
-        there, so it is an error; set to None while the buffer was still untouched
-        (``zero_grad()`` before the backward pass, as Lightning's closure does) it means
-        that the pass gave the parameter no gradient, and the buffer goes back.
+        In-place changes alone (clipping, ``zero_grad(set_to_none=False)``) give no gradient: the buffer of a
+        parameter the pass did not reach stays zero and the parameter is not updated, as torch.optim leaves a
+        parameter whose .grad is None. .grad set to None inside a step after the pass gave a gradient loses
+        what the optimizer keeps there, so it is an error; set to None otherwise (``zero_grad()`` before the
+        backward pass, as Lightning's closure does) the buffer goes back.
         """
         written = []
         for s in self.slots:
             grad = s.param.grad
-            if grad is None and s.grad is not None and s.grad_local._version == s.grad_version:
-                s.param.grad = s.grad  # an unused parameter: nothing was lost
-                continue
             if grad is None:
-                raise RuntimeError(
-                    f"{action}(): the gradient of a parameter was set to None inside a step (zero_grad()?); "
-                    "the optimizer keeps this step's gradients there. Don't zero gradients between sample() "
-                    "and update(): the optimizer manages them"
-                )
+                if s.given:
+                    raise RuntimeError(
+                        f"{action}(): the gradient of a parameter was set to None inside a step (zero_grad()?); "
+                        "the optimizer keeps this step's gradients there. Don't zero gradients between sample() "
+                        "and update(): the optimizer manages them"
+                    )
+                if s.grad is not None:  # an unused parameter: nothing was lost
+                    if s.changed_since_zeroed():
+                        s.zero()
+                    s.param.grad = s.grad
+                continue
             if grad is not s.grad:
                 s.adopt(grad)  # a new tensor: its content is this pass's gradient
                 written.append(s)
-            elif s.grad_local._version != s.grad_version:
+            elif s.given:
                 written.append(s)
+            elif s.grad_local._version != s.grad_version:
+                s.zero()  # changed in place, but no gradient: discarded, as if .grad had been None
+            s.given = False
         return written
 
     @staticmethod
@@ -213,6 +292,5 @@ class Ledger:
         torch's ``zero_grad()``), keeping the buffer for the next step."""
         for s in self.slots:
             if s.grad is not None:
-                s.grad_local.zero_()
-                s.grad_version = s.grad_local._version
+                s.zero()
             s.param.grad = None

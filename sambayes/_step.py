@@ -34,7 +34,8 @@ class DeviceScalars:
         """The found-inf flag per device (float32 0-dim tensors, as torch's GradScaler keeps them)."""
         for device in devices:
             if device not in self.flags:
-                self.flags[device] = torch.zeros((), dtype=torch.float32, device=device)
+                with torch.inference_mode(False):
+                    self.flags[device] = torch.zeros((), dtype=torch.float32, device=device)
         return self.flags
 
     def inv_scale(self, grad_scaler, devices: list[torch.device]) -> dict[torch.device, torch.Tensor]:
@@ -43,7 +44,8 @@ class DeviceScalars:
             return _amp.inv_scale(grad_scaler, devices)
         for device in devices:
             if device not in self.ones:
-                self.ones[device] = torch.ones((), dtype=torch.float32, device=device)
+                with torch.inference_mode(False):
+                    self.ones[device] = torch.ones((), dtype=torch.float32, device=device)
         return self.ones
 
 

@@ -12,7 +12,7 @@ import torch
 
 from . import _distributed, _philox, phases
 from ._arguments import check_betas, check_number
-from ._ledger import Slot, grads, offsets, params, states, trainable
+from ._ledger import Slot, grads, offsets, params, states
 from ._step import Step, devices_of, per_device
 from .optimizer import Groups, TwoPassOptimizer
 from .phases import master_dtype
@@ -251,12 +251,15 @@ class BSAM(TwoPassOptimizer):
         )
 
     # ---- the posterior ----------------------------------------------------------------
-    def _posterior(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
-        """(param, precision, group) for every trainable parameter; s0 where no state yet."""
+    def _posterior(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
+        """(param, precision, group) for every parameter of the groups, in their order: s0 for a trainable
+        parameter without state yet, None for a frozen one (sampled_params leaves it as it is: σ = 0)."""
         for group in self.param_groups:
-            for p in trainable(group):
+            for p in group["params"]:
                 state = self.state.get(p)
-                if state:
+                if not p.requires_grad:
+                    yield p, None, group
+                elif state:
                     yield p, state["precision"].to(master_dtype(p.dtype)), group  # bfloat16 state: in float32
                 else:
                     local = _distributed.local(p)
@@ -264,13 +267,25 @@ class BSAM(TwoPassOptimizer):
 
     @torch.no_grad()
     def posterior_variance(self) -> list[torch.Tensor]:
-        """σ² = 1/(N·s) for every trainable parameter, in its shape (state dtype)."""
-        return [1.0 / (group["num_data"] * precision) for _, precision, group in self._posterior()]
+        """σ² = 1/(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
+        and master dtype; 0 for a frozen parameter, which :meth:`sampled_params` does not sample."""
+        return [
+            torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
+            if s is None
+            else 1.0 / (g["num_data"] * s)
+            for p, s, g in self._posterior()
+        ]
 
     @torch.no_grad()
     def posterior_std(self) -> list[torch.Tensor]:
-        """σ = 1/sqrt(N·s) for every trainable parameter, in its shape (state dtype)."""
-        return [torch.rsqrt(group["num_data"] * precision) for _, precision, group in self._posterior()]
+        """σ = 1/sqrt(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
+        and master dtype; 0 for a frozen parameter, which :meth:`sampled_params` does not sample."""
+        return [
+            torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
+            if s is None
+            else torch.rsqrt(g["num_data"] * s)
+            for p, s, g in self._posterior()
+        ]
 
     def sampled_params(self, seed: int = 0) -> contextlib.AbstractContextManager[None]:
         """Within the block the model holds one sample θ ~ N(m, 1/(N·s)) of the posterior.

@@ -99,7 +99,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._ledger = Ledger()
         self._pool = SumPool(self.keep_sums, self.backend)
         self._replication = _replication.policy(self.model)
-        self._skips = _progress.SkipReport(type(self).__name__, self.capturable)
+        self._skips = _progress.SkipReport(type(self).__name__, self.capturable, self._weights)
         self._step: Step | None = None  # the step in progress
         self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
@@ -111,6 +111,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             super().add_param_group(param_group)
         try:
             _arguments.check_params(self.param_groups[-1]["params"], len(self.param_groups) - 1)
+            _arguments.check_no_overlap(self.param_groups)
             self._check_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()  # a refused group must not stay and train
@@ -195,6 +196,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         if step is None:  # a new step
             self._skips.receive(self.param_groups)
             self._prepare_state()
+            _arguments.check_materialized(self._ledger.slots)
             self._ledger.attach_grads(type(self).__name__)
             attempts = [_progress.attempts(group, self.capturable) for group in self.param_groups]
             flags = self._scalars.found_inf(self._devices())
@@ -206,6 +208,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             self._sample_group(step, index, group, slots)
         self._replication.grad_sync(False)
         step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "perturbed")
+        torch.clear_autocast_cache()  # an autocast region open around the step keeps casts of the old weights
         step.phase = SAMPLED
 
     @torch.no_grad()
@@ -234,6 +237,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         step.split += 1
         self._replication.grad_sync(sync)
         step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "noisy")
+        torch.clear_autocast_cache()
         step.phase = PERTURBED
 
     @torch.no_grad()
@@ -300,6 +304,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._pool.give_back(step.sums)
         self._replication.grad_sync(True)
         _batchnorm.freeze(self.model, step.frozen_bn, False)
+        torch.clear_autocast_cache()
         self._ledger.record_versions()
         self._opt_called = True  # tells torch's LR schedulers a step happened (phase API too)
 
@@ -316,10 +321,12 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
 
         ``closure()`` (``closure(j)`` for sub-batch j when ``splits > 1``) computes
         the loss, calls ``backward()`` (``grad_scaler.scale(loss).backward()`` with
-        AMP) and returns the loss; it is called twice per sub-batch. Do not zero
-        the gradients in it: the optimizer manages them. Returns the mean loss at
-        the perturbed points, detached. With ``grad_scaler``, call
-        ``grad_scaler.update()`` after the step, as usual.
+        AMP) and returns the loss; it is called twice per sub-batch. Zeroing the
+        gradients in it is not needed (the optimizer manages them) but harmless.
+        Returns the mean loss at the perturbed points, detached, when the closure
+        returns a loss (a one-element tensor or a number); otherwise what its last
+        call returned (a tuple, a dict, None), as torch.optim returns the closure's
+        value. With ``grad_scaler``, call ``grad_scaler.update()`` after the step, as usual.
         """
         if closure is None:
             raise TypeError(
@@ -342,11 +349,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         except BaseException:
             self.abort()  # e.g. an out-of-memory error the loop catches: leave the model at rest
             raise
-        if any(loss is None for loss in losses):
-            return None
-        if len(losses) == 1:
-            return torch.as_tensor(losses[0]).detach()
-        return torch.stack([torch.as_tensor(loss).detach() for loss in losses]).mean()
+        return _arguments.closure_result(losses)
 
     # ---- a posterior sample in the model (bSAM's sampled_params) -----------------------------------
     @contextlib.contextmanager
@@ -364,6 +367,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             with torch.no_grad():
                 self._replication.reshard()  # forward passes without backward came before (evaluations)
                 draw(seed, self._groups())
+            torch.clear_autocast_cache()  # an evaluation under autocast must not reuse casts of other weights
             yield
         finally:
             with torch.no_grad():
@@ -374,6 +378,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
                 else:
                     self._restore(self._ledger.slots)
                     self._ledger.record_versions()
+            torch.clear_autocast_cache()
 
     @property
     def skipped_steps(self) -> int:
@@ -387,6 +392,10 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
 
     def _prepare_state(self) -> None:
         self._ledger.prepare_state(self.param_groups, self.state, self._init_state, self._stored_dtype, self.rest_key)
+
+    def _weights(self) -> list[torch.Tensor]:
+        """What the parameters hold at rest: each trainable parameter's rest state."""
+        return [s.state[self.rest_key] for s in self._ledger.slots if s.state]
 
     def _devices(self) -> list[torch.device]:
         return self._ledger.devices or [torch.device("cpu")]
