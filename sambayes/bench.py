@@ -73,15 +73,12 @@ def params_and_grads(shapes, dtype: torch.dtype, device) -> tuple[list[torch.Ten
 
 
 def closure_for(params: list[torch.Tensor], grads: list[torch.Tensor]) -> Callable[[], None]:
-    """One backward pass's effect on .grad, as autograd has it: assign a new tensor when .grad
-    is None, else add in place."""
+    """One backward pass's effect on .grad, by autograd itself: the backward of the leaf parameters with the
+    given gradients (no forward graph), which accumulates them into .grad as a model's backward pass would
+    (a new tensor where .grad is None, else in place) and runs the parameters' gradient hooks."""
 
     def closure():
-        for p, g in zip(params, grads):
-            if p.grad is None:
-                p.grad = g.clone()  # autograd's fresh tensor (happens once for sambayes: its buffers stay)
-            else:
-                p.grad.add_(g)
+        torch.autograd.backward(params, grads)
 
     return closure
 
