@@ -93,7 +93,7 @@ setup(
     python_requires=">=3.9",
     packages=["sambayes", "sambayes.backends", "sambayes.demo", "sambayes.kernels", "sambayes.csrc"],
     package_dir={"sambayes": "sambayes", "sambayes.kernels": "kernels", "sambayes.csrc": "csrc"},
-    package_data={"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"sambayes.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # ninja: the first-use build of the extension

@@ -3,7 +3,7 @@
 // Each op takes one bucket (device, dtype) as parallel tensor lists, with the arguments
 // of the backend functions in sambayes/backends/eager.py; the (a!) annotations name the lists an
 // op writes, so that torch.compile functionalizes calls correctly. The CPU kernels
-// register in cpu_kernels.cpp, the CUDA ones in cuda_kernels.cu; the fake (meta)
+// register in *_cpu.cpp, the CUDA ones in *_cuda.cu; the fake (meta)
 // implementations in sambayes/backends/extension.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>

@@ -1,10 +1,11 @@
-// The per-element math of every phase, shared by the CPU kernels (cpu_kernels.cpp)
-// and the CUDA kernels (cuda_kernels.cu) so that both run the very same arithmetic.
+// The per-element math of every phase and the per-step constants it uses, shared by the CPU
+// kernels (*_cpu.cpp) and the CUDA kernels (*_cuda.cu) so that both run the very same arithmetic.
 //
 // Each phase is one function of the element's loaded values; `acc_t` is the
 // state dtype (float for float32/bfloat16/float16 parameters, double for
 // float64 ones) and all math runs in it. Line for line with sambayes/backends/eager.py,
-// the executable spec of ALGORITHM.md.
+// the executable spec of ALGORITHM.md. The constants are computed in double and rounded
+// to the math dtype once, as PyTorch rounds a Python float that meets a tensor.
 #pragma once
 
 #include <cstdint>
@@ -179,6 +180,14 @@ struct BsamUpdateCoeffs {
   T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping;
 };
 
+template <typename T>
+SB_HD BsamUpdateCoeffs<T> bsam_update_coeffs(int64_t splits, double lr, double beta1, double beta2,
+                                             double weight_decay, double damping) {
+  return {static_cast<T>(splits),       static_cast<T>(lr),    static_cast<T>(beta1),
+          static_cast<T>(1 - beta1),    static_cast<T>(beta2), static_cast<T>(1 - beta2),
+          static_cast<T>(weight_decay), static_cast<T>(damping)};
+}
+
 // momentum, mean (with the precision before this step's update), precision; θ = m after.
 template <typename T>
 SB_HD void bsam_update_element(T grad_sum, T curvature_sum, T& mean, T& precision, T& momentum,
@@ -236,6 +245,11 @@ struct SgdCoeffs {
   bool nesterov;
 };
 
+template <typename T>
+SB_HD SgdCoeffs<T> sgd_coeffs(int64_t splits, double lr, double momentum, double weight_decay, bool nesterov) {
+  return {static_cast<T>(splits), static_cast<T>(lr), static_cast<T>(momentum), static_cast<T>(weight_decay), nesterov};
+}
+
 // heavy ball without dampening on the mean perturbed-point gradient.
 template <typename T>
 SB_HD void sam_sgd_element(T grad_sum, T& weight, T& buf, const SgdCoeffs<T>& c) {
@@ -250,6 +264,36 @@ template <typename T>
 struct AdamwCoeffs {
   T splits, decay_factor, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size;
 };
+
+// a·b rounded to double: nvcc would fuse the product into a following subtraction (an FMA), the host does not
+SB_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// The decoupled decay 1 − lr·δ; the bias corrections at step t (updates taken, counting this one):
+// 1 − β2^t, and the step size lr / (1 − β1^t). The CUDA kernels compute the last two on the device
+// (the step count lives there), and the first too when lr is a tensor.
+SB_HD double adamw_decay_factor(double lr, double weight_decay) { return 1 - mul_rn(lr, weight_decay); }
+SB_HD double adamw_bias2(double beta2, double step) { return 1 - pow(beta2, step); }
+SB_HD double adamw_step_size(double lr, double beta1, double step) { return lr / (1 - pow(beta1, step)); }
+
+template <typename T>
+SB_HD AdamwCoeffs<T> adamw_coeffs(int64_t splits, double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, double step) {
+  return {static_cast<T>(splits),
+          static_cast<T>(adamw_decay_factor(lr, weight_decay)),
+          static_cast<T>(beta1),
+          static_cast<T>(1 - beta1),
+          static_cast<T>(beta2),
+          static_cast<T>(1 - beta2),
+          static_cast<T>(adamw_bias2(beta2, step)),
+          static_cast<T>(eps),
+          static_cast<T>(adamw_step_size(lr, beta1, step))};
+}
 
 // AdamW with decoupled weight decay; step_size = lr / (1 - beta1^step).
 template <typename T>

@@ -1,0 +1,277 @@
+// bSAM's CUDA ops: sample, perturb, update (and the noise test op philox_randn_). bSAM's precision
+// and momentum may be stored in bfloat16 over float32 state (BSAM(state_dtype=torch.bfloat16)): read
+// widened to float32, written with stochastic rounding. Float32 math for float32/bfloat16/float16
+// parameters. The perturbation unscales the gradient and raises the step's found-inf flag on inf/NaN;
+// the update leaves the state alone when the flag is set.
+#include "multi_tensor_cuda.cuh"
+
+namespace sambayes {
+namespace {
+
+// The stochastic-rounding words of elements first .. first + W - 1 of a group: word i mod 4 of the
+// Philox call at counter i div 4 under key (k0, k1).
+template <int W>
+__device__ __forceinline__ void rounding_words(uint64_t first, uint32_t k0, uint32_t k1, uint32_t* words) {
+  PhiloxWords call_words;
+  uint64_t call = ~uint64_t(0);
+#pragma unroll
+  for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
+    const uint64_t index = first + j;
+    if (index / 4 != call) {
+      call = index / 4;
+      call_words = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+    }
+    words[j] = lane(call_words, index % 4);
+  }
+}
+
+// x stored in bfloat16, rounded stochastically with 16 random bits.
+__device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_bits) {
+  return c10::BFloat16(round_bf16_stochastic(x, random_bits), c10::BFloat16::from_bits());
+}
+
+// ---- per-phase element ops (see multi_tensor_cuda.cuh) ---------------------------------------
+// The seed or lr given as a tensor (seed_ptr, lr_ptr non-null: CUDA-graph capture) is read in prepared(),
+// so that each replay reads the current value. S is the stored dtype of the precision and momentum: A, or
+// c10::BFloat16 over float32 A.
+
+// float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
+template <typename P, typename A, typename S>
+struct SampleOp {
+  A num_data;
+  uint32_t k0, k1;
+  const int64_t* seed_ptr;
+  __device__ SampleOp prepared() const {
+    SampleOp op = *this;
+    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
+    return op;
+  }
+  template <int W>
+  __device__ void run(const TensorRow<3>& row, int64_t i) const {
+    const auto mean = load<A, W>(row.ptr[1], i);
+    const auto precision = load_widened<S, A, W>(row.ptr[2], i);
+    const uint64_t first = static_cast<uint64_t>(row.offset + i);
+    float z[W];
+    float lanes[4];
+    uint64_t call = ~uint64_t(0);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
+      const uint64_t index = first + j;
+      if (index / 4 != call) {
+        call = index / 4;
+        philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, lanes);
+      }
+      z[j] = lane(lanes, index % 4);
+    }
+    Pack<P, W> param;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z[j]), num_data));
+    }
+    store<P, W>(row.ptr[0], i, param);
+  }
+};
+
+// float32 params: 24 B/param with float32 precision, 22 B with bfloat16
+// (reads g 4, m 4, s 4 or 2, a 4 when accumulating; writes θ 4, a 4, zeroed g 4).
+template <typename P, typename A, typename S>
+struct BsamPerturbOp {
+  A rho;
+  bool accumulate;
+  float* found_inf;
+  const float* inv_scale_ptr;
+  A inv_scale;
+  __device__ BsamPerturbOp prepared() const {
+    BsamPerturbOp op = *this;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    return op;
+  }
+  template <int W>
+  __device__ void run(const TensorRow<5>& row, int64_t i) const {
+    const auto grad = load<P, W>(row.ptr[1], i);
+    const auto mean = load<A, W>(row.ptr[2], i);
+    const auto precision = load_widened<S, A, W>(row.ptr[3], i);
+    Pack<A, W> curvature_sum;
+    if (accumulate) curvature_sum = load<A, W>(row.ptr[4], i);
+    Pack<P, W> param;
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A g = static_cast<A>(grad.v[j]) * inv_scale;
+      bad |= !is_finite(g);
+      param.v[j] = static_cast<P>(bsam_perturb_param<A>(g, mean.v[j], precision.v[j], rho));
+      const A a = bsam_curvature<A>(g, precision.v[j]);
+      curvature_sum.v[j] = accumulate ? curvature_sum.v[j] + a : a;
+    }
+    if (bad) raise_flag(found_inf);
+    store<P, W>(row.ptr[0], i, param);
+    store<A, W>(row.ptr[4], i, curvature_sum);
+    store_zero<P, W>(row.ptr[1], i);
+  }
+};
+
+// float32 params: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
+// s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4). kSeedTensor: the key is read
+// from seed_ptr, in an instantiation of its own, as a key held in registers rather than kernel parameters costs
+// the bfloat16 update 4 to 8 registers on sm_80 (64: 4 blocks an SM, more: 3).
+template <typename P, typename A, typename S, bool kSeedTensor = false>
+struct BsamUpdateOp {
+  BsamUpdateCoeffs<A> c;
+  const float* found_inf;
+  const float* inv_scale_ptr;
+  bool skip;
+  A inv_scale;
+  uint32_t k0, k1;  // the stochastic-rounding key: bfloat16 S only
+  const double* lr_ptr;
+  const int64_t* seed_ptr;
+  __device__ BsamUpdateOp prepared() const {
+    BsamUpdateOp op = *this;
+    op.skip = *found_inf != 0.0f;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
+    if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
+    return op;
+  }
+  template <int W>
+  __device__ void run(const TensorRow<6>& row, int64_t i) const {
+    auto mean = load<A, W>(row.ptr[2], i);
+    if (!skip) {
+      const auto grad = load<P, W>(row.ptr[1], i);
+      auto precision = load_widened<S, A, W>(row.ptr[3], i);
+      auto momentum = load_widened<S, A, W>(row.ptr[4], i);
+      const auto curvature_sum = load<A, W>(row.ptr[5], i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        bsam_update_element<A>(static_cast<A>(grad.v[j]) * inv_scale, curvature_sum.v[j], mean.v[j], precision.v[j],
+                               momentum.v[j], c);
+      }
+      store<A, W>(row.ptr[2], i, mean);
+      if constexpr (std::is_same_v<S, A>) {
+        store<A, W>(row.ptr[3], i, precision);
+        store<A, W>(row.ptr[4], i, momentum);
+      } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
+        uint32_t words[W];
+        rounding_words<W>(static_cast<uint64_t>(row.offset + i), k0, k1, words);
+        Pack<S, W> stored_precision, stored_momentum;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          stored_precision.v[j] = rounded_bf16(precision.v[j], precision_rounding_bits(words[j]));
+          stored_momentum.v[j] = rounded_bf16(momentum.v[j], momentum_rounding_bits(words[j]));
+        }
+        store<S, W>(row.ptr[3], i, stored_precision);
+        store<S, W>(row.ptr[4], i, stored_momentum);
+      }
+    }
+    store<P, W>(row.ptr[0], i, rounded<P>(mean));
+    store_zero<P, W>(row.ptr[1], i);
+  }
+};
+
+// ---- the ops ------------------------------------------------------------------------------------
+
+void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
+                      at::IntArrayRef offsets, double num_data, int64_t seed,
+                      const std::optional<at::Tensor>& seed_tensor) {
+  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
+  check_offsets("bsam_sample", offsets, params);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
+  const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
+  const auto rows = make_rows<3>({params, means, precisions}, offsets);
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using A = acc_t<P>;
+    launch<3, A>(rows, params[0].device(),
+                 SampleOp<P, A, decltype(stored)>{static_cast<A>(num_data), key.first, key.second, seed_ptr});
+  });
+}
+
+void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList means, at::TensorList precisions,
+                       at::TensorList curvature_sums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
+                       double rho, bool accumulate) {
+  check_group("bsam_perturb", params, {{"grads", grads}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}});
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
+  const auto base = make_relative<5>(rows, 4);
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
+  dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
+    using P = decltype(param);
+    using A = acc_t<P>;
+    launch<5, A, 4>(rows, device,
+                    BsamPerturbOp<P, A, decltype(stored)>{static_cast<A>(rho), accumulate, flag, inv, A(1)}, base);
+  });
+}
+
+void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
+                      at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
+                      const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
+                      double weight_decay, double damping, int64_t splits, int64_t seed,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("bsam_update", splits);
+  check_offsets("bsam_update", offsets, params);
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
+  const auto base = make_relative<6>(rows, 5);
+  const float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
+  const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "bsam_update", "lr_tensor");
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "bsam_update", "seed_tensor");
+  const bool bf16_state = stored_in_bf16(precisions);
+  // the seed matters only with bfloat16 state; a seed tensor is read by the kernel
+  const auto key = bf16_state && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
+  dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
+    using P = decltype(param);
+    using S = decltype(stored);
+    using A = acc_t<P>;
+    const auto c = bsam_update_coeffs<A>(splits, lr, beta1, beta2, weight_decay, damping);
+    const auto run = [&](auto seed_tensor) {
+      using Op = BsamUpdateOp<P, A, S, decltype(seed_tensor)::value>;
+      launch<6, A, 5>(rows, device, Op{c, flag, inv, false, A(1), key.first, key.second, lr_ptr, seed_ptr}, base);
+    };
+    if constexpr (!std::is_same_v<S, A>) {
+      if (seed_ptr) return run(std::true_type{});
+    }
+    run(std::false_type{});
+  });
+}
+
+// ---- the noise as a test op: z(seed, start + i) ----------------------------------------------
+
+__global__ void philox_randn_kernel(float* out, int64_t n, uint64_t start, uint32_t k0, uint32_t k1) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint64_t index = start + static_cast<uint64_t>(i);
+    float lanes[4];
+    philox_randn4x(static_cast<uint32_t>(index / 4), static_cast<uint32_t>((index / 4) >> 32), k0, k1, lanes);
+    out[i] = lane(lanes, index % 4);
+  }
+}
+
+void philox_randn_cuda(const at::Tensor& out, int64_t seed, int64_t start) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "philox_randn_: out must be contiguous float32");
+  TORCH_CHECK(start >= 0, "philox_randn_: start must be >= 0, got ", start);
+  if (out.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const auto key = philox_key(seed);
+  const int64_t blocks = std::min<int64_t>((out.numel() + kThreads - 1) / kThreads, 65536);
+  philox_randn_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+  m.impl("bsam_sample", &bsam_sample_cuda);
+  m.impl("bsam_perturb", &bsam_perturb_cuda);
+  m.impl("bsam_update", &bsam_update_cuda);
+  m.impl("philox_randn_", &philox_randn_cuda);
+}
+
+}  // namespace sambayes

@@ -1,0 +1,236 @@
+// The CUDA scaffolding of every phase: one launch per phase per bucket for any number of tensors.
+// The bucket's rows (pointers, sizes, noise offsets) and chunks form one small device table, built
+// once per list of tensors and cached (the optimizers keep their tensors at fixed addresses), so a
+// steady-state launch copies nothing from the host. Block b handles chunk b. Where all of a row's
+// pointers are 16-byte aligned (decided per row), each thread moves 16 bytes of state per load
+// (4 float32 or 2 float64 elements) and the matching 8 bytes of bfloat16/float16; 64-bit indices.
+//
+// An op is a struct with `prepared()` (called once per thread before the loop: it reads the step's
+// device scalars) and `run<W>(row, i)` (elements i .. i + W - 1 of one row); the ops live in
+// bsam_cuda.cu, sam_cuda.cu and grads_cuda.cu, their per-element math in sambayes_math.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+#include "multi_tensor.h"
+#include "sambayes_math.h"
+
+namespace sambayes {
+
+constexpr int kThreads = 256;
+constexpr int64_t kCudaChunk = 1 << 14;  // elements per block: 16 vector iterations of 256 threads
+
+// ---- vector loads and stores ------------------------------------------------------------------
+
+// W elements of T moved as one aligned load or store.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Pack {
+  T v[W];
+};
+
+template <typename T, int W>
+__device__ __forceinline__ Pack<T, W> load(const void* base, int64_t i) {
+  return *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(base) + i);
+}
+
+// W elements stored as S read as A, exactly (a bfloat16 is the high half of a float32). Widened from the
+// bits: c10's conversion (inline asm on an address) makes every access of the kernel generic; by 32-bit
+// pairs where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
+template <typename S, typename A, int W>
+__device__ __forceinline__ Pack<A, W> load_widened(const void* base, int64_t i) {
+  if constexpr (std::is_same_v<S, A>) {
+    return load<A, W>(base, i);
+  } else {
+    Pack<A, W> widened;
+    if constexpr (W % 2 == 0) {
+      const auto pairs = load<uint32_t, W / 2>(base, i / 2);
+#pragma unroll
+      for (int j = 0; j < W / 2; ++j) {  // little-endian: element 2j in the low half
+        widened.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
+        widened.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
+      }
+    } else {
+      const auto stored = load<S, W>(base, i);
+#pragma unroll
+      for (int j = 0; j < W; ++j) widened.v[j] = __uint_as_float(static_cast<uint32_t>(stored.v[j].x) << 16);
+    }
+    return widened;
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store(void* base, int64_t i, const Pack<T, W>& pack) {
+  *reinterpret_cast<Pack<T, W>*>(static_cast<T*>(base) + i) = pack;
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_zero(void* base, int64_t i) {
+  Pack<T, W> zero;
+#pragma unroll
+  for (int j = 0; j < W; ++j) zero.v[j] = T(0);
+  store<T, W>(base, i, zero);
+}
+
+template <typename P, typename A, int W>
+__device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
+  Pack<P, W> out;
+#pragma unroll
+  for (int j = 0; j < W; ++j) out.v[j] = static_cast<P>(values.v[j]);
+  return out;
+}
+
+__device__ __forceinline__ void raise_flag(float* found_inf) { *found_inf = 1.0f; }
+
+// ---- Philox on the device ----------------------------------------------------------------------
+
+// Lane k of a call's four normals, by selects: a dynamic index would put the array in local memory.
+__device__ __forceinline__ float lane(const float* z, uint64_t k) {
+  return k == 0 ? z[0] : k == 1 ? z[1] : k == 2 ? z[2] : z[3];
+}
+
+// Word k of a Philox call, by selects as above.
+__device__ __forceinline__ uint32_t lane(const PhiloxWords& w, uint64_t k) {
+  return k == 0 ? w.w0 : k == 1 ? w.w1 : k == 2 ? w.w2 : w.w3;
+}
+
+// The Philox key of a seed read on the device (seed_tensor), split as philox_key splits an int seed.
+__device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k0, uint32_t& k1) {
+  const auto s = static_cast<uint64_t>(*seed);
+  k0 = static_cast<uint32_t>(s);
+  k1 = static_cast<uint32_t>(s >> 32);
+}
+
+// ---- the multi-tensor kernel -----------------------------------------------------------------
+
+// Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
+// views of one buffer that may move between steps; with offsets their table stays cached and the
+// launch passes the base. `aligned` was decided on the addresses, so a base of another alignment
+// gives another key.
+template <int N>
+int64_t make_relative(std::vector<TensorRow<N>>& rows, int role) {
+  if (rows.empty()) return 0;
+  const auto base = reinterpret_cast<int64_t>(rows[0].ptr[role]);
+  for (auto& row : rows) row.ptr[role] = reinterpret_cast<void*>(reinterpret_cast<int64_t>(row.ptr[role]) - base);
+  return base;
+}
+
+// Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
+// kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
+template <int N, int V, int kRelative, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
+  const Op op = op_.prepared();
+  const Chunk chunk = chunks[blockIdx.x];
+  TensorRow<N> row = rows[chunk.row];
+  if constexpr (kRelative >= 0) row.ptr[kRelative] = static_cast<char*>(row.ptr[kRelative]) + base;
+  int64_t tail = chunk.begin;
+  if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
+    const int64_t vectors = (chunk.end - chunk.begin) / V;
+    if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+#pragma unroll 1
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+    } else {
+#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+    }
+    tail = chunk.begin + vectors * V;
+  }
+  for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
+}
+
+// ---- device tables, cached ------------------------------------------------------------------
+
+// The rows and chunks of a list of tensors on the device.
+template <int N>
+struct DeviceTable {
+  const TensorRow<N>* rows;
+  const Chunk* chunks;
+  int64_t num_chunks;  // one block each
+};
+
+// Device tables, built on a miss (chunks planned, a pinned copy on the current stream), then
+// reused with no host work but the key: the key is the rows' own content, so an equal key means
+// an identical table and a cached one is never stale.
+class TableCache {
+ public:
+  template <int N>
+  DeviceTable<N> get(const std::vector<TensorRow<N>>& rows, at::Device device) {
+    const size_t row_bytes = rows.size() * sizeof(TensorRow<N>);
+    std::string key(sizeof(int64_t), '\0');
+    const int64_t index = device.index();
+    std::memcpy(key.data(), &index, sizeof(index));
+    key.append(reinterpret_cast<const char*>(rows.data()), row_bytes);  // chunks follow from the rows
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = entries_.find(key);
+    if (found == entries_.end()) {
+      const auto chunks = plan_chunks(rows, kCudaChunk);
+      const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
+      auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)},
+                            at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
+      std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
+      order_.push_front(key);
+      const auto num_chunks = static_cast<int64_t>(chunks.size());
+      found = entries_.emplace(key, Entry{host.to(device, /*non_blocking=*/true), order_.begin(), num_chunks}).first;
+      if (entries_.size() > kCapacity) {
+        entries_.erase(order_.back());
+        order_.pop_back();
+      }
+    } else {
+      order_.splice(order_.begin(), order_, found->second.position);  // most recently used
+    }
+    auto* base = found->second.table.data_ptr<uint8_t>();
+    return {reinterpret_cast<const TensorRow<N>*>(base), reinterpret_cast<const Chunk*>(base + row_bytes),
+            found->second.num_chunks};
+  }
+
+ private:
+  static constexpr size_t kCapacity = 256;
+  struct Entry {
+    at::Tensor table;
+    std::list<std::string>::iterator position;
+    int64_t num_chunks;
+  };
+  std::mutex mutex_;
+  std::list<std::string> order_;
+  std::unordered_map<std::string, Entry> entries_;
+};
+
+// One cache for the whole extension (an inline function's static: one instance across the .cu files).
+inline TableCache& table_cache() {
+  static TableCache cache;
+  return cache;
+}
+
+// multi_tensor_kernel over the rows: V = 16 bytes of the state dtype A per vector.
+template <int N, typename A, int kRelative = -1, typename Op>
+void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op, int64_t base = 0) {
+  const auto table = table_cache().get(rows, device);
+  if (table.num_chunks == 0) return;
+  constexpr int V = 16 / sizeof(A);
+  multi_tensor_kernel<N, V, kRelative, Op>
+      <<<static_cast<unsigned>(table.num_chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          table.rows, table.chunks, base, op);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A one-element float32 tensor on the bucket's device (the found-inf flag, 1/scale).
+inline float* device_scalar(const at::Tensor& t, at::Device device, const char* what) {
+  TORCH_CHECK(t.device() == device && t.scalar_type() == at::kFloat && t.numel() == 1, what,
+              " must be a float32 tensor of one element on ", device);
+  return t.data_ptr<float>();
+}
+
+}  // namespace sambayes
