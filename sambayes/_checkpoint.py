@@ -9,6 +9,9 @@ import torch
 
 from . import _distributed, _progress
 
+#: state keys that hold one number per parameter (a count), not a tensor of its shape: torch.optim's name
+SCALAR_KEYS = ("step",)
+
 
 def check(
     state_dict: Any,
@@ -58,8 +61,8 @@ def check(
             )
         whole, shard = tuple(p.shape), tuple(_distributed.local(p).shape)  # FSDP2: this rank's shard
         for key, value in saved.items():
-            # a DTensor is the whole tensor; a plain tensor the whole one or this rank's shard
-            fits = (whole,) if hasattr(value, "device_mesh") else (whole, shard)
+            # a DTensor is the whole tensor; a plain tensor the whole one or this rank's shard; a count one number
+            fits = ((),) if key in SCALAR_KEYS else (whole,) if hasattr(value, "device_mesh") else (whole, shard)
             if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape not in fits:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(
@@ -76,7 +79,10 @@ def laid_out(state: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:
     params = [p for group in param_groups for p in group["params"]]  # torch's numbering of the ids
     for pid, saved in list(state["state"].items()):
         if hasattr(params[pid], "device_mesh"):  # a new dict: torch's state_dict hands out the live one
-            state["state"][pid] = {key: _distributed.laid_out_as(value, params[pid]) for key, value in saved.items()}
+            state["state"][pid] = {
+                key: value if key in SCALAR_KEYS else _distributed.laid_out_as(value, params[pid])
+                for key, value in saved.items()
+            }
 
 
 def local_parts(state_dict: dict[str, Any], by_id: dict) -> dict[str, Any]:
@@ -85,7 +91,10 @@ def local_parts(state_dict: dict[str, Any], by_id: dict) -> dict[str, Any]:
     return {
         **state_dict,
         "state": {
-            pid: {key: _distributed.local_part(value, by_id[pid]) for key, value in saved.items()}
+            pid: {
+                key: value if key in SCALAR_KEYS else _distributed.local_part(value, by_id[pid])
+                for key, value in saved.items()
+            }
             for pid, saved in state_dict["state"].items()
         },
     }
@@ -97,14 +106,17 @@ def keep_state_dtypes(
     """After torch's load (which casts state to the parameter dtype): each state tensor copied from the
     checkpoint in the dtype this optimizer keeps it in (float32 master state for low-precision parameters;
     float32 and bfloat16 stored state load into either)."""
+    copies: dict[int, torch.Tensor] = {}  # a tensor several parameters share stays shared (SAM's step counts)
     for pid, saved in saved_state.items():
         p = by_id.get(pid)
         if p is None:
             continue
         for key, value in saved.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                with torch.inference_mode(False):  # a checkpoint callback may run under inference mode
-                    state[p][key] = value.to(device=p.device, dtype=stored_dtype(key, p), copy=True)
+                if id(value) not in copies:
+                    with torch.inference_mode(False):  # a checkpoint callback may run under inference mode
+                        copies[id(value)] = value.to(device=p.device, dtype=stored_dtype(key, p), copy=True)
+                state[p][key] = copies[id(value)]
 
 
 class Checkpoints:

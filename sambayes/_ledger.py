@@ -182,6 +182,7 @@ class Ledger:
 
     def _prepare_state(self, param_groups, state, init_state, stored_dtype, rest_key) -> None:
         self.refresh(param_groups, state)
+        moved: dict[int, tuple] = {}  # (source, copy): a tensor several parameters share stays shared (SAM's counts)
         for s in self.slots:
             p, slot_state = s.param, s.state
             if not slot_state:
@@ -196,7 +197,9 @@ class Ledger:
             if rest.device != p.device or rest.dtype != master_dtype(p.dtype):  # module.to(...) moved or cast them
                 for key, value in slot_state.items():
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
-                        slot_state[key] = value.to(p.device, stored_dtype(key, p))
+                        if id(value) not in moved:  # (the source kept alive: its id is not reused meanwhile)
+                            moved[id(value)] = (value, value.to(p.device, stored_dtype(key, p)))
+                        slot_state[key] = moved[id(value)][1]
                 rest = slot_state[rest_key]
                 self.devices = list(dict.fromkeys(s.param.device for s in self.slots))
             if s.version != s.version_now():

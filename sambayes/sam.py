@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import torch
 
-from . import _distributed, _progress, phases
+from . import _distributed, phases
 from ._arguments import check_betas, check_number
 from ._ledger import Slot, grads, params, states
 from ._step import Step, per_device
@@ -14,6 +15,18 @@ from .optimizer import Groups, TwoPassOptimizer
 from .phases import master_dtype
 
 BASES = ("sgd", "adamw")
+
+
+def _with_step_counts(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of SAM(base="adamw") written before each parameter kept its own "step": every parameter
+    gets its group's count (what the update used then)."""
+    state = dict(state_dict["state"])
+    for group in state_dict["param_groups"]:
+        count = torch.tensor(float(group.get("step", 0)), dtype=torch.float64)
+        for pid in group["params"]:
+            if pid in state and isinstance(state[pid], dict) and "step" not in state[pid]:
+                state[pid] = {**state[pid], "step": count}
+    return {**state_dict, "state": state}
 
 
 class SAM(TwoPassOptimizer):
@@ -76,6 +89,7 @@ class SAM(TwoPassOptimizer):
                 raise ValueError("momentum and nesterov belong to base='sgd'; base='adamw' takes betas and eps")
             betas = (0.9, 0.999) if betas is None else betas
             defaults.update(betas=tuple(betas) if isinstance(betas, list) else betas, eps=1e-8 if eps is None else eps)
+        self._fresh_steps: dict[int, dict[torch.device, torch.Tensor]] = {}  # per group: the count of new parameters
         super().__init__(params, defaults, backend, model, bn_stats, keep_sums, capturable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -95,7 +109,10 @@ class SAM(TwoPassOptimizer):
             check_number("eps", group["eps"], low_open=True)
 
     def _state_keys(self) -> set[str]:
-        return {"weight", "momentum"} | ({"variance"} if self.base == "adamw" else set())
+        return {"weight", "momentum"} | ({"variance", "step"} if self.base == "adamw" else set())
+
+    def _stored_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
+        return torch.float64 if key == "step" else master_dtype(param.dtype)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         dtype = master_dtype(p.dtype)
@@ -103,6 +120,12 @@ class SAM(TwoPassOptimizer):
         state["momentum"] = torch.zeros_like(state["weight"])
         if self.base == "adamw":
             state["variance"] = torch.zeros_like(state["weight"])
+            # AdamW's updates taken by this parameter (its bias correction), as torch.optim.AdamW keeps them:
+            # one 0-dim tensor shared by every parameter of the group with the same history (one launch each)
+            fresh = self._fresh_steps.setdefault(id(group), {})
+            if p.device not in fresh:
+                fresh[p.device] = torch.zeros((), dtype=torch.float64, device=p.device)
+            state["step"] = fresh[p.device]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "base": self.base}
@@ -110,6 +133,7 @@ class SAM(TwoPassOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("base", "sgd")
+        self.__dict__.setdefault("_fresh_steps", {})
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -120,7 +144,24 @@ class SAM(TwoPassOptimizer):
         base = state_dict.get("base", self.base)
         if base != self.base:
             raise ValueError(f"state_dict is for SAM(base={base!r}), this optimizer has base={self.base!r}")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "base"})
+        state_dict = {k: v for k, v in state_dict.items() if k != "base"}
+        if self.base == "adamw":
+            state_dict = _with_step_counts(state_dict)
+        super().load_state_dict(state_dict)
+        if self.base == "adamw":
+            self._share_equal_steps()
+
+    def _share_equal_steps(self) -> None:
+        """One count tensor per (group, device, value) again after a load (which copies each): one launch
+        per history, not per parameter. Reads the counts on the host, as loading does anyway."""
+        self._fresh_steps = {}
+        for group in self.param_groups:
+            shared: dict[tuple, torch.Tensor] = {}
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    count = state["step"]
+                    state["step"] = shared.setdefault((count.device, float(count)), count)
 
     # ---- phases -----------------------------------------------------------------------
     def _sample_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
@@ -181,16 +222,42 @@ class SAM(TwoPassOptimizer):
             )
         else:
             beta1, beta2 = group["betas"]
-            self._run(
-                phases.SAM_UPDATE_ADAMW,
-                *tensors,
-                states(slots, "variance"),
-                **flags,
-                step=_progress.counters(group)[0],  # counted already: this update included
-                lr=per_device(group["lr"], slots),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                splits=step.split,
-            )
+            for counter, members in self._count_adamw_steps(step, group, slots):
+                self._run(
+                    phases.SAM_UPDATE_ADAMW,
+                    params(members),
+                    grads(members),
+                    states(members, "weight"),
+                    states(members, "momentum"),
+                    states(members, "variance"),
+                    **flags,
+                    step=counter,  # this update included
+                    lr=per_device(group["lr"], members),
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    splits=step.split,
+                )
+
+    def _count_adamw_steps(self, step: Step, group: dict[str, Any], slots: list[Slot]) -> list:
+        """Count this update (on the device, unless skipped) for each parameter it updates, and return
+        [(count, the slots that share it)]. Parameters share one count while their histories agree; one that
+        gets no gradient now (unused, frozen) keeps the old count and the others move on with a copy."""
+        classes: dict[int, list[Slot]] = {}
+        for s in slots:
+            classes.setdefault(id(s.state["step"]), []).append(s)
+        sharing = collections.Counter(id(self.state[p]["step"]) for p in group["params"] if self.state.get(p))
+        counts = []
+        for key, members in classes.items():
+            counter = members[0].state["step"]
+            if len(members) < sharing[key]:  # others keep this count: the updated ones take a copy
+                counter = counter.clone()
+                for s in members:
+                    s.state["step"] = counter
+            fresh = self._fresh_steps.get(id(group), {})
+            if fresh.get(counter.device) is counter:  # counted now: no longer the count of new parameters
+                del fresh[counter.device]
+            counter.add_(1 - step.flag_on(counter.device).double())
+            counts.append((counter, members))
+        return counts

@@ -480,3 +480,44 @@ def test_random_training_loops_follow_torch_optim(kind, backend, steps):
             opt.load_state_dict(copy.deepcopy(saved))
             torch_opt.load_state_dict(copy.deepcopy(saved_torch))
         torch.testing.assert_close(_flat(model), _flat(reference), rtol=2e-5, atol=2e-6)
+
+
+# ---- 5. AdamW's step counts, per parameter ---------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_layer_unfrozen_late_takes_torch_adamws_first_update(backend):
+    """torch.optim.AdamW counts steps per parameter: a layer unfrozen after 20 steps starts its bias
+    correction at 1, not at 21 (which would make its first update 2.5 times as large)."""
+    x, y = _data()
+    model, reference = _model(), _model()
+    opt, torch_opt = _make("sam-adamw", model, backend, rho=0.0), _reference("sam-adamw", reference.parameters())
+    for step in range(23):
+        for m in (model, reference):
+            m[0].requires_grad_(step >= 20)
+        opt.step(_closure(model, x, y))
+        torch_opt.zero_grad()
+        _closure(reference, x, y)()
+        torch_opt.step()
+        torch.testing.assert_close(_flat(model), _flat(reference), rtol=2e-5, atol=2e-6)
+    counts = {p: float(opt.state[p]["step"]) for p in model.parameters()}
+    assert counts[model[0].weight] == 3 and counts[model[2].weight] == 23
+    assert opt.state[model[0].weight]["step"] is opt.state[model[0].bias]["step"]  # one count per history
+
+
+def test_sam_adamw_checkpoints_keep_each_parameters_count_and_old_ones_load():
+    x, y = _data()
+    model = _model()
+    opt = _make("sam-adamw", model, "eager")
+    model[0].requires_grad_(False)
+    opt.step(_closure(model, x, y))
+    model[0].requires_grad_(True)
+    opt.step(_closure(model, x, y))
+    saved = opt.state_dict()
+    assert [float(s["step"]) for s in saved["state"].values()] == [1, 1, 2, 2]
+    again = _make("sam-adamw", _model(), "eager")
+    again.load_state_dict(copy.deepcopy(saved))
+    assert [float(s["step"]) for s in again.state_dict()["state"].values()] == [1, 1, 2, 2]
+    old = copy.deepcopy(saved)  # written before each parameter kept its count: the group's is used
+    for s in old["state"].values():
+        del s["step"]
+    again.load_state_dict(old)
+    assert [float(s["step"]) for s in again.state_dict()["state"].values()] == [2, 2, 2, 2]
