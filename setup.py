@@ -91,7 +91,7 @@ setup(
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8") if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["sambayes", "sambayes.backends", "sambayes.demo", "sambayes.kernels", "sambayes.csrc"],
+    packages=["sambayes", "sambayes.backends", "sambayes.cli", "sambayes.cli.demo", "sambayes.kernels", "sambayes.csrc"],
     package_dir={"sambayes": "sambayes", "sambayes.kernels": "kernels", "sambayes.csrc": "csrc"},
     package_data={"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]},
     ext_modules=ext_modules,
@@ -113,5 +113,5 @@ setup(
             "accelerate>=0.30",
         ],
     },
-    entry_points={"console_scripts": ["sambayes=sambayes.__main__:main"]},
+    entry_points={"console_scripts": ["sambayes=sambayes.cli:main"]},
 )

@@ -67,6 +67,14 @@ def cache_dir(torch) -> pathlib.Path:
     return root / "sambayes" / f"{python}-torch{torch.__version__}".replace("+", "-")
 
 
+def cached_build(torch) -> pathlib.Path | None:
+    """The first-use build in :func:`cache_dir`, if there is one no older than the sources; else None
+    (then the first use compiles)."""
+    built = cache_dir(torch) / f"{JIT_NAME}.so"
+    newest_source = max(path.stat().st_mtime for path in source_dir().iterdir())
+    return built if built.is_file() and built.stat().st_mtime >= newest_source else None
+
+
 def missing_tools() -> list[str]:
     """What a first-use build needs and this machine lacks, each with how to get it."""
     from torch.utils.cpp_extension import is_ninja_available
@@ -99,9 +107,7 @@ def compile_now():
     sources = [src / name for name in CPU_SOURCES + ([] if skip else CUDA_SOURCES)]
     build = cache_dir(torch)
     build.mkdir(parents=True, exist_ok=True)
-    built = build / f"{JIT_NAME}.so"
-    newest_source = max(path.stat().st_mtime for path in src.iterdir())
-    if not built.is_file() or built.stat().st_mtime < newest_source:
+    if cached_build(torch) is None:
         print(f"sambayes: compiling the C++ extension once (about a minute) into {build}", file=sys.stderr)
     if skip is None:
         default_cuda_arch_list(torch)
