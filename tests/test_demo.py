@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+import itertools
+
 from sambayes.cli import demo, main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -223,7 +225,7 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
     assert factors[55] == pytest.approx(0.5)  # cosine halfway
     assert factors[total] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
 def test_load_digits_split_sizes_and_shift():
@@ -297,7 +299,7 @@ def test_shift_images_grade_and_repeat(shift):
     assert demo.shift_images(x, shift, 0) is x
     shifted = [demo.shift_images(x, shift, k) for k in SEVERITIES[shift][1:]]
     distances = [float((s - x).abs().mean()) for s in shifted]
-    assert all(a < b for a, b in zip(distances, distances[1:])), distances  # graded: each level moves further
+    assert all(a < b for a, b in itertools.pairwise(distances)), distances  # graded: each level moves further
     for k, s in enumerate(shifted, start=1):
         assert s.shape == x.shape and s.dtype == x.dtype
         assert float(s.min()) >= 0 and float(s.max()) <= 1
@@ -318,7 +320,7 @@ def test_blur_spreads_an_impulse_and_keeps_a_constant():
             blurred[0, 1:, 1:], blurred[0, 1:, 1:].flip(0, 1)
         )
         peaks.append(float(blurred[0, 4, 4]))
-    assert all(a > b for a, b in zip(peaks, peaks[1:]))  # a wider blur, a lower peak
+    assert all(a > b for a, b in itertools.pairwise(peaks))  # a wider blur, a lower peak
     assert float(demo.shift_images(impulse, "blur", 1).sum()) == pytest.approx(1.0, abs=1e-6)  # std 0.5: all inside
     constant = torch.full((2, 8, 8), 0.3)
     assert torch.allclose(demo.shift_images(constant, "blur", 5), constant)  # edges replicated: no dark border
