@@ -158,6 +158,7 @@ setup(
             "pytorch-optimizer>=3.0",
             "lightning>=2.2",
             "accelerate>=0.30",
+            "build>=1",  # the sdist test
         ],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
     },

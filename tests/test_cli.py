@@ -71,9 +71,9 @@ def test_the_triton_hint_describes_and_does_not_prescribe(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("  triton "))
-    assert "set TRITON_INTERPRET" not in line, line
-    if "No module named 'triton'" not in line:  # Triton installed: the kernels are for GPUs
-        assert "run on NVIDIA GPUs" in line and "a testing tool" in line, line
+    assert "set TRITON_INTERPRET" not in line and "run on NVIDIA GPUs" in line, line
+    if "not installed" not in line:  # Triton installed: its interpreter is for tests
+        assert "a testing tool" in line, line
 
 
 def test_the_command_line_lives_apart_from_the_library():

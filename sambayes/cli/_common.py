@@ -36,4 +36,6 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
                 "the Triton kernels run on NVIDIA GPUs; on a CPU only Triton's interpreter runs them "
                 "(TRITON_INTERPRET=1 in the environment), a testing tool far slower than every other backend"
             )
+        if "not installed" in reason:  # nothing to install on a CPU: say what Triton is for
+            return "Triton is not installed; its kernels run on NVIDIA GPUs (pip install 'sambayes[triton]' there)"
     return reason
