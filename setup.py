@@ -160,7 +160,7 @@ setup(
             "accelerate>=0.30",
             "build>=1",  # the sdist test
         ],
-        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],
     },
     entry_points={"console_scripts": ["sambayes=sambayes.cli:main"]},
 )

@@ -418,6 +418,19 @@ def test_side_by_side_says_where_the_verdicts_differ(tmp_path):
 
 def test_verdicts_from_a_run_folder_are_the_ones_it_wrote(tmp_path):
     _quick_table(tmp_path, [0, 1])
+    # and examples/demo_verdicts.py sets runs side by side: this one twice, under two names
+    import importlib.util
+    import shutil
+
+    shutil.copytree(tmp_path, tmp_path / "again")
+    spec = importlib.util.spec_from_file_location("demo_verdicts", ROOT / "examples" / "demo_verdicts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.main([str(tmp_path), str(tmp_path / "again"), "--out", str(tmp_path / "side.md")])
+    assert (tmp_path / "side.md").read_text() == table
+    assert f"| {tmp_path.name}: difference | {tmp_path.name}: verdict | again: difference |" in table
+    rows = [line for line in table.splitlines()[2:] if line]
+    assert rows and all(line.endswith("| yes |") for line in rows)
     again = demo.verdicts.from_folder(tmp_path)
     assert demo.verdicts.format_verdicts(again) == (tmp_path / "verdicts.md").read_text()
     with open(tmp_path / "verdicts.csv") as f:

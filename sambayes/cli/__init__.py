@@ -18,28 +18,23 @@ def main(argv: list[str] | None = None) -> int:
         description="bSAM and SAM optimizers for PyTorch: the demo, a benchmark of the backends, and a report",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser(
-        "demo",
-        help=f"{', '.join(demo.METHODS[:-1])} and {demo.METHODS[-1]} on the digits: accuracy, calibration, "
-        "uncertainty, shifts, verdicts over seeds, plots",
-        description=plain(demo.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    methods = f"{', '.join(demo.METHODS[:-1])} and {demo.METHODS[-1]}"
+    subcommands = (
+        (
+            "demo",
+            demo,
+            f"{methods} on the digits: accuracy, calibration, uncertainty, shifts, verdicts over seeds, plots",
+        ),
+        ("info", info, "versions, the specification, which backends run here and why not (compiles nothing)"),
+        ("bench", bench, "time one bSAM and SAM step with every backend here: the fastest for this machine"),
     )
-    demo.add_arguments(demo_parser)
-    info_parser = commands.add_parser(
-        "info",
-        help="versions, the specification, which backends run here and why not (compiles nothing)",
-        description=plain(info.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    info.add_arguments(info_parser)
-    bench_parser = commands.add_parser(
-        "bench",
-        help="time one bSAM and SAM step with every backend here: the fastest for this machine",
-        description=plain(bench.__doc__),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_arguments(bench_parser)
+    parsers = {}
+    for name, module, summary in subcommands:
+        parsers[name] = commands.add_parser(
+            name, help=summary, description=plain(module.__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(parsers[name])
+    demo_parser, bench_parser = parsers["demo"], parsers["bench"]
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info.report(compile_extension=args.compile))
