@@ -1,6 +1,8 @@
 """MkDocs hooks (mkdocs.yml: ``hooks``): the specification, ALGORITHM.md at the repository root,
 becomes the page ``algorithm.md``, and links to it from other pages point there. Any other link out of
-``docs/`` stays as written, so that ``mkdocs build --strict`` fails on it."""
+``docs/`` stays as written, so that ``mkdocs build --strict`` fails on it. In the API reference, the
+docstrings' reST roles (``:func:`x```, rendered by mkdocstrings as ``:func:<code>x</code>``) lose
+their role name."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = "ALGORITHM.md"
 PAGE = "algorithm.md"
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+ROLE = re.compile(r":(?:func|meth|class|mod|data|attr|math|obj):(?=<code>)")
 
 
 def on_files(files, config):
@@ -31,3 +34,7 @@ def on_page_markdown(markdown, page, config, files):
         return match.group(0)
 
     return LINK.sub(rewrite, markdown)
+
+
+def on_page_content(html, page, config, files):
+    return ROLE.sub("", html) if page.file.src_uri == "api.md" else html

@@ -225,7 +225,7 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
     assert factors[55] == pytest.approx(0.5)  # cosine halfway
     assert factors[total] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))  # decays after the warm-up
 
 
 def test_load_digits_split_sizes_and_shift():

@@ -24,7 +24,7 @@ PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 BLOCK = re.compile(r"^(?P<indent>[ ]*)```python[ ]*\n(?P<code>.*?)^(?P=indent)```[ ]*$", re.MULTILINE | re.DOTALL)
 DIRECTIVE = re.compile(r"<!--\s*test:\s*(?P<how>[^>]*?)\s*-->\s*$")
 #: the groups that spawn processes or train for more than a few seconds: the quick loop leaves them out
-SLOW = {"distributed.md", "frameworks.md", "checkpoints.md"}
+SLOW = {"distributed.md", "frameworks.md"}
 
 
 def blocks(page: pathlib.Path) -> list[tuple[int, str, str]]:
