@@ -378,6 +378,9 @@ def test_a_verdict_is_a_paired_t_interval_over_seeds():
     assert demo.verdicts.compare(noisy)[0]["verdict"] == "no clear difference"
     higher = demo.verdicts.per_seed(_runs({"SGD": [98.0, 97.0, 96.0], "SAM": [98.5, 97.6, 96.4]}, "accuracy"), [])
     assert demo.verdicts.compare(higher)[0]["verdict"] == "SAM better"  # higher accuracy is better
+    tiny = demo.verdicts.per_seed(_runs({"SGD": [0.5, 0.6, 0.7], "SAM": [0.49999, 0.60001, 0.69999]}), [])
+    shown = demo.verdicts.format_verdicts(demo.verdicts.compare(tiny))  # -3e-6 [-1.8e-5, +1.2e-5]: no "-0.0000"
+    assert "| SAM − SGD | NLL | 3 | +0.0000 [+0.0000, +0.0000] | no clear difference |" in shown, shown
     one = demo.verdicts.compare(demo.verdicts.per_seed(_runs({"SGD": [0.5], "SAM": [0.4]}), []))
     assert one[0]["verdict"] == "one seed: no verdict" and math.isnan(one[0]["low"])
 

@@ -134,11 +134,16 @@ def compare(values: dict[tuple[str, str], dict[int, float]]) -> list[dict[str, A
     return verdicts
 
 
+def _signed(x: float, digits: int) -> str:
+    """``x`` with its sign, and 0 for what rounds to zero (not -0.00)."""
+    return f"{x if round(x, digits) != 0 else 0.0:+.{digits}f}"
+
+
 def _interval(v: dict[str, Any]) -> str:
     d = v["digits"]
     if math.isnan(v["low"]):
-        return f"{v['difference']:+.{d}f}"
-    return f"{v['difference']:+.{d}f} [{v['low']:+.{d}f}, {v['high']:+.{d}f}]"
+        return _signed(v["difference"], d)
+    return f"{_signed(v['difference'], d)} [{_signed(v['low'], d)}, {_signed(v['high'], d)}]"
 
 
 def format_verdicts(verdicts: list[dict[str, Any]]) -> str:
