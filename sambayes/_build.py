@@ -68,11 +68,18 @@ def cache_dir(torch) -> pathlib.Path:
 
 
 def cached_build(torch) -> pathlib.Path | None:
-    """The first-use build in :func:`cache_dir`, if there is one no older than the sources; else None
-    (then the first use compiles)."""
+    """The first-use build in :func:`cache_dir`, if there is one of these sources and no older than
+    they are; else None (then the first use compiles). A build of another copy's sources (another
+    install sharing the cache) does not count: loading it would compile these."""
     built = cache_dir(torch) / f"{JIT_NAME}.so"
-    newest_source = max(path.stat().st_mtime for path in source_dir().iterdir())
-    return built if built.is_file() and built.stat().st_mtime >= newest_source else None
+    src = source_dir()
+    newest_source = max(path.stat().st_mtime for path in src.iterdir())
+    if not built.is_file() or built.stat().st_mtime < newest_source:
+        return None
+    recipe = built.with_name("build.ninja")  # torch's first-use build names its sources there
+    if recipe.is_file() and f" {src / CPU_SOURCES[0]}\n" not in recipe.read_text():
+        return None
+    return built
 
 
 def missing_tools() -> list[str]:

@@ -85,3 +85,21 @@ def test_the_command_line_lives_apart_from_the_library():
             continue
         assert "sambayes.cli" not in path.read_text() and "from .cli" not in path.read_text(), path
     assert (package / "__main__.py").read_text().count("\n") < 12  # just hands over to sambayes.cli
+
+
+def test_a_cached_build_of_other_sources_is_not_this_copys(tmp_path, monkeypatch):
+    """Another install's first-use build in the same cache: loading it would compile these sources, so
+    info must not call it compiled (and compile_now says it compiles)."""
+    import torch
+
+    from sambayes import _build
+
+    monkeypatch.setenv("SAMBAYES_BUILD_DIR", str(tmp_path))
+    built = tmp_path / f"{_build.JIT_NAME}.so"
+    built.write_bytes(b"")  # newer than the sources
+    ninja = tmp_path / "build.ninja"
+    source = _build.source_dir() / _build.CPU_SOURCES[0]
+    ninja.write_text(f"build bindings.o: compile {source}\n")
+    assert _build.cached_build(torch) == built  # these sources: cached
+    ninja.write_text(f"build bindings.o: compile {tmp_path / 'other' / 'csrc' / _build.CPU_SOURCES[0]}\n")
+    assert _build.cached_build(torch) is None  # another copy's: loading it would compile
