@@ -91,7 +91,11 @@ class BuildPyWithSpecification(build_py):
 
     def run(self):
         super().run()
-        self.copy_file(str(HERE / "ALGORITHM.md"), str(pathlib.Path(self.build_lib) / "sambayes" / "ALGORITHM.md"))
+        if getattr(self, "editable_mode", False):
+            return  # an editable install imports the source tree, where ALGORITHM.md lies beside the package
+        package = pathlib.Path(self.build_lib) / "sambayes"
+        self.mkpath(str(package))
+        self.copy_file(str(HERE / "ALGORITHM.md"), str(package / "ALGORITHM.md"))
 
 
 #: a markdown link or image whose target is a path in the repository (no scheme, not an anchor)

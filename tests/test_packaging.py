@@ -113,5 +113,9 @@ def test_the_sdist_installs_in_a_fresh_venv_and_passes_its_tests(tmp_path):
         PYTHONPATH="",
     )
     summary = result.stdout.strip().splitlines()[-1]
+    # and an editable install of the same sources (what the README's command does) finds the specification there
+    _run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", str(source)], tmp_path)
+    info = _run([python, "-m", "sambayes", "info"], tmp_path, SAMBAYES_NO_EXTENSION="1").stdout
+    assert f"specification (ALGORITHM.md): {source / 'ALGORITHM.md'}" in info, info
     assert " passed" in summary and "failed" not in summary and "error" not in summary, result.stdout[-3000:]
     assert int(summary.split(" passed")[0].split()[-1]) >= 12, summary
