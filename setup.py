@@ -10,10 +10,13 @@ with the same recipe. A failed build prints why and installs the package without
 """
 
 import importlib.util
-import os
 import pathlib
+import re
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = pathlib.Path(__file__).parent
 
 # the build recipe shared with the first-use build: loaded by path, sambayes itself needs PyTorch
 _spec = importlib.util.spec_from_file_location(
@@ -82,16 +85,61 @@ def _extension_build():
     return [ext], {"build_ext": OptionalBuildExtension}
 
 
+class BuildPyWithSpecification(build_py):
+    """Also copies the specification, ALGORITHM.md, into the package: ``sambayes/ALGORITHM.md``
+    (``python -m sambayes info`` says where it is)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install imports the source tree, where ALGORITHM.md lies beside the package
+        package = pathlib.Path(self.build_lib) / "sambayes"
+        self.mkpath(str(package))
+        self.copy_file(str(HERE / "ALGORITHM.md"), str(package / "ALGORITHM.md"))
+
+
+#: a markdown link or image whose target is a path in the repository (no scheme, not an anchor)
+_RELATIVE = re.compile(r"(!?)\[([^\]]*)\]\((?![a-z][a-z0-9+.-]*:|#)([^)\s]+)\)")
+
+
+def long_description(readme: str) -> str:
+    """README.md as the package index shows it. The repository has no public address, so a relative
+    link cannot be made absolute: a link keeps its text and names the file in the source distribution
+    in backticks; an image is dropped (README.md has none)."""
+    return _RELATIVE.sub(lambda m: "" if m.group(1) else f"{m.group(2)} (`{m.group(3)}` in the sources)", readme)
+
+
 ext_modules, cmdclass = _extension_build()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSpecification}
 
 setup(
     name="sambayes",
     version="0.1.0",
     description="bSAM and SAM optimizers for PyTorch: exact, fused, with a Gaussian posterior",
-    long_description=pathlib.Path("README.md").read_text(encoding="utf-8") if os.path.exists("README.md") else "",
+    long_description=long_description((HERE / "README.md").read_text(encoding="utf-8")),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
-    packages=["sambayes", "sambayes.backends", "sambayes.demo", "sambayes.kernels", "sambayes.csrc"],
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    classifiers=[
+        "License :: OSI Approved :: BSD License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    # 3.10: zip(strict=...) in the kernels; PyTorch 2.13, the release CI tests, has no wheel for 3.9
+    python_requires=">=3.10",
+    packages=[
+        "sambayes",
+        "sambayes.backends",
+        "sambayes.cli",
+        "sambayes.cli.demo",
+        "sambayes.kernels",
+        "sambayes.csrc",
+    ],
     package_dir={"sambayes": "sambayes", "sambayes.kernels": "kernels", "sambayes.csrc": "csrc"},
     package_data={"sambayes.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     ext_modules=ext_modules,
@@ -99,19 +147,24 @@ setup(
     # ninja: the first-use build of the extension
     install_requires=["torch>=2.4", "tqdm>=4.60", "ninja"],
     extras_require={
-        "triton": ["triton>=3.4"],
+        # Triton's wheels are for Linux; its kernels run on NVIDIA GPUs (on a CPU only in its interpreter, for tests)
+        "triton": [
+            'triton>=3.4; sys_platform == "linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")'
+        ],
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.6", "ivon-opt>=0.1.3"],
+        # CPU-only: everything the tests need but Triton (its tests skip, saying why, without it)
         "test": [
             "pytest>=7",
             "hypothesis>=6",
             "scikit-learn>=1.2",
             "matplotlib>=3.6",
             "ivon-opt>=0.1.3",
-            "triton>=3.4",
             "pytorch-optimizer>=3.0",
             "lightning>=2.2",
             "accelerate>=0.30",
+            "build>=1",  # the sdist test
         ],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26", "pymdown-extensions>=10"],
     },
-    entry_points={"console_scripts": ["sambayes=sambayes.__main__:main"]},
+    entry_points={"console_scripts": ["sambayes=sambayes.cli:main"]},
 )

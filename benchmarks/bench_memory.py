@@ -12,7 +12,7 @@ with ``foreach=True`` and ``fused=True`` (``adamw``); ``pytorch_optimizer.BSAM``
 with one Monte Carlo sample). Each for float32, bfloat16 and float16 parameters; sambayes with
 ``splits`` 1 and 2, the others with one gradient pass per step (splits 1 only).
 
-The problem: ``sambayes.bench``'s synthetic parameters and given gradients (default 1,000,000
+The problem: ``sambayes.cli.bench``'s synthetic parameters and given gradients (default 1,000,000
 parameters in 7 flat tensors of odd, unequal sizes); no model, so no activations. A step is the
 optimizer's part of a training step, the gradient writes of the backward passes included (a
 closure puts the given gradients into ``.grad`` as autograd would: assigned when ``.grad`` is
@@ -86,8 +86,8 @@ import torch
 
 import sambayes
 from sambayes import backends
-from sambayes.bench import HYPER, closure_for, device_name, make_optimizer, params_and_grads, sync, synthetic_shapes
-from sambayes.bench import why_not_timed as why_not_measured
+from sambayes.cli.bench import HYPER, closure_for, device_name, make_optimizer, params_and_grads, sync, synthetic_shapes
+from sambayes.cli.bench import why_not_timed as why_not_measured
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_memory.csv"

@@ -35,7 +35,7 @@ moves 68 bytes per float32 parameter (sample 12, ascent 20, update 36). That cop
 as a step's working set; a parameter-sized copy can run from a large last-level cache. Timing: median and 20/80% quantiles, by
 ``triton.testing.do_bench`` on CUDA, by a plain loop on the CPU. Each row is appended to
 ``benchmarks/results/bench_step.csv`` as soon as it is measured (a timeout keeps what was done).
-The problem, the public step and the timing are ``sambayes.bench``'s, which also serves the quick
+The problem, the public step and the timing are ``sambayes.cli.bench``'s, which also serves the quick
 form of this benchmark that users run: ``python -m sambayes bench``.
 """
 
@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import sambayes
 from sambayes import backends
-from sambayes.bench import (
+from sambayes.cli.bench import (
     HYPER,
     closure_for,
     device_name,

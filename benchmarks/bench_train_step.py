@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 import sambayes
 from sambayes import backends
-from sambayes.bench import device_name
+from sambayes.cli.bench import device_name
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]

@@ -1,7 +1,7 @@
 """The evidence for ``BSAM(state_dtype=torch.bfloat16)``: bSAM trained with float32 and with
 bfloat16 precision and momentum (stochastic rounding), same seeds, everything else equal.
 
-Two runs of the digits MLP (``sambayes.demo``), every seed given:
+Two runs of the digits MLP (``sambayes.cli.demo``), every seed given:
 
 - the demo: its recipe as is (30 epochs, β2 = 0.99);
 - longer: 4x the epochs with the paper's β2 = 0.999, where each precision step is 0.001 of the
@@ -30,7 +30,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from sambayes import demo
+from sambayes.cli import demo
 
 STATES = {"float32": None, "bfloat16": torch.bfloat16}
 SCORES = ("accuracy", "nll", "ece")

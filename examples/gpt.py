@@ -48,7 +48,8 @@ import sys
 import sysconfig
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

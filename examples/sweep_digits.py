@@ -1,4 +1,4 @@
-"""The evidence for the demo's hyperparameters (``sambayes.demo.Recipe``).
+"""The evidence for the demo's hyperparameters (``sambayes.cli.demo.Recipe``).
 
 One change at a time around the defaults, each method on its own knobs, scored on a
 validation split (the last 300 of the 1,347 training digits; the 450 test digits and
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from sambayes import demo
+from sambayes.cli import demo
 
 # (method, changes to the default recipe); {} is the default itself
 GRID: list[tuple[str, dict]] = (
@@ -90,7 +90,7 @@ def main() -> None:
     lines = [
         (
             f"Validation split (1,047 train / 300 validation digits), mean over seeds {args.seeds}; "
-            f"one change at a time from `sambayes.demo.Recipe()` ({time.perf_counter() - start:.0f} s in all)."
+            f"one change at a time from `sambayes.cli.demo.Recipe()` ({time.perf_counter() - start:.0f} s in all)."
         ),
         "",
         "| method | change from the default | accuracy % | NLL | ECE | train s |",

@@ -68,6 +68,21 @@ def cache_dir(torch) -> pathlib.Path:
     return root / "sambayes" / f"{python}-torch{torch.__version__}".replace("+", "-")
 
 
+def cached_build(torch) -> pathlib.Path | None:
+    """The first-use build in :func:`cache_dir`, if there is one of these sources and no older than
+    they are; else None (then the first use compiles). A build of another copy's sources (another
+    install sharing the cache) does not count: loading it would compile these."""
+    built = cache_dir(torch) / f"{JIT_NAME}.so"
+    src = source_dir()
+    newest_source = max(path.stat().st_mtime for path in src.iterdir())
+    if not built.is_file() or built.stat().st_mtime < newest_source:
+        return None
+    recipe = built.with_name("build.ninja")  # torch's first-use build names its sources there
+    if recipe.is_file() and f" {src / CPU_SOURCES[0]}\n" not in recipe.read_text():
+        return None
+    return built
+
+
 def missing_tools() -> list[str]:
     """What a first-use build needs and this machine lacks, each with how to get it."""
     from torch.utils.cpp_extension import is_ninja_available
@@ -100,9 +115,7 @@ def compile_now():
     sources = [src / name for name in CPU_SOURCES + ([] if skip else CUDA_SOURCES)]
     build = cache_dir(torch)
     build.mkdir(parents=True, exist_ok=True)
-    built = build / f"{JIT_NAME}.so"
-    newest_source = max(path.stat().st_mtime for path in src.iterdir())
-    if not built.is_file() or built.stat().st_mtime < newest_source:
+    if cached_build(torch) is None:
         print(f"sambayes: compiling the C++ extension once (about a minute) into {build}", file=sys.stderr)
     if skip is None:
         default_cuda_arch_list(torch)

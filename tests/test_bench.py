@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from sambayes import backends, bench
-from sambayes.__main__ import main
+from sambayes import backends
+from sambayes.cli import bench, main
 
 TINY = ["--numel", "2048", "--tensors", "3", "--repeats", "3", "--device", "cpu"]
 CPU = torch.device("cpu")
@@ -117,8 +117,10 @@ BAD_FLAGS = [
     (["--repeats", "0"], "--repeats 0: need at least 1 timed step"),
     (["--repeats", "1.5"], "argument --repeats: invalid int value"),
     (["--threads", "0"], "--threads 0: need at least 1"),
-    (["--backends", "fast"], "--backends fast: choose from eager,foreach,triton,cpu,cuda"),
-    (["--backends", ","], "--backends ,: choose from"),
+    (["--backends", "fast"], "--backends fast: unknown backend 'fast'; choose from eager,foreach,triton,cpu,cuda"),
+    (["--backends", "cpu,foo"], "--backends cpu,foo: unknown backend 'foo'; choose from"),  # the bad item named
+    (["--backends", "foo,cpu,bar"], "unknown backends 'foo', 'bar'; choose from"),
+    (["--backends", ","], "--backends ',': name at least one of eager,foreach,triton,cpu,cuda"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     (["--device", ","], "--device ',': name at least one device"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import sambayes
-from sambayes import backends, bench
+from sambayes import backends
+from sambayes.cli import bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "bench_memory.py")

@@ -14,8 +14,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from sambayes import demo
-from sambayes.__main__ import main
+import itertools
+
+from sambayes.cli import demo, main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)", "IVON (mean)", "IVON (4-sample BMA)"]
@@ -43,6 +44,7 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
     assert "IVON skipped" not in result.stdout  # ivon-opt is part of the [test] extra
     pictures = ("reliability.png", "training_curves.png", "shift.png", "two_moons.png")
     tables = ("results.md", "results.csv", "runs.csv", "shift_runs.csv", "shift_results.csv", "shift_results.md")
+    tables += ("verdicts.md", "verdicts.csv")
     for name in tables + pictures:
         assert (out / name).stat().st_size > 0, name
     for name in pictures:
@@ -63,6 +65,9 @@ def test_cli_demo_quick_writes_table_and_figures(tmp_path):
         runs = list(csv.DictReader(f))
     assert len(runs) == 2 * len(ROWS)
     _check_shift_files(out, runs, seeds=["0", "1"])
+    verdicts = (out / "verdicts.md").read_text()
+    assert verdicts in result.stdout  # printed as written
+    assert "| bSAM (4-sample BMA) − SAM | NLL | 2 |" in verdicts and "| SAM − SGD | blur: ECE | 2 |" in verdicts
 
 
 def _check_shift_files(out: pathlib.Path, runs: list[dict], seeds: list[str]) -> None:
@@ -147,7 +152,7 @@ def test_cli_rejects_a_backend_or_device_that_is_not_here(tmp_path, capsys):
 
 def test_missing_extras_name_the_extra_to_install():
     # a child interpreter where scikit-learn cannot be imported
-    code = "import sys; sys.modules['sklearn'] = None; from sambayes.__main__ import main; main(['demo', '--quick'])"
+    code = "import sys; sys.modules['sklearn'] = None; from sambayes.cli import main; main(['demo', '--quick'])"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env
@@ -159,7 +164,7 @@ def test_missing_extras_name_the_extra_to_install():
 def test_no_plots_does_not_need_matplotlib(tmp_path):
     # a child interpreter where matplotlib cannot be imported
     code = (
-        "import sys; sys.modules['matplotlib'] = None; from sambayes.__main__ import main; "
+        "import sys; sys.modules['matplotlib'] = None; from sambayes.cli import main; "
         f"main(['demo', '--quick', '--no-plots', '--methods', 'SGD', '--seeds', '0', '--out', {str(tmp_path)!r}])"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -220,7 +225,7 @@ def test_lr_factor_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
     assert factors[55] == pytest.approx(0.5)  # cosine halfway
     assert factors[total] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))  # decays after the warm-up
 
 
 def test_load_digits_split_sizes_and_shift():
@@ -244,7 +249,7 @@ def test_default_seeds_are_five():
 def test_without_ivon_the_demo_skips_its_rows_in_one_line(tmp_path):
     # a child interpreter where ivon cannot be imported
     code = (
-        "import sys; sys.modules['ivon'] = None; from sambayes.__main__ import main; "
+        "import sys; sys.modules['ivon'] = None; from sambayes.cli import main; "
         f"main(['demo', '--quick', '--no-plots', '--seeds', '0', '--out', {str(tmp_path)!r}] + sys.argv[1:])"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -294,7 +299,7 @@ def test_shift_images_grade_and_repeat(shift):
     assert demo.shift_images(x, shift, 0) is x
     shifted = [demo.shift_images(x, shift, k) for k in SEVERITIES[shift][1:]]
     distances = [float((s - x).abs().mean()) for s in shifted]
-    assert all(a < b for a, b in zip(distances, distances[1:])), distances  # graded: each level moves further
+    assert all(a < b for a, b in itertools.pairwise(distances)), distances  # graded: each level moves further
     for k, s in enumerate(shifted, start=1):
         assert s.shape == x.shape and s.dtype == x.dtype
         assert float(s.min()) >= 0 and float(s.max()) <= 1
@@ -315,7 +320,7 @@ def test_blur_spreads_an_impulse_and_keeps_a_constant():
             blurred[0, 1:, 1:], blurred[0, 1:, 1:].flip(0, 1)
         )
         peaks.append(float(blurred[0, 4, 4]))
-    assert all(a > b for a, b in zip(peaks, peaks[1:]))  # a wider blur, a lower peak
+    assert all(a > b for a, b in itertools.pairwise(peaks))  # a wider blur, a lower peak
     assert float(demo.shift_images(impulse, "blur", 1).sum()) == pytest.approx(1.0, abs=1e-6)  # std 0.5: all inside
     constant = torch.full((2, 8, 8), 0.3)
     assert torch.allclose(demo.shift_images(constant, "blur", 5), constant)  # edges replicated: no dark border
@@ -353,3 +358,106 @@ def test_sweep_grid_changes_real_recipe_fields_around_every_default():
         assert method in demo.METHODS and set(change) <= fields, (method, change)
         dataclasses.replace(demo.Recipe(), **change)  # a tuple knob stays a tuple, etc.
     assert [m for m, change in sweep.GRID if not change] == list(demo.METHODS)  # each default is scored once
+
+
+def _runs(values: dict[str, list[float]], metric: str = "nll") -> list[dict]:
+    return [{"method": m, "seed": str(i), metric: str(v)} for m, vs in values.items() for i, v in enumerate(vs)]
+
+
+def test_a_verdict_is_a_paired_t_interval_over_seeds():
+    # SAM − SGD per seed: -0.020, -0.021, -0.022 -> mean -0.021, sd 0.001, t(0.975, 2) = 4.302653
+    values = demo.verdicts.per_seed(_runs({"SGD": [0.50, 0.60, 0.70], "SAM": [0.48, 0.579, 0.678]}), [])
+    (verdict,) = demo.verdicts.compare(values)
+    assert (verdict["a"], verdict["b"], verdict["claim"], verdict["seeds"]) == ("SAM", "SGD", "NLL", 3)
+    half = 4.302653 * 0.001 / math.sqrt(3)
+    assert verdict["difference"] == pytest.approx(-0.021)
+    assert (verdict["low"], verdict["high"]) == pytest.approx((-0.021 - half, -0.021 + half), abs=1e-7)
+    assert verdict["verdict"] == "SAM better"  # lower NLL, interval below 0
+    # the seeds' spread (0.1 between seeds) does not enter: the differences are paired
+    noisy = demo.verdicts.per_seed(_runs({"SGD": [0.5, 0.6, 0.7], "SAM": [0.51, 0.58, 0.72]}), [])
+    assert demo.verdicts.compare(noisy)[0]["verdict"] == "no clear difference"
+    higher = demo.verdicts.per_seed(_runs({"SGD": [98.0, 97.0, 96.0], "SAM": [98.5, 97.6, 96.4]}, "accuracy"), [])
+    assert demo.verdicts.compare(higher)[0]["verdict"] == "SAM better"  # higher accuracy is better
+    tiny = demo.verdicts.per_seed(_runs({"SGD": [0.5, 0.6, 0.7], "SAM": [0.49999, 0.60001, 0.69999]}), [])
+    shown = demo.verdicts.format_verdicts(demo.verdicts.compare(tiny))  # -3e-6 [-1.8e-5, +1.2e-5]: no "-0.0000"
+    assert "| SAM − SGD | NLL | 3 | +0.0000 [+0.0000, +0.0000] | no clear difference |" in shown, shown
+    one = demo.verdicts.compare(demo.verdicts.per_seed(_runs({"SGD": [0.5], "SAM": [0.4]}), []))
+    assert one[0]["verdict"] == "one seed: no verdict" and math.isnan(one[0]["low"])
+
+
+def test_shift_verdicts_average_severities_one_to_five_only():
+    shifted = [
+        {
+            "method": m,
+            "seed": str(seed),
+            "shift": "noise",
+            "severity": str(k),
+            "accuracy": "0",
+            "ece": "0",
+            "nll": str(base + (100 if k == 0 else k) + seed),
+        }
+        for m, base in (("SGD", 1.0), ("SAM", 0.0))
+        for seed in range(3)
+        for k in range(6)
+    ]
+    values = demo.verdicts.per_seed([], shifted)
+    assert values["SAM", "noise_nll"] == {0: 3.0, 1: 4.0, 2: 5.0}  # mean of 1..5 (+ seed); severity 0 left out
+    by_claim = {v["claim"]: v for v in demo.verdicts.compare(values)}
+    assert by_claim["noise: NLL"]["difference"] == pytest.approx(-1.0)
+
+
+def test_side_by_side_says_where_the_verdicts_differ(tmp_path):
+    first = demo.verdicts.compare(
+        demo.verdicts.per_seed(_runs({"SGD": [0.5, 0.6, 0.7], "SAM": [0.48, 0.579, 0.678]}), [])
+    )
+    second = demo.verdicts.compare(
+        demo.verdicts.per_seed(_runs({"SGD": [0.5, 0.6, 0.7], "SAM": [0.51, 0.58, 0.72]}), [])
+    )
+    table = demo.verdicts.format_side_by_side({"cpu": first, "eager": second})
+    assert "| SAM − SGD | NLL | -0.0210 [" in table and table.rstrip().endswith("| no clear difference | **no** |")
+    same = demo.verdicts.format_side_by_side({"cpu": first, "eager": first})
+    assert same.rstrip().endswith("| SAM better | yes |")
+
+
+def test_verdicts_from_a_run_folder_are_the_ones_it_wrote(tmp_path):
+    _quick_table(tmp_path, [0, 1])
+    # and examples/demo_verdicts.py sets runs side by side: this one twice, under two names
+    import importlib.util
+    import shutil
+
+    shutil.copytree(tmp_path, tmp_path / "again")
+    spec = importlib.util.spec_from_file_location("demo_verdicts", ROOT / "examples" / "demo_verdicts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.main([str(tmp_path), str(tmp_path / "again"), "--out", str(tmp_path / "side.md")])
+    assert (tmp_path / "side.md").read_text() == table
+    assert f"| {tmp_path.name}: difference | {tmp_path.name}: verdict | again: difference |" in table
+    rows = [line for line in table.splitlines()[2:] if line]
+    assert rows and all(line.endswith("| yes |") for line in rows)
+    again = demo.verdicts.from_folder(tmp_path)
+    assert demo.verdicts.format_verdicts(again) == (tmp_path / "verdicts.md").read_text()
+    with open(tmp_path / "verdicts.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"], r["claim"]) for r in rows] == [(v["a"], v["b"], v["claim"]) for v in again]
+    compared = {(r["a"], r["b"]) for r in rows}  # SAM is not in this run: only the comparisons it holds
+    assert compared == {("bSAM (4-sample BMA)", "IVON (4-sample BMA)"), ("bSAM (4-sample BMA)", "bSAM (mean)")}
+
+
+def test_methods_are_case_insensitive_and_help_has_no_markup(capsys):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert parser.parse_args(["--methods", "sgd", "BSAM", "ivon", "--backend", "CPU"]).methods == [
+        "SGD",
+        "bSAM",
+        "IVON",
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--methods", "sgd", "nesterov"])
+    assert "unknown method 'nesterov'; choose from SGD Adam SAM bSAM IVON" in capsys.readouterr().err
+    for argv in (["demo", "--help"], ["--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "``" not in out and ":data:" not in out and ":func:" not in out, out
+    assert all(method in out for method in demo.METHODS)  # the top-level help names every method

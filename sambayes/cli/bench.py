@@ -34,9 +34,10 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from . import backends
-from .bsam import BSAM
-from .sam import SAM
+from .. import backends
+from ..bsam import BSAM
+from ..sam import SAM
+from ._common import first_line, why_unavailable
 
 #: hyperparameters of the timed steps (the values do not change the work of a step)
 HYPER = {
@@ -123,9 +124,9 @@ def floor_bytes(param_bytes: int, state_bytes: int, optimizer: str = "bsam") -> 
 
 
 def why_not_timed(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can be timed on ``device``, else why not (``backends.why_unavailable``,
+    """None if ``backend`` can be timed on ``device``, else why not (:func:`._common.why_unavailable`,
     and Triton under its CPU interpreter, which runs but says nothing about speed)."""
-    reason = backends.why_unavailable(backend, device)
+    reason = why_unavailable(backend, device)
     if reason is None and backend == "triton" and device.type != "cuda":
         reason = "runs under the Triton interpreter on the CPU: a correctness tool, not a benchmark"
     return reason
@@ -309,12 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _error_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)[:200]}"
+    return f"{type(exc).__name__}: {first_line(exc)[:200]}"
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -331,15 +328,21 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats {args.repeats}: need at least 1 timed step")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: need at least 1")
-    names = [name.strip() for name in args.backends.split(",") if name.strip()]
+    names = [name.strip().lower() for name in args.backends.split(",") if name.strip()]
     unknown = [name for name in names if name not in backends.NAMES]
-    if unknown or not names:
-        raise ValueError(f"--backends {args.backends}: choose from {','.join(backends.NAMES)}")
+    if unknown:
+        listed = ", ".join(repr(name) for name in dict.fromkeys(unknown))
+        raise ValueError(
+            f"--backends {args.backends}: unknown backend{'s' if len(unknown) > 1 else ''} {listed}; "
+            f"choose from {','.join(backends.NAMES)}"
+        )
+    if not names:
+        raise ValueError(f"--backends {args.backends!r}: name at least one of {','.join(backends.NAMES)}")
     args.backend_list = list(dict.fromkeys(names))
     if args.device is None:
         args.device = "cpu,cuda" if torch.cuda.is_available() else "cpu"
     args.devices = []
-    for text in dict.fromkeys(name.strip() for name in args.device.split(",") if name.strip()):
+    for text in dict.fromkeys(name.strip().lower() for name in args.device.split(",") if name.strip()):
         try:
             device = torch.device(text)
         except RuntimeError:
@@ -351,7 +354,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         try:
             torch.empty(1, device=device)  # an index out of range, or a device type this build lacks
         except Exception as exc:  # noqa: BLE001 - whatever the device type, the reason is in the message
-            raise ValueError(f"--device {text} is not usable here: {_first_line(exc)}") from None
+            raise ValueError(f"--device {text} is not usable here: {first_line(exc)}") from None
         args.devices.append(device)
     if not args.devices:
         raise ValueError(f"--device {args.device!r}: name at least one device")

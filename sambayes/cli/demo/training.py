@@ -315,10 +315,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for name in names:
         runs = [r for r in rows if r["method"] == name]
-        row: dict[str, Any] = {"method": name, "seeds": len(runs)}
-        for key in METRICS:
-            values = [r[key] for r in runs]
-            row[f"{key}_mean"] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        table.append(row)
+        table.append({"method": name, "seeds": len(runs)} | mean_std(runs, METRICS))
     return table
+
+
+def mean_std(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """``{key}_mean`` and ``{key}_std`` (sample std, 0 for one run) of each key over ``runs``."""
+    row = {}
+    for key in keys:
+        values = [r[key] for r in runs]
+        row[f"{key}_mean"] = statistics.fmean(values)
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return row

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import csv
 import pathlib
-import statistics
 from typing import Any
 
 from .data import SHIFT_UNITS, SHIFTS
-from .training import METRICS, SHIFT_METRICS
+from .training import METRICS, SHIFT_METRICS, mean_std
 
 _HEADERS = {
     "accuracy": "accuracy %",
@@ -67,18 +66,8 @@ def summarize_shift(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     for method, shift, severity in keys:
         group = [r for r in runs if (r["method"], r["shift"], r["severity"]) == (method, shift, severity)]
-        row: dict[str, Any] = {
-            "method": method,
-            "shift": shift,
-            "severity": severity,
-            "level": group[0]["level"],
-            "seeds": len(group),
-        }
-        for key in SHIFT_METRICS:
-            values = [r[key] for r in group]
-            row[f"{key}_mean"] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        table.append(row)
+        row = {"method": method, "shift": shift, "severity": severity, "level": group[0]["level"], "seeds": len(group)}
+        table.append(row | mean_std(group, SHIFT_METRICS))
     return table
 
 

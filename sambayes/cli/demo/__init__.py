@@ -1,6 +1,7 @@
 """``python -m sambayes demo``: SGD, Adam, SAM-SGD, bSAM and IVON on scikit-learn's
 handwritten digits, compared on accuracy, calibration and uncertainty, clean and under
-graded shifts, with plots.
+graded shifts, with plots, and a verdict on each claim: a comparison paired by seed, with
+its 95 % interval.
 
 The data are the 1,797 bundled 8×8 digits (no download), split once and for all
 (permutation seed 0) into 1,347 training and 450 test images. The out-of-distribution
@@ -28,6 +29,8 @@ import torch
 
 from sambayes import backends
 
+from .._common import first_line
+from . import verdicts
 from .data import NUM_TEST, SHIFTS, Data, _missing_extras, load_digits, shift_images
 from .models import MLP
 from .plots import plot_curves, plot_reliability, plot_shift, two_moons
@@ -78,6 +81,7 @@ __all__ = [
     "summarize_shift",
     "train",
     "two_moons",
+    "verdicts",
     "write_shift_table",
     "write_table",
 ]
@@ -94,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeds to run and average over (default: 0 1 2 3 4)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--backend", default="auto", choices=backends.BACKENDS, help="sambayes backend (default: auto)")
+    parser.add_argument(
+        "--backend", default="auto", type=str.lower, choices=backends.BACKENDS, help="sambayes backend (default: auto)"
+    )
     parser.add_argument(
         "--out",
         type=pathlib.Path,
@@ -105,8 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         default=None,
-        choices=METHODS,
-        help=f"methods to train (default: {' '.join(METHODS)}; IVON is skipped when ivon-opt is not installed)",
+        type=_method,
+        metavar="METHOD",
+        help=f"methods to train, in any case (default: {' '.join(METHODS)}; IVON is skipped when ivon-opt is "
+        "not installed)",
     )
     parser.add_argument(
         "--threads",
@@ -117,13 +125,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the figures (then matplotlib is not needed)")
 
 
+def _method(text: str) -> str:
+    """The method of :data:`METHODS` that ``text`` names, in any case (``bsam``, ``ivon``)."""
+    names = {name.lower(): name for name in METHODS}
+    if text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {' '.join(METHODS)} (any case)")
+    return names[text.lower()]
+
+
 def backend_name(backend: str, device: torch.device | str) -> str:
     """The backend that ``backend`` ("auto" included) stands for on ``device`` (e.g. ``"eager"``)."""
     return backends.pick(backend, device)
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -157,11 +169,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     try:
         torch.empty(1, device=device)  # an index out of range, or a device type this build lacks
     except Exception as exc:  # noqa: BLE001 - whatever the device type, the reason is in the message
-        raise ValueError(f"--device {args.device} is not usable here: {_first_line(exc)}") from None
+        raise ValueError(f"--device {args.device} is not usable here: {first_line(exc)}") from None
     try:
         backends.resolve(args.backend, device)
     except RuntimeError as exc:
-        raise ValueError(f"--backend {args.backend}: {_first_line(exc)}") from None
+        raise ValueError(f"--backend {args.backend}: {first_line(exc)}") from None
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, or no permission
@@ -211,7 +223,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     write_table(table, rows, out)
     shifted = shift_runs(rows)
     write_shift_table(shifted, out)
+    judged = verdicts.from_folder(out)  # from the files just written: anyone can recompute them
+    print(f"\nVerdicts: paired by seed, {verdicts.LEVEL:.0%} intervals ({len(args.seeds)} seeds)\n")
+    print(verdicts.format_verdicts(judged))
+    verdicts.write_verdicts(judged, out)
     written = ["results.md", "results.csv", "runs.csv", "shift_runs.csv", "shift_results.csv", "shift_results.md"]
+    written += ["verdicts.md", "verdicts.csv"]
     if not args.no_plots:
         plot_reliability(rows, out / "reliability.png", recipe.ece_bins)
         plot_curves(curves, out / "training_curves.png")

@@ -1,0 +1,121 @@
+"""The package as a user gets it: the licence, the declared Python, and (slow) a source distribution
+that installs into a fresh virtual environment and passes a fast subset of its own tests there."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: what a fresh environment runs from the unpacked sdist: the authors' trajectories on every backend
+#: installed (the fused C++ one compiled on first use from the shipped sources), the command line, the verdicts
+SUBSET = ["tests/test_golden.py", "tests/test_cli.py", "tests/test_demo.py"]
+SUBSET_NAMES = "golden or info or triton or command_line or paired or side_by_side or case"
+#: a markdown link or image to a path (no scheme such as https:, not an anchor)
+RELATIVE = re.compile(r"!?\[[^\]]*\]\((?![a-z][a-z0-9+.-]*:|#)[^)\s]+\)")
+
+
+def test_the_licence_is_bsd_3_clause_of_the_sambayes_developers():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License") and "Copyright (c) 2026, the sambayes developers" in text
+    setup = (ROOT / "setup.py").read_text()
+    assert 'license="BSD-3-Clause"' in setup and 'license_files=["LICENSE"]' in setup
+
+
+def test_one_minimum_python_everywhere():
+    setup = (ROOT / "setup.py").read_text()
+    (minimum,) = re.findall(r'python_requires=">=3\.(\d+)"', setup)
+    assert f'target-version = "py3{minimum}"' in (ROOT / "ruff.toml").read_text()
+    assert f"Python ≥ 3.{minimum}" in (ROOT / "README.md").read_text()
+    assert sys.version_info >= (3, int(minimum))
+
+
+def _run(command: list[str], cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=1200, env={**os.environ, **env}, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_the_sdist_installs_in_a_fresh_venv_and_passes_its_tests(tmp_path):
+    pytest.importorskip("build")
+    _run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+        ROOT,
+    )
+    (sdist,) = (tmp_path / "dist").glob("sambayes-*.tar.gz")
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()  # an empty folder
+    with tarfile.open(sdist) as archive:
+        archive.extractall(unpacked, filter="data")
+    (source,) = unpacked.iterdir()
+    for needed in (
+        "tests/conftest.py",
+        "tests/harness.py",
+        "tests/golden.py",
+        "tests/trajectories.py",
+        "tests/data/trajectories.pt",
+        "LICENSE",
+        "ALGORITHM.md",
+        "mkdocs.yml",
+        "csrc/bindings.cpp",
+    ):
+        assert (source / needed).is_file(), needed
+    metadata = (source / "PKG-INFO").read_text()
+    header, _, description = metadata.partition("\n\n")
+    assert "License: BSD-3-Clause" in header and "License-File: LICENSE" in header
+    assert "Requires-Python: >=3.10" in header
+    assert 'Requires-Dist: triton>=3.4; (sys_platform == "linux"' in header  # not on a Mac or Windows
+    assert not [line for line in header.splitlines() if "triton" in line and 'extra == "test"' in line]
+    assert "## Quick start" in description and not RELATIVE.findall(description), RELATIVE.findall(description)
+
+    # a fresh environment: PyPI's CPU build of PyTorch first (so nothing pulls a CUDA build), then the package
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], tmp_path)
+    python = str(venv / "bin" / "python")
+    _run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], tmp_path)
+    _run([python, "-m", "pip", "install", "-q", f"{source}[test]", "torch==2.13.0"], tmp_path)
+    build = tmp_path / "build"  # the extension compiles on first use, here: nothing shared with other runs
+    missing = subprocess.run([python, "-c", "import triton"], capture_output=True, text=True, check=False)
+    assert missing.returncode != 0, "the CPU-only test extra installed Triton"
+    info = _run([python, "-m", "sambayes", "info"], tmp_path, SAMBAYES_BUILD_DIR=str(build)).stdout
+    spec = pathlib.Path(re.search(r"specification \(ALGORITHM.md\): (.+)", info).group(1))
+    assert spec.is_file() and venv in spec.parents, info  # inside the installed package
+    licence = _run(
+        [python, "-c", "import importlib.metadata as m; print(m.metadata('sambayes')['License-File'])"], tmp_path
+    ).stdout.strip()
+    assert licence == "LICENSE"
+    # the unpacked sdist's tests against the installed package: run from outside the source folder
+    result = _run(
+        [
+            python,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            "-k",
+            SUBSET_NAMES,
+            *[str(source / t) for t in SUBSET],
+        ],
+        tmp_path,
+        SAMBAYES_BUILD_DIR=str(build),
+        PYTHONPATH="",
+    )
+    summary = result.stdout.strip().splitlines()[-1]
+    # and an editable install of the same sources (what the README's command does) finds the specification there
+    _run([python, "-m", "pip", "install", "-q", "--no-deps", "-e", str(source)], tmp_path)
+    info = _run([python, "-m", "sambayes", "info"], tmp_path, SAMBAYES_NO_EXTENSION="1").stdout
+    assert f"specification (ALGORITHM.md): {source / 'ALGORITHM.md'}" in info, info
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, result.stdout[-3000:]
+    assert int(summary.split(" passed")[0].split()[-1]) >= 12, summary
