@@ -22,7 +22,10 @@ import sys
 # run inside each tree's process: its own sambayes, its own bench helpers
 _PROBE = r"""
 import json, sys, time, torch
-from sambayes import bench
+try:
+    from sambayes.cli import bench
+except ImportError:  # a tree from before the command-line tools moved
+    from sambayes import bench
 numel, tensors, backend, optimizer, reps, threads = sys.argv[1:7]
 if int(threads):
     torch.set_num_threads(int(threads))

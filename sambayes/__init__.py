@@ -1,6 +1,6 @@
 """sambayes: bSAM and SAM for PyTorch, exact and fused.
 
->>> opt = sambayes.BSAM(model.parameters(), num_data=len(train_set))
+>>> opt = sambayes.BSAM(model, num_data=len(train_set))      # the module: its BatchNorm statistics are managed
 >>> loss = opt.step(closure)                     # closure: loss = f(model(x), y); loss.backward(); return loss
 >>> probs = sambayes.predict(model, opt, x)      # Bayesian model average over 32 posterior samples
 """

@@ -4,6 +4,7 @@ points (the user's line, not ours)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import os
@@ -73,7 +74,7 @@ def check_no_overlap(param_groups: list[dict[str, Any]]) -> None:
             )
     for ranges in spans.values():
         ranges.sort()
-        for (_, end, g, i), (start, _, h, j) in zip(ranges, ranges[1:]):
+        for (_, end, g, i), (start, _, h, j) in itertools.pairwise(ranges):
             if start < end:
                 a, b = param_groups[g]["params"][i], param_groups[h]["params"][j]
                 raise ValueError(

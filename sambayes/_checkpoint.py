@@ -3,7 +3,8 @@ loaded into any sharding and with the optimizer's own state dtypes (docs/archite
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -4,7 +4,8 @@ buffer, and the version counters that tell the optimizer who wrote what (docs/ar
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ them as plain numbers (torch.optim keeps counters in the groups too).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ one ``sample()`` and one ``perturb()`` per sub-batch, then ``update()``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -71,7 +71,7 @@ class BSAM(TwoPassOptimizer):
             ``lr`` is read by the kernels, and nothing is copied to the host per step (the warning
             for a skipped step comes when ``skipped_steps`` or ``state_dict()`` is read). A float
             ``lr`` is baked into a captured graph; pass a 0-dim float64 tensor on the device to change
-            it between replays. The same numbers as ``capturable=False``; see README. Capturing a
+            it between replays. The same numbers as ``capturable=False`` (docs: CUDA graphs). Capturing a
             step without it (or on the eager backend) raises RuntimeError.
 
     State per parameter: ``mean`` (m), ``precision`` (s), ``momentum`` (g_m): float64

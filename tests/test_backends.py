@@ -95,7 +95,9 @@ def test_unknown_and_unavailable_backends_say_why():
         backends.pick("fast", "cpu")
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         backends.pick("cuda", "cpu")
-    report = backends.info()
+    from sambayes.cli import info
+
+    report = info.report()
     for name in backends.NAMES:
         assert f"  {name} " in report
 

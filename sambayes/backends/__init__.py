@@ -38,13 +38,13 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .. import _build, phases
-from .._version import __version__
 
 NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
 #: what ``backend=`` accepts
@@ -232,25 +232,3 @@ def _bump(phase: phases.Phase, lists: tuple) -> None:
 def _for_device(hyper: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The keywords of one bucket: a dict {device: value} gives its device's value."""
     return {k: v[device] if isinstance(v, dict) else v for k, v in hyper.items()}
-
-
-def info() -> str:
-    """A report of every backend (available or not, and why), versions and devices."""
-    lines = [f"sambayes {__version__}  torch {torch.__version__}"]
-    try:
-        import triton
-
-        lines.append(f"triton {triton.__version__}")
-    except Exception as exc:  # noqa: BLE001
-        lines.append(f"triton: not installed ({type(exc).__name__}); pip install 'sambayes[triton]'")
-    extension = _module("cpu")
-    lines.append(f"C++ extension: {extension if isinstance(extension, str) else extension.BUILT}")
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    for i in range(torch.cuda.device_count()):
-        lines.append(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
-    for dev in devices:
-        lines.append(f"\n{dev} (auto picks: {pick('auto', dev)})")
-        for name in NAMES:
-            reason = why_unavailable(name, dev)
-            lines.append(f"  {name:8s} {'available' if reason is None else 'unavailable: ' + reason}")
-    return "\n".join(lines)
