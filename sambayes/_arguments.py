@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -130,6 +131,18 @@ def split_batch(*tensors: torch.Tensor, splits: int) -> list[tuple[torch.Tensor,
     if size % splits:
         raise ValueError(f"splits={splits} does not divide the batch size {size}")
     return list(zip(*(t.chunk(splits) for t in tensors)))
+
+
+def warn_if_no_gradient(given: Any, slots: list, action: str, name: str) -> None:
+    """RuntimeWarning when a pass gave no trainable parameter a gradient: the closure (or loop) most likely
+    forgot ``backward()``, and the step would update nothing."""
+    if slots and not given:
+        warnings.warn(
+            f"{name}.{action}(): the backward pass before it gave no parameter a gradient: does the closure "
+            "call loss.backward() (grad_scaler.scale(loss).backward() with AMP)? Nothing is updated",
+            RuntimeWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def closure_result(values: list[Any]) -> Any:

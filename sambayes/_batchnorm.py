@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +39,33 @@ def freeze(model: torch.nn.Module | None, saved: list | None, frozen: bool) -> l
         return set_bn_stats_frozen(model, True)
     set_bn_stats_frozen(model, False, saved)
     return None
+
+
+def watch_bare_parameters(params: list[torch.Tensor], name: str):
+    """For an optimizer given bare parameters (no module): a hook on every module's forward pass that warns,
+    once, when a BatchNorm layer in training mode owns some of them: its running statistics then update in
+    both passes of each step, and the fix is to pass the module. Returns the hook's handle (remove it after
+    the first pass: one look is enough)."""
+    ours = {id(p) for p in params}
+
+    def look(module: torch.nn.Module, args) -> None:
+        if (
+            isinstance(module, _BatchNorm)
+            and module.training
+            and module.track_running_stats
+            and any(id(p) in ours for p in module.parameters(recurse=False))
+        ):
+            handle.remove()  # once
+            warnings.warn(
+                f"{name} was given bare parameters of a model with BatchNorm layers: their running statistics "
+                f"update in both passes of every step, where bn_stats='noisy' (the default) wants the noisy pass "
+                f"only. Pass the module: {name}(model, ...) or model=model",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(look)
+    return handle
 
 
 @contextlib.contextmanager

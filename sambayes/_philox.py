@@ -42,6 +42,9 @@ POSTERIOR_STREAM = 1 << 62
 #: Sub-batch index of the stochastic-rounding key: no sub-batch has it (2^64 - 1).
 ROUNDING_STREAM = (1 << 64) - 1
 
+#: Step index of a seed derived from torch's (``seed=None``): no step has it (2^64 - 2).
+DERIVED_SEED_STREAM = (1 << 64) - 2
+
 
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _M64

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,8 +42,11 @@ class BSAM(TwoPassOptimizer):
         lr: α. ``betas``: (β1, β2) in [0, 1). ``rho``: ρ >= 0, the adversarial radius.
         weight_decay: δ >= 0, the prior precision divided by N.
         damping: γ >= 0. ``init_precision``: s0 > 0.
-        seed: the noise seed, an integer in [0, 2^64); None draws one from the operating system
-            (not from ``torch``'s generator, whose streams the user's shuffling and dropout use).
+        seed: the noise seed, an integer in [0, 2^64); None derives one from ``torch.initial_seed()``
+            (which ``torch.manual_seed`` sets) and the number of optimizers this process built with
+            ``seed=None`` under it before, so that a seeded script is reproducible run after run; nothing
+            is drawn from torch's generator, whose streams the user's shuffling and dropout use. (To repeat
+            a run within one process, pass the seed: ``opt.param_groups[0]["seed"]`` holds it.)
         backend: "auto", "eager", "foreach", "triton", "cpu" or "cuda" (see :mod:`sambayes.backends`).
         model: the module being trained (also accepted in place of ``params``). When
             given, the optimizer manages its BatchNorm statistics (``bn_stats``) and, for a
@@ -303,10 +305,28 @@ class BSAM(TwoPassOptimizer):
             self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
 
 
+#: [torch's initial seed, optimizers given seed=None since this process saw it]
+_seeds_derived: list = [None, 0]
+
+
+def _derived_seed() -> int:
+    """A seed derived from torch's seed without drawing from torch's generator: a hash of
+    ``torch.initial_seed()`` (which ``torch.manual_seed`` sets) and of how many optimizers of this process
+    took a seed under it before. A script that calls ``torch.manual_seed`` gets the same noise on every run,
+    optimizers built one after the other get different seeds, and the user's shuffling and dropout streams
+    stay as they are."""
+    initial = torch.initial_seed()
+    if _seeds_derived[0] != initial:
+        _seeds_derived[:] = [initial, 0]
+    count = _seeds_derived[1]
+    _seeds_derived[1] += 1
+    return _philox.noise_seed(initial % 2**64, count, _philox.DERIVED_SEED_STREAM, 0)  # below 2^63
+
+
 def _check_seed(seed: Any, *, allow_none: bool) -> int:
-    """A seed: an integer in [0, 2^64) (numpy's included); None draws one from the operating system."""
+    """A seed: an integer in [0, 2^64) (numpy's included); None derives one from torch's seed."""
     if seed is None and allow_none:
-        return secrets.randbits(63)  # not torch's generator: the user's random streams stay as they are
+        return _derived_seed()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
         raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**64)" + (" or None" if allow_none else ""))
     return int(seed)

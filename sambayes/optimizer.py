@@ -26,6 +26,11 @@ from ._ledger import Ledger, Slot, grads, params, states
 from ._step import PERTURBED, REST, SAMPLED, DeviceScalars, Step, SumPool, check_capture
 from .phases import master_dtype
 
+
+def _params_of(slots: list[Slot]) -> list[torch.Tensor]:
+    return [s.param for s in slots]
+
+
 #: (group, its trainable parameters' slots) for every parameter group
 Groups = list[tuple[dict[str, Any], list[Slot]]]
 
@@ -101,6 +106,8 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._replication = _replication.policy(self.model)
         self._skips = _progress.SkipReport(type(self).__name__, self.capturable, self._weights)
         self._step: Step | None = None  # the step in progress
+        self._bn_watch = None  # the first step's look for BatchNorm layers among bare parameters (see sample())
+        self._looked_for_bn = self.model is not None
         self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
 
@@ -206,6 +213,9 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             step.fold(last=False)
         for index, (group, slots) in enumerate(self._groups()):
             self._sample_group(step, index, group, slots)
+        if not self._looked_for_bn:  # bare parameters: a look at the first pass for BatchNorm layers
+            self._looked_for_bn = True
+            self._bn_watch = _batchnorm.watch_bare_parameters(_params_of(self._ledger.slots), type(self).__name__)
         self._replication.grad_sync(False)
         step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "perturbed")
         torch.clear_autocast_cache()  # an autocast region open around the step keeps casts of the old weights
@@ -224,6 +234,8 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._expect(SAMPLED, action="perturb")
         step = self._step
         step.written = set(self._ledger.find_written("perturb"))
+        self._done_looking()
+        _arguments.warn_if_no_gradient(step.written, self._ledger.slots, "perturb", type(self).__name__)
         step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         self._perturb(step, self._groups())  # subclasses restore the parameters without a gradient
         written = step.written_in(self._ledger.slots)
@@ -261,6 +273,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         if step.split > 1 and not step.sums_in_grad:
             step.fold(last=True)
         has_grad = step.with_grad(self._ledger.slots)
+        _arguments.warn_if_no_gradient(has_grad, self._ledger.slots, "update", type(self).__name__)
         if has_grad and (step.split == 1 or step.sums_in_grad):
             # .grad holds the whole sum, unread so far: the skip decision must come before the update
             self._run(phases.FIND_NONFINITE, grads(has_grad), found_inf=step.found_inf)
@@ -299,7 +312,13 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._ledger.drop_grads()
         self._end_step()
 
+    def _done_looking(self) -> None:
+        if self._bn_watch is not None:
+            self._bn_watch.remove()
+            self._bn_watch = None
+
     def _end_step(self) -> None:
+        self._done_looking()
         step, self._step = self._step, None
         self._pool.give_back(step.sums)
         self._replication.grad_sync(True)
@@ -385,6 +404,11 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         """Steps skipped so far for a non-finite gradient (the largest count of any group; waits for the device)."""
         self._skips.receive(self.param_groups, wait=True)
         return max((int(_progress.counters(group)[1]) for group in self.param_groups), default=0)
+
+    @property
+    def backend_used(self) -> dict[torch.device, str]:
+        """The backend that runs on each device of the parameters ("auto" resolved), e.g. {cpu: "cpu"}."""
+        return {device: backends.pick(self.backend, device) for device in self._devices()}
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _groups(self) -> Groups:
