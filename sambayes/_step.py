@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import _amp, backends, phases
+from . import _amp, backends
 from ._ledger import Ledger, Slot, grads
 from ._replication import Local
 from .phases import master_dtype
@@ -181,29 +181,18 @@ class Step:
             self.sums[name] = self.pool.allocate(name, self.ledger.slots)
 
     # ---- between passes ------------------------------------------------------------------------
-    def fold(self, *, last: bool) -> None:
-        """The perturbed-point gradients just computed join their sums (splits > 1), by bucket of (first,
-        last); ``last``: the sums go back into .grad, where the update reads them."""
+    def fold(self, fold_slots: Callable[[Step, list[Slot], bool, bool], None], *, last: bool) -> None:
+        """The gradients just computed join their sums over sub-batches: ``fold_slots(step, slots, first, last)``
+        (the optimizer's ``_fold``) runs once for the slots whose first sub-batch this is and once for those
+        summed before; ``last``: the sums go back into .grad, where the update reads them."""
         written = self.written_in(self.ledger.slots)
         first = [s for s in written if s not in self.folded]
         later = [s for s in (self.ledger.slots if last else written) if s in self.folded]
-        if last and first:  # their only sub-batch: the buffer holds the sum already
-            self.run(phases.FIND_NONFINITE, grads(first), found_inf=self.found_inf)
-            first = []
         for slots, is_first in ((first, True), (later, False)):
             if slots:
-                if is_first:  # allocated, or kept from the last step if still of the right layout
-                    self.allocate("grad_sum")
-                self.run(
-                    phases.FOLD_GRADS,
-                    grads(slots),
-                    self.sum_of("grad_sum", slots),
-                    found_inf=self.found_inf,
-                    first=is_first,
-                    last=last,
-                )
-        self.folded.update(first)
+                fold_slots(self, slots, is_first, last)
         if not last:
+            self.folded.update(first)
             self.ledger.grads_zeroed(written)
 
     def agree_on_skipping(self) -> None:

@@ -58,6 +58,9 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
 
     #: the state key the parameters hold at rest ("mean" for bSAM, "weight" for SAM)
     rest_key: str
+    #: gradient passes per sub-batch: 2 (SAM, bSAM: a first pass, then one at the point the update's gradient
+    #: is taken) or 1 (IVON: the gradient at each sample feeds the update; no perturb())
+    passes: int = 2
     #: integer hyperparameters that every data-parallel replica takes from rank 0's first group
     rank0_hyperparameters: tuple[str, ...] = ()
     #: torch.amp.GradScaler.step(optimizer, closure) calls step(closure, grad_scaler=scaler)
@@ -163,6 +166,18 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         the parameters without a gradient."""
         raise NotImplementedError  # pragma: no cover - overridden
 
+    def _fold(self, step: Step, slots: list[Slot], first: bool, last: bool) -> None:
+        """The gradients of the pass before the update (SAM, bSAM: the perturbed point) join their sums over
+        sub-batches (``first``: the first of theirs; ``last``: the sums go back into .grad). A slot's only
+        sub-batch (first and last): its buffer holds the sum already, and is checked for non-finite values."""
+        if first and last:
+            self._run(phases.FIND_NONFINITE, grads(slots), found_inf=step.found_inf)
+            return
+        if first:  # allocated, or kept from the last step if still of the right layout
+            step.allocate("grad_sum")
+        sums = step.sum_of("grad_sum", slots)
+        self._run(phases.FOLD_GRADS, grads(slots), sums, found_inf=step.found_inf, first=first, last=last)
+
     def _updated(self, step: Step, slots: list[Slot]) -> list[Slot]:
         """The slots of a group that the update changes: those given a gradient in the step."""
         return step.with_grad(slots)
@@ -210,12 +225,18 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             step = self._step = Step(self._run, self._ledger, self._pool, self._replication, flags, attempts)
         else:
             step.written = set(self._ledger.find_written("sample"))
-            step.fold(last=False)
+            step.fold(self._fold, last=False)
         for index, (group, slots) in enumerate(self._groups()):
             self._sample_group(step, index, group, slots)
         if not self._looked_for_bn:  # bare parameters: a look at the first pass for BatchNorm layers
             self._looked_for_bn = True
             self._bn_watch = _batchnorm.watch_bare_parameters(_params_of(self._ledger.slots), type(self).__name__)
+        if self.passes == 1:  # the gradient at this sample feeds the update: that pass begins now
+            step.split += 1
+            self._replication.grad_sync(False)  # local: the update averages the sums across replicas
+            torch.clear_autocast_cache()
+            step.phase = PERTURBED
+            return
         self._replication.grad_sync(False)
         step.frozen_bn = _batchnorm.freeze(self.model, step.frozen_bn, self.bn_stats == "perturbed")
         torch.clear_autocast_cache()  # an autocast region open around the step keeps casts of the old weights
@@ -231,6 +252,8 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         all-reducing the next backward pass: correct for all but the last sub-batch,
         since the sums are all-reduced with the last one.
         """
+        if self.passes == 1:
+            raise RuntimeError(f"{type(self).__name__} takes one gradient per sample: it has no perturb()")
         self._expect(SAMPLED, action="perturb")
         step = self._step
         step.written = set(self._ledger.find_written("perturb"))
@@ -244,7 +267,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         if sync and self._replication.folds_before_last_pass and step.folded:
             # DDP all-reduces what .grad holds after the last pass: the sum so far goes back in first
             step.written = set()
-            step.fold(last=True)
+            step.fold(self._fold, last=True)
             step.sums_in_grad = True
         step.split += 1
         self._replication.grad_sync(sync)
@@ -270,11 +293,12 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         step = self._step
         step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         step.written = set(self._ledger.find_written("update"))
-        if step.split > 1 and not step.sums_in_grad:
-            step.fold(last=True)
+        folds = (step.split > 1 or self.passes == 1) and not step.sums_in_grad
+        if folds:
+            step.fold(self._fold, last=True)
         has_grad = step.with_grad(self._ledger.slots)
         _arguments.warn_if_no_gradient(has_grad, self._ledger.slots, "update", type(self).__name__)
-        if has_grad and (step.split == 1 or step.sums_in_grad):
+        if has_grad and not folds:
             # .grad holds the whole sum, unread so far: the skip decision must come before the update
             self._run(phases.FIND_NONFINITE, grads(has_grad), found_inf=step.found_inf)
         step.agree_on_skipping()
@@ -353,17 +377,24 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
                 "the method takes two gradients per step; for custom loops use sample(), perturb(), update()"
             )
         _arguments.check_splits(splits)
+        return self._take_step(
+            (lambda j: closure(j)) if splits > 1 else (lambda j: closure()), splits, grad_scaler, max_grad_norm
+        )
+
+    def _take_step(self, call: Callable[[int], Any], splits: int, grad_scaler, max_grad_norm) -> Any:
+        """``splits`` sub-batches (or samples), ``call(j)`` for each of their gradient passes, then the update;
+        what :meth:`step` returns."""
         self._expect(REST, action="step")
         losses = []
         try:
             for j in range(splits):
                 self.sample()
+                if self.passes == 2:
+                    with torch.enable_grad():
+                        call(j)
+                    self.perturb(grad_scaler=grad_scaler, sync=j == splits - 1)
                 with torch.enable_grad():
-                    closure(j) if splits > 1 else closure()
-                self.perturb(grad_scaler=grad_scaler, sync=j == splits - 1)
-                with torch.enable_grad():
-                    loss = closure(j) if splits > 1 else closure()
-                losses.append(loss)
+                    losses.append(call(j))
             self.update(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         except BaseException:
             self.abort()  # e.g. an out-of-memory error the loop catches: leave the model at rest
@@ -432,7 +463,10 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             )
         phase = REST if self._step is None else self._step.phase
         if phase not in allowed:
-            raise RuntimeError(
-                f"{action}() called while the optimizer is {phase}; a step is "
+            shown = SAMPLED if self.passes == 1 and phase == PERTURBED else phase
+            order = (
                 "sample() -> backward -> perturb() -> backward [repeat per sub-batch] -> update()"
+                if self.passes == 2
+                else "sample() -> backward [repeat per sample] -> update()"
             )
+            raise RuntimeError(f"{action}() called while the optimizer is {shown}; a step is {order}")

@@ -149,6 +149,42 @@ def test_an_optimizer_built_from_the_hooks_trains_as_torch_sgd():
     assert {"step", "skipped_steps", "lr"} <= set(state["param_groups"][0])
 
 
+class OnePassSGD(TwoPassSGD):
+    """SGD as a one-pass optimizer (``passes = 1``, as IVON): each sample's gradient feeds the update, whose
+    gradient is the mean over the samples (here all at the weights: plain SGD)."""
+
+    passes = 1
+
+    def _perturb(self, step, groups):  # pragma: no cover - a one-pass optimizer has no perturb()
+        raise AssertionError("not called")
+
+
+def test_a_one_pass_optimizer_averages_its_samples_and_has_no_perturb():
+    x, y = torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+    model, reference = _mlp(), _mlp()
+    opt = OnePassSGD(model.parameters(), lr=0.1)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(3):
+
+        def closure(j=0):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure, splits=3)  # three samples of the same batch, one gradient each
+        sgd.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    opt.sample()
+    with pytest.raises(RuntimeError, match="one gradient per sample"):
+        opt.perturb()
+    with pytest.raises(RuntimeError, match=r"sample\(\) -> backward \[repeat per sample\] -> update\(\)"):
+        opt.step(closure)
+    opt.abort()
+
+
 def _private_fields_of_the_base() -> set[str]:
     """The private attributes TwoPassOptimizer gives itself (its units, the step in progress)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(TwoPassOptimizer)))
@@ -163,7 +199,7 @@ def _private_fields_of_the_base() -> set[str]:
     }
 
 
-@pytest.mark.parametrize("optimizer", [sambayes.BSAM, sambayes.SAM, TwoPassSGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("optimizer", [sambayes.BSAM, sambayes.SAM, TwoPassSGD, OnePassSGD], ids=lambda c: c.__name__)
 def test_optimizers_read_no_private_field_of_the_base_class(optimizer):
     private = _private_fields_of_the_base()
     assert {"_ledger", "_step", "_replication"} <= private  # the check sees the fields it guards
