@@ -16,6 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
