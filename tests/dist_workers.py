@@ -1,4 +1,5 @@
-"""Worker processes for tests/test_distributed.py (spawned, two ranks on gloo)."""
+"""Worker processes for tests/test_replication.py and the DCP tests of tests/test_checkpoints.py
+(spawned, two ranks on gloo)."""
 
 import os
 import warnings
@@ -108,7 +109,7 @@ def worker(rank, world, init_file, out_dir, method, wrapper, splits=1):
     os._exit(0)
 
 
-# ---- torch.distributed.checkpoint (tests/test_dcp.py) ---------------------------------------------
+# ---- torch.distributed.checkpoint (tests/test_checkpoints.py) -------------------------------------
 
 DCP_STEPS = 3  # K: steps before the checkpoint, and as many after it
 

@@ -4,6 +4,9 @@ Fresh random inputs per case, odd sizes around the kernels' block size, every
 parameter dtype, one to 500 tensors; outputs poisoned with NaN before a phase runs
 and carved out of guarded buffers, so that a skipped element or a write past a
 tensor's end fails; one tolerance table per dtype; a printer of the first mismatches.
+
+At the end, the tiny models and closures that the optimizer's tests share
+(tests/test_optimizer.py, test_ledger.py, test_checkpoints.py, test_skipping.py, test_bsam.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from sambayes.backends import eager
 SPEC = eager
 #: every backend available here but the spec
 COMPARED = [b for b in AVAILABLE_BACKENDS if b != "eager"]
+#: the backends available here that run on the CPU without an interpreter
+CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu")]
 PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 #: (atol, rtol) per dtype: one unit in the last place of the dtype. The math is float32/64, and
@@ -215,3 +220,51 @@ def assert_rounded(params: list[torch.Tensor], state: list[torch.Tensor], name: 
     """Each parameter is exactly its state tensor rounded to the parameter dtype."""
     for i, (p, w) in enumerate(zip(params, state)):
         assert torch.equal(p, w.to(p.dtype)), f"{name}[{i}] is not the rounded state"
+
+
+# ---- the optimizer tests' tiny models ----------------------------------------------------------------
+
+
+def small_mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """5 → 7 → 3 with a tanh, on the CPU: the same weights at every call."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def data(n: int = 16, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` inputs of :func:`small_mlp` and their labels (3 classes), from a generator of their own."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def cross_entropy_closure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """closure(): the cross-entropy of ``model`` on (x, y), backward, the loss."""
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    """The model's parameters, detached, as one flat tensor."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def linear() -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A seeded Linear(3, 2) on the tests' device, and 8 inputs for it."""
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2).to(DEVICE), torch.randn(8, 3, device=DEVICE)
+
+
+def square_closure(model: torch.nn.Module, x: torch.Tensor):
+    """closure(j=0): the mean square of ``model(x)`` (every sub-batch the same), backward, the loss."""
+
+    def closure(j=0):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    return closure

@@ -205,6 +205,7 @@ def test_kernels_are_the_ones_beside_the_package():
     assert pathlib.Path(kernels.__file__).resolve().parent in (here / "kernels", here.parent / "kernels")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["source tree", "installed"])
 def test_another_copy_on_sys_path_gets_its_own_kernels(tmp_path, layout):
     """A second copy imported while this one is installed editable loads its own kernels, from

@@ -36,6 +36,7 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_gpt_rows_time_every_optimizer_and_print_the_table(capsys, tmp_path):
     out = tmp_path / "train_step.csv"
     rows = bench_train_step.main([*TINY, "--csv", str(out), "--note", "test"])

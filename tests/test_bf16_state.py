@@ -3,10 +3,9 @@ rounding from a counter-based stream (sambayes._philox, "Stochastic rounding").
 
 The rounding itself (exact expectation, the random words), the same bits in every backend, why
 it is needed (round-to-nearest stalls the precision update; stochastic rounding tracks float32),
-and the optimizer around it: memory, refusals, checkpoints, trajectories across backends.
+and the optimizer around it: memory, refusals, trajectories across backends. Its checkpoints (a
+resumed run, loads across state dtypes) are in test_checkpoints.py.
 """
-
-import io
 
 import pytest
 import torch
@@ -131,12 +130,14 @@ def test_round_to_nearest_stalls_the_precision_and_stochastic_rounding_tracks_fl
 # ---- the optimizer -----------------------------------------------------------------------------
 
 
-def _net(dtype=torch.float32):
+def make_net(dtype=torch.float32):
+    """6 → 33 → 3 with a tanh, seeded (test_checkpoints.py uses it too)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 33), torch.nn.Tanh(), torch.nn.Linear(33, 3)).to(dtype)
 
 
-def _train(opt, net, steps, splits=1):
+def train_steps(opt, net, steps, splits=1):
+    """``steps`` steps on fresh batches of a generator of their own, in ``splits`` sub-batches."""
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
@@ -151,9 +152,9 @@ def _train(opt, net, steps, splits=1):
 
 
 def test_state_is_8_bytes_per_float32_parameter():
-    net = _net()
+    net = make_net()
     opt = BSAM(net.parameters(), num_data=100, state_dtype=BF16, seed=0)
-    _train(opt, net, 2)
+    train_steps(opt, net, 2)
     numel = sum(p.numel() for p in net.parameters())
     kept = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     assert kept == 8 * numel
@@ -166,23 +167,23 @@ def test_state_is_8_bytes_per_float32_parameter():
 
 def test_bad_state_dtypes_and_float64_parameters_are_refused():
     with pytest.raises(ValueError, match="state_dtype=torch.float16"):
-        BSAM(_net().parameters(), num_data=10, state_dtype=torch.float16)
+        BSAM(make_net().parameters(), num_data=10, state_dtype=torch.float16)
     with pytest.raises(ValueError, match=r"shape \(33, 6\) is float64"):
-        BSAM(_net(torch.float64).parameters(), num_data=10, state_dtype=BF16)
-    net = _net()
+        BSAM(make_net(torch.float64).parameters(), num_data=10, state_dtype=BF16)
+    net = make_net()
     opt = BSAM(net.parameters(), num_data=10, state_dtype=BF16)
     net.double()
     with pytest.raises(ValueError, match="float64"):
-        _train(opt, net, 1)
+        train_steps(opt, net, 1)
 
 
 @pytest.mark.parametrize("backend", COMPARED)
 def test_trajectories_agree_across_backends(backend):
     runs = {}
     for name in ("eager", backend):
-        net = _net().to(DEVICE)
+        net = make_net().to(DEVICE)
         opt = BSAM(net.parameters(), num_data=100, lr=0.05, state_dtype=BF16, seed=4, backend=name)
-        _train(opt, net, 5, splits=2)
+        train_steps(opt, net, 5, splits=2)
         runs[name] = opt.state_dict()["state"]
     for pid, want in runs["eager"].items():
         got = runs[backend][pid]
@@ -191,45 +192,11 @@ def test_trajectories_agree_across_backends(backend):
             torch.testing.assert_close(got[key].float(), want[key].float(), rtol=2.0**-7, atol=1e-6)
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one():
-    net = _net()
-    opt = BSAM(net.parameters(), num_data=100, state_dtype=BF16, seed=9)
-    _train(opt, net, 3)
-    buffer = io.BytesIO()
-    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buffer)
-    _train(opt, net, 3)
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed_net = _net()
-    resumed_net.load_state_dict(saved["model"])
-    resumed = BSAM(resumed_net.parameters(), num_data=100, state_dtype=BF16, seed=0)
-    resumed.load_state_dict(saved["opt"])
-    _train(resumed, resumed_net, 3)
-    for a, b in zip(opt.state.values(), resumed.state.values()):
-        for key in a:
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-
-
-def test_checkpoints_load_across_state_dtypes():
-    net = _net()
-    full = BSAM(net.parameters(), num_data=100, seed=1)
-    _train(full, net, 2)
-    lean = BSAM(net.parameters(), num_data=100, state_dtype=BF16, seed=1)
-    lean.load_state_dict(full.state_dict())  # float32 state rounded to nearest into bfloat16
-    for a, b in zip(full.state.values(), lean.state.values()):
-        assert torch.equal(b["mean"], a["mean"]) and torch.equal(b["precision"], a["precision"].to(BF16))
-    again = BSAM(net.parameters(), num_data=100, seed=1)
-    again.load_state_dict(lean.state_dict())
-    assert all(s["precision"].dtype == torch.float32 for s in again.state.values())
-    assert all(v.dtype == torch.float32 for v in again.posterior_variance())
-    assert all(v.dtype == torch.float32 for v in lean.posterior_std())
-
-
 @pytest.mark.skipif("cpu" not in AVAILABLE_BACKENDS, reason="needs the cpu backend")
 def test_sampled_params_read_bfloat16_precision():
-    net = _net()
+    net = make_net()
     opt = BSAM(net.parameters(), num_data=100, state_dtype=BF16, seed=2)
-    _train(opt, net, 2)
+    train_steps(opt, net, 2)
     means = [p.detach().clone() for p in net.parameters()]
     with opt.sampled_params(seed=5):
         drawn = [p.detach().clone() for p in net.parameters()]

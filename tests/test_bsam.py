@@ -1,4 +1,6 @@
-"""BSAM: the algorithm (against a hand-written reference), backends, noise, posterior, dtypes."""
+"""BSAM, sambayes/bsam.py: the algorithm (against a hand-written reference), backends, noise, seeds,
+the posterior (sampled_params, predict), dtypes. What BSAM shares with SAM is in test_optimizer.py
+and the files beside it."""
 
 import math
 
@@ -6,21 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import AVAILABLE_BACKENDS
+from harness import CPU_BACKENDS, cross_entropy_closure, data, flat, linear, small_mlp, square_closure
 from torch.func import functional_call, grad
 
 import sambayes
-
-CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu")]
-
-
-def small_mlp(dtype=torch.float32):
-    torch.manual_seed(1)
-    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
-
-
-def data(n=16, dtype=torch.float32):
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
 
 
 def closure_for(model, chunks):
@@ -128,6 +119,7 @@ def assert_eager_and_foreach_agree_on_cnn(make_optimizer):
             torch.testing.assert_close(finals["foreach"][1][pid][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
     assert_eager_and_foreach_agree_on_cnn(
         lambda ps, backend: sambayes.BSAM(
@@ -206,6 +198,16 @@ def test_seed_none_draws_from_the_system_and_leaves_torch_alone():
     assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
 
 
+def test_seeds_are_integers_below_2_to_the_64():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    np = pytest.importorskip("numpy")
+    assert sambayes.BSAM(p, num_data=1, seed=np.int64(7)).param_groups[0]["seed"] == 7
+    assert sambayes.BSAM(p, num_data=1, seed=2**64 - 1).param_groups[0]["seed"] == 2**64 - 1
+    for bad in (2**64, -1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="seed="):
+            sambayes.BSAM(p, num_data=1, seed=bad)
+
+
 # ---------------------------------------------------------------------------------------
 # dtypes
 
@@ -242,3 +244,75 @@ def test_bfloat16_keeps_float32_master_mean():
     mean = opt.state[p]["mean"]
     assert (mean < 1 - 5e-4).all()  # ten steps of 1e-4 / s
     assert torch.equal(p.detach(), mean.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------
+# the posterior in the model: sampled_params(), predict()
+
+
+def test_sampled_params_restores_the_mean_exactly_even_on_error():
+    model = small_mlp(torch.bfloat16)
+    x, y = data(dtype=torch.bfloat16)
+    opt = sambayes.BSAM(model.parameters(), num_data=10)
+    opt.step(cross_entropy_closure(model, x, y))
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.sampled_params(seed=1):
+        sample1 = flat(model)
+        assert not torch.equal(sample1, torch.cat([b.flatten() for b in before]))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(KeyError), opt.sampled_params(seed=1):
+        assert torch.equal(flat(model), sample1)  # a pure function of the seed
+        raise KeyError("boom")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with opt.sampled_params(seed=2):
+        assert not torch.equal(flat(model), sample1)
+
+
+def test_nested_sampled_params_return_to_the_outer_sample():
+    m, x = linear()
+    opt = sambayes.BSAM(m, num_data=10, seed=0)
+    opt.step(square_closure(m, x))
+    mean = m.weight.detach().clone()
+    with opt.sampled_params(seed=1):
+        outer = m.weight.detach().clone()
+        with opt.sampled_params(seed=2):
+            assert not torch.equal(m.weight, outer)
+        assert torch.equal(m.weight, outer)
+    assert torch.equal(m.weight, mean)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_no_step_inside_sampled_params(backend):
+    m, x = linear()
+    opt = sambayes.BSAM(m, num_data=100, seed=0, backend=backend)
+    opt.step(square_closure(m, x))
+    mean = m.weight.detach().clone()
+    with opt.sampled_params(seed=1):
+        with pytest.raises(RuntimeError, match="sampled_params"):
+            opt.step(square_closure(m, x))
+        with pytest.raises(RuntimeError, match="sampled_params"):
+            opt.sample()
+    assert torch.equal(m.weight, mean)
+
+
+def test_predict_averages_softmax_over_posterior_samples():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
+    x, y = data()
+    opt = sambayes.BSAM(model.parameters(), num_data=5)
+    opt.step(cross_entropy_closure(model, x, y))
+    model.train()
+    running_mean = model[1].running_mean.clone()
+    probs = sambayes.predict(model, opt, x, samples=4, seed=10)
+    assert model.training and torch.equal(model[1].running_mean, running_mean)  # eval inside, mode restored
+    model.eval()
+    manual = []
+    for s in range(4):
+        with opt.sampled_params(seed=10 + s):
+            manual.append(torch.softmax(model(x), -1))
+    torch.testing.assert_close(probs, torch.stack(manual).mean(0))
+    torch.testing.assert_close(sambayes.predict(model, opt, x, samples=0), torch.softmax(model(x), -1))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(len(x)))
+    with pytest.raises(TypeError, match="BSAM"):
+        sambayes.predict(model, sambayes.SAM(model.parameters(), lr=0.1), x, samples=2)
+    with pytest.raises(ValueError, match="samples=-1"):
+        sambayes.predict(model, opt, x, samples=-1)

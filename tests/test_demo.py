@@ -36,6 +36,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_demo_quick_writes_table_and_figures(tmp_path):
     out = tmp_path / "demo"
     result = _run("demo", "--quick", "--seeds", "0", "1", "--out", str(out))
@@ -99,12 +100,14 @@ def _check_shift_files(out: pathlib.Path, runs: list[dict], seeds: list[str]) ->
     assert "| IVON (4-sample BMA) |" in (out / "shift_results.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_info_lists_the_backends():
     result = _run("info")
     assert result.returncode == 0, result.stderr
     assert "eager" in result.stdout and "foreach" in result.stdout
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_unknown_backend():
     result = _run("demo", "--quick", "--backend", "nonsense")
     assert result.returncode != 0 and "nonsense" in result.stderr
@@ -150,6 +153,7 @@ def test_cli_rejects_a_backend_or_device_that_is_not_here(tmp_path, capsys):
         assert exit_info.value.code == 2 and f"sambayes demo: error: {message}" in captured.err, captured.err
 
 
+@pytest.mark.slow
 def test_missing_extras_name_the_extra_to_install():
     # a child interpreter where scikit-learn cannot be imported
     code = "import sys; sys.modules['sklearn'] = None; from sambayes.cli import main; main(['demo', '--quick'])"
@@ -161,6 +165,7 @@ def test_missing_extras_name_the_extra_to_install():
     assert "pip install 'sambayes[demo]'" in result.stderr and "scikit-learn" in result.stderr
 
 
+@pytest.mark.slow
 def test_no_plots_does_not_need_matplotlib(tmp_path):
     # a child interpreter where matplotlib cannot be imported
     code = (
@@ -181,6 +186,7 @@ def test_no_plots_does_not_need_matplotlib(tmp_path):
     assert result.returncode == 2 and "needs matplotlib: pip install 'sambayes[demo]'" in result.stderr
 
 
+@pytest.mark.slow
 def test_import_sambayes_does_not_need_the_demo_extras():
     code = "import sambayes, sambayes.metrics, sys; print('sklearn' in sys.modules, 'matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT)
@@ -201,6 +207,7 @@ def _quick_table(out: pathlib.Path, seeds: list[int]) -> list[dict]:
     return demo.run(args)
 
 
+@pytest.mark.slow
 def test_same_seed_same_table(tmp_path):
     first = _quick_table(tmp_path / "a", [3])
     second = _quick_table(tmp_path / "b", [3])
@@ -246,6 +253,7 @@ def test_default_seeds_are_five():
     assert args.seeds == [0, 1, 2, 3, 4] and args.methods is None  # None: every method that is installed
 
 
+@pytest.mark.slow
 def test_without_ivon_the_demo_skips_its_rows_in_one_line(tmp_path):
     # a child interpreter where ivon cannot be imported
     code = (

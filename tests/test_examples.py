@@ -87,6 +87,7 @@ def check_results(out: pathlib.Path, epochs: int, bma: bool) -> None:
         assert 0 <= metrics["accuracy"] <= 1 and math.isfinite(metrics["nll"]) and metrics["nll"] > 0
 
 
+@pytest.mark.slow
 def test_train_checkpoints_and_resumes_bit_for_bit(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     script = [sys.executable, str(EXAMPLES / "train.py"), *TINY]
@@ -120,6 +121,7 @@ def logged(out: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["after a step", "while writing a checkpoint"])
 def test_train_killed_at_a_random_moment_resumes_to_the_same_end(tmp_path, where):
     """SIGKILL at a random step, or halfway through writing a checkpoint (the temporary file is cut
@@ -150,6 +152,7 @@ def test_train_killed_at_a_random_moment_resumes_to_the_same_end(tmp_path, where
     assert logged(straight) == logged(killed)
 
 
+@pytest.mark.slow
 def test_train_killed_between_an_epoch_checkpoint_and_its_log_row_logs_it_once(tmp_path):
     """The epoch's checkpoint is written, then its log row: a run killed in between (here: the row is
     taken away, as such a kill leaves it) logs that row on resume, once, and the log ends as an
@@ -164,6 +167,7 @@ def test_train_killed_between_an_epoch_checkpoint_and_its_log_row_logs_it_once(t
     assert logged(straight) == logged(killed)
 
 
+@pytest.mark.slow
 def test_train_sgd_with_bfloat16_autocast_and_clipping(tmp_path):
     run(
         [
@@ -184,6 +188,7 @@ def test_train_sgd_with_bfloat16_autocast_and_clipping(tmp_path):
     assert load(tmp_path)["optimizer"]["state"], "SGD never stepped"
 
 
+@pytest.mark.slow
 def test_train_ddp_two_processes_checkpoints_and_resumes(tmp_path):
     def launch(*extra: str) -> str:
         return run(
@@ -276,6 +281,7 @@ def test_evaluate_bma_nll_of_a_confident_mistake_is_finite():
     assert model.training  # put back in its mode
 
 
+@pytest.mark.slow
 def test_bf16_state_evidence_runs_and_writes_its_table(tmp_path):
     out = run([sys.executable, str(EXAMPLES / "bf16_state.py"), "--quick", "--seeds", "0", "1", "--out", str(tmp_path)])
     table = (tmp_path / "bf16_state.md").read_text()

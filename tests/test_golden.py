@@ -5,6 +5,7 @@ from conftest import AVAILABLE_BACKENDS, DEVICE
 from golden import golden_errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
 def test_golden_float64(name, backend):

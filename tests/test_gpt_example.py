@@ -61,6 +61,7 @@ def read_table(out) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_both_optimizers_train_and_write_the_comparison(straight):
     table = read_table(straight)
     assert [row["optimizer"] for row in table] == ["bsam", "adamw"]
@@ -98,6 +99,7 @@ def test_bsam_with_bfloat16_state_keeps_8_bytes_per_parameter(tmp_path):
     assert {s["precision"].dtype for s in state.values()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_killed_twice_resumes_to_the_same_end(straight, tmp_path):
     """SIGKILL after a random step of bSAM; the resumed run SIGKILLed again halfway through a random
     checkpoint write (bSAM's or AdamW's); a second resume ends exactly where the uninterrupted run ends:
@@ -148,6 +150,7 @@ def dist_worker(rank: int, world: int, init_file: str, runs: list) -> None:
     os._exit(0)  # gloo's threads can abort interpreter teardown; the results are written already
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_and_fsdp2_on_two_processes_equal_one_process_and_resume(tmp_path):
     """Two processes, each optimizer stopped after step 6 and resumed from its checkpoint (FSDP2: sharded,

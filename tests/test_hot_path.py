@@ -1,9 +1,11 @@
-"""The real step at kernel speed: no host synchronisation in a steady-state step, gradients and
-launch tables that stay put, skipping decided on the device, the GradScaler handled in the kernels."""
+"""The real step at kernel speed (sambayes/_step.py's device scalars, the backends' launch tables): no
+host synchronisation in a steady-state step, with or without a GradScaler, on any backend that
+decides on the device; launch tables built once. Its helpers (mlp, make, train) serve
+test_ledger.py, test_checkpoints.py, test_skipping.py and test_capturable.py, where the skipping,
+GradScaler, gradient-storage and checkpoint tests of the real step are."""
 
 import contextlib
 import sys
-import warnings
 
 import pytest
 import torch
@@ -100,20 +102,7 @@ def test_the_eager_backend_decides_on_the_host():
         train(model, opt, 1)
 
 
-@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
-@pytest.mark.parametrize("splits", [1, 2])
-def test_gradients_keep_their_storage(backend, splits):
-    """.grad stays at one address across passes and steps, even when set to None between steps."""
-    model = mlp()
-    opt = make("bsam", model, backend)
-    train(model, opt, 1, splits=splits)
-    addresses = [p.grad.data_ptr() for p in model.parameters()]
-    train(model, opt, 5, splits=splits, set_to_none=True)
-    opt.sample()  # attaches the buffers again
-    assert [p.grad.data_ptr() for p in model.parameters()] == addresses
-    opt.abort()
-
-
+@pytest.mark.slow
 @pytest.mark.skipif("triton" not in AVAILABLE_BACKENDS, reason="the triton backend is not available here")
 @pytest.mark.parametrize("splits", [1, 2])
 def test_launch_tables_are_built_once(splits):
@@ -126,81 +115,6 @@ def test_launch_tables_are_built_once(splits):
     tables = _multi_tensor.cached_tables()
     train(model, opt, 100, splits=splits, set_to_none=True)
     assert _multi_tensor.cached_tables() == tables
-
-
-@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
-@pytest.mark.parametrize("kind", ["bsam", "sam", "adamw"])
-@pytest.mark.parametrize("call", [0, 1, 2, 3], ids=["noisy-0", "perturbed-0", "noisy-1", "perturbed-1"])
-def test_a_nonfinite_gradient_skips_the_step_untouched(backend, kind, call):
-    """An inf in either pass of either sub-batch: state, parameters and counters as if the step
-    never happened, except the skipped count; the warning comes once the count reaches the host."""
-    model, reference = mlp(), mlp()
-    opt, ref_opt = make(kind, model, backend), make(kind, reference, backend)
-    train(model, opt, 2, splits=2)
-    train(reference, ref_opt, 2, splits=2)
-
-    def skipped_step():
-        train(model, opt, 1, splits=2, poison=(0, call))
-        return opt.skipped_steps  # waits for the count: the warning has come by now on any device
-
-    with pytest.warns(RuntimeWarning, match="step skipped"):
-        skipped_step()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.equal(p, q)
-        for key, value in ref_opt.state[q].items():
-            assert torch.equal(opt.state[p][key], value), key
-    assert opt.skipped_steps == 1 and int(opt.param_groups[0]["step"]) == 2
-    assert opt.param_groups[0]["attempts"] == 3  # the noise moves on: a skipped step is an attempt
-
-
-@pytest.mark.parametrize("backend", DEVICE_SIDE)
-@pytest.mark.parametrize("call", [0, 1], ids=["noisy", "perturbed"])
-def test_the_grad_scaler_backs_off_without_unscale(backend, call):
-    """The kernels unscale and flag; scaler.update() sees the flag and halves the scale, state untouched."""
-    model = mlp()
-    opt = make("bsam", model, backend)
-    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**10)
-    train(model, opt, 1, scaler=scaler)
-    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # with a scaler, skipped steps are its calibration: no warning
-        train(model, opt, 1, scaler=scaler, poison=(0, call))
-    assert scaler.get_scale() == 2.0**9
-    for key, value in state.items():
-        assert torch.equal(opt.state[next(model.parameters())][key], value)
-
-
-@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
-def test_scaled_and_unscaled_runs_agree(backend):
-    """A power-of-two scale unscales exactly: the same trajectory bit for bit."""
-    runs = []
-    for scaled in (False, True):
-        model = mlp()
-        opt = make("bsam", model, backend)
-        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**12, growth_interval=2) if scaled else None
-        train(model, opt, 6, splits=2, scaler=scaler)
-        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.equal(runs[0], runs[1])
-
-
-def test_old_checkpoints_load_and_the_noise_continues():
-    """A checkpoint with plain step / skipped_steps counts (no attempts): the noise seed counts their sum."""
-    model = mlp()
-    opt = make("bsam", model, "auto")
-    train(model, opt, 2)
-    train(model, opt, 1, poison=(0, 0))  # one skipped step
-    checkpoint = opt.state_dict()
-    group = checkpoint["param_groups"][0]
-    assert (group["step"], group["skipped_steps"], group.pop("attempts")) == (2, 1, 3)  # an old one had none
-    resumed_model = mlp()
-    resumed_model.load_state_dict(model.state_dict())
-    resumed = make("bsam", resumed_model, "auto")
-    resumed.load_state_dict(checkpoint)
-    assert resumed.param_groups[0]["attempts"] == 3
-    train(model, opt, 2)
-    train(resumed_model, resumed, 2)
-    for p, q in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(p, q)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -30,6 +30,7 @@ def test_the_cpu_backend_is_there_however_the_package_was_installed():
     assert backends.resolve("cpu", "cpu").BUILT.startswith(("built at install", "compiled on first use"))
 
 
+@pytest.mark.slow
 def test_first_use_build_compiles_once_then_loads_from_its_cache(tmp_path):
     # the very recipe a plain `pip install .` relies on, into an empty cache, then again from it
     code = (
@@ -68,6 +69,7 @@ def test_the_sources_ship_with_the_package():
     assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]' in setup
 
 
+@pytest.mark.slow
 def test_auto_says_once_when_it_falls_back():
     code = (
         "import torch, sambayes\n"
@@ -85,6 +87,7 @@ def test_auto_says_once_when_it_falls_back():
     assert "SAMBAYES_NO_EXTENSION is set" in result.stderr
 
 
+@pytest.mark.slow
 def test_auto_is_silent_when_it_gets_the_preferred_backend():
     result = _python(
         "import warnings, sambayes; warnings.simplefilter('error'); print(sambayes.backends.pick('auto', 'cpu'))"

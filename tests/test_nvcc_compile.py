@@ -35,6 +35,7 @@ def nvcc_command(tmp_path: pathlib.Path, sources: list[pathlib.Path]) -> list[st
     return cmd + ["--threads", "2"]  # the two architectures in parallel
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     sources = [ROOT / "csrc" / name for name in CUDA_SOURCES]

@@ -153,6 +153,9 @@ def check(method, scenario, backend):
                 torch.testing.assert_close(state[key], wstate[key], rtol=rtol, atol=atol, msg=f"{message} {key}")
 
 
+@pytest.mark.slow
+# some scenarios poison a pass on purpose: the skipped counts are compared, not warned about
+@pytest.mark.filterwarnings("ignore:.*non-finite gradient, step skipped:RuntimeWarning")
 @pytest.mark.parametrize("backend", COMPARED)
 @pytest.mark.parametrize("method", ["bsam", "sam-sgd", "sam-adamw"])
 def test_every_backend_trains_as_the_spec(backend, method):

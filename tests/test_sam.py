@@ -1,16 +1,16 @@
-"""SAM: the algorithm (against a hand-written reference), its variants (adaptive, Nesterov,
-AdamW base) and the backends against the eager backend."""
+"""SAM, sambayes/sam.py: the algorithm (against a hand-written reference), its variants (adaptive,
+Nesterov, AdamW base), the backends against the eager backend, and its groups (SGD's for base='sgd',
+with schedulers that cycle momentum). What SAM shares with BSAM is in test_optimizer.py and the files
+beside it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import AVAILABLE_BACKENDS
-from test_bsam import assert_eager_and_foreach_agree_on_cnn, closure_for, data, small_mlp
+from harness import CPU_BACKENDS, data, small_mlp
+from test_bsam import assert_eager_and_foreach_agree_on_cnn, closure_for
 from torch.func import functional_call, grad
 
 import sambayes
-
-CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu")]
 
 
 def reference_sam_step(model, w, buf, chunks, *, lr, mu, rho, wd):
@@ -59,5 +59,43 @@ def test_sam_adaptive_and_adamw_match_eager(backend):
         torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
     assert_eager_and_foreach_agree_on_cnn(lambda ps, backend: sambayes.SAM(ps, lr=0.05, backend=backend))
+
+
+# ---------------------------------------------------------------------------------------
+# SAM-SGD's groups are SGD's
+
+
+def test_sam_sgd_groups_carry_momentum_and_no_betas():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    sgd_group = sambayes.SAM(p, lr=0.1).param_groups[0]
+    assert "momentum" in sgd_group and "betas" not in sgd_group and "eps" not in sgd_group
+    adamw_group = sambayes.SAM(p, lr=0.1, base="adamw").param_groups[0]
+    assert "betas" in adamw_group and "momentum" not in adamw_group and "nesterov" not in adamw_group
+    with pytest.raises(ValueError, match="belong to base='adamw'"):
+        sambayes.SAM(p, lr=0.1, betas=(0.8, 0.9))
+    with pytest.raises(ValueError, match="belong to base='sgd'"):
+        sambayes.SAM(p, lr=0.1, base="adamw", momentum=0.5)
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_schedulers_cycle_sam_momentum_as_for_sgd(scheduler):
+    def make(cls, **kw):
+        p = [torch.nn.Parameter(torch.zeros(2))]
+        opt = cls(p, lr=0.1, momentum=0.9, **kw)
+        if scheduler == "OneCycleLR":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, cycle_momentum=True)
+        else:
+            sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.1, max_lr=1.0, step_size_up=3, cycle_momentum=True)
+        return opt, sched
+
+    sam, sam_sched = make(sambayes.SAM)
+    sgd, sgd_sched = make(torch.optim.SGD)
+    for _ in range(5):
+        sam._opt_called = sgd._opt_called = True  # a step happened, as far as the scheduler is concerned
+        sam_sched.step()
+        sgd_sched.step()
+        assert sam.param_groups[0]["momentum"] == sgd.param_groups[0]["momentum"]
+        assert sam.param_groups[0]["lr"] == sgd.param_groups[0]["lr"]

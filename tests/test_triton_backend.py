@@ -1,6 +1,7 @@
 """The triton backend: its noise, tables and launches, rounding, and whole BSAM and SAM
 trajectories against the eager backend and the golden files. The phases themselves are
-checked against the spec in tests/test_<phase>.py.
+checked against the spec in tests/test_<phase>.py, its checkpoints in tests/test_checkpoints.py
+(which uses the helpers here).
 
 Runs natively on a GPU and on the CPU under the Triton interpreter (set below,
 before Triton is imported).
@@ -78,6 +79,7 @@ def bsam(model, backend, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splits", [1, 2])
 def test_bsam_float32_trajectory_matches_eager(splits):
     xs, ys = make_data(20 if splits == 1 else 10)
@@ -91,6 +93,7 @@ def test_bsam_float32_trajectory_matches_eager(splits):
     assert relative_error(runs["triton"][0], runs["eager"][0]) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [{}, {"nesterov": True}, {"adaptive": True}, {"base": "adamw", "lr": 1e-2, "weight_decay": 0.01}],
@@ -109,6 +112,7 @@ def test_sam_float32_trajectory_matches_eager(options):
     assert relative_error(runs["triton"], runs["eager"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_bsam_bfloat16_within_twice_eager_error():
     """bf16 parameters, float32 state: the triton backend is as accurate as the eager backend against float64."""
     xs, ys = make_data(20)
@@ -126,6 +130,7 @@ def test_bsam_bfloat16_within_twice_eager_error():
     assert errors["triton"] <= 2 * errors["eager"], errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bsam_basic.json", "sam_basic.json"])
 def test_golden_float32(name):
     """float32 through the triton backend: as close to the authors' trajectory as the eager backend in float32."""
@@ -134,45 +139,7 @@ def test_golden_float32(name):
     assert triton <= max(2 * eager, 1e-6), (triton, eager)
 
 
-def test_checkpoint_resume_and_recreate():
-    """state_dict / load_state_dict / a fresh optimizer: the resumed run equals the uninterrupted one."""
-    xs, ys = make_data(6)
-    model = make_model(torch.float32)
-    opt = bsam(model, "triton")
-    train(model, opt, xs, ys)
-    straight = [p.detach().clone() for p in model.parameters()]
-
-    model = make_model(torch.float32)
-    opt = bsam(model, "triton")
-    train(model, opt, xs[:3], ys[:3])
-    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict()}
-    resumed = make_model(torch.float32, seed=99)
-    resumed.load_state_dict(checkpoint["model"])
-    opt = bsam(resumed, "triton")
-    opt.load_state_dict(checkpoint["opt"])
-    train(resumed, opt, xs[3:], ys[3:])
-    for a, b in zip(resumed.parameters(), straight):
-        assert torch.equal(a, b)
-
-
-def test_model_to_and_load_state_dict_between_steps():
-    """The user overwrites the weights between steps: the backend follows (the cached tables stay right)."""
-    xs, ys = make_data(4)
-    model = make_model(torch.float32)
-    opt = bsam(model, "triton")
-    train(model, opt, xs[:2], ys[:2])
-    fresh = make_model(torch.float32, seed=3)
-    model.load_state_dict(fresh.state_dict())
-    model.to(DEVICE)
-    train(model, opt, xs[2:], ys[2:])
-    eager_model = make_model(torch.float32)
-    eager_opt = bsam(eager_model, "eager")
-    train(eager_model, eager_opt, xs[:2], ys[:2])
-    eager_model.load_state_dict(fresh.state_dict())
-    train(eager_model, eager_opt, xs[2:], ys[2:])
-    assert relative_error(list(model.parameters()), list(eager_model.parameters())) <= 1e-6
-
-
+@pytest.mark.slow
 def test_without_triton_the_package_imports_and_says_how_to_get_it():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail, as when it is not installed

@@ -29,6 +29,7 @@ STREAMS = {
 CAPTURABLE = {"_bsam_sample_kernel", "_bsam_update_kernel", "_sam_update_sgd_kernel", "_sam_update_adamw_kernel"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capturable", [False, True], ids=["scalars-by-value", "capturable"])
 def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(capturable):
     try:

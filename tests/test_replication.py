@@ -1,4 +1,6 @@
-"""DDP and FSDP2 with two real processes on gloo (CPU)."""
+"""Replication, sambayes/_replication.py (and sambayes/_distributed.py): one process, DDP and FSDP2, with
+two real processes on gloo (CPU); the workers are in tests/dist_workers.py. DCP checkpoints under
+FSDP2 are in test_checkpoints.py."""
 
 import dist_workers
 import pytest
@@ -16,6 +18,7 @@ def run_two_ranks(tmp_path, method, wrapper, splits=1):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bsam", "sam"])
 def test_ddp_replicas_agree_and_equal_single_process_m_sharpness(tmp_path, method):
     rank0, rank1 = run_two_ranks(tmp_path, method, "ddp")
@@ -29,6 +32,7 @@ def test_ddp_replicas_agree_and_equal_single_process_m_sharpness(tmp_path, metho
     assert moved > 1e-3  # and training did move the weights
 
 
+@pytest.mark.slow
 def test_ddp_with_splits_all_reduces_the_sum_once(tmp_path):
     """2 ranks x 2 splits (perturbed passes synced only on the last split) = 1 process x 4 splits.
 
@@ -41,6 +45,7 @@ def test_ddp_with_splits_all_reduces_the_sum_once(tmp_path):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bsam", "sam"])
 def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
     rank0, rank1 = run_two_ranks(tmp_path, method, "fsdp2")
@@ -57,6 +62,7 @@ def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
         assert torch.equal(again, at_mean)  # and the mean is back
 
 
+@pytest.mark.slow
 def test_ddp_with_float32_and_float64_state(tmp_path):
     """Statistics of two dtypes are all-reduced in the same order on every rank."""
     rank0, rank1 = run_two_ranks(tmp_path, "bsam", "ddp-mixed")
@@ -70,6 +76,7 @@ def test_global_offset_of_a_plain_tensor_is_zero():
     assert _distributed.global_offset(torch.zeros(3, 4)) == 0
 
 
+@pytest.mark.slow
 def test_compiled_ddp_module_keeps_the_ddp_handling(tmp_path):
     """torch.compile(DDP(net)): the optimizer looks inside the compiled wrapper, so each rank still
     draws its own noise and the noisy pass is not all-reduced (equal to plain DDP's result)."""
@@ -80,6 +87,7 @@ def test_compiled_ddp_module_keeps_the_ddp_handling(tmp_path):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_parameters_without_the_module_under_ddp_warn(tmp_path):
     messages = run_two_ranks(tmp_path, "bsam", "ddp-params")
     for caught in messages:
