@@ -1,11 +1,13 @@
-"""The one place that touches ``torch.amp.GradScaler``'s private state (tests/test_amp.py pins it to the
+"""The one place that touches ``torch.amp.GradScaler``'s private state (tests/test_skipping.py pins it to the
 supported PyTorch versions).
 
 The optimizers unscale gradients inside their kernels and decide skipping on the device, so they
 read the scaler's scale without a host sync and hand it the step's found-inf flag as the scaler's
 own ``unscale_`` would have. ``GradScaler.step(optimizer, closure)`` works through torch's contract
 for optimizers that scale themselves (``_step_supports_amp_scaling``): it calls
-``optimizer.step(closure, grad_scaler=scaler)``.
+``optimizer.step(closure, grad_scaler=scaler)`` (with torch's FutureWarning), once the scaler has a scale:
+torch checks for one before the closure's first ``scale(loss)``, so the very first step must be
+``optimizer.step(closure, grad_scaler=scaler)`` (or follow a ``scaler.scale(...)``).
 """
 
 from __future__ import annotations
