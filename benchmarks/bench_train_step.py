@@ -263,25 +263,26 @@ def cases(work: Workload, args) -> list[Case]:
         return lambda: work.train_step(model, opt, k)
 
     def alone(params, grads, opt, k):
-        def set_grads() -> None:
-            for p, g in zip(params, grads):
-                p.grad = g
+        def give_grads() -> None:  # a backward pass's effect on .grad, by autograd, without the pass
+            torch.autograd.backward(params, grads)
 
         def step() -> None:
             if ivon is not None and isinstance(opt, ivon.IVON):
                 with opt.sampled_params(train=True):
-                    set_grads()
+                    opt.zero_grad()
+                    give_grads()
                 opt.step()
                 return
             if not isinstance(opt, (sambayes.BSAM, sambayes.SAM)):
-                set_grads()
+                opt.zero_grad()  # torch.optim's loop (sambayes manages its gradient buffers itself)
+                give_grads()
                 opt.step()
                 return
             for _ in range(k):
                 opt.sample()
-                set_grads()
+                give_grads()
                 opt.perturb()
-                set_grads()
+                give_grads()
             opt.update()
 
         return step

@@ -26,11 +26,6 @@ from ._ledger import Ledger, Slot, grads, params, states
 from ._step import PERTURBED, REST, SAMPLED, DeviceScalars, Step, SumPool, check_capture
 from .phases import master_dtype
 
-
-def _params_of(slots: list[Slot]) -> list[torch.Tensor]:
-    return [s.param for s in slots]
-
-
 #: (group, its trainable parameters' slots) for every parameter group
 Groups = list[tuple[dict[str, Any], list[Slot]]]
 
@@ -90,6 +85,9 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._hyperparameters = [k for k in defaults if k != "attempts"]  # what a checkpoint's groups carry
         super().__init__(params, defaults)
         self._build()  # after torch's fields: state before our units (benchmarks/bench_memory.py names by path)
+        if model is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            _batchnorm.warn_if_bare(params, type(self).__name__, _arguments.caller_stacklevel())
         if not any(p.is_meta for group in self.param_groups for p in group["params"]):
             # the state exists from the start, as torch.distributed.checkpoint's get/set_optimizer_state_dict
             # need it (they would otherwise create it with step() and no closure); parameters changed before
@@ -109,8 +107,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._replication = _replication.policy(self.model)
         self._skips = _progress.SkipReport(type(self).__name__, self.capturable, self._weights)
         self._step: Step | None = None  # the step in progress
-        self._bn_watch = None  # the first step's look for BatchNorm layers among bare parameters (see sample())
-        self._looked_for_bn = self.model is not None
         self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
 
@@ -228,9 +224,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             step.fold(self._fold, last=False)
         for index, (group, slots) in enumerate(self._groups()):
             self._sample_group(step, index, group, slots)
-        if not self._looked_for_bn:  # bare parameters: a look at the first pass for BatchNorm layers
-            self._looked_for_bn = True
-            self._bn_watch = _batchnorm.watch_bare_parameters(_params_of(self._ledger.slots), type(self).__name__)
         if self.passes == 1:  # the gradient at this sample feeds the update: that pass begins now
             step.split += 1
             self._replication.grad_sync(False)  # local: the update averages the sums across replicas
@@ -257,7 +250,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._expect(SAMPLED, action="perturb")
         step = self._step
         step.written = set(self._ledger.find_written("perturb"))
-        self._done_looking()
         _arguments.warn_if_no_gradient(step.written, self._ledger.slots, "perturb", type(self).__name__)
         step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         self._perturb(step, self._groups())  # subclasses restore the parameters without a gradient
@@ -336,13 +328,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._ledger.drop_grads()
         self._end_step()
 
-    def _done_looking(self) -> None:
-        if self._bn_watch is not None:
-            self._bn_watch.remove()
-            self._bn_watch = None
-
     def _end_step(self) -> None:
-        self._done_looking()
         step, self._step = self._step, None
         self._pool.give_back(step.sums)
         self._replication.grad_sync(True)

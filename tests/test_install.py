@@ -63,10 +63,10 @@ def test_the_sources_ship_with_the_package():
     folder = _build.source_dir()
     for name in _build.CPU_SOURCES + _build.CUDA_SOURCES:
         assert (folder / name).is_file(), name
-    headers = {path.name for path in (ROOT / "csrc").glob("*.h")}
-    assert headers and headers <= {path.name for path in folder.glob("*.h")}
+    headers = {path.name for suffix in ("*.h", "*.cuh") for path in (ROOT / "csrc").glob(suffix)}
+    assert headers and headers <= {path.name for suffix in ("*.h", "*.cuh") for path in folder.glob(suffix)}
     setup = (ROOT / "setup.py").read_text()
-    assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]' in setup
+    assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]' in setup
 
 
 @pytest.mark.slow
