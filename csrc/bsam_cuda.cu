@@ -174,7 +174,7 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
                       const std::optional<at::Tensor>& seed_tensor) {
   check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
   check_offsets("bsam_sample", offsets, params);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const DeviceGuard guard(params[0].device());
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
   const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
@@ -192,7 +192,7 @@ void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   check_group("bsam_perturb", params, {{"grads", grads}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}});
   const auto device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   const auto base = make_relative<5>(rows, 4);
   float* flag = device_scalar(found_inf, device, "found_inf");
@@ -215,7 +215,7 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
   check_splits("bsam_update", splits);
   check_offsets("bsam_update", offsets, params);
   const auto device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
   const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
@@ -257,17 +257,16 @@ void philox_randn_cuda(const at::Tensor& out, int64_t seed, int64_t start) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "philox_randn_: out must be contiguous float32");
   TORCH_CHECK(start >= 0, "philox_randn_: start must be >= 0, got ", start);
   if (out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
+  const DeviceGuard guard(out.device());
   const auto key = philox_key(seed);
   const int64_t blocks = std::min<int64_t>((out.numel() + kThreads - 1) / kThreads, 65536);
-  philox_randn_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(philox_randn_kernel, static_cast<unsigned>(blocks), kThreads, current_stream(out.device()),
+                out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sambayes_C, SB_CUDA_KEY, m) {
   m.impl("bsam_sample", &bsam_sample_cuda);
   m.impl("bsam_perturb", &bsam_perturb_cuda);
   m.impl("bsam_update", &bsam_update_cuda);

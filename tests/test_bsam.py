@@ -10,7 +10,7 @@ from torch.func import functional_call, grad
 
 import sambayes
 
-CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu")]
+CPU_BACKENDS = [b for b in AVAILABLE_BACKENDS if b in ("eager", "foreach", "cpu", "cuda-emulated")]
 
 
 def small_mlp(dtype=torch.float32):

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
+NAMES = ("eager", "foreach", "triton", "cpu", "cuda", "cuda-emulated")
 #: what ``backend=`` accepts
 BACKENDS = ("auto",) + NAMES
 #: first available wins, per device type
@@ -51,6 +51,7 @@ _DEFAULT_AUTO = ("foreach",)
 FALLBACK = "eager"
 
 _MODULES = {"eager": "eager", "foreach": "foreach", "triton": "triton", "cpu": "extension", "cuda": "extension"}
+_MODULES["cuda-emulated"] = "emulated"  # the CUDA kernels run on the CPU, for tests; never picked by "auto"
 
 #: the lists each phase writes in place, by position: their version counters move after the
 #: call, as after an in-place torch op (the fused kernels write memory autograd does not see)
@@ -89,6 +90,8 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
         return f"backend 'cuda' is not available: sambayes._C has no CUDA kernels: {module.CUDA_NOTE}"
     if name == "cuda" and not torch.cuda.is_available():
         return "backend 'cuda' is not available: no CUDA device is visible to PyTorch"
+    if name == "cuda-emulated" and device.type != "cpu":
+        return f"backend 'cuda-emulated' runs the CUDA kernels on the CPU: CPU tensors only, got {device}"
     if name in ("cpu", "cuda") and device.type != name:
         return f"backend {name!r} runs on {name.upper()} tensors only, got parameters on {device}"
     if name == "triton" and device.type == "cpu" and not module.INTERPRETED:
@@ -133,7 +136,7 @@ def resolve(backend: str, device: torch.device | str) -> ModuleType:
 
 
 #: the backends that launch through cached tables of addresses (see kernels/_multi_tensor.py)
-TABLED = ("triton", "cuda")
+TABLED = ("triton", "cuda", "cuda-emulated")
 
 
 def scratch_in_one_buffer(backend: str, device: torch.device | str) -> bool:
