@@ -133,13 +133,16 @@ std::vector<TensorRow<N>> make_rows(const std::array<at::TensorList, N>& lists, 
   return rows;
 }
 
-// Cut every row into chunks of at most `chunk` elements (empty tensors give none).
+// Cut every row into chunks of at most `chunk` elements (empty tensors give none). noise_space: the
+// boundaries fall on noise indices (offset + element) that are multiples of 4 (`chunk` is one), so
+// that no chunk splits the four elements of a Philox call.
 template <int N>
-std::vector<Chunk> plan_chunks(const std::vector<TensorRow<N>>& rows, int64_t chunk) {
+std::vector<Chunk> plan_chunks(const std::vector<TensorRow<N>>& rows, int64_t chunk, bool noise_space = false) {
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < rows.size(); ++i) {
-    for (int64_t begin = 0; begin < rows[i].numel; begin += chunk) {
-      chunks.push_back({static_cast<int64_t>(i), begin, std::min(rows[i].numel, begin + chunk)});
+    const int64_t shift = noise_space ? rows[i].offset % 4 : 0;
+    for (int64_t begin = 0, end = chunk - shift; begin < rows[i].numel; begin = end, end += chunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(rows[i].numel, end)});
     }
   }
   return chunks;

@@ -79,9 +79,9 @@ constexpr int64_t kCudaChunk = 1 << 14;  // elements per block: 16 vector iterat
 
 // ---- vector loads and stores ------------------------------------------------------------------
 
-// W elements of T moved as one aligned load or store.
+// W elements of T moved as one aligned load or store (as 16-byte ones where they span more).
 template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
+struct alignas(sizeof(T) * W < 16 ? sizeof(T) * W : 16) Pack {
   T v[W];
 };
 
@@ -128,6 +128,21 @@ __device__ __forceinline__ void store_zero(void* base, int64_t i) {
   store<T, W>(base, i, zero);
 }
 
+// Lane k of four, by selects: a dynamic index would put the pack in local memory.
+template <typename T>
+__device__ __forceinline__ Pack<T, 1> one_lane(const Pack<T, 4>& pack, int64_t k) {
+  return {{k == 0 ? pack.v[0] : k == 1 ? pack.v[1] : k == 2 ? pack.v[2] : pack.v[3]}};
+}
+
+// Elements first .. first + W - 1 of a pack.
+template <int W, typename T, int N>
+__device__ __forceinline__ Pack<T, W> slice(const Pack<T, N>& pack, int first) {
+  Pack<T, W> out;
+#pragma unroll
+  for (int j = 0; j < W; ++j) out.v[j] = pack.v[first + j];
+  return out;
+}
+
 template <typename P, typename A, int W>
 __device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
   Pack<P, W> out;
@@ -171,28 +186,69 @@ int64_t make_relative(std::vector<TensorRow<N>>& rows, int role) {
   return base;
 }
 
+// An op that draws from a Philox stream (`static constexpr bool kNoiseQuads = true`): see multi_tensor_kernel.
+template <typename Op, typename = void>
+struct draws_noise : std::false_type {};
+template <typename Op>
+struct draws_noise<Op, std::void_t<decltype(Op::kNoiseQuads)>> : std::bool_constant<Op::kNoiseQuads> {};
+
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
 // kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
+// An op that draws from a Philox stream runs over quads instead: the four elements whose noise
+// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw): with vector
+// loads where the row is aligned and its offset a multiple of 4, else element by element. Its
+// run<W>(row, i, lanes) gets the lanes of its W elements from lanes(), which it calls where it needs
+// them (a late call keeps fewer values live across the Philox rounds). The other ops' rows carry no
+// offsets, so that their chunks begin on multiples of kCudaChunk.
 template <int N, int V, int kRelative, typename Op>
 __global__ void __launch_bounds__(kThreads)
     multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
   const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
   TensorRow<N> row = rows[chunk.row];
-  if constexpr (kRelative >= 0) row.ptr[kRelative] = static_cast<char*>(row.ptr[kRelative]) + base;
-  int64_t tail = chunk.begin;
-  if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
-    const int64_t vectors = (chunk.end - chunk.begin) / V;
-    if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
-#pragma unroll 1
-      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-    } else {
-#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
-      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-    }
-    tail = chunk.begin + vectors * V;
+  if constexpr (kRelative >= 0) {  // in integers: an offset below the base is no pointer (UBSan: pointer overflow)
+    row.ptr[kRelative] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[kRelative]) + base);
   }
-  for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
+  if constexpr (draws_noise<Op>::value) {
+    int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
+    if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
+      const int64_t quads = (chunk.end - chunk.begin) / 4;
+#pragma unroll 1
+      for (int64_t k = threadIdx.x; k < quads; k += kThreads) {
+        const int64_t q = chunk.begin + 4 * k;
+        if constexpr (V == 4) {
+          op.template run<4>(row, q, [&] { return op.draw(row, q); });
+        } else {  // float64 state: two vectors of two elements, one call for both
+          const auto lanes = op.draw(row, q);
+          op.template run<2>(row, q, [&] { return slice<2>(lanes, 0); });
+          op.template run<2>(row, q + 2, [&] { return slice<2>(lanes, 2); });
+        }
+      }
+      first = chunk.begin + 4 * quads;
+    }
+    for (int64_t q = first + 4 * threadIdx.x; q < chunk.end; q += 4 * kThreads) {  // the rest, masked
+      const auto lanes = op.draw(row, q);
+      const int64_t end = q + 4 < chunk.end ? q + 4 : chunk.end;
+#pragma unroll 1
+      for (int64_t i = q > chunk.begin ? q : chunk.begin; i < end; ++i) {
+        op.template run<1>(row, i, [&] { return one_lane(lanes, i - q); });
+      }
+    }
+  } else {
+    int64_t tail = chunk.begin;
+    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
+      const int64_t vectors = (chunk.end - chunk.begin) / V;
+      if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+#pragma unroll 1
+        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+      } else {
+#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
+        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+      }
+      tail = chunk.begin + vectors * V;
+    }
+    for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
+  }
 }
 
 // ---- device tables, cached ------------------------------------------------------------------
@@ -233,7 +289,7 @@ class TableCache {
                   "sambayes: the cuda backend has no launch table for these tensors and cannot build one during "
                   "the capture of a CUDA graph; run the captured steps once before capturing (a warm-up, as "
                   "torch.cuda.graphs recommends), with the same tensors");
-      const auto chunks = plan_chunks(rows, kCudaChunk);
+      const auto chunks = plan_chunks(rows, kCudaChunk, /*noise_space=*/true);
       const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
       auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)}, at::TensorOptions().dtype(at::kByte));
       std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
