@@ -36,16 +36,16 @@ JIT_NAME = "sambayes_C"
 EMULATED_SOURCES = ["bindings.cpp", "cuda_emulated.cpp"]
 #: no FMA contraction (ISO C++): the host's rounding, line by line; -O2 keeps the first build near a minute
 EMULATED_FLAGS = ["-O2", "-fopenmp", "-DSAMBAYES_EMULATED", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
-#: the builds of the emulated tier, by the name $SAMBAYES_EMULATED_BUILD selects: (compile flags, link flags)
-EMULATED_BUILDS = {
-    "": ([], []),
+#: the variants of the emulated tier, (compile flags, link flags) by name; a build joins some with "+"
+#: ("sanitized+fma"), as $SAMBAYES_CUDA_EMULATED names it (sambayes/backends/emulated.py)
+EMULATED_VARIANTS = {
     # AddressSanitizer and UndefinedBehaviorSanitizer, stopping at the first report; needs libasan preloaded
     "sanitized": (
-        ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        ["-O1", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
         ["-fsanitize=address,undefined"],
     ),
-    # products fused into FMAs wherever the compiler can, as nvcc does (--fmad=true)
-    "fma": (["-mfma", "-ffp-contract=fast"], []),
+    # products fused into FMAs wherever the compiler can, as nvcc fuses them (--fmad=true)
+    "fma": (["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"], []),
 }
 
 
@@ -134,17 +134,20 @@ def compile_now():
 
 def emulated_name(build: str) -> str:
     """The module and op library (``torch.ops.<name>``) of an emulated build."""
-    return "sambayes_emulated" + (f"_{build}" if build else "")
+    return "sambayes_emulated" + "".join(f"_{variant}" for variant in build.split("+") if variant)
 
 
 def compile_emulated(build: str = ""):
     """Compile (or load from the cache) the emulated CUDA tier; returns the module, whose ops are
-    ``torch.ops.<emulated_name(build)>``. ``build``: a key of EMULATED_BUILDS."""
+    ``torch.ops.<emulated_name(build)>``. ``build``: "" (plain), or variants of EMULATED_VARIANTS joined
+    with "+"."""
     import torch
     from torch.utils.cpp_extension import load
 
-    if build not in EMULATED_BUILDS:
-        raise ImportError(f"no emulated build {build!r}: choose one of {sorted(EMULATED_BUILDS)}")
+    variants = [variant for variant in build.split("+") if variant]
+    unknown = [variant for variant in variants if variant not in EMULATED_VARIANTS]
+    if unknown:
+        raise ImportError(f"no emulated variant {unknown[0]!r}: choose among {sorted(EMULATED_VARIANTS)}, joined by +")
     missing = missing_tools()
     if missing:
         raise ImportError("cannot compile the emulated CUDA tier: missing " + "; ".join(missing))
@@ -161,7 +164,8 @@ def compile_emulated(build: str = ""):
     built = folder / f"{name}.so"
     if not built.is_file() or built.stat().st_mtime < max(path.stat().st_mtime for path in src.iterdir()):
         print(f"sambayes: compiling the emulated CUDA tier once (about a minute) into {folder}", file=sys.stderr)
-    cflags, ldflags = EMULATED_BUILDS[build]
+    cflags = [flag for variant in variants for flag in EMULATED_VARIANTS[variant][0]]
+    ldflags = [flag for variant in variants for flag in EMULATED_VARIANTS[variant][1]]
     # sambayes_C: bindings.cpp's and the .cu files' op library becomes this build's own
     cxx = CXX_FLAGS + EMULATED_FLAGS + cflags + [f"-Dsambayes_C={name}", f"-I{src}"]
     return _load(load, sources, cxx, folder, with_cuda=False, name=name, ldflags=LINK_FLAGS + ldflags)

@@ -9,10 +9,10 @@ CI, on every phase test. It shows nothing about streams, graphs (their stubs are
 the code nvcc generates, or timing (docs/cext.md). It is never picked by ``"auto"``.
 
 A test tool, so it is off unless ``SAMBAYES_CUDA_EMULATED`` is set (tests/conftest.py sets it on
-machines without a GPU): ``1`` for the plain build, or the name of another build of
-``sambayes._build.EMULATED_BUILDS``: ``sanitized`` (AddressSanitizer and UndefinedBehaviorSanitizer;
-run with libasan preloaded) or ``fma`` (products fused as nvcc fuses them). Compiled on first use and
-cached (``sambayes._build.compile_emulated``).
+machines without a GPU): ``1`` for the plain build, or variants of ``sambayes._build.EMULATED_VARIANTS``
+joined by ``+``: ``sanitized`` (AddressSanitizer and UndefinedBehaviorSanitizer; run with libasan
+preloaded), ``fma`` (products fused into FMAs as nvcc fuses them), ``sanitized+fma`` (CI's step).
+Compiled on first use and cached (``sambayes._build.compile_emulated``).
 
 Same functions and arguments as :mod:`.eager`. Each forwards to the op of the same name, whose
 schema (``csrc/bindings.cpp``) names the arguments: lists and flags by position, hyperparameters by
@@ -30,7 +30,7 @@ from .._build import compile_emulated, emulated_name
 _SETTING = os.environ.get("SAMBAYES_CUDA_EMULATED", "0")
 if _SETTING in ("", "0"):
     raise ImportError("the emulated CUDA tier is a test tool: set SAMBAYES_CUDA_EMULATED=1 to compile and use it")
-#: which build runs (a key of sambayes._build.EMULATED_BUILDS; "1" is the plain one)
+#: which build runs: "" (plain), or variants of sambayes._build.EMULATED_VARIANTS joined by "+"
 BUILD = "" if _SETTING == "1" else _SETTING
 _C = compile_emulated(BUILD)
 #: the build's ops, and its test hooks: set_stream, set_capturing, counters, clear_tables, inject_fault
