@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import AVAILABLE_BACKENDS, DEVICE
 
-from sambayes import backends
+from sambayes import _philox, backends
 from sambayes.backends import eager
 
 #: what every other backend is checked against
@@ -36,6 +36,18 @@ NOISE_ULPS = 3
 #: fuse b·x + c into one rounding, which ALGORITHM.md's elementwise lines allow. Two: one rounding
 #: saved per fused product, at most two products fused into one term.
 FMA_ULPS = 2
+
+
+def noise_slack(seed: int, start: int, z: torch.Tensor) -> torch.Tensor:
+    """Elementwise, how far a backend's noise may be from the reference's z (noise indices start ..):
+    NOISE_ULPS float32 ulps of z (log, sin and cos round differently) plus FMA_ULPS ulps of the
+    radius r of z's Box–Muller pair, the operands of r·cos θ and r·sin θ: fused multiply-adds in the
+    polynomials move z by a few ulps of r, not of z, where cos θ is near zero."""
+    first = start - start % 2  # pairs: lanes 0-1 and 2-3 of a call
+    count = (start + z.numel() + 1) // 2 * 2 - first
+    pairs = _philox.randn_range(seed, first, count).double().view(-1, 2)
+    radius = pairs.square().sum(1).sqrt().repeat_interleave(2)[start - first : start - first + z.numel()]
+    return (NOISE_ULPS * z.detach().double().abs().cpu().flatten() + FMA_ULPS * radius) * 2.0**-23
 
 
 def contraction_slack(dtype: torch.dtype, *terms) -> torch.Tensor:
