@@ -165,8 +165,7 @@ struct BsamUpdateOp {
 void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
                       at::IntArrayRef offsets, double num_data, int64_t seed,
                       const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
-  check_offsets("bsam_sample", offsets, params);
+  check_bsam_sample(params, means, precisions, offsets);
   const DeviceGuard guard(params[0].device());
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
   const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
@@ -203,10 +202,7 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                       const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
                       double weight_decay, double damping, int64_t splits, int64_t seed,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
-              {{"precisions", precisions}, {"momentums", momentums}});
-  check_splits("bsam_update", splits);
-  check_offsets("bsam_update", offsets, params);
+  check_bsam_update(params, grad_sums, means, precisions, momentums, curvature_sums, offsets, splits);
   const auto device = params[0].device();
   const DeviceGuard guard(device);
   const bool bf16_state = stored_in_bf16(precisions);

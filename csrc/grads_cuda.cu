@@ -76,8 +76,7 @@ void find_nonfinite_cuda(at::TensorList grads, const at::Tensor& found_inf) {
 
 void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::Tensor& found_inf, bool first,
                      bool last) {
-  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
-  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+  check_fold_grads(grads, grad_sums, first, last);
   const auto device = grads[0].device();
   const DeviceGuard guard(device);
   auto rows = make_rows<2>({grads, grad_sums});

@@ -111,6 +111,53 @@ inline void check_group(const char* op, at::TensorList params, std::initializer_
   for (const auto& [name, list] : stored_like) check_list(name, list, stored);
 }
 
+// ---- the arguments of the ops with more than one check, checked alike on both devices ----------
+
+inline void check_bsam_sample(at::TensorList params, at::TensorList means, at::TensorList precisions,
+                              at::IntArrayRef offsets) {
+  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
+  check_offsets("bsam_sample", offsets, params);
+}
+
+inline void check_bsam_update(at::TensorList params, at::TensorList grad_sums, at::TensorList means,
+                              at::TensorList precisions, at::TensorList momentums, at::TensorList curvature_sums,
+                              at::IntArrayRef offsets, int64_t splits) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("bsam_update", splits);
+  check_offsets("bsam_update", offsets, params);
+}
+
+inline void check_fold_grads(at::TensorList grads, at::TensorList grad_sums, bool first, bool last) {
+  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
+  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+}
+
+inline void check_sam_update_sgd(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                                 at::TensorList momentums, int64_t splits) {
+  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
+  check_splits("sam_update_sgd", splits);
+}
+
+// `step`: the updates taken, counting this one (the bias corrections), in float64 on the bucket's device.
+inline void check_sam_update_adamw(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                                   at::TensorList momentums, at::TensorList variances, const at::Tensor& step,
+                                   int64_t splits) {
+  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
+              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
+  check_splits("sam_update_adamw", splits);
+  TORCH_CHECK(step.device() == params[0].device() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "sam_update_adamw: step must be a float64 tensor of one element on ", params[0].device());
+}
+
+// `scale`: one floating-point number on the bucket's device.
+inline void check_sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList weights,
+                              const at::Tensor& scale) {
+  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == params[0].device() && at::isFloatingType(scale.scalar_type()),
+              "sam_perturb: scale must be one floating-point number on ", params[0].device());
+}
+
 // Whether a stored_like list holds bfloat16 (precision and momentum rounded stochastically).
 inline bool stored_in_bf16(at::TensorList stored) {
   return !stored.empty() && stored[0].scalar_type() == at::kBFloat16;

@@ -163,10 +163,8 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
 
 void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
                       const at::Tensor& scale, bool adaptive) {
-  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
+  check_sam_perturb(params, grads, weights, scale);
   const auto device = params[0].device();
-  TORCH_CHECK(scale.numel() == 1 && scale.device() == device && at::isFloatingType(scale.scalar_type()),
-              "sam_perturb: scale must be one floating-point number on ", device);
   // read in the kernel (no host sync); SAM hands it over in float64 already
   const auto scale64 = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kDouble);
   const DeviceGuard guard(device);
@@ -182,8 +180,7 @@ void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::Te
                          at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
                          double lr, double momentum, double weight_decay, bool nesterov, int64_t splits,
                          const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
-  check_splits("sam_update_sgd", splits);
+  check_sam_update_sgd(params, grad_sums, weights, momentums, splits);
   const auto device = params[0].device();
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_sgd", "lr_tensor");
   const DeviceGuard guard(device);
@@ -202,12 +199,8 @@ void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::
                            const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
                            double eps, double weight_decay, int64_t splits,
                            const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
-              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  check_splits("sam_update_adamw", splits);
+  check_sam_update_adamw(params, grad_sums, weights, momentums, variances, step, splits);
   const auto device = params[0].device();
-  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
-              "sam_update_adamw: step must be a float64 tensor of one element on ", device);
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_adamw", "lr_tensor");
   const DeviceGuard guard(device);
   const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
