@@ -32,8 +32,17 @@ struct PhiloxWords {
   uint32_t w0, w1, w2, w3;
 };
 
+#if defined(SAMBAYES_EMULATED)
+namespace emulated {
+void count_philox_call();  // the emulated CUDA tier counts the calls its kernels make
+}
+#endif
+
 // The four words for counter (c0, c1, 0, 0) and key (k0, k1) = (seed lo, seed hi).
 SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+#if defined(SAMBAYES_EMULATED)
+  emulated::count_philox_call();
+#endif
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDACC__)
 #pragma unroll
