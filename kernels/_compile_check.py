@@ -1,5 +1,7 @@
 """Compile every kernel ahead of time for a GPU architecture (no GPU needed) and report
-what the machine code does: 128-bit global loads/stores, registers, local memory.
+what the machine code does: 128-bit global loads/stores, registers, local memory, and the
+steady-state path's instructions per element with the share of an H100 copy they predict
+(``instructions_per_element``, ``pct_copy_predicted``: :mod:`._sass`, docs/performance.md).
 
     python -m sambayes.kernels._compile_check [--arch 90]    # prints one JSON object per kernel
     python -m sambayes.kernels._compile_check --stored bf16  # bSAM's kernels with bfloat16 precision/momentum
@@ -25,6 +27,7 @@ from triton.compiler import ASTSource
 
 from . import (
     _multi_tensor,
+    _sass,
     bsam_perturb,
     bsam_sample,
     bsam_update,
@@ -109,7 +112,9 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None, capt
 
 
 def sass_report(compiled) -> dict:
-    """Counts of global load/store widths and the resource usage, from the cubin's SASS."""
+    """Counts of global load/store widths, the resource usage, and the steady-state path's model
+    (the full block: BLOCK elements over the program's threads, :func:`._sass.report`), from the
+    cubin's SASS."""
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -118,6 +123,9 @@ def sass_report(compiled) -> dict:
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"\b(LDG|STG|LDL|STL)(\.[A-Z0-9.]+)?", sass)
     resources = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    (instructions,) = _sass.parse(sass).values()
+    threads = 32 * compiled.metadata.num_warps
+    model = _sass.report(instructions, loop=False, elements_per_iteration=_multi_tensor.BLOCK // threads)
     return {
         "ldg128": sum(1 for op, mod in ops if op == "LDG" and ".128" in mod),
         "stg128": sum(1 for op, mod in ops if op == "STG" and ".128" in mod),
@@ -127,6 +135,7 @@ def sass_report(compiled) -> dict:
         "registers": int(resources.get("REG", -1)),
         "local_bytes": int(resources.get("LOCAL", -1)),
         "stack_bytes": int(resources.get("STACK", -1)),
+        **model,
     }
 
 
