@@ -110,7 +110,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
 
-    # ---- hyperparameters and pickling ----------------------------------------------------------
+    # ---- hyperparameters ----------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's duplicate warning: refused below instead
@@ -122,20 +122,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         except Exception:
             self.param_groups.pop()  # a refused group must not stay and train
             raise
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim keeps only defaults, state and param_groups: add what this class needs to step
-        config = ("backend", "model", "bn_stats", "capturable", "keep_sums", "_hyperparameters")
-        return {**super().__getstate__(), **{name: getattr(self, name) for name in config}}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # torch's load_state_dict passes state and param_groups only
-        if "_ledger" not in self.__dict__:  # unpickled (an older pickle may lack some options)
-            hyperparameters = [k for k in self.defaults if k != "attempts"]
-            options = dict(backend="auto", model=None, bn_stats="noisy", capturable=False, keep_sums=None)
-            for name, value in {**options, "_hyperparameters": hyperparameters}.items():
-                self.__dict__.setdefault(name, value)
-            self._build()
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
