@@ -90,28 +90,47 @@ __device__ __forceinline__ Pack<T, W> load(const void* base, int64_t i) {
   return *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(base) + i);
 }
 
-// W elements stored as S read as A, exactly (a bfloat16 is the high half of a float32). Widened from the
-// bits: c10's conversion (inline asm on an address) makes every access of the kernel generic; by 32-bit
-// pairs where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
+// x read as A, exactly (a bfloat16 is the high half of a float32): from the value's bits, as c10's
+// conversions (inline asm on the value's address) make every access of the kernel generic (LD/ST).
+template <typename A, typename S>
+__device__ __forceinline__ A widened(S x) {
+  if constexpr (std::is_same_v<S, A>) {
+    return x;
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<A, float>) {
+    return __uint_as_float(static_cast<uint32_t>(x.x) << 16);
+  } else {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<A, float>) {
+      float value;
+      asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(x.x));
+      return value;
+    }
+#endif
+    return static_cast<A>(x);
+  }
+}
+
+// W elements stored as S (a parameter, bSAM's stored state) read as A (widened); bfloat16 by 32-bit pairs
+// where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
 template <typename S, typename A, int W>
 __device__ __forceinline__ Pack<A, W> load_widened(const void* base, int64_t i) {
   if constexpr (std::is_same_v<S, A>) {
     return load<A, W>(base, i);
   } else {
-    Pack<A, W> widened;
-    if constexpr (W % 2 == 0) {
+    Pack<A, W> out;
+    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<A, float> && W % 2 == 0) {
       const auto pairs = load<uint32_t, W / 2>(base, i / 2);
 #pragma unroll
       for (int j = 0; j < W / 2; ++j) {  // little-endian: element 2j in the low half
-        widened.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
-        widened.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
+        out.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
+        out.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
       }
     } else {
       const auto stored = load<S, W>(base, i);
 #pragma unroll
-      for (int j = 0; j < W; ++j) widened.v[j] = __uint_as_float(static_cast<uint32_t>(stored.v[j].x) << 16);
+      for (int j = 0; j < W; ++j) out.v[j] = widened<A>(stored.v[j]);
     }
-    return widened;
+    return out;
   }
 }
 
@@ -143,11 +162,44 @@ __device__ __forceinline__ Pack<T, W> slice(const Pack<T, N>& pack, int first) {
   return out;
 }
 
+// x rounded to P to nearest even. On the GPU a float32 to bfloat16/float16 is one conversion instruction
+// (c10's bfloat16 one a dozen integer ones), written with value operands: CUDA's conversion intrinsics and
+// c10's take the value's address, which makes every access of the kernel generic (LD/ST). The same value,
+// but for a NaN's payload (the GPU's canonical NaN).
+template <typename P, typename A>
+__device__ __forceinline__ P narrowed(A x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<A, float>) {
+    unsigned short bits;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(x));
+    return P(bits, P::from_bits());
+  } else if constexpr (std::is_same_v<P, c10::Half> && std::is_same_v<A, float>) {
+    unsigned short bits;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(x));
+    return P(bits, P::from_bits());
+  }
+#endif
+  return static_cast<P>(x);
+}
+
+// W values rounded to P (narrowed), two at a time where P is bfloat16: one instruction per pair on the GPU.
 template <typename P, typename A, int W>
 __device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
   Pack<P, W> out;
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<A, float> && W % 2 == 0) {
 #pragma unroll
-  for (int j = 0; j < W; ++j) out.v[j] = static_cast<P>(values.v[j]);
+    for (int j = 0; j < W; j += 2) {  // the first operand goes to the high half
+      uint32_t pair;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(values.v[j + 1]), "f"(values.v[j]));
+      out.v[j] = P(static_cast<unsigned short>(pair & 0xFFFFu), P::from_bits());
+      out.v[j + 1] = P(static_cast<unsigned short>(pair >> 16), P::from_bits());
+    }
+    return out;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < W; ++j) out.v[j] = narrowed<P>(values.v[j]);
   return out;
 }
 
@@ -173,6 +225,22 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
 }
 
 // ---- the multi-tensor kernel -----------------------------------------------------------------
+
+// A row's addresses as global ones. nvcc infers that an address read from the table points to global
+// memory only in a kernel without inline assembly (the conversions to bfloat16 and float16 and the
+// approximate square roots have some); an access it cannot place is generic (LD/ST, the space resolved
+// per access). A pointer parameter plus an integer is global whatever the kernel holds: `origin` is a
+// null pointer parameter, which the compiler cannot see through. The emulated build keeps the addresses.
+template <int N>
+__device__ __forceinline__ void globalize(TensorRow<N>& row, char* origin) {
+#if defined(SAMBAYES_EMULATED)
+  (void)row;
+  (void)origin;
+#else
+#pragma unroll
+  for (int k = 0; k < N; ++k) row.ptr[k] = origin + reinterpret_cast<intptr_t>(row.ptr[k]);
+#endif
+}
 
 // Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
 // views of one buffer that may move between steps; with offsets their table stays cached and the
@@ -202,13 +270,15 @@ struct draws_noise<Op, std::void_t<decltype(Op::kNoiseQuads)>> : std::bool_const
 // offsets, so that their chunks begin on multiples of kCudaChunk.
 template <int N, int V, int kRelative, typename Op>
 __global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
+    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, char* origin, int64_t base, Op op_) {
   const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
   TensorRow<N> row = rows[chunk.row];
   if constexpr (kRelative >= 0) {  // in integers: an offset below the base is no pointer (UBSan: pointer overflow)
     row.ptr[kRelative] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[kRelative]) + base);
   }
+  // float64 state: no inline assembly but in the noise, and the sums cost SGD's update a spill (ptxas 13, sm_90)
+  if constexpr (V != 2 || draws_noise<Op>::value) globalize(row, origin);
   if constexpr (draws_noise<Op>::value) {
     int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
     if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
@@ -236,16 +306,14 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     int64_t tail = chunk.begin;
-    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
-      const int64_t vectors = (chunk.end - chunk.begin) / V;
-      if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of W
+      // two vectors per run (float64 state: one, as two spill the SGD update on sm_80 with ptxas 13): every
+      // load of both before the first store, which the compiler may not move a later vector's loads above
+      constexpr int W = V == 2 ? V : 2 * V;
+      const int64_t vectors = (chunk.end - chunk.begin) / W;
 #pragma unroll 1
-        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-      } else {
-#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
-        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-      }
-      tail = chunk.begin + vectors * V;
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<W>(row, chunk.begin + k * W);
+      tail = chunk.begin + vectors * W;
     }
     for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
   }
@@ -378,7 +446,7 @@ void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& 
   if (table.num_chunks == 0) return;
   constexpr int V = 16 / sizeof(A);
   launch_kernel(multi_tensor_kernel<N, V, kRelative, Op>, static_cast<unsigned>(table.num_chunks), kThreads,
-                current_stream(device), table.rows, table.chunks, base, op);
+                current_stream(device), table.rows, table.chunks, static_cast<char*>(nullptr), base, op);
 }
 
 // A one-element float32 tensor on the bucket's device (the found-inf flag, 1/scale).

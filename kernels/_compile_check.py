@@ -49,7 +49,7 @@ KERNELS = {
     "find_nonfinite": (find_nonfinite._find_nonfinite_kernel, {}),
     "fold_grads": (fold_grads._fold_grads_kernel, {"STAGE": 1}),
     "restore": (restore._restore_kernel, {}),
-    "sam_sq_norm": (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
+    "sam_sq_norm": (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False, "SPAN": sam_sq_norm.SPAN}),
     "sam_perturb": (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
     "sam_update_sgd": (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
     "sam_update_adamw": (sam_update_adamw._sam_update_adamw_kernel, {}),
@@ -73,7 +73,7 @@ def _arg_type(param, state: str) -> str:
         return "*fp64"
     if param.name == "seed" or param.name.endswith("_base"):  # a seed; the address of an "X" role's first tensor
         return "i64"
-    if param.name == "splits":
+    if param.name in ("splits", "num_blocks"):
         return "i32"
     raise ValueError(f"no type for kernel argument {param.name!r}")
 
@@ -111,10 +111,10 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None, capt
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _multi_tensor.NUM_WARPS})
 
 
-def sass_report(compiled) -> dict:
+def sass_report(compiled, bytes_per_element: float, blocks: int = 1) -> dict:
     """Counts of global load/store widths, the resource usage, and the steady-state path's model
-    (the full block: BLOCK elements over the program's threads, :func:`._sass.report`), from the
-    cubin's SASS."""
+    (the full blocks: ``blocks`` of BLOCK elements over the program's threads, moving ``bytes_per_element``;
+    :func:`._sass.report_straight`), from the cubin's SASS."""
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -125,7 +125,9 @@ def sass_report(compiled) -> dict:
     resources = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     (instructions,) = _sass.parse(sass).values()
     threads = 32 * compiled.metadata.num_warps
-    model = _sass.report(instructions, loop=False, elements_per_iteration=_multi_tensor.BLOCK // threads)
+    model = _sass.report_straight(
+        instructions, elements_per_thread=blocks * _multi_tensor.BLOCK // threads, bytes_per_element=bytes_per_element
+    )
     return {
         "ldg128": sum(1 for op, mod in ops if op == "LDG" and ".128" in mod),
         "stg128": sum(1 for op, mod in ops if op == "STG" and ".128" in mod),
@@ -173,7 +175,10 @@ def main(argv=None) -> None:
                     report["stored"] = stored
                 if args.capturable:
                     report["capturable"] = True
-                report.update(sass_report(compiled))
+                state = "fp64" if dtype == "fp64" else "fp32"
+                stored_name = "bf16" if stored == "bf16" else None
+                nbytes = _sass.phase_bytes(phase, dtype, state, stored_name)
+                report.update(sass_report(compiled, nbytes, constexprs.get("SPAN", 1)))
                 print(json.dumps(report), flush=True)
 
 

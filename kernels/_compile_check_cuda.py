@@ -8,11 +8,10 @@ bytes per element and the share of an H100 copy predicted.
 Needs nvcc (PyTorch's include paths; a CPU-only PyTorch is enough) and cuobjdump (the CUDA
 toolkit's, or the one Triton's wheel ships).
 
-Which phase a kernel runs is read from its name: an op of the generic multi-tensor kernel is named
-after its phase in CamelCase (``BsamSampleOp`` runs ``bsam_sample``), a kernel of its own after its
-phase with ``_kernel`` (``sam_sq_norm_kernel``); the dtypes are the op's template arguments
-(parameter, state, and for bSAM's stored state the third). The elements a thread handles per
-iteration of its loop are a template argument of the kernel (ELEMENTS_ARGUMENT).
+Which phase a kernel runs is read from its name: the op of the generic multi-tensor kernel
+(``SampleOp``), or a kernel of its own (``sq_norm_kernel``), by OPS; the dtypes are the op's template
+arguments (parameter, state, and for bSAM's stored state the third). The elements a thread handles per
+iteration of the vector loop follow from the bytes the iteration moves (:func:`._sass.report_loop`).
 """
 
 from __future__ import annotations
@@ -30,10 +29,20 @@ from . import _sass
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 
-#: which int template argument of a kernel template is the elements one thread handles per loop iteration
-ELEMENTS_ARGUMENT = {"multi_tensor_kernel": 2, "sam_sq_norm_kernel": 0}
+#: the phase of each op of the generic multi-tensor kernel and of each kernel of its own; an op named
+#: after its phase in CamelCase (``IvonUpdateOp``) needs no entry
+OPS = {
+    "SampleOp": "bsam_sample",
+    "FoldOp": "fold_grads",
+    "SgdOp": "sam_update_sgd",
+    "AdamwOp": "sam_update_adamw",
+    "sq_norm_kernel": "sam_sq_norm",
+}
+#: kernels that are no phase: test ops
+NOT_PHASES = {"philox_randn_kernel"}
 #: C++ types of the template arguments, by dtype name
 DTYPES = {"float": "fp32", "double": "fp64", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
+DTYPE_BYTES_OF = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def source_dir() -> pathlib.Path:
@@ -69,7 +78,7 @@ def tool(name: str) -> str:
         if home and (pathlib.Path(home) / "bin" / name).is_file():
             return str(pathlib.Path(home) / "bin" / name)
     try:
-        import triton.backends.nvidia as nvidia
+        from triton.backends import nvidia
 
         bundled = pathlib.Path(nvidia.__file__).parent / "bin" / name
         if bundled.is_file():
@@ -152,16 +161,14 @@ def _template(text: str) -> tuple[str, list[str]]:
 
 
 def snake(name: str) -> str:
-    """BsamSampleOp -> bsam_sample; sam_sq_norm_kernel -> sam_sq_norm."""
-    if name.endswith("_kernel"):
-        return name[: -len("_kernel")]
-    base = name[:-2] if name.endswith("Op") else name
+    """IvonUpdateOp -> ivon_update."""
+    base = name.removesuffix("Op")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
 
 
 def describe(demangled: str) -> dict:
-    """What a kernel's demangled name says: its template, the op, the phase (None where the name is no
-    phase's), the dtypes, the elements per iteration (None where ELEMENTS_ARGUMENT does not say)."""
+    """What a kernel's demangled name says: the op, its phase (None for a test op), the dtypes of its
+    parameters and stored state, the elements of one vector access (the multi-tensor kernel's V)."""
     demangled = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
     template, arguments = _template(demangled)
     ints = [a for a in arguments if re.fullmatch(r"-?\d+", a)]
@@ -172,17 +179,24 @@ def describe(demangled: str) -> dict:
         op_types = [a for a in op_arguments if a in DTYPES]
     from ..phases import PHASES
 
-    phase = snake(op)
-    elements = ELEMENTS_ARGUMENT.get(template)
+    phase = None if op in NOT_PHASES else OPS.get(op, snake(op))
+    if phase is not None and phase not in {p.name for p in PHASES}:
+        raise ValueError(f"{demangled}: op {op} runs no phase that sambayes.phases declares ({phase}); see OPS")
+    param = DTYPES.get(op_types[0]) if op_types else None
+    state = DTYPES.get(op_types[1]) if len(op_types) > 1 else None
     described = {
-        "phase": phase if phase in {p.name for p in PHASES} else None,
+        "phase": phase,
         "op": op,
         "kernel": demangled.split("(")[0].replace("sambayes::", "").replace("c10::", ""),
-        "param": DTYPES.get(op_types[0]) if op_types else None,
-        "elements_per_iteration": int(ints[elements]) if elements is not None and len(ints) > elements else None,
+        "param": param,
+        "state": state,
+        # elements of one vector access: V of the multi-tensor kernel, 16 bytes of state in sq_norm_kernel
+        "vector": int(ints[1]) if template == "multi_tensor_kernel" else 16 // DTYPE_BYTES_OF[state or "fp32"],
     }
     if len(op_types) > 2 and op_types[2] != op_types[1]:
         described["stored"] = DTYPES[op_types[2]]
+    if template == "multi_tensor_kernel" and types and _template(types[-1])[1][-1:] == ["true"]:
+        described["capturable"] = True  # kSeedTensor: the seed read from device memory
     return described
 
 
@@ -221,15 +235,23 @@ def reports(object_files: list[pathlib.Path], arch: int = 90) -> list[dict]:
                 local_bytes=int(res.get("LOCAL", -1)),
                 stack_bytes=int(res.get("STACK", -1)),
             )
-            if report["elements_per_iteration"] is not None:
-                report.update(
-                    _sass.report(
-                        functions[name],
-                        loop=True,
-                        elements_per_iteration=report["elements_per_iteration"],
-                        elements_per_thread=chunk // threads,
+            if report["phase"] is not None:
+                state = report["state"] or ("fp64" if report["param"] == "fp64" else "fp32")
+                extra = _sass.CUDA_EXTRA.get(report["phase"], ("", ""))
+                dtypes = [report["param"], state, report.get("stored", state)]
+                nbytes = _sass.phase_bytes(report["phase"], report["param"], state, report.get("stored"), extra)
+                try:
+                    report.update(
+                        _sass.report_loop(
+                            functions[name],
+                            elements_per_thread=chunk // threads,
+                            bytes_per_element=nbytes,
+                            vector=report["vector"],
+                            vector_bytes=report["vector"] * min(map(DTYPE_BYTES_OF.get, dtypes)),
+                        )
                     )
-                )
+                except ValueError as error:
+                    raise ValueError(f"{report['kernel']}: {error}") from None
             out.append(report)
     return out
 

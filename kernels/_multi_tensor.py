@@ -267,15 +267,16 @@ def launch_part(kernel, part: _Part, *args, **constexprs) -> None:
 
 
 @triton.jit
-def locate(table, NUM_ROLES: tl.constexpr):
-    """(start, remaining, noise index, record) of this program's block in the tensor table.
+def locate(table, NUM_ROLES: tl.constexpr, block=None, num_blocks=None):
+    """(start, remaining, noise index, record) of this program's block in the tensor table (or of
+    ``block`` of the table's ``num_blocks``, for a kernel whose programs take several).
 
     ``start`` may be negative (a sampling block placed on a multiple of 4 in noise space).
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0) if block is None else block
     index = tl.load(table + 2 * pid)
     start = tl.load(table + 2 * pid + 1)
-    record = table + 2 * tl.num_programs(0) + index * (2 + NUM_ROLES)
+    record = table + 2 * (tl.num_programs(0) if num_blocks is None else num_blocks) + index * (2 + NUM_ROLES)
     remaining = tl.load(record) - start
     noise_index = tl.load(record + 1) + start
     return start, remaining, noise_index, record
@@ -366,8 +367,11 @@ def philox(seed, counters):
     for _ in tl.static_range(10):
         p = c0.to(tl.uint64) * PHILOX_ROUND_A
         q = c2.to(tl.uint64) * PHILOX_ROUND_B
-        c0, c1, c2, c3 = (q >> 32).to(tl.uint32) ^ c1 ^ key0, q.to(tl.uint32), (p >> 32).to(tl.uint32) ^ c3 ^ key1, p.to(
-            tl.uint32
+        c0, c1, c2, c3 = (
+            (q >> 32).to(tl.uint32) ^ c1 ^ key0,
+            q.to(tl.uint32),
+            (p >> 32).to(tl.uint32) ^ c3 ^ key1,
+            p.to(tl.uint32),
         )
         key0 = key0 + PHILOX_KEY_A
         key1 = key1 + PHILOX_KEY_B
@@ -472,22 +476,10 @@ def sqrt(x):
 
 
 @triton.jit
-def _vector_offsets(ptr, offs):
-    """``offs`` for an access through ``ptr``: 16-bit streams in vectors of 4 elements (8 bytes), as the
-    32-bit ones are in vectors of 4 (16 bytes), so that every stream of a block has the same layout.
-    Otherwise a 16-bit stream is read 8 elements at a time and its values move between layouts through
-    shared memory (stores, loads, barriers) where they meet a 32-bit stream's."""
-    if ptr.dtype.element_ty.primitive_bitwidth == 16:
-        return tl.max_contiguous(offs, 4)
-    else:
-        return offs
-
-
-@triton.jit
 def load(ptr, offs, mask, DTYPE: tl.constexpr, OTHER: tl.constexpr = 0.0):
     """Load a block and convert it to the math dtype (``mask`` None: a full block; masked lanes read OTHER)."""
     if mask is None:
-        return tl.load(ptr + _vector_offsets(ptr, offs)).to(DTYPE)
+        return tl.load(ptr + offs).to(DTYPE)
     else:
         return tl.load(ptr + offs, mask=mask, other=OTHER).to(DTYPE)
 
@@ -528,7 +520,7 @@ def rounded_stochastic(value, r):
 def store_stochastic(ptr, offs, value, r, mask):
     """:func:`store` to a bfloat16 pointer with stochastic rounding (:func:`rounded_stochastic`)."""
     if mask is None:
-        tl.store(ptr + _vector_offsets(ptr, offs), rounded_stochastic(value, r))
+        tl.store(ptr + offs, rounded_stochastic(value, r))
     else:
         tl.store(ptr + offs, rounded_stochastic(value, r), mask=mask)
 
@@ -537,7 +529,7 @@ def store_stochastic(ptr, offs, value, r, mask):
 def store(ptr, offs, value, mask):
     """Round ``value`` to the pointer's dtype and store it (``mask`` None: a full block)."""
     if mask is None:
-        tl.store(ptr + _vector_offsets(ptr, offs), rounded(value, ptr.dtype.element_ty))
+        tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty))
     else:
         tl.store(ptr + offs, rounded(value, ptr.dtype.element_ty), mask=mask)
 

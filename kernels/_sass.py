@@ -22,7 +22,6 @@ elements a thread handles per launch chunk.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 # ---- the model (docs/performance.md) --------------------------------------------------------------
@@ -130,11 +129,6 @@ class Instruction:
         return 4
 
     @property
-    def wide_bytes(self) -> int:
-        """global_bytes of a vector access (64 bits and more), else 0."""
-        return self.global_bytes if self.global_bytes >= 8 else 0
-
-    @property
     def target(self) -> int | None:
         """The branch or call target address."""
         if self.root in ("BRA", "CALL", "JMP"):
@@ -201,8 +195,10 @@ class Path:
 class Function:
     """The control-flow graph of one function's instructions."""
 
-    def __init__(self, instructions: list[Instruction]) -> None:
+    def __init__(self, instructions: list[Instruction], vector_bytes: int = 8) -> None:
+        """``vector_bytes``: the narrowest access that counts as a vector (moves several elements)."""
         self.instructions = instructions
+        self.vector_bytes = vector_bytes
         self.index = {ins.address: i for i, ins in enumerate(instructions)}
         self._callees: dict[int, int] = {}
         leaders = {0}
@@ -220,16 +216,20 @@ class Function:
                 raise ValueError(f"indirect branch: {last}")
             if last.root in ("BRA", "JMP"):
                 successors.append(self.index[last.target])
-            if last.root not in ("BRA", "JMP", "EXIT", "RET") or last.conditional:
-                if end < len(instructions):
-                    successors.append(end)
+            falls_through = last.root not in ("BRA", "JMP", "EXIT", "RET") or last.conditional
+            if falls_through and end < len(instructions) and end not in successors:
+                successors.append(end)
             self.blocks[start] = Block(start, end, successors)
+        self.predecessors: dict[int, list[int]] = {start: [] for start in self.blocks}
+        for start, block in self.blocks.items():
+            for child in block.successors:
+                self.predecessors[child].append(start)
 
     def _cost(self, block: Block) -> tuple[int, int]:
         """(wide bytes, instructions) of a block, each CALL costing its callee's shortest path."""
         wide = instructions = 0
         for ins in self.instructions[block.start : block.end]:
-            wide += ins.wide_bytes
+            wide += ins.global_bytes if ins.global_bytes >= self.vector_bytes else 0
             instructions += 1
             if ins.root == "CALL":
                 instructions += self.callee_cost(self.index[ins.target])
@@ -238,7 +238,8 @@ class Function:
     def callee_cost(self, entry: int) -> int:
         """Instructions of a subroutine's shortest path from ``entry`` to a RET."""
         if entry not in self._callees:
-            best = self._best(entry, avoid=frozenset(), stop=None, prefer_wide=False)
+            self._callees[entry] = 0  # a recursive call costs nothing more
+            best = self._best(entry, frozenset(self.back_edges()), prefer_wide=False)
             self._callees[entry] = best.instructions if best is not None else 0
         return self._callees[entry]
 
@@ -260,16 +261,32 @@ class Function:
                 stack.append((child, iter(self.blocks[child].successors)))
         return edges
 
-    def _successors(self, node: int, avoid: frozenset) -> list[int]:
-        return [child for child in self.blocks[node].successors if (node, child) not in avoid]
+    def natural_loop(self, tail: int, header: int) -> frozenset[int]:
+        """The blocks of the loop that the back edge tail -> header closes: those that reach the tail
+        without passing the header."""
+        body, stack = {header}, [tail]
+        while stack:
+            node = stack.pop()
+            if node not in body:
+                body.add(node)
+                stack.extend(self.predecessors[node])
+        return frozenset(body)
 
-    def _best(self, start: int, avoid: frozenset, stop: int | None, prefer_wide: bool = True) -> Path | None:
-        """The best path from block ``start`` to an EXIT (or RET), or to block ``stop`` when given (the
-        path then ends with that block), never taking an edge in ``avoid``: most wide bytes, then fewest
-        instructions (fewest only, with prefer_wide False). Edges that close a cycle are not taken."""
-        sink = -1  # ``stop`` reached again: the end of the path
+    def _best(
+        self, start: int, avoid: frozenset, stop: int | None = None, within=None, prefer_wide: bool = True
+    ) -> Path | None:
+        """The best path from block ``start`` to an EXIT (or RET), or to block ``stop`` (the path then
+        ends with that block), never taking an edge in ``avoid`` (the back edges: no path iterates) nor
+        leaving the blocks ``within`` (when given): most wide bytes, then fewest instructions (fewest
+        only, with prefer_wide False)."""
+
+        def successors(node: int) -> list[int]:
+            return [
+                c for c in self.blocks[node].successors if (node, c) not in avoid and (within is None or c in within)
+            ]
+
         order, state = [], {start: "open"}
-        stack = [(start, iter(self._successors(start, avoid)))]
+        stack = [(start, iter(successors(start)) if start != stop else iter(()))]
         while stack:  # depth-first, iterative: paths run through hundreds of blocks
             node, children = stack[-1]
             child = next(children, None)
@@ -277,23 +294,21 @@ class Function:
                 state[node] = "done"
                 order.append(node)
                 stack.pop()
-            elif child == stop or state.get(child) is not None:
-                continue
-            else:
+            elif child not in state:
                 state[child] = "open"
-                stack.append((child, iter(self._successors(child, avoid))))
+                stack.append((child, iter(successors(child)) if child != stop else iter(())))
         best: dict[int, Path | None] = {}
-        if stop is not None:
-            wide, count = self._cost(self.blocks[stop])
-            best[sink] = Path(wide if prefer_wide else 0, count, (stop,))
-        for node in order:  # children before parents; an edge back to an open node is skipped
+        for node in order:  # children before parents (the graph without ``avoid`` has no cycle)
             block = self.blocks[node]
             wide, count = self._cost(block)
             wide = wide if prefer_wide else 0
             last = self.instructions[block.end - 1]
-            found = Path(wide, count, (node,)) if stop is None and last.root in ("EXIT", "RET") else None
-            for child in self._successors(node, avoid):
-                rest = best.get(sink if child == stop else child)
+            if node == stop or (stop is None and last.root in ("EXIT", "RET")):
+                best[node] = Path(wide, count, (node,))
+                continue
+            found = None
+            for child in successors(node):
+                rest = best.get(child)
                 if rest is None:
                     continue
                 candidate = Path(wide + rest.wide, count + rest.instructions, (node, *rest.blocks))
@@ -306,38 +321,95 @@ class Function:
         """The steady-state path of a function that handles its elements without iterating (a Triton
         program): entry to EXIT, never taking a loop's back edge (loops there are slow paths, such as
         the reduction of a huge argument of sin and cos)."""
-        path = self._best(0, frozenset(self.back_edges()), None)
+        path = self._best(0, frozenset(self.back_edges()))
         if path is None:
             raise ValueError("no path from the entry to an EXIT")
         return path
 
-    def loop(self) -> tuple[Path, Path]:
-        """(iteration, overhead) of a function with loops: the heaviest iteration of any loop (the
-        path from its header around to its back edge), and the path from the entry into that loop's
-        header plus the one from its exit to EXIT (both without iterating)."""
-        edges = self.back_edges()
+    def _range(self, block: Block) -> tuple[int, int, int]:
+        """(wide bytes at least, at most, instructions) of a block: a guarded access may not run."""
+        low = high = 0
+        for ins in self.instructions[block.start : block.end]:
+            moved = ins.global_bytes if ins.global_bytes >= self.vector_bytes else 0
+            high += moved
+            low += 0 if ins.conditional else moved
+        return low, high, self._cost(block)[1]
+
+    def paths_by_bytes(self, start: int, avoid: frozenset, stop: int, within, unit: int) -> dict[int, Path]:
+        """For every whole number of ``unit`` wide bytes that a path from block ``start`` to block
+        ``stop`` (inclusive) can move, the one with the fewest instructions; inside ``within``, never
+        taking an edge in ``avoid``. A guarded access may or may not run, so a path moves a range of
+        bytes; and paths the branches' conditions rule out are among them (the graph does not know that
+        two branches test the same flag): the caller picks by the bytes expected. Paths are kept by
+        their range of bytes; those that move more than 64 units are dropped."""
+
+        def successors(node: int) -> list[int]:
+            return [c for c in self.blocks[node].successors if (node, c) not in avoid and c in within]
+
+        order, state = [], {start}
+        stack = [(start, iter(successors(start)) if start != stop else iter(()))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                order.append(node)
+                stack.pop()
+            elif child not in state:
+                state.add(child)
+                stack.append((child, iter(successors(child)) if child != stop else iter(())))
+        limit = 64 * unit
+        table: dict[int, dict[tuple[int, int], Path]] = {}
+        for node in order:  # children first
+            low, high, count = self._range(self.blocks[node])
+            if node == stop:
+                table[node] = {(low, high): Path(high, count, (node,))} if low <= limit else {}
+                continue
+            found: dict[tuple[int, int], Path] = {}
+            for child in successors(node):
+                for (rest_low, rest_high), rest in table.get(child, {}).items():
+                    key = (low + rest_low, high + rest_high)
+                    if key[0] <= limit and (key not in found or count + rest.instructions < found[key].instructions):
+                        found[key] = Path(key[1], count + rest.instructions, (node, *rest.blocks))
+            table[node] = found
+        out: dict[int, Path] = {}
+        for (low, high), path in table.get(start, {}).items():
+            moved = high // unit * unit  # the most whole units in the range
+            if moved >= max(low, unit) and (moved not in out or path.instructions < out[moved].instructions):
+                out[moved] = Path(moved, path.instructions, path.blocks)
+        return out
+
+    def loop(self, unit: int) -> tuple[Path, Path]:
+        """(iteration, overhead) of a function whose elements are handled by a loop (a CUDA kernel).
+
+        The iteration: of every loop's paths once around (header to the back edge's tail inside the
+        loop), the one that moves the most wide bytes in a whole number of ``unit`` (the bytes of one
+        vector of elements in every stream: the paths that move all of the phase's streams), then the
+        fewest instructions. The overhead: the fewest instructions from the entry to that loop's
+        header, plus from the loop's exit to an EXIT, neither iterating."""
+        edges = frozenset(self.back_edges())
         if not edges:
             raise ValueError("the function has no loop: use straight()")
-        avoid = frozenset(edges)
-        best_iteration, best_header = None, None
-        for tail, header in edges:
-            # the iteration: header ... tail, then the back edge; other loops' back edges are not taken
-            around = self._best(header, avoid - {(tail, header)}, header)
-            if around is None:
-                continue
-            header_wide, header_count = self._cost(self.blocks[header])  # the path ends with the header again
-            iteration = Path(around.wide - header_wide, around.instructions - header_count, around.blocks[:-1])
-            if iteration.better_than(best_iteration):
-                best_iteration, best_header = iteration, header
+        best_iteration, best_loop = None, None
+        for tail, header in sorted(edges):
+            body = self.natural_loop(tail, header)
+            for around in self.paths_by_bytes(header, edges, tail, body, unit).values():
+                if around.better_than(best_iteration):
+                    best_iteration, best_loop = around, (header, body)
         if best_iteration is None:
-            raise ValueError("no loop iteration found")
-        into = self._best(0, avoid, best_header, prefer_wide=False)
-        # leaving: from the loop's header (counted in ``into``), the shortest way out to EXIT without iterating
-        out = self._best(best_header, avoid, None, prefer_wide=False)
-        header_cost = self._cost(self.blocks[best_header])[1]
-        overhead_instructions = (into.instructions if into else 0) + (out.instructions - header_cost if out else 0)
-        overhead_blocks = (into.blocks if into else ()) + (out.blocks if out else ())
-        return best_iteration, Path(0, overhead_instructions, overhead_blocks)
+            raise ValueError(f"no loop moves a multiple of {unit} B of vectors per iteration")
+        header, body = best_loop
+        into = self._best(0, edges, stop=header, prefer_wide=False)
+        header_cost = self._cost(self.blocks[header])[1]
+        outs = [
+            self._best(child, edges, prefer_wide=False)
+            for node in body
+            for child in self.blocks[node].successors
+            if child not in body
+        ]
+        out = min((o for o in outs if o is not None), key=lambda p: p.instructions, default=None)
+        instructions = (into.instructions - header_cost if into else 0) + (out.instructions if out else 0)
+        blocks = (into.blocks[:-1] if into else ()) + (out.blocks if out else ())
+        return best_iteration, Path(0, instructions, blocks)
 
     def path_instructions(self, path: Path) -> list[Instruction]:
         """The instructions along ``path`` (a CALL's callee not expanded)."""
@@ -346,6 +418,36 @@ class Function:
             block = self.blocks[start]
             out.extend(self.instructions[block.start : block.end])
         return out
+
+
+# ---- the bytes each phase must move ---------------------------------------------------------------
+
+#: Per phase, the streams a steady-state element reads and writes (docs/triton.md, "Bytes per
+#: parameter"): P a parameter-dtype stream, S a state-dtype one, R bSAM's stored state (the state
+#: dtype, or bfloat16). The kernels compiled: bsam_perturb accumulating (a later sub-batch), fold_grads
+#: a middle sub-batch, sam_sq_norm not adaptive (CUDA: adaptive, its heaviest path; ``ADAPTIVE``).
+STREAMS = {
+    "bsam_sample": ("SR", "P"),
+    "bsam_perturb": ("PSRS", "PSP"),
+    "bsam_update": ("PSRRS", "RSRPP"),
+    "find_nonfinite": ("P", ""),
+    "fold_grads": ("PS", "SP"),
+    "restore": ("S", "P"),
+    "sam_sq_norm": ("P", ""),
+    "sam_perturb": ("PS", "PP"),
+    "sam_update_sgd": ("PSS", "SSPP"),
+    "sam_update_adamw": ("PSSS", "SSSPP"),
+}
+#: streams the CUDA kernels add where one kernel serves variants the Triton kernels compile apart
+CUDA_EXTRA = {"sam_sq_norm": ("S", "")}  # the weights of the adaptive norm
+DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def phase_bytes(phase: str, param: str, state: str, stored: str | None = None, extra: tuple = ("", "")) -> int:
+    """Bytes per element the phase moves: its STREAMS (and ``extra`` ones) in the given dtypes."""
+    reads, writes = STREAMS[phase]
+    sizes = {"P": DTYPE_BYTES[param], "S": DTYPE_BYTES[state], "R": DTYPE_BYTES[stored or state]}
+    return sum(sizes[kind] for kind in reads + writes + extra[0] + extra[1])
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -368,59 +470,56 @@ def memory_detail(instructions: list[Instruction]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for ins in instructions:
         if ins.root in GLOBAL_MEMORY:
-            name = ins.opcode
-            counts[name] = counts.get(name, 0) + 1
+            counts[ins.opcode] = counts.get(ins.opcode, 0) + 1
     return dict(sorted(counts.items()))
 
 
-def report(
+def report_straight(instructions: list[Instruction], *, elements_per_thread: int, bytes_per_element: float) -> dict:
+    """The report of a function that handles ``elements_per_thread`` elements per thread along one path
+    (a Triton program: its block over its threads), moving ``bytes_per_element`` (:func:`phase_bytes`)."""
+    function = Function(instructions)
+    whole = function.straight()
+    path = function.path_instructions(whole)
+    classes = {k: v / elements_per_thread for k, v in classify(path, function).items()}
+    report = fields(whole.instructions / elements_per_thread, classes, bytes_per_element, path)
+    report["elements_per_iteration"] = elements_per_thread
+    return report
+
+
+def report_loop(
     instructions: list[Instruction],
     *,
-    elements_per_iteration: int,
-    elements_per_thread: int | None = None,
-    bytes_per_element: float | None = None,
-    loop: bool,
+    elements_per_thread: int,
+    bytes_per_element: float,
+    vector: int,
+    vector_bytes: int,
 ) -> dict:
-    """The steady-state report of one function.
-
-    ``loop``: the elements are handled by a loop (CUDA), else by one path (Triton: one block per
-    program). ``elements_per_iteration``: elements one thread handles along the path (a loop's
-    iteration, or the whole path); ``elements_per_thread``: with a loop, the elements
-    one thread handles per launch chunk, over which the way into and out of the loop is amortised.
-    ``bytes_per_element``: the bytes the phase moves per element; None: those the path's wide
-    accesses move. Returns the fields of the JSON reports (see :func:`fields`).
-    """
-    function = Function(instructions)
-    if loop:
-        iteration, overhead = function.loop()
-        if elements_per_thread is None:
-            raise ValueError("a function with loops needs elements_per_thread")
-        path = function.path_instructions(iteration)
-        per_element = iteration.instructions / elements_per_iteration + overhead.instructions / elements_per_thread
-        counts = classify(path, function)
-        extra = classify(function.path_instructions(overhead), function)
-        classes = {
-            k: counts.get(k, 0) / elements_per_iteration + extra.get(k, 0) / elements_per_thread
-            for k in {*counts, *extra}
-        }
-        wide = iteration.wide
-    else:
-        whole = function.straight()
-        path = function.path_instructions(whole)
-        per_element = whole.instructions / elements_per_iteration
-        classes = {k: v / elements_per_iteration for k, v in classify(path, function).items()}
-        wide = sum(ins.global_bytes for ins in path if ins.global_bytes >= 16)  # not the table's 8-byte reads
-    moved = wide / elements_per_iteration
-    return fields(per_element, classes, bytes_per_element if bytes_per_element is not None else moved, moved, path)
+    """The report of a function whose elements are handled by a loop (a CUDA kernel): one iteration of
+    its vector loop (:meth:`Function.loop`) per ``elements_per_iteration`` elements, inferred from the
+    wide bytes the iteration moves over ``bytes_per_element`` (every stream in vectors; a multiple of
+    ``vector``, the elements of one vector access), plus the way into and out of the loop per
+    ``elements_per_thread`` (the elements one thread handles per launch chunk). ``vector_bytes``: the
+    narrowest vector access (``vector`` elements of the narrowest stream): the element-by-element loops
+    move no vector bytes, so the vector loop is the one that moves the most."""
+    function = Function(instructions, vector_bytes)
+    iteration, overhead = function.loop(round(vector * bytes_per_element))
+    elements = round(iteration.wide / bytes_per_element)
+    path = function.path_instructions(iteration)
+    counts = classify(path, function)
+    extra = classify(function.path_instructions(overhead), function)
+    classes = {k: counts.get(k, 0) / elements + extra.get(k, 0) / elements_per_thread for k in {*counts, *extra}}
+    per_element = iteration.instructions / elements + overhead.instructions / elements_per_thread
+    report = fields(per_element, classes, bytes_per_element, path)
+    report["elements_per_iteration"] = elements
+    return report
 
 
-def fields(per_element: float, classes: dict[str, float], bytes_per_element: float, moved: float, path) -> dict:
+def fields(per_element: float, classes: dict[str, float], bytes_per_element: float, path) -> dict:
     """The report's model fields: instructions and bytes per element, the predicted shares of copy."""
     return {
         "instructions_per_element": round(per_element, 2),
-        "classes_per_element": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
-        "bytes_per_element": round(bytes_per_element, 3),
-        "vector_bytes_per_element": round(moved, 3),
+        "classes_per_element": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))},
+        "bytes_per_element": bytes_per_element,
         "memory_instructions": memory_detail(path),
         "pct_copy_predicted": round(predicted_share(per_element, bytes_per_element, CLOCK_BUDGET_GHZ), 1),
         "pct_copy_predicted_boost": round(predicted_share(per_element, bytes_per_element, CLOCK_BOOST_GHZ), 1),
@@ -429,7 +528,7 @@ def fields(per_element: float, classes: dict[str, float], bytes_per_element: flo
 
 
 def breakdown(report_: dict) -> str:
-    """One line per class of a report, for a failing test: where the instructions go."""
+    """One line per report, for a failing test: where the instructions go."""
     classes = ", ".join(f"{k} {v:g}" for k, v in report_["classes_per_element"].items())
     memory = ", ".join(f"{k} x{v}" for k, v in report_["memory_instructions"].items())
     return (
@@ -439,5 +538,129 @@ def breakdown(report_: dict) -> str:
     )
 
 
-def isclose(a: float, b: float, tol: float = 0.5) -> bool:
-    return math.isclose(a, b, abs_tol=tol)
+# ---- the tables of the docs ------------------------------------------------------------------------
+
+#: the parameter dtypes and stored-state dtypes the budget holds (tests/test_sass_budget.py) and the docs list
+HELD_PARAMS = ("fp32", "bf16")
+DOCS = {"triton": "triton.md", "cuda": "cext.md"}
+_BEGIN = "<!-- sass-report {tier}: generated by python -m sambayes.kernels._sass --docs docs; do not edit -->"
+_END = "<!-- /sass-report -->"
+
+
+def held(reports: list[dict]) -> list[dict]:
+    """The reports of the kernels the budget holds: a phase's, float32 or bfloat16 parameters."""
+    return [r for r in reports if r.get("phase") and r.get("param") in HELD_PARAMS and "pct_copy_predicted" in r]
+
+
+def variant(report: dict) -> str:
+    """``fp32``, ``bf16, stored bf16``, ``fp32, capturable``: which compilation of a phase's kernel."""
+    parts = [report["param"]]
+    if report.get("stored"):
+        parts.append(f"stored {report['stored']}")
+    if report.get("capturable"):
+        parts.append("capturable")
+    return ", ".join(parts)
+
+
+def markdown_table(reports: list[dict], toolchain: str) -> str:
+    """The docs table of the held reports: instructions per element (the top classes), registers, bytes
+    per element and the predicted share of an H100 copy at both clocks."""
+    lines = [
+        (
+            f"Steady-state path per element, sm_90, {toolchain}; predicted share of an H100 copy at "
+            f"{CLOCK_BUDGET_GHZ} / {CLOCK_BOOST_GHZ} GHz (docs/performance.md):"
+        ),
+        "",
+        "| kernel | params | instr/el | largest classes | registers | B/el | % of copy |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    order = {name: i for i, name in enumerate(STREAMS)}
+    for r in sorted(held(reports), key=lambda r: (order.get(r["phase"], 99), variant(r))):
+        top = ", ".join(f"{k} {v:g}" for k, v in list(r["classes_per_element"].items())[:3])
+        lines.append(
+            f"| {r['phase']} | {variant(r)} | {r['instructions_per_element']:g} | {top} | {r['registers']} | "
+            f"{r['bytes_per_element']:g} | {r['pct_copy_predicted']:g} / {r['pct_copy_predicted_boost']:g} |"
+        )
+    return "\n".join(lines)
+
+
+def docs_block(text: str, tier: str) -> str | None:
+    """The generated block of ``tier`` in a docs page's text (markers excluded), None where it has none."""
+    begin = _BEGIN.format(tier=tier)
+    if begin not in text or _END not in text.split(begin, 1)[1]:
+        return None
+    return text.split(begin, 1)[1].split(_END, 1)[0].strip("\n")
+
+
+def with_docs_block(text: str, tier: str, table: str) -> str:
+    """``text`` with the generated block of ``tier`` replaced by ``table``."""
+    begin = _BEGIN.format(tier=tier)
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + table + "\n" + _END + rest.split(_END, 1)[1]
+
+
+def toolchains() -> dict[str, str]:
+    """The compilers that produce each tier's code, as the docs tables name them."""
+    import subprocess
+
+    out = {}
+    try:
+        import triton
+
+        out["triton"] = f"Triton {triton.__version__} (ptxas of its wheel)"
+    except ImportError:
+        pass
+    try:
+        from . import _compile_check_cuda
+
+        version = subprocess.run(
+            [_compile_check_cuda.tool("nvcc"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        found = re.search(r"release (\d+\.\d+)", version)
+        out["cuda"] = f"nvcc {found.group(1) if found else '?'}"
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def main(argv=None) -> None:
+    """Write the tables of the docs: compile both tiers for sm_90 and replace the generated blocks."""
+    import argparse
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+
+    from . import _compile_check_cuda
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--docs", required=True, help="the docs folder (docs/)")
+    args = parser.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    triton_out = subprocess.run(
+        [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90"]
+        + ["--dtypes", "fp32,bf16", "--stored", "state,bf16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    reports = {"triton": [json.loads(line) for line in triton_out.splitlines()]}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = _compile_check_cuda.compile_objects(pathlib.Path(tmp), archs=(90,))
+        if result.returncode != 0:
+            raise SystemExit(result.stdout[-4000:] + result.stderr[-4000:])
+        reports["cuda"] = _compile_check_cuda.reports(_compile_check_cuda.objects(pathlib.Path(tmp)), 90)
+    names = toolchains()
+    for tier, page in DOCS.items():
+        path = pathlib.Path(args.docs) / page
+        text = path.read_text()
+        path.write_text(with_docs_block(text, tier, markdown_table(reports[tier], names[tier])))
+        print(f"{path}: {len(held(reports[tier]))} kernels")
+
+
+if __name__ == "__main__":
+    main()

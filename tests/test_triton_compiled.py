@@ -3,11 +3,6 @@ and the machine code must use 128-bit global loads and stores on every stream of
 block and no local memory (no register spills); with capturable=True's lr and seeds read from device
 memory too."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -30,26 +25,25 @@ CAPTURABLE = {"_bsam_sample_kernel", "_bsam_update_kernel", "_sam_update_sgd_ker
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("capturable", [False, True], ids=["scalars-by-value", "capturable"])
-def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(capturable):
+def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(triton_reports):
+    # conftest's build (float32 and bfloat16 parameters), shared with tests/test_sass_budget.py
+    reports = {r["kernel"]: r for r in triton_reports if r["param"] == "fp32" and "stored" not in r}
+    _check(reports, set(STREAMS))
+
+
+@pytest.mark.slow
+def test_capturable_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
     try:
         from triton.backends import nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90", "--dtypes", "fp32"]
-        + ["--capturable"] * capturable,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    reports = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}
-    expected = CAPTURABLE if capturable else set(STREAMS)
+    from conftest import _compile_check_reports
+
+    reports = {r["kernel"]: r for r in _compile_check_reports("--dtypes", "fp32", "--capturable")}
+    _check(reports, CAPTURABLE)
+
+
+def _check(reports: dict, expected: set) -> None:
     assert set(reports) == expected
     for name in expected:
         inputs, outputs = STREAMS[name]
