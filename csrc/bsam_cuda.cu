@@ -26,20 +26,18 @@ template <typename P, typename A, typename S, bool kSeedTensor = false>
 struct SampleOp {
   static constexpr bool kNoiseQuads = true;
   A num_data;
-  PhiloxRoundKeys keys;  // kSeedTensor false
+  PhiloxRoundKeys keys;  // kSeedTensor: computed in prepared(), once per thread (uniform registers)
   const int64_t* seed_ptr;
-  uint32_t k0, k1;  // kSeedTensor: read in prepared()
   __device__ SampleOp prepared() const {
     SampleOp op = *this;
-    if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
+    if constexpr (kSeedTensor) op.keys = read_philox_round_keys(seed_ptr);
     return op;
   }
-  // z of the quad that starts at element q: tl.randn4x(seed, (offset + q) / 4)
-  __device__ Pack<float, 4> draw(const TensorRow<3>& row, int64_t q) const {
-    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+  // z of a quad: tl.randn4x(seed, call), call = (offset + q) / 4 for the quad that starts at element q
+  __device__ Pack<float, 4> draw(uint64_t call) const {
     const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
     Pack<float, 4> z;
-    randn4x_from_words(kSeedTensor ? philox4x32_10(c0, c1, k0, k1) : philox4x32_10(c0, c1, keys), z.v);
+    randn4x_from_words(philox4x32_10(c0, c1, keys), z.v);
     return z;
   }
   template <int W, typename Lanes>
@@ -107,8 +105,8 @@ struct BsamUpdateOp {
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
-  uint32_t k0, k1;  // the stochastic-rounding key: bfloat16 S with kSeedTensor (read in prepared())
-  PhiloxRoundKeys keys;  // bfloat16 S without kSeedTensor: the rounds' keys, kernel parameters
+  PhiloxRoundKeys keys;  // the stochastic-rounding key's rounds (bfloat16 S only): kernel parameters, or
+                        // computed in prepared() from the seed tensor (kSeedTensor)
   const double* lr_ptr;
   const int64_t* seed_ptr;
   __device__ BsamUpdateOp prepared() const {
@@ -116,15 +114,14 @@ struct BsamUpdateOp {
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
-    if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
+    if constexpr (kSeedTensor) op.keys = read_philox_round_keys(seed_ptr);
     return op;
   }
-  // the rounding words of the quad that starts at element q: Philox4x32-10 at (offset + q) / 4
-  __device__ Pack<uint32_t, 4> draw(const TensorRow<6>& row, int64_t q) const {
+  // the rounding words of a quad: Philox4x32-10 at call = (offset + q) / 4 for the quad that starts at q
+  __device__ Pack<uint32_t, 4> draw(uint64_t call) const {
     if (skip) return {};  // a skipped step stores no state
-    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
     const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
-    const PhiloxWords w = kSeedTensor ? philox4x32_10(c0, c1, k0, k1) : philox4x32_10(c0, c1, keys);
+    const PhiloxWords w = philox4x32_10(c0, c1, keys);
     return {{w.w0, w.w1, w.w2, w.w3}};
   }
   template <int W>
@@ -182,9 +179,9 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
     using A = acc_t<P>;
     using S = decltype(stored);
     if (seed_ptr) {
-      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S, true>{static_cast<A>(num_data), {}, seed_ptr, 0, 0});
+      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S, true>{static_cast<A>(num_data), {}, seed_ptr});
     } else {
-      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S>{static_cast<A>(num_data), keys, nullptr, 0, 0});
+      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S>{static_cast<A>(num_data), keys, nullptr});
     }
   });
 }
@@ -235,8 +232,7 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
     const auto run = [&](auto seed_tensor) {
       using Op = BsamUpdateOp<P, A, S, decltype(seed_tensor)::value>;
       launch<6, A, 5>(rows, device,
-                      Op{c, flag, inv, false, A(1), key.first, key.second, philox_round_keys(key.first, key.second),
-                         lr_ptr, seed_ptr},
+                      Op{c, flag, inv, false, A(1), philox_round_keys(key.first, key.second), lr_ptr, seed_ptr},
                       base);
     };
     if constexpr (!std::is_same_v<S, A>) {

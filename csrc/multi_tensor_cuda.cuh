@@ -224,6 +224,22 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
   k1 = static_cast<uint32_t>(s >> 32);
 }
 
+// The rounds' keys of a seed read on the device, computed once per thread: held in registers (an
+// assembly move the compiler cannot see through), where it would recompute them in every call.
+__device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t* seed) {
+  uint32_t k0, k1;
+  read_philox_key(seed, k0, k1);
+  PhiloxRoundKeys keys = philox_round_keys(k0, k1);
+#if !defined(SAMBAYES_EMULATED)
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    asm("mov.b32 %0, %0;" : "+r"(keys.k0[round]));
+    asm("mov.b32 %0, %0;" : "+r"(keys.k1[round]));
+  }
+#endif
+  return keys;
+}
+
 // ---- the multi-tensor kernel -----------------------------------------------------------------
 
 // A row's addresses as global ones. nvcc infers that an address read from the table points to global
@@ -231,15 +247,19 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
 // approximate square roots have some); an access it cannot place is generic (LD/ST, the space resolved
 // per access). A pointer parameter plus an integer is global whatever the kernel holds: `origin` is a
 // null pointer parameter, which the compiler cannot see through. The emulated build keeps the addresses.
+__device__ __forceinline__ void* global_address(void* address, char* origin) {
+#if defined(SAMBAYES_EMULATED)
+  (void)origin;
+  return address;
+#else
+  return origin + reinterpret_cast<intptr_t>(address);
+#endif
+}
+
 template <int N>
 __device__ __forceinline__ void globalize(TensorRow<N>& row, char* origin) {
-#if defined(SAMBAYES_EMULATED)
-  (void)row;
-  (void)origin;
-#else
 #pragma unroll
-  for (int k = 0; k < N; ++k) row.ptr[k] = origin + reinterpret_cast<intptr_t>(row.ptr[k]);
-#endif
+  for (int k = 0; k < N; ++k) row.ptr[k] = global_address(row.ptr[k], origin);
 }
 
 // Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
@@ -263,7 +283,7 @@ struct draws_noise<Op, std::void_t<decltype(Op::kNoiseQuads)>> : std::bool_const
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
 // kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
 // An op that draws from a Philox stream runs over quads instead: the four elements whose noise
-// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw): with vector
+// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw(c)): with vector
 // loads where the row is aligned and its offset a multiple of 4, else element by element. Its
 // run<W>(row, i, lanes) gets the lanes of its W elements from lanes(), which it calls where it needs
 // them (a late call keeps fewer values live across the Philox rounds). The other ops' rows carry no
@@ -277,19 +297,26 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kRelative >= 0) {  // in integers: an offset below the base is no pointer (UBSan: pointer overflow)
     row.ptr[kRelative] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[kRelative]) + base);
   }
-  // float64 state: no inline assembly but in the noise, and the sums cost SGD's update a spill (ptxas 13, sm_90)
-  if constexpr (V != 2 || draws_noise<Op>::value) globalize(row, origin);
+  if constexpr (V != 2 || draws_noise<Op>::value) {
+    globalize(row, origin);
+  } else if constexpr (kRelative >= 0) {
+    // float64 state: no inline assembly but in the noise, and the sums cost SGD's update a spill (ptxas 13,
+    // sm_90); only the relative role, whose integer sum nvcc cannot place
+    row.ptr[kRelative] = global_address(row.ptr[kRelative], origin);
+  }
   if constexpr (draws_noise<Op>::value) {
     int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
     if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
       const int64_t quads = (chunk.end - chunk.begin) / 4;
+      const auto first_call = static_cast<uint64_t>(row.offset + chunk.begin) / 4;  // quad k: call first_call + k
 #pragma unroll 1
       for (int64_t k = threadIdx.x; k < quads; k += kThreads) {
         const int64_t q = chunk.begin + 4 * k;
+        const uint64_t call = first_call + static_cast<uint64_t>(k);
         if constexpr (V == 4) {
-          op.template run<4>(row, q, [&] { return op.draw(row, q); });
+          op.template run<4>(row, q, [&] { return op.draw(call); });
         } else {  // float64 state: two vectors of two elements, one call for both
-          const auto lanes = op.draw(row, q);
+          const auto lanes = op.draw(call);
           op.template run<2>(row, q, [&] { return slice<2>(lanes, 0); });
           op.template run<2>(row, q + 2, [&] { return slice<2>(lanes, 2); });
         }
@@ -297,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
       first = chunk.begin + 4 * quads;
     }
     for (int64_t q = first + 4 * threadIdx.x; q < chunk.end; q += 4 * kThreads) {  // the rest, masked
-      const auto lanes = op.draw(row, q);
+      const auto lanes = op.draw(static_cast<uint64_t>(row.offset + q) / 4);
       const int64_t end = q + 4 < chunk.end ? q + 4 : chunk.end;
 #pragma unroll 1
       for (int64_t i = q > chunk.begin ? q : chunk.begin; i < end; ++i) {

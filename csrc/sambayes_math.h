@@ -141,6 +141,16 @@ SB_HD float log_f32(float x) {
   return (f + y) + 0.693359375f * e;
 }
 
+// x with its sign bit xor-ed with the top bit of `sign` (the other bits 0): -x or x.
+SB_HD float with_sign_flipped(float x, uint32_t sign) {
+  union {
+    float f;
+    uint32_t u;
+  } bits = {x};
+  bits.u ^= sign;
+  return bits.f;
+}
+
 // sin(x) and cos(x) for 0 <= x < 8192, float32, Cephes sinf/cosf (peak error about 1 ulp each):
 // one octant reduction with pi/4 in three parts, then the sine and cosine polynomials.
 SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
@@ -153,12 +163,11 @@ SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
   const float sin_r = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
   const float cos_r =
       ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 - 0.5f * r2 + 1.0f;
-  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
-  const bool swap = j == 2 || j == 6;
-  const float s = swap ? cos_r : sin_r;
-  const float c = swap ? sin_r : cos_r;
-  sin_x = (j == 4 || j == 6) ? -s : s;
-  cos_x = (j == 2 || j == 4) ? -c : c;
+  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r;
+  // the signs flipped on the bits (bit 2 of j for the sine, of j + 2 for the cosine): no compares
+  const bool swap = (j & 2) != 0;
+  sin_x = with_sign_flipped(swap ? cos_r : sin_r, static_cast<uint32_t>(j & 4) << 29);
+  cos_x = with_sign_flipped(swap ? sin_r : cos_r, static_cast<uint32_t>((j + 2) & 4) << 29);
 }
 
 // sqrt(x) and 1/sqrt(x), float32: on a GPU approximate, one instruction each as Triton's tl.sqrt and

@@ -124,10 +124,20 @@ def sass_report(compiled, bytes_per_element: float, blocks: int = 1) -> dict:
     ops = re.findall(r"\b(LDG|STG|LDL|STL)(\.[A-Z0-9.]+)?", sass)
     resources = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     (instructions,) = _sass.parse(sass).values()
-    threads = 32 * compiled.metadata.num_warps
+    per_block = _multi_tensor.BLOCK // (32 * compiled.metadata.num_warps)  # elements per thread and block
     model = _sass.report_straight(
-        instructions, elements_per_thread=blocks * _multi_tensor.BLOCK // threads, bytes_per_element=bytes_per_element
+        instructions, elements_per_thread=blocks * per_block, bytes_per_element=bytes_per_element
     )
+    moved = sum(count * _sass.WIDTHS.get(op.split(".")[-1], 0) for op, count in model["memory_instructions"].items())
+    if moved < blocks * per_block * bytes_per_element and _sass.Function(instructions).back_edges():
+        # a program of several blocks whose bodies the compiler merged into a loop: its iteration is a block
+        model = _sass.report_loop(
+            instructions,
+            elements_per_thread=blocks * per_block,
+            bytes_per_element=bytes_per_element,
+            vector=per_block,
+            vector_bytes=16,
+        )
     return {
         "ldg128": sum(1 for op, mod in ops if op == "LDG" and ".128" in mod),
         "stg128": sum(1 for op, mod in ops if op == "STG" and ".128" in mod),

@@ -240,6 +240,7 @@ def reports(object_files: list[pathlib.Path], arch: int = 90) -> list[dict]:
                 extra = _sass.CUDA_EXTRA.get(report["phase"], ("", ""))
                 dtypes = [report["param"], state, report.get("stored", state)]
                 nbytes = _sass.phase_bytes(report["phase"], report["param"], state, report.get("stored"), extra)
+                smallest = min(map(DTYPE_BYTES_OF.get, dtypes))
                 try:
                     report.update(
                         _sass.report_loop(
@@ -247,11 +248,21 @@ def reports(object_files: list[pathlib.Path], arch: int = 90) -> list[dict]:
                             elements_per_thread=chunk // threads,
                             bytes_per_element=nbytes,
                             vector=report["vector"],
-                            vector_bytes=report["vector"] * min(map(DTYPE_BYTES_OF.get, dtypes)),
+                            vector_bytes=report["vector"] * smallest,
                         )
                     )
-                except ValueError as error:
-                    raise ValueError(f"{report['kernel']}: {error}") from None
+                except ValueError:  # no vector loop: the element-by-element one, loudly
+                    report.update(
+                        _sass.report_loop(
+                            functions[name],
+                            elements_per_thread=chunk // threads,
+                            bytes_per_element=nbytes,
+                            vector=1,
+                            vector_bytes=smallest,
+                        ),
+                        vector=1,
+                        not_vectorized=True,
+                    )
             out.append(report)
     return out
 

@@ -77,6 +77,8 @@ _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")
 _GUARD = re.compile(r"^@(!?U?P[0-7T])\s+")
 _TARGET = re.compile(r"0x([0-9a-f]+)\s*$")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+#: bytes of the vector accesses by their width modifier (what memory_instructions' opcodes end with)
+WIDTHS = {"128": 16}
 
 #: instruction classes by opcode (the part before the first dot); uniform-datapath ones start with U
 CLASSES = {
@@ -303,10 +305,11 @@ class Function:
             wide, count = self._cost(block)
             wide = wide if prefer_wide else 0
             last = self.instructions[block.end - 1]
-            if node == stop or (stop is None and last.root in ("EXIT", "RET")):
+            if node == stop or (stop is None and last.root in ("EXIT", "RET") and not last.conditional):
                 best[node] = Path(wide, count, (node,))
                 continue
-            found = None
+            # a guarded EXIT ends the path here or falls through
+            found = Path(wide, count, (node,)) if stop is None and last.root in ("EXIT", "RET") else None
             for child in successors(node):
                 rest = best.get(child)
                 if rest is None:

@@ -30,7 +30,9 @@ def _check(tier: str, reports: list[dict]) -> None:
     failures = []
     for r in held:
         floor, why = BELOW_BUDGET.get((tier, r["phase"], _sass.variant(r)), (BUDGET, ""))
-        if r["pct_copy_predicted"] < floor:
+        if r.get("not_vectorized"):
+            failures.append(f"{tier} {r['phase']} ({_sass.variant(r)}): no vector loop: {_sass.breakdown(r)}")
+        elif r["pct_copy_predicted"] < floor:
             failures.append(
                 f"{tier} {r['phase']} ({_sass.variant(r)}): {r['pct_copy_predicted']}% of copy predicted, "
                 f"under {floor}%{' (' + why + ')' if why else ''}: {_sass.breakdown(r)}"
