@@ -1,8 +1,9 @@
 """The compiled kernels, without a GPU: Triton compiles them ahead of time for sm_90 (H100),
 and the machine code must use 128-bit global loads and stores on every stream of a full
 block and no local memory (no register spills); with capturable=True's lr and seeds read from device
-memory too."""
+memory too. Every kernel must be within the instruction budget (tests/budget.py)."""
 
+import budget
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -25,10 +26,11 @@ CAPTURABLE = {"_bsam_sample_kernel", "_bsam_update_kernel", "_sam_update_sgd_ker
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(triton_reports):
-    # conftest's build (float32 and bfloat16 parameters), shared with tests/test_sass_budget.py
+def test_kernels_compile_for_sm90_with_128_bit_accesses_no_spills_and_within_the_budget(triton_reports):
+    # conftest's build: float32 and bfloat16 parameters, precision and momentum in float32 and bfloat16
     reports = {r["kernel"]: r for r in triton_reports if r["param"] == "fp32" and "stored" not in r}
     _check(reports, set(STREAMS))
+    budget.check("triton", triton_reports)
 
 
 @pytest.mark.slow
@@ -44,11 +46,14 @@ def test_capturable_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills
 
 
 def _check(reports: dict, expected: set) -> None:
+    from sambayes.kernels import sam_sq_norm
+
+    blocks = {"_sq_norm_kernel": sam_sq_norm.SPAN}  # table blocks per program
     assert set(reports) == expected
     for name in expected:
         inputs, outputs = STREAMS[name]
         r = reports[name]
-        # BLOCK = 1024 over 128 threads: 8 float32 per thread and stream, two 16-byte accesses
-        assert r["ldg128"] == 2 * inputs, r
-        assert r["stg128"] == 2 * outputs, r
+        # BLOCK = 1024 over 128 threads: 8 float32 per thread and stream, two 16-byte accesses per block
+        assert r["ldg128"] == 2 * inputs * blocks.get(name, 1), r
+        assert r["stg128"] == 2 * outputs * blocks.get(name, 1), r
         assert r["local_ops"] == 0 and r["local_bytes"] == 0 and r["stack_bytes"] == 0, r
