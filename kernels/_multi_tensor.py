@@ -358,6 +358,7 @@ def philox(seed, counters):
     """Philox4x32-10 at ``counters`` (int64) under key ``seed``: the four uint32 words of each, exactly
     ``tl.randint4x(seed, counters)``. Each round's two products are one 32 x 32 -> 64-bit multiply each
     (high and low word at once, where ``tl.umulhi`` and a product make two)."""
+    seed = tl.to_tensor(seed).to(tl.uint64)  # as tl.randint4x: a small seed may come as int32
     key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c0 = counters.to(tl.uint32)

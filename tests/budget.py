@@ -12,7 +12,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-from sambayes.kernels import _sass
+from sambayes.kernels import _sass, _sass_docs
 
 from sambayes.phases import PHASES
 
@@ -65,11 +65,11 @@ def failures(tier: str, reports: list[dict]) -> list[str]:
             out.append(f"{name}: a copy not predicted at copy speed: {_sass.breakdown(r)}")
     text = (DOCS / _sass.DOCS[tier]).read_text()
     block = _sass.docs_block(text, tier)
-    toolchain = _sass.toolchains().get(tier)
+    toolchain = _sass_docs.toolchains().get(tier)
     if block is None:
         out.append(f"docs/{_sass.DOCS[tier]} has no generated block for {tier}")
     elif toolchain is not None and toolchain in block and block != _sass.markdown_table(reports, toolchain):
-        out.append(f"docs/{_sass.DOCS[tier]}'s table is stale: python -m sambayes.kernels._sass --docs docs")
+        out.append(f"docs/{_sass.DOCS[tier]}'s table is stale: python -m sambayes.kernels._sass_docs docs")
     return out
 
 
