@@ -306,4 +306,109 @@ SB_HD void sam_adamw_element(T grad_sum, T& weight, T& momentum, T& variance, co
   weight = weight - c.step_size * momentum / denom;
 }
 
+// ---- IVON (docs/ivon.md) -----------------------------------------------------------------------
+
+// The curvature estimate of one sample from its gradient g: z·g by Price's theorem (z its noise), or g².
+template <typename T>
+SB_HD T ivon_curvature(T grad, T z, bool price) {
+  return price ? z * grad : grad * grad;
+}
+
+// The mean curvature estimate over k samples from its sum, unscaled (1/scale of a GradScaler; gradsq's
+// squares twice).
+template <typename T>
+SB_HD T ivon_mean_curvature(T curvature_sum, T inv_scale, T splits, bool price) {
+  return (price ? curvature_sum * inv_scale : curvature_sum * inv_scale * inv_scale) / splits;
+}
+
+template <typename T>
+struct IvonUpdateCoeffs {
+  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_one_minus_beta2_squared, ess, weight_decay,
+      clip_radius, bias1;
+};
+
+// 1 − β1^t, the momentum's debiasing at step t (updates taken, counting this one); 1 without debiasing. The
+// CUDA kernels compute it on the device, where the step count lives.
+SB_HD double ivon_bias1(double beta1, double step, bool debias) { return debias ? 1 - pow(beta1, step) : 1.0; }
+
+template <typename T>
+SB_HD IvonUpdateCoeffs<T> ivon_update_coeffs(int64_t splits, double lr, double beta1, double beta2, double ess,
+                                             double weight_decay, double clip_radius, double bias1) {
+  return {static_cast<T>(splits),
+          static_cast<T>(lr),
+          static_cast<T>(beta1),
+          static_cast<T>(1 - beta1),
+          static_cast<T>(beta2),
+          static_cast<T>(1 - beta2),
+          static_cast<T>(0.5 * (1 - beta2) * (1 - beta2)),
+          static_cast<T>(ess),
+          static_cast<T>(weight_decay),
+          static_cast<T>(clip_radius),
+          static_cast<T>(bias1)};
+}
+
+// momentum, Hessian h = s − δ, precision s = h + δ, then the mean with the new precision, clipped; g and c
+// are the means over the samples of the gradient and of the curvature estimate, unscaled.
+template <typename T>
+SB_HD void ivon_update_element(T g, T c, T& mean, T& precision, T& momentum, const IvonUpdateCoeffs<T>& k,
+                               bool price) {
+  T h = precision - k.weight_decay;
+  // the expected Hessian of the loss: sqrt(ess·s)·E[z·g], or ess·E[g²]
+  const T f = price ? sqrt_acc<T>(k.ess * precision) * c : k.ess * c;
+  // momentum
+  momentum = k.beta1 * momentum + k.one_minus_beta1 * g;
+  // Hessian, with the correction that keeps it positive
+  const T gap = h - f;
+  h = k.beta2 * h + k.one_minus_beta2 * f + k.half_one_minus_beta2_squared * (gap * gap) / precision;
+  precision = h + k.weight_decay;
+  // mean step, with the new precision, clipped
+  const T direction = (momentum / k.bias1 + k.weight_decay * mean) / precision;
+  mean = mean - k.lr * (direction < -k.clip_radius ? -k.clip_radius : direction > k.clip_radius ? k.clip_radius : direction);
+}
+
+// Word i mod 4 of a Philox call, by selects (a dynamic index would put the words in a GPU's local memory).
+SB_HD uint32_t philox_word(const PhiloxWords& w, uint64_t i) {
+  const uint64_t k = i % 4;
+  return k == 0 ? w.w0 : k == 1 ? w.w1 : k == 2 ? w.w2 : w.w3;
+}
+
+// z of group elements first .. first + W − 1 (ALGORITHM.md, "Noise": element i takes lane i mod 4 of the call
+// at counter i div 4) under the key (k0, k1): W <= 4 elements span one or two calls, each made once.
+template <int W>
+SB_HD void noise_lanes(uint64_t first, uint32_t k0, uint32_t k1, float* z) {
+  uint64_t call = ~uint64_t(0);
+  float lanes[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < W; ++j) {
+    const uint64_t index = first + j;
+    if (index / 4 != call) {
+      call = index / 4;
+      philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, lanes);
+    }
+    const uint64_t k = index % 4;
+    z[j] = k == 0 ? lanes[0] : k == 1 ? lanes[1] : k == 2 ? lanes[2] : lanes[3];
+  }
+}
+
+// The stochastic-rounding words of group elements first .. first + W − 1: word i mod 4 of the Philox call at
+// counter i div 4 under the key (k0, k1) (sambayes/_philox.py, "Stochastic rounding").
+template <int W>
+SB_HD void rounding_word_lanes(uint64_t first, uint32_t k0, uint32_t k1, uint32_t* words) {
+  uint64_t call = ~uint64_t(0);
+  PhiloxWords call_words = {0, 0, 0, 0};
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int j = 0; j < W; ++j) {
+    const uint64_t index = first + j;
+    if (index / 4 != call) {
+      call = index / 4;
+      call_words = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+    }
+    words[j] = philox_word(call_words, index);
+  }
+}
+
 }  // namespace sambayes

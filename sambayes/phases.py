@@ -16,8 +16,8 @@ Role kinds (the dtype each tensor of a role has, for parameters of dtype P):
 ====  ==================================================================================
 P     the parameter dtype (parameters, gradient buffers)
 S     the master dtype :func:`master_dtype` (state: ``mean``, ``weight``, ...)
-R     bSAM's stored state (``precision``, ``momentum``): the master dtype, or bfloat16
-      over float32 master state (``BSAM(state_dtype=torch.bfloat16)``)
+R     the stored state of bSAM and IVON (``precision``, ``momentum``): the master dtype, or
+      bfloat16 over float32 master state (``state_dtype=torch.bfloat16``)
 X     a running sum of the step in the master dtype; the Triton and CUDA tables address
       it relative to its first tensor (it lives only within a step)
 I     an int per tensor (``offsets``: its first element's index in the group's flat
@@ -178,6 +178,48 @@ SAM_UPDATE_ADAMW = Phase(
     ("lr", "beta1", "beta2", "eps", "weight_decay", "splits"),
 )
 
+# ---- IVON (docs/ivon.md) ---------------------------------------------------------------------------
+#: the gradient g_j of sample j (θ = m + z_j/sqrt(ess·s): BSAM_SAMPLE) joins the sums over samples, unscaled:
+#: grad_sum (+)= g_j ; curvature_sum (+)= z_j·g_j (price: z_j regenerated from the sample's seed) or g_j²
+#: (gradsq); g consumed (zeroed), the last sample's sum back into .grad (one sample: .grad keeps g)
+IVON_ACCUMULATE = Phase(
+    "ivon_accumulate",
+    (Role("grads", P, True), Role("grad_sums", X, True), Role("curvature_sums", X, True), Role("offsets", I)),
+    ("found_inf",),
+    ("seed", "price", "first", "last"),
+    checks_grads=True,
+)
+#: ḡ, c̄ the means over samples (unscaled); momentum; Hessian h = s − δ (Riemannian step); mean with the new
+#: precision, clipped; θ = m. ``summed`` False (one sample, one replica): c from .grad and the noise of
+#: ``noise_seed``, curvature_sums not read (pass any master-dtype tensors of the right sizes: the means)
+IVON_UPDATE = Phase(
+    "ivon_update",
+    (
+        Role("params", P, True),
+        Role("grad_sums", P, True),
+        Role("means", S, True),
+        Role("precisions", R, True),
+        Role("momentums", R, True),
+        Role("curvature_sums", X),
+        Role("offsets", I),
+    ),
+    ("found_inf", "inv_scale", "step"),
+    (
+        "lr",
+        "beta1",
+        "beta2",
+        "ess",
+        "weight_decay",
+        "clip_radius",
+        "debias",
+        "price",
+        "summed",
+        "splits",
+        "noise_seed",
+        "seed",
+    ),
+)
+
 #: every phase, in the order of ALGORITHM.md's step
 PHASES = (
     BSAM_SAMPLE,
@@ -190,4 +232,6 @@ PHASES = (
     SAM_PERTURB,
     SAM_UPDATE_SGD,
     SAM_UPDATE_ADAMW,
+    IVON_ACCUMULATE,
+    IVON_UPDATE,
 )

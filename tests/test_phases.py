@@ -89,6 +89,12 @@ SCALARS = {
     "momentum": 0.9,
     "nesterov": True,
     "eps": 1e-8,
+    "ess": 50.0,
+    "clip_radius": 0.1,
+    "debias": True,
+    "price": True,
+    "summed": True,
+    "noise_seed": 9,
 }
 
 

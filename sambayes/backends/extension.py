@@ -218,6 +218,92 @@ def sam_update_adamw(
     )
 
 
+@torch.no_grad()
+def ivon_accumulate(
+    grads,
+    grad_sums,
+    curvature_sums,
+    offsets,
+    found_inf,
+    *,
+    seed: int | torch.Tensor,
+    price: bool,
+    first: bool,
+    last: bool,
+) -> None:
+    seed, seed_tensor = step_args(seed, int)
+    _ops.ivon_accumulate(
+        grads,
+        grad_sums,
+        curvature_sums,
+        [int(o) for o in offsets],
+        found_inf,
+        seed,
+        bool(price),
+        bool(first),
+        bool(last),
+        seed_tensor,
+    )
+
+
+@torch.no_grad()
+def ivon_update(
+    params,
+    grad_sums,
+    means,
+    precisions,
+    momentums,
+    curvature_sums,
+    offsets,
+    found_inf,
+    inv_scale,
+    step,
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    ess: float,
+    weight_decay: float,
+    clip_radius: float,
+    debias: bool,
+    price: bool,
+    summed: bool,
+    splits: int,
+    noise_seed: int | torch.Tensor,
+    seed: int | torch.Tensor,
+) -> None:
+    lr, lr_tensor = step_args(lr, float)
+    noise_seed, noise_seed_tensor = step_args(noise_seed, int)
+    seed, seed_tensor = step_args(seed, int)
+    _ops.ivon_update(
+        params,
+        grad_sums,
+        means,
+        precisions,
+        momentums,
+        curvature_sums,
+        [int(o) for o in offsets],
+        found_inf,
+        inv_scale,
+        step,
+        lr,
+        float(beta1),
+        float(beta2),
+        float(ess),
+        float(weight_decay),
+        float(clip_radius),
+        bool(debias),
+        bool(price),
+        bool(summed),
+        int(splits),
+        noise_seed,
+        seed,
+        lr_tensor,
+        noise_seed_tensor,
+        seed_tensor,
+    )
+
+
 def _register_fakes() -> None:
     """Shape-only implementations, so that torch.compile traces the ops without running them: one per
     phase of :mod:`sambayes.phases` (a 0-dim state-dtype tensor where the phase returns one), and the

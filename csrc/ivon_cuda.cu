@@ -1,0 +1,230 @@
+// IVON's CUDA ops (docs/ivon.md): the accumulation of a sample's gradient into the sums over samples, and the
+// update (the sample itself is bsam_sample). Float32 math for float32/bfloat16/float16 parameters. The
+// accumulation regenerates the sample's noise for Price's estimator and raises the step's found-inf flag on
+// inf/NaN; the update leaves the state alone when the flag is set, and with one sample computes the curvature
+// itself from the gradient and the regenerated noise. The precision and momentum may be stored in bfloat16 over
+// float32 state: read widened, written with stochastic rounding.
+#include "multi_tensor_cuda.cuh"
+
+namespace sambayes {
+namespace {
+
+// ---- per-phase element ops (see multi_tensor_cuda.cuh) ---------------------------------------
+// The seeds, lr and step given as tensors are read in prepared(), so that each replay of a CUDA graph reads the
+// current values.
+
+// float32 params: first 12 B/param (reads g; writes the two sums, zeroes g), middle 20 B, last 16 B (reads g and
+// the sums, writes the curvature sum and g), only (first and last) 8 B (reads g, writes the curvature sum). Both
+// sums are addressed relative to their first tensors: the grad sums' base comes with the launch, the curvature
+// sums' is added here.
+template <typename P, typename A>
+struct IvonAccumulateOp {
+  bool price, first, last;
+  uint32_t k0, k1;
+  const int64_t* seed_ptr;
+  float* found_inf;
+  int64_t curvature_base;
+  __device__ IvonAccumulateOp prepared() const {
+    IvonAccumulateOp op = *this;
+    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
+    return op;
+  }
+  template <int W>
+  __device__ void run(const TensorRow<3>& row, int64_t i) const {
+    void* curvature_ptr = static_cast<char*>(row.ptr[2]) + curvature_base;
+    const auto grad = load<P, W>(row.ptr[0], i);
+    Pack<A, W> curvature, total;
+    if (!first) {
+      curvature = load<A, W>(curvature_ptr, i);
+      total = load<A, W>(row.ptr[1], i);
+    }
+    float z[W];
+    if (price) noise_lanes<W>(static_cast<uint64_t>(row.offset + i), k0, k1, z);
+    Pack<P, W> rounded_total;
+    bool bad = false;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const A g = static_cast<A>(grad.v[j]);
+      const A c = ivon_curvature<A>(g, price ? static_cast<A>(z[j]) : A(0), price);
+      curvature.v[j] = first ? c : curvature.v[j] + c;
+      if (first && last) {
+        bad |= !is_finite(g);
+      } else if (last) {  // as the update reads it: a float16 sum may overflow
+        rounded_total.v[j] = static_cast<P>(total.v[j] + g);
+        bad |= !is_finite(static_cast<A>(rounded_total.v[j]));
+      } else {
+        total.v[j] = first ? g : total.v[j] + g;
+        bad |= !is_finite(total.v[j]);
+      }
+    }
+    if (bad) raise_flag(found_inf);
+    store<A, W>(curvature_ptr, i, curvature);
+    if (first && last) return;  // .grad keeps g
+    if (last) {
+      store<P, W>(row.ptr[0], i, rounded_total);
+    } else {
+      store<A, W>(row.ptr[1], i, total);
+      store_zero<P, W>(row.ptr[0], i);
+    }
+  }
+};
+
+// float32 params, summed: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
+// s 4 or 2, g_m 4 or 2, c 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4); one sample (not summed): 4 B less.
+template <typename P, typename A, typename S>
+struct IvonUpdateOp {
+  IvonUpdateCoeffs<A> c;
+  bool price, summed, debias;
+  double beta1;
+  const double* step_ptr;
+  const float* found_inf;
+  const float* inv_scale_ptr;
+  bool skip;
+  A inv_scale;
+  uint32_t noise_k0, noise_k1;        // the one sample's noise (not summed, Price's estimator)
+  uint32_t rounding_k0, rounding_k1;  // the stochastic rounding (bfloat16 S)
+  const double* lr_ptr;
+  const int64_t* noise_seed_ptr;
+  const int64_t* seed_ptr;
+  __device__ IvonUpdateOp prepared() const {
+    IvonUpdateOp op = *this;
+    op.skip = *found_inf != 0.0f;
+    op.inv_scale = static_cast<A>(*inv_scale_ptr);
+    op.c.bias1 = static_cast<A>(ivon_bias1(beta1, *step_ptr, debias));
+    if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
+    if (noise_seed_ptr) read_philox_key(noise_seed_ptr, op.noise_k0, op.noise_k1);
+    if (seed_ptr) read_philox_key(seed_ptr, op.rounding_k0, op.rounding_k1);
+    return op;
+  }
+  template <int W>
+  __device__ void run(const TensorRow<6>& row, int64_t i) const {
+    auto mean = load<A, W>(row.ptr[2], i);
+    if (!skip) {
+      const auto grad = load<P, W>(row.ptr[1], i);
+      auto precision = load_widened<S, A, W>(row.ptr[3], i);
+      auto momentum = load_widened<S, A, W>(row.ptr[4], i);
+      Pack<A, W> curvature_sum;
+      float z[W];
+      const uint64_t first = static_cast<uint64_t>(row.offset + i);
+      if (summed) {
+        curvature_sum = load<A, W>(row.ptr[5], i);
+      } else if (price) {
+        noise_lanes<W>(first, noise_k0, noise_k1, z);
+      }
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const A g = static_cast<A>(grad.v[j]) * inv_scale / c.splits;
+        const A curvature = summed ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.splits, price)
+                                   : ivon_curvature<A>(g, price ? static_cast<A>(z[j]) : A(0), price);
+        ivon_update_element<A>(g, curvature, mean.v[j], precision.v[j], momentum.v[j], c, price);
+      }
+      store<A, W>(row.ptr[2], i, mean);
+      if constexpr (std::is_same_v<S, A>) {
+        store<A, W>(row.ptr[3], i, precision);
+        store<A, W>(row.ptr[4], i, momentum);
+      } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
+        uint32_t words[W];
+        rounding_word_lanes<W>(first, rounding_k0, rounding_k1, words);
+        Pack<S, W> stored_precision, stored_momentum;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(words[j])),
+                                    S::from_bits());
+          stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(words[j])),
+                                   S::from_bits());
+        }
+        store<S, W>(row.ptr[3], i, stored_precision);
+        store<S, W>(row.ptr[4], i, stored_momentum);
+      }
+    }
+    store<P, W>(row.ptr[0], i, rounded<P>(mean));
+    store_zero<P, W>(row.ptr[1], i);
+  }
+};
+
+// ---- the ops ------------------------------------------------------------------------------------
+
+void ivon_accumulate_cuda(at::TensorList grads, at::TensorList grad_sums, at::TensorList curvature_sums,
+                          at::IntArrayRef offsets, const at::Tensor& found_inf, int64_t seed, bool price, bool first,
+                          bool last, const std::optional<at::Tensor>& seed_tensor) {
+  check_group("ivon_accumulate", grads, {}, {{"grad_sums", grad_sums}, {"curvature_sums", curvature_sums}});
+  check_offsets("ivon_accumulate", offsets, grads);
+  const auto device = grads[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "ivon_accumulate", "seed_tensor");
+  // the seed matters for Price's estimator only; a seed tensor is read by the kernel
+  const auto key = price && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
+  auto rows = make_rows<3>({grads, grad_sums, curvature_sums}, offsets);
+  const auto grad_base = make_relative<3>(rows, 1);
+  const auto curvature_base = make_relative<3>(rows, 2);
+  float* flag = device_scalar(found_inf, device, "found_inf");
+  SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "ivon_accumulate", [&] {
+    using A = acc_t<scalar_t>;
+    const IvonAccumulateOp<scalar_t, A> op{price,    first, last, key.first, key.second, price ? seed_ptr : nullptr,
+                                           flag,     curvature_base};
+    launch<3, A, 1>(rows, device, op, grad_base);
+  });
+}
+
+void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::TensorList means, at::TensorList precisions,
+                      at::TensorList momentums, at::TensorList curvature_sums, at::IntArrayRef offsets,
+                      const at::Tensor& found_inf, const at::Tensor& inv_scale, const at::Tensor& step, double lr,
+                      double beta1, double beta2, double ess, double weight_decay, double clip_radius, bool debias,
+                      bool price, bool summed, int64_t splits, int64_t noise_seed, int64_t seed,
+                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& noise_seed_tensor,
+                      const std::optional<at::Tensor>& seed_tensor) {
+  check_group("ivon_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("ivon_update", splits);
+  check_offsets("ivon_update", offsets, params);
+  const auto device = params[0].device();
+  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "ivon_update: step must be a float64 tensor of one element on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
+  const auto base = make_relative<6>(rows, 5);
+  const float* flag = device_scalar(found_inf, device, "found_inf");
+  const float* inv = device_scalar(inv_scale, device, "inv_scale");
+  const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "ivon_update", "lr_tensor");
+  const int64_t* noise_ptr = optional_scalar<int64_t>(noise_seed_tensor, device, "ivon_update", "noise_seed_tensor");
+  const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "ivon_update", "seed_tensor");
+  const bool bf16_state = stored_in_bf16(precisions);
+  const bool noise = price && !summed;
+  // the seeds matter only for one sample's noise and with bfloat16 state; a seed tensor is read by the kernel
+  const auto noise_key = noise && !noise_ptr ? philox_key(noise_seed) : std::pair<uint32_t, uint32_t>{};
+  const auto rounding_key = bf16_state && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
+  dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
+    using P = decltype(param);
+    using S = decltype(stored);
+    using A = acc_t<P>;
+    // the step lives on the device: the debiasing is filled in there (IvonUpdateOp::prepared); here a placeholder
+    const auto c = ivon_update_coeffs<A>(splits, lr, beta1, beta2, ess, weight_decay, clip_radius, 1.0);
+    const IvonUpdateOp<P, A, S> op{c,
+                                   price,
+                                   summed,
+                                   debias,
+                                   beta1,
+                                   step.data_ptr<double>(),
+                                   flag,
+                                   inv,
+                                   false,
+                                   A(1),
+                                   noise_key.first,
+                                   noise_key.second,
+                                   rounding_key.first,
+                                   rounding_key.second,
+                                   lr_ptr,
+                                   noise ? noise_ptr : nullptr,
+                                   bf16_state ? seed_ptr : nullptr};
+    launch<6, A, 5>(rows, device, op, base);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+  m.impl("ivon_accumulate", &ivon_accumulate_cuda);
+  m.impl("ivon_update", &ivon_update_cuda);
+}
+
+}  // namespace sambayes
