@@ -110,18 +110,21 @@ BSAM_PERTURB = Phase(
     ("rho", "accumulate"),
     checks_grads=True,
 )
+#: the roles of an update of a Gaussian posterior's state (bSAM's, IVON's): the parameters and the gradient sums
+#: in .grad, written (θ = m, the sums zeroed), the state, the curvature sums read, the element indices
+POSTERIOR_UPDATE_ROLES = (
+    Role("params", P, True),
+    Role("grad_sums", P, True),
+    Role("means", S, True),
+    Role("precisions", R, True),
+    Role("momentums", R, True),
+    Role("curvature_sums", X),
+    Role("offsets", I),
+)
 #: momentum, mean (old precision), precision from the means over sub-batches; θ = m; sums zeroed
 BSAM_UPDATE = Phase(
     "bsam_update",
-    (
-        Role("params", P, True),
-        Role("grad_sums", P, True),
-        Role("means", S, True),
-        Role("precisions", R, True),
-        Role("momentums", R, True),
-        Role("curvature_sums", X),
-        Role("offsets", I),
-    ),
+    POSTERIOR_UPDATE_ROLES,
     ("found_inf", "inv_scale"),
     ("lr", "beta1", "beta2", "weight_decay", "damping", "splits", "seed"),
 )
@@ -194,15 +197,7 @@ IVON_ACCUMULATE = Phase(
 #: ``noise_seed``, curvature_sums not read (pass any master-dtype tensors of the right sizes: the means)
 IVON_UPDATE = Phase(
     "ivon_update",
-    (
-        Role("params", P, True),
-        Role("grad_sums", P, True),
-        Role("means", S, True),
-        Role("precisions", R, True),
-        Role("momentums", R, True),
-        Role("curvature_sums", X),
-        Role("offsets", I),
-    ),
+    POSTERIOR_UPDATE_ROLES,
     ("found_inf", "inv_scale", "step"),
     (
         "lr",
