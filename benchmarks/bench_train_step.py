@@ -34,9 +34,9 @@ Rows:
   pass (GPT: the example's ``train_step``) (``--backend``, shown resolved).
 - ``sam``, ``bsam``: ``opt.step(closure, splits=k)`` (``--backend``, default ``auto``, shown resolved).
 - ``sgd-opt``, ``adamw-opt``, ``ivon-opt``, ``IVON-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone,
-  with a fixed gradient assigned where the backward passes would be (for ivon-opt inside
-  ``sampled_params``; sambayes's IVON: ``sample()``, the gradient, ``update()``): the rest, measured directly (on a busy machine far less noisy than
-  the difference of two whole steps).
+  with a fixed gradient given through autograd where the backward passes would be (for ivon-opt
+  inside ``sampled_params``; for sambayes's IVON ``sample()``, the gradient, ``update()``): the rest,
+  measured directly (on a busy machine far less noisy than the difference of two whole steps).
 
 Columns: median and 20/80 % quantiles of the wall time per step (the device is
 synchronised around each step), the ratios to the SGD and to the AdamW medians, and the
@@ -268,37 +268,31 @@ def cases(work: Workload, args) -> list[Case]:
         return lambda: work.train_step(model, opt, k)
 
     def alone(params, grads, opt, k):
-        # sambayes counts a gradient as given when autograd accumulates it or a new tensor is assigned (as torch.optim
-        # counts .grad not None): the same tensor assigned again gives none. Two copies, assigned in turn, are new
-        # tensors at every pass, so that every phase runs, with no copy timed
-        copies = [grads, [g.clone() for g in grads]]
-        turn = [0]
-
-        def set_grads() -> None:
-            turn[0] ^= 1
-            for p, g in zip(params, copies[turn[0]]):
-                p.grad = g
+        def give_grads() -> None:  # a backward pass's effect on .grad, by autograd, without the pass
+            torch.autograd.backward(params, grads)
 
         def step() -> None:
             if ivon is not None and isinstance(opt, ivon.IVON):
                 with opt.sampled_params(train=True):
-                    set_grads()
+                    opt.zero_grad()
+                    give_grads()
                 opt.step()
                 return
             if isinstance(opt, sambayes.IVON):
                 opt.sample()
-                set_grads()
+                give_grads()
                 opt.update()
                 return
             if not isinstance(opt, (sambayes.BSAM, sambayes.SAM)):
-                set_grads()
+                opt.zero_grad()  # torch.optim's loop (sambayes manages its gradient buffers itself)
+                give_grads()
                 opt.step()
                 return
             for _ in range(k):
                 opt.sample()
-                set_grads()
+                give_grads()
                 opt.perturb()
-                set_grads()
+                give_grads()
             opt.update()
 
         return step

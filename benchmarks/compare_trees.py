@@ -49,7 +49,8 @@ print(json.dumps(sorted(times)[len(times) // 2]))
 
 def median_step(tree: pathlib.Path, args: argparse.Namespace) -> float:
     """The median seconds of a step in a fresh process importing sambayes from ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # each tree its own build of the C++ extension: one shared cache would be rebuilt at every switch
+    env = {**os.environ, "PYTHONPATH": str(tree), "SAMBAYES_BUILD_DIR": str(tree / ".sambayes-build")}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(args.numel), str(args.tensors), args.backend, args.optimizer]
         + [str(args.reps), str(args.threads)],

@@ -31,10 +31,15 @@ python -c "import sambayes._C as C, sys; print('CUDA kernels compiled:', C.cuda_
 check $? "the CUDA build of sambayes._C"
 timeout 60 python -m sambayes info | tee "$LOG/info.txt"
 
-step "GPU tests, the most telling first: no sync on the hot path and CUDA-graph capture, then every phase, AMP, trajectories"
+step "GPU tests, the most telling first: no sync on the hot path and CUDA-graph capture (a replay after 300 other tables cycled the launch-table cache), then every phase, AMP, trajectories"
 timeout "$(limit 70)" python -m pytest tests/test_hot_path.py tests/test_capturable.py -q -k "cuda or triton or captured" \
   2>&1 | tee "$LOG/pytest_hot_path.txt" | tail -15
 check "${PIPESTATUS[0]}" "hot-path and capture GPU tests"
+
+step "Triton variants: the seeded kernels (sample, bfloat16-state update) compile no new variant over ten steps"
+timeout "$(limit 40)" python -m pytest tests/test_triton_variants.py -q -s -k gpu 2>&1 | tee "$LOG/triton_variants.txt" \
+  | grep -E "compiled variants|passed|failed"
+check "${PIPESTATUS[0]}" "Triton variant count"
 timeout "$(limit 150)" python -m pytest tests -q -k "triton or cuda" --deselect tests/test_nvcc_compile.py \
   --deselect tests/test_hot_path.py --deselect tests/test_capturable.py --durations=10 2>&1 | tee "$LOG/pytest.txt" | tail -25
 check "${PIPESTATUS[0]}" "GPU tests"

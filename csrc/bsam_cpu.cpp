@@ -73,8 +73,7 @@ SB_CLONES void bsam_update_loop(P* __restrict param, P* __restrict grad, A* __re
 void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList precisions,
                      at::IntArrayRef offsets, double num_data, int64_t seed,
                      const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
-  check_offsets("bsam_sample", offsets, params);
+  check_bsam_sample(params, means, precisions, offsets);
   const auto key = philox_key(scalar_or(seed_tensor, seed, "bsam_sample", "seed_tensor"));
   const uint32_t k0 = key.first, k1 = key.second;
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
@@ -123,10 +122,7 @@ void bsam_update_cpu(at::TensorList params, at::TensorList grad_sums, at::Tensor
                      const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
                      double weight_decay, double damping, int64_t splits, int64_t seed,
                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
-              {{"precisions", precisions}, {"momentums", momentums}});
-  check_splits("bsam_update", splits);
-  check_offsets("bsam_update", offsets, params);
+  check_bsam_update(params, grad_sums, means, precisions, momentums, curvature_sums, offsets, splits);
   lr = scalar_or(lr_tensor, lr, "bsam_update", "lr_tensor");
   seed = scalar_or(seed_tensor, seed, "bsam_update", "seed_tensor");
   const auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);

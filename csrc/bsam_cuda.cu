@@ -8,23 +8,6 @@
 namespace sambayes {
 namespace {
 
-// The stochastic-rounding words of elements first .. first + W - 1 of a group: word i mod 4 of the
-// Philox call at counter i div 4 under key (k0, k1).
-template <int W>
-__device__ __forceinline__ void rounding_words(uint64_t first, uint32_t k0, uint32_t k1, uint32_t* words) {
-  PhiloxWords call_words;
-  uint64_t call = ~uint64_t(0);
-#pragma unroll
-  for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
-    const uint64_t index = first + j;
-    if (index / 4 != call) {
-      call = index / 4;
-      call_words = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
-    }
-    words[j] = lane(call_words, index % 4);
-  }
-}
-
 // x stored in bfloat16, rounded stochastically with 16 random bits.
 __device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_bits) {
   return c10::BFloat16(round_bf16_stochastic(x, random_bits), c10::BFloat16::from_bits());
@@ -36,8 +19,10 @@ __device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_b
 // c10::BFloat16 over float32 A.
 
 // float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
+// One Philox call and two Box-Muller transforms per four elements (the kernel's quads).
 template <typename P, typename A, typename S>
 struct SampleOp {
+  static constexpr bool kNoiseQuads = true;
   A num_data;
   uint32_t k0, k1;
   const int64_t* seed_ptr;
@@ -46,27 +31,22 @@ struct SampleOp {
     if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
     return op;
   }
-  template <int W>
-  __device__ void run(const TensorRow<3>& row, int64_t i) const {
+  // z of the quad that starts at element q: tl.randn4x(seed, (offset + q) / 4)
+  __device__ Pack<float, 4> draw(const TensorRow<3>& row, int64_t q) const {
+    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+    Pack<float, 4> z;
+    philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
+    return z;
+  }
+  template <int W, typename Lanes>
+  __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
+    const Pack<float, W> z = lanes();
     const auto mean = load<A, W>(row.ptr[1], i);
     const auto precision = load_widened<S, A, W>(row.ptr[2], i);
-    const uint64_t first = static_cast<uint64_t>(row.offset + i);
-    float z[W];
-    float lanes[4];
-    uint64_t call = ~uint64_t(0);
-#pragma unroll
-    for (int j = 0; j < W; ++j) {  // W <= 4 elements span one or two Philox calls: each made once
-      const uint64_t index = first + j;
-      if (index / 4 != call) {
-        call = index / 4;
-        philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, lanes);
-      }
-      z[j] = lane(lanes, index % 4);
-    }
     Pack<P, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z[j]), num_data));
+      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z.v[j]), num_data));
     }
     store<P, W>(row.ptr[0], i, param);
   }
@@ -113,9 +93,11 @@ struct BsamPerturbOp {
 // float32 params: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
 // s 4 or 2, g_m 4 or 2, a 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4). kSeedTensor: the key is read
 // from seed_ptr, in an instantiation of its own, as a key held in registers rather than kernel parameters costs
-// the bfloat16 update 4 to 8 registers on sm_80 (64: 4 blocks an SM, more: 3).
+// the bfloat16 update 4 to 8 registers on sm_80 (64: 4 blocks an SM, more: 3). bfloat16 state is rounded with
+// the words of one Philox call per four elements (the kernel's quads).
 template <typename P, typename A, typename S, bool kSeedTensor = false>
 struct BsamUpdateOp {
+  static constexpr bool kNoiseQuads = !std::is_same_v<S, A>;
   BsamUpdateCoeffs<A> c;
   const float* found_inf;
   const float* inv_scale_ptr;
@@ -132,8 +114,20 @@ struct BsamUpdateOp {
     if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
     return op;
   }
+  // the rounding words of the quad that starts at element q: Philox4x32-10 at (offset + q) / 4
+  __device__ Pack<uint32_t, 4> draw(const TensorRow<6>& row, int64_t q) const {
+    if (skip) return {};  // a skipped step stores no state
+    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+    const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+    return {{w.w0, w.w1, w.w2, w.w3}};
+  }
   template <int W>
   __device__ void run(const TensorRow<6>& row, int64_t i) const {
+    run<W>(row, i, [] { return Pack<uint32_t, W>{}; });
+  }
+  // lanes(): the elements' rounding words (bfloat16 S only), drawn after the math
+  template <int W, typename Lanes>
+  __device__ void run(const TensorRow<6>& row, int64_t i, const Lanes& lanes) const {
     auto mean = load<A, W>(row.ptr[2], i);
     if (!skip) {
       const auto grad = load<P, W>(row.ptr[1], i);
@@ -150,13 +144,12 @@ struct BsamUpdateOp {
         store<A, W>(row.ptr[3], i, precision);
         store<A, W>(row.ptr[4], i, momentum);
       } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
-        uint32_t words[W];
-        rounding_words<W>(static_cast<uint64_t>(row.offset + i), k0, k1, words);
+        const Pack<uint32_t, W> words = lanes();
         Pack<S, W> stored_precision, stored_momentum;
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          stored_precision.v[j] = rounded_bf16(precision.v[j], precision_rounding_bits(words[j]));
-          stored_momentum.v[j] = rounded_bf16(momentum.v[j], momentum_rounding_bits(words[j]));
+          stored_precision.v[j] = rounded_bf16(precision.v[j], precision_rounding_bits(words.v[j]));
+          stored_momentum.v[j] = rounded_bf16(momentum.v[j], momentum_rounding_bits(words.v[j]));
         }
         store<S, W>(row.ptr[3], i, stored_precision);
         store<S, W>(row.ptr[4], i, stored_momentum);
@@ -172,9 +165,8 @@ struct BsamUpdateOp {
 void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorList precisions,
                       at::IntArrayRef offsets, double num_data, int64_t seed,
                       const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
-  check_offsets("bsam_sample", offsets, params);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  check_bsam_sample(params, means, precisions, offsets);
+  const DeviceGuard guard(params[0].device());
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
   const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
@@ -192,7 +184,7 @@ void bsam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   check_group("bsam_perturb", params, {{"grads", grads}}, {{"means", means}, {"curvature_sums", curvature_sums}},
               {{"precisions", precisions}});
   const auto device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   auto rows = make_rows<5>({params, grads, means, precisions, curvature_sums});
   const auto base = make_relative<5>(rows, 4);
   float* flag = device_scalar(found_inf, device, "found_inf");
@@ -210,19 +202,18 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                       const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr, double beta1, double beta2,
                       double weight_decay, double damping, int64_t splits, int64_t seed,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& seed_tensor) {
-  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
-              {{"precisions", precisions}, {"momentums", momentums}});
-  check_splits("bsam_update", splits);
-  check_offsets("bsam_update", offsets, params);
+  check_bsam_update(params, grad_sums, means, precisions, momentums, curvature_sums, offsets, splits);
   const auto device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
+  const DeviceGuard guard(device);
+  const bool bf16_state = stored_in_bf16(precisions);
+  // offsets only where they matter (the rounding words), so that the other rows' chunks stay vector-aligned
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums},
+                           bf16_state ? offsets : at::IntArrayRef{});
   const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "bsam_update", "lr_tensor");
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "bsam_update", "seed_tensor");
-  const bool bf16_state = stored_in_bf16(precisions);
   // the seed matters only with bfloat16 state; a seed tensor is read by the kernel
   const auto key = bf16_state && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
   dispatch_bsam(params[0].scalar_type(), bf16_state, [&](auto param, auto stored) {
@@ -257,17 +248,16 @@ void philox_randn_cuda(const at::Tensor& out, int64_t seed, int64_t start) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous(), "philox_randn_: out must be contiguous float32");
   TORCH_CHECK(start >= 0, "philox_randn_: start must be >= 0, got ", start);
   if (out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(out.device());
+  const DeviceGuard guard(out.device());
   const auto key = philox_key(seed);
   const int64_t blocks = std::min<int64_t>((out.numel() + kThreads - 1) / kThreads, 65536);
-  philox_randn_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(philox_randn_kernel, static_cast<unsigned>(blocks), kThreads, current_stream(out.device()),
+                out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(start), key.first, key.second);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sambayes_C, SB_CUDA_KEY, m) {
   m.impl("bsam_sample", &bsam_sample_cuda);
   m.impl("bsam_perturb", &bsam_perturb_cuda);
   m.impl("bsam_update", &bsam_update_cuda);

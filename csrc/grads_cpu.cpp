@@ -58,8 +58,7 @@ void find_nonfinite_cpu(at::TensorList grads, const at::Tensor& found_inf) {
 
 void fold_grads_cpu(at::TensorList grads, at::TensorList grad_sums, const at::Tensor& found_inf, bool first,
                     bool last) {
-  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
-  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+  check_fold_grads(grads, grad_sums, first, last);
   read_scalar(found_inf, "found_inf");
   const auto rows = make_rows<2>({grads, grad_sums});
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "fold_grads", [&] {

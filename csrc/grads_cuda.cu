@@ -65,7 +65,7 @@ struct RestoreOp {
 void find_nonfinite_cuda(at::TensorList grads, const at::Tensor& found_inf) {
   check_group("find_nonfinite", grads, {}, {});
   const auto device = grads[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const auto rows = make_rows<1>({grads});
   float* flag = device_scalar(found_inf, device, "found_inf");
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "find_nonfinite", [&] {
@@ -76,10 +76,9 @@ void find_nonfinite_cuda(at::TensorList grads, const at::Tensor& found_inf) {
 
 void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::Tensor& found_inf, bool first,
                      bool last) {
-  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
-  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+  check_fold_grads(grads, grad_sums, first, last);
   const auto device = grads[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   auto rows = make_rows<2>({grads, grad_sums});
   const auto base = make_relative<2>(rows, 1);
   float* flag = device_scalar(found_inf, device, "found_inf");
@@ -91,7 +90,7 @@ void fold_grads_cuda(at::TensorList grads, at::TensorList grad_sums, const at::T
 
 void restore_cuda(at::TensorList params, at::TensorList weights) {
   check_group("restore", params, {}, {{"weights", weights}});
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const DeviceGuard guard(params[0].device());
   const auto rows = make_rows<2>({params, weights});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "restore", [&] {
     using A = acc_t<scalar_t>;
@@ -101,7 +100,7 @@ void restore_cuda(at::TensorList params, at::TensorList weights) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sambayes_C, SB_CUDA_KEY, m) {
   m.impl("find_nonfinite", &find_nonfinite_cuda);
   m.impl("fold_grads", &fold_grads_cuda);
   m.impl("restore", &restore_cuda);

@@ -80,8 +80,7 @@ SB_CLONES void ivon_update_loop(P* __restrict param, P* __restrict grad, A* __re
 void ivon_accumulate_cpu(at::TensorList grads, at::TensorList grad_sums, at::TensorList curvature_sums,
                          at::IntArrayRef offsets, const at::Tensor& found_inf, int64_t seed, bool price, bool first,
                          bool last, const std::optional<at::Tensor>& seed_tensor) {
-  check_group("ivon_accumulate", grads, {}, {{"grad_sums", grad_sums}, {"curvature_sums", curvature_sums}});
-  check_offsets("ivon_accumulate", offsets, grads);
+  check_ivon_accumulate(grads, grad_sums, curvature_sums, offsets);
   read_scalar(found_inf, "found_inf");
   seed = scalar_or(seed_tensor, seed, "ivon_accumulate", "seed_tensor");
   const auto key = price ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};  // the seed matters only then
@@ -120,12 +119,7 @@ void ivon_update_cpu(at::TensorList params, at::TensorList grad_sums, at::Tensor
                      bool price, bool summed, int64_t splits, int64_t noise_seed, int64_t seed,
                      const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& noise_seed_tensor,
                      const std::optional<at::Tensor>& seed_tensor) {
-  check_group("ivon_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
-              {{"precisions", precisions}, {"momentums", momentums}});
-  check_splits("ivon_update", splits);
-  check_offsets("ivon_update", offsets, params);
-  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
-              "ivon_update: step must be a float64 CPU tensor of one element");
+  check_ivon_update(params, grad_sums, means, precisions, momentums, curvature_sums, offsets, step, splits);
   lr = scalar_or(lr_tensor, lr, "ivon_update", "lr_tensor");
   noise_seed = scalar_or(noise_seed_tensor, noise_seed, "ivon_update", "noise_seed_tensor");
   seed = scalar_or(seed_tensor, seed, "ivon_update", "seed_tensor");

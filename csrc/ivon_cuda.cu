@@ -16,9 +16,10 @@ namespace {
 // float32 params: first 12 B/param (reads g; writes the two sums, zeroes g), middle 20 B, last 16 B (reads g and
 // the sums, writes the curvature sum and g), only (first and last) 8 B (reads g, writes the curvature sum). Both
 // sums are addressed relative to their first tensors: the grad sums' base comes with the launch, the curvature
-// sums' is added here.
+// sums' is added here. Price's estimator: one Philox call per four elements (the kernel's quads).
 template <typename P, typename A>
 struct IvonAccumulateOp {
+  static constexpr bool kNoiseQuads = true;
   bool price, first, last;
   uint32_t k0, k1;
   const int64_t* seed_ptr;
@@ -29,23 +30,30 @@ struct IvonAccumulateOp {
     if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
     return op;
   }
-  template <int W>
-  __device__ void run(const TensorRow<3>& row, int64_t i) const {
-    void* curvature_ptr = static_cast<char*>(row.ptr[2]) + curvature_base;
+  // z of the quad that starts at element q (Price's estimator; none for the squared gradient)
+  __device__ Pack<float, 4> draw(const TensorRow<3>& row, int64_t q) const {
+    if (!price) return {};
+    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+    Pack<float, 4> z;
+    philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
+    return z;
+  }
+  template <int W, typename Lanes>
+  __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
+    const auto curvature_ptr = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[2]) + curvature_base);
     const auto grad = load<P, W>(row.ptr[0], i);
     Pack<A, W> curvature, total;
     if (!first) {
       curvature = load<A, W>(curvature_ptr, i);
       total = load<A, W>(row.ptr[1], i);
     }
-    float z[W];
-    if (price) noise_lanes<W>(static_cast<uint64_t>(row.offset + i), k0, k1, z);
+    const Pack<float, W> z = lanes();
     Pack<P, W> rounded_total;
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const A g = static_cast<A>(grad.v[j]);
-      const A c = ivon_curvature<A>(g, price ? static_cast<A>(z[j]) : A(0), price);
+      const A c = ivon_curvature<A>(g, static_cast<A>(z.v[j]), price);
       curvature.v[j] = first ? c : curvature.v[j] + c;
       if (first && last) {
         bad |= !is_finite(g);
@@ -69,10 +77,20 @@ struct IvonAccumulateOp {
   }
 };
 
+// What the update draws for one element: the one sample's z (Price's estimator, not summed) and the stochastic
+// rounding word (bfloat16 S), each from its own Philox stream.
+struct IvonDraw {
+  float z;
+  uint32_t word;
+};
+
 // float32 params, summed: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
 // s 4 or 2, g_m 4 or 2, c 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4); one sample (not summed): 4 B less.
+// The noise and the rounding words: one Philox call per stream and four elements (the kernel's quads).
 template <typename P, typename A, typename S>
 struct IvonUpdateOp {
+  static constexpr bool kNoiseQuads = true;
+  static constexpr bool kRounded = !std::is_same_v<S, A>;
   IvonUpdateCoeffs<A> c;
   bool price, summed, debias;
   double beta1;
@@ -96,41 +114,59 @@ struct IvonUpdateOp {
     if (seed_ptr) read_philox_key(seed_ptr, op.rounding_k0, op.rounding_k1);
     return op;
   }
-  template <int W>
-  __device__ void run(const TensorRow<6>& row, int64_t i) const {
+  __device__ bool noise() const { return price && !summed; }
+  // the draws of the quad that starts at element q: Philox4x32-10 at (offset + q) / 4 in each stream used
+  __device__ Pack<IvonDraw, 4> draw(const TensorRow<6>& row, int64_t q) const {
+    Pack<IvonDraw, 4> out{};
+    if (skip) return out;  // a skipped step stores no state
+    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+    const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
+    if (noise()) {
+      float z[4];
+      philox_randn4x(c0, c1, noise_k0, noise_k1, z);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out.v[j].z = z[j];
+    }
+    if constexpr (kRounded) {
+      const PhiloxWords w = philox4x32_10(c0, c1, rounding_k0, rounding_k1);
+      out.v[0].word = w.w0, out.v[1].word = w.w1, out.v[2].word = w.w2, out.v[3].word = w.w3;
+    }
+    return out;
+  }
+  // lanes(): the elements' draws, called once: before the math for the noise, else after it (the rounding words)
+  template <int W, typename Lanes>
+  __device__ void run(const TensorRow<6>& row, int64_t i, const Lanes& lanes) const {
     auto mean = load<A, W>(row.ptr[2], i);
     if (!skip) {
       const auto grad = load<P, W>(row.ptr[1], i);
       auto precision = load_widened<S, A, W>(row.ptr[3], i);
       auto momentum = load_widened<S, A, W>(row.ptr[4], i);
       Pack<A, W> curvature_sum;
-      float z[W];
-      const uint64_t first = static_cast<uint64_t>(row.offset + i);
+      Pack<IvonDraw, W> drawn{};
       if (summed) {
         curvature_sum = load<A, W>(row.ptr[5], i);
       } else if (price) {
-        noise_lanes<W>(first, noise_k0, noise_k1, z);
+        drawn = lanes();
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const A g = static_cast<A>(grad.v[j]) * inv_scale / c.splits;
         const A curvature = summed ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.splits, price)
-                                   : ivon_curvature<A>(g, price ? static_cast<A>(z[j]) : A(0), price);
+                                   : ivon_curvature<A>(g, static_cast<A>(drawn.v[j].z), price);
         ivon_update_element<A>(g, curvature, mean.v[j], precision.v[j], momentum.v[j], c, price);
       }
       store<A, W>(row.ptr[2], i, mean);
-      if constexpr (std::is_same_v<S, A>) {
+      if constexpr (!kRounded) {
         store<A, W>(row.ptr[3], i, precision);
         store<A, W>(row.ptr[4], i, momentum);
       } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
-        uint32_t words[W];
-        rounding_word_lanes<W>(first, rounding_k0, rounding_k1, words);
+        if (!noise()) drawn = lanes();
         Pack<S, W> stored_precision, stored_momentum;
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(words[j])),
+          stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(drawn.v[j].word)),
                                     S::from_bits());
-          stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(words[j])),
+          stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(drawn.v[j].word)),
                                    S::from_bits());
         }
         store<S, W>(row.ptr[3], i, stored_precision);
@@ -147,14 +183,14 @@ struct IvonUpdateOp {
 void ivon_accumulate_cuda(at::TensorList grads, at::TensorList grad_sums, at::TensorList curvature_sums,
                           at::IntArrayRef offsets, const at::Tensor& found_inf, int64_t seed, bool price, bool first,
                           bool last, const std::optional<at::Tensor>& seed_tensor) {
-  check_group("ivon_accumulate", grads, {}, {{"grad_sums", grad_sums}, {"curvature_sums", curvature_sums}});
-  check_offsets("ivon_accumulate", offsets, grads);
+  check_ivon_accumulate(grads, grad_sums, curvature_sums, offsets);
   const auto device = grads[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "ivon_accumulate", "seed_tensor");
   // the seed matters for Price's estimator only; a seed tensor is read by the kernel
   const auto key = price && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
-  auto rows = make_rows<3>({grads, grad_sums, curvature_sums}, offsets);
+  // offsets only where they matter (the noise), so that the other rows' chunks stay vector-aligned
+  auto rows = make_rows<3>({grads, grad_sums, curvature_sums}, price ? offsets : at::IntArrayRef{});
   const auto grad_base = make_relative<3>(rows, 1);
   const auto curvature_base = make_relative<3>(rows, 2);
   float* flag = device_scalar(found_inf, device, "found_inf");
@@ -173,23 +209,20 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                       bool price, bool summed, int64_t splits, int64_t noise_seed, int64_t seed,
                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& noise_seed_tensor,
                       const std::optional<at::Tensor>& seed_tensor) {
-  check_group("ivon_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
-              {{"precisions", precisions}, {"momentums", momentums}});
-  check_splits("ivon_update", splits);
-  check_offsets("ivon_update", offsets, params);
+  check_ivon_update(params, grad_sums, means, precisions, momentums, curvature_sums, offsets, step, splits);
   const auto device = params[0].device();
-  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
-              "ivon_update: step must be a float64 tensor of one element on ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums}, offsets);
+  const DeviceGuard guard(device);
+  const bool bf16_state = stored_in_bf16(precisions);
+  const bool noise = price && !summed;
+  // offsets only where they matter (the noise, the rounding words), so that the other rows' chunks stay vector-aligned
+  auto rows = make_rows<6>({params, grad_sums, means, precisions, momentums, curvature_sums},
+                           noise || bf16_state ? offsets : at::IntArrayRef{});
   const auto base = make_relative<6>(rows, 5);
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "ivon_update", "lr_tensor");
   const int64_t* noise_ptr = optional_scalar<int64_t>(noise_seed_tensor, device, "ivon_update", "noise_seed_tensor");
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "ivon_update", "seed_tensor");
-  const bool bf16_state = stored_in_bf16(precisions);
-  const bool noise = price && !summed;
   // the seeds matter only for one sample's noise and with bfloat16 state; a seed tensor is read by the kernel
   const auto noise_key = noise && !noise_ptr ? philox_key(noise_seed) : std::pair<uint32_t, uint32_t>{};
   const auto rounding_key = bf16_state && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
@@ -222,7 +255,7 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sambayes_C, SB_CUDA_KEY, m) {
   m.impl("ivon_accumulate", &ivon_accumulate_cuda);
   m.impl("ivon_update", &ivon_update_cuda);
 }

@@ -111,6 +111,71 @@ inline void check_group(const char* op, at::TensorList params, std::initializer_
   for (const auto& [name, list] : stored_like) check_list(name, list, stored);
 }
 
+// ---- the arguments of the ops with more than one check, checked alike on both devices ----------
+
+inline void check_bsam_sample(at::TensorList params, at::TensorList means, at::TensorList precisions,
+                              at::IntArrayRef offsets) {
+  check_group("bsam_sample", params, {}, {{"means", means}}, {{"precisions", precisions}});
+  check_offsets("bsam_sample", offsets, params);
+}
+
+inline void check_bsam_update(at::TensorList params, at::TensorList grad_sums, at::TensorList means,
+                              at::TensorList precisions, at::TensorList momentums, at::TensorList curvature_sums,
+                              at::IntArrayRef offsets, int64_t splits) {
+  check_group("bsam_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("bsam_update", splits);
+  check_offsets("bsam_update", offsets, params);
+}
+
+inline void check_fold_grads(at::TensorList grads, at::TensorList grad_sums, bool first, bool last) {
+  check_group("fold_grads", grads, {}, {{"grad_sums", grad_sums}});
+  TORCH_CHECK(!(first && last), "fold_grads: first and last are exclusive (splits > 1)");
+}
+
+inline void check_sam_update_sgd(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                                 at::TensorList momentums, int64_t splits) {
+  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
+  check_splits("sam_update_sgd", splits);
+}
+
+// `step`: the updates taken, counting this one (the bias corrections), in float64 on the bucket's device.
+inline void check_sam_update_adamw(at::TensorList params, at::TensorList grad_sums, at::TensorList weights,
+                                   at::TensorList momentums, at::TensorList variances, const at::Tensor& step,
+                                   int64_t splits) {
+  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
+              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
+  check_splits("sam_update_adamw", splits);
+  TORCH_CHECK(step.device() == params[0].device() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "sam_update_adamw: step must be a float64 tensor of one element on ", params[0].device());
+}
+
+// `scale`: one floating-point number on the bucket's device.
+inline void check_sam_perturb(at::TensorList params, at::TensorList grads, at::TensorList weights,
+                              const at::Tensor& scale) {
+  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == params[0].device() && at::isFloatingType(scale.scalar_type()),
+              "sam_perturb: scale must be one floating-point number on ", params[0].device());
+}
+
+inline void check_ivon_accumulate(at::TensorList grads, at::TensorList grad_sums, at::TensorList curvature_sums,
+                                  at::IntArrayRef offsets) {
+  check_group("ivon_accumulate", grads, {}, {{"grad_sums", grad_sums}, {"curvature_sums", curvature_sums}});
+  check_offsets("ivon_accumulate", offsets, grads);
+}
+
+// `step`: the updates taken, counting this one (the debiasing), in float64 on the bucket's device.
+inline void check_ivon_update(at::TensorList params, at::TensorList grad_sums, at::TensorList means,
+                              at::TensorList precisions, at::TensorList momentums, at::TensorList curvature_sums,
+                              at::IntArrayRef offsets, const at::Tensor& step, int64_t splits) {
+  check_group("ivon_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("ivon_update", splits);
+  check_offsets("ivon_update", offsets, params);
+  TORCH_CHECK(step.device() == params[0].device() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "ivon_update: step must be a float64 tensor of one element on ", params[0].device());
+}
+
 // Whether a stored_like list holds bfloat16 (precision and momentum rounded stochastically).
 inline bool stored_in_bf16(at::TensorList stored) {
   return !stored.empty() && stored[0].scalar_type() == at::kBFloat16;
@@ -133,13 +198,16 @@ std::vector<TensorRow<N>> make_rows(const std::array<at::TensorList, N>& lists, 
   return rows;
 }
 
-// Cut every row into chunks of at most `chunk` elements (empty tensors give none).
+// Cut every row into chunks of at most `chunk` elements (empty tensors give none). noise_space: the
+// boundaries fall on noise indices (offset + element) that are multiples of 4 (`chunk` is one), so
+// that no chunk splits the four elements of a Philox call.
 template <int N>
-std::vector<Chunk> plan_chunks(const std::vector<TensorRow<N>>& rows, int64_t chunk) {
+std::vector<Chunk> plan_chunks(const std::vector<TensorRow<N>>& rows, int64_t chunk, bool noise_space = false) {
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < rows.size(); ++i) {
-    for (int64_t begin = 0; begin < rows[i].numel; begin += chunk) {
-      chunks.push_back({static_cast<int64_t>(i), begin, std::min(rows[i].numel, begin + chunk)});
+    const int64_t shift = noise_space ? rows[i].offset % 4 : 0;
+    for (int64_t begin = 0, end = chunk - shift; begin < rows[i].numel; begin = end, end += chunk) {
+      chunks.push_back({static_cast<int64_t>(i), begin, std::min(rows[i].numel, end)});
     }
   }
   return chunks;

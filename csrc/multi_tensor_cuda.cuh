@@ -8,14 +8,26 @@
 // An op is a struct with `prepared()` (called once per thread before the loop: it reads the step's
 // device scalars) and `run<W>(row, i)` (elements i .. i + W - 1 of one row); the ops live in
 // bsam_cuda.cu, sam_cuda.cu and grads_cuda.cu, their per-element math in sambayes_math.h.
+//
+// SAMBAYES_EMULATED: the same sources compiled by a C++ compiler for the host, on the execution
+// layer of cuda_emulated.h (backend "cuda-emulated"). The differences are mechanical and all here:
+// the device header, the guard and stream types, the capture query, the launch, the dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#if defined(SAMBAYES_EMULATED)
+#include "cuda_emulated.h"
+#else
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <algorithm>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -29,14 +41,47 @@
 
 namespace sambayes {
 
+// ---- the device: CUDA, or its emulation on the host ---------------------------------------------
+#if defined(SAMBAYES_EMULATED)
+#define SB_CUDA_KEY CPU  // the dispatch key of the ops: the emulated build's ops take CPU tensors
+using emulated::DeviceGuard;
+using emulated::Stream;
+inline Stream current_stream(at::Device) { return emulated::stream(); }
+inline bool stream_is_capturing(at::Device) { return emulated::capturing(); }
+inline void record_stream(const at::Tensor& t, Stream stream) { emulated::recorded(t, stream); }
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned threads, Stream, Args&&... args) {
+  emulated::launch(blocks, threads, [&] { kernel(args...); });
+}
+#else
+#define SB_CUDA_KEY CUDA
+using DeviceGuard = c10::cuda::CUDAGuard;
+using Stream = c10::cuda::CUDAStream;
+inline Stream current_stream(at::Device device) { return c10::cuda::getCurrentCUDAStream(device.index()); }
+inline bool stream_is_capturing(at::Device) {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+// the allocator reuses `t`'s memory only once the work queued on `stream` so far is done
+inline void record_stream(const at::Tensor& t, Stream stream) {
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), unsigned blocks, unsigned threads, Stream stream, Args&&... args) {
+  kernel<<<blocks, threads, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 constexpr int kThreads = 256;
 constexpr int64_t kCudaChunk = 1 << 14;  // elements per block: 16 vector iterations of 256 threads
 
 // ---- vector loads and stores ------------------------------------------------------------------
 
-// W elements of T moved as one aligned load or store.
+// W elements of T moved as one aligned load or store (as 16-byte ones where they span more).
 template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
+struct alignas(sizeof(T) * W < 16 ? sizeof(T) * W : 16) Pack {
   T v[W];
 };
 
@@ -83,6 +128,21 @@ __device__ __forceinline__ void store_zero(void* base, int64_t i) {
   store<T, W>(base, i, zero);
 }
 
+// Lane k of four, by selects: a dynamic index would put the pack in local memory.
+template <typename T>
+__device__ __forceinline__ Pack<T, 1> one_lane(const Pack<T, 4>& pack, int64_t k) {
+  return {{k == 0 ? pack.v[0] : k == 1 ? pack.v[1] : k == 2 ? pack.v[2] : pack.v[3]}};
+}
+
+// Elements first .. first + W - 1 of a pack.
+template <int W, typename T, int N>
+__device__ __forceinline__ Pack<T, W> slice(const Pack<T, N>& pack, int first) {
+  Pack<T, W> out;
+#pragma unroll
+  for (int j = 0; j < W; ++j) out.v[j] = pack.v[first + j];
+  return out;
+}
+
 template <typename P, typename A, int W>
 __device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
   Pack<P, W> out;
@@ -126,28 +186,69 @@ int64_t make_relative(std::vector<TensorRow<N>>& rows, int role) {
   return base;
 }
 
+// An op that draws from a Philox stream (`static constexpr bool kNoiseQuads = true`): see multi_tensor_kernel.
+template <typename Op, typename = void>
+struct draws_noise : std::false_type {};
+template <typename Op>
+struct draws_noise<Op, std::void_t<decltype(Op::kNoiseQuads)>> : std::bool_constant<Op::kNoiseQuads> {};
+
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
 // kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
+// An op that draws from a Philox stream runs over quads instead: the four elements whose noise
+// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw): with vector
+// loads where the row is aligned and its offset a multiple of 4, else element by element. Its
+// run<W>(row, i, lanes) gets the lanes of its W elements from lanes(), which it calls where it needs
+// them (a late call keeps fewer values live across the Philox rounds). The other ops' rows carry no
+// offsets, so that their chunks begin on multiples of kCudaChunk.
 template <int N, int V, int kRelative, typename Op>
 __global__ void __launch_bounds__(kThreads)
     multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
   const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
   TensorRow<N> row = rows[chunk.row];
-  if constexpr (kRelative >= 0) row.ptr[kRelative] = static_cast<char*>(row.ptr[kRelative]) + base;
-  int64_t tail = chunk.begin;
-  if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
-    const int64_t vectors = (chunk.end - chunk.begin) / V;
-    if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
-#pragma unroll 1
-      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-    } else {
-#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
-      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-    }
-    tail = chunk.begin + vectors * V;
+  if constexpr (kRelative >= 0) {  // in integers: an offset below the base is no pointer (UBSan: pointer overflow)
+    row.ptr[kRelative] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[kRelative]) + base);
   }
-  for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
+  if constexpr (draws_noise<Op>::value) {
+    int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
+    if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
+      const int64_t quads = (chunk.end - chunk.begin) / 4;
+#pragma unroll 1
+      for (int64_t k = threadIdx.x; k < quads; k += kThreads) {
+        const int64_t q = chunk.begin + 4 * k;
+        if constexpr (V == 4) {
+          op.template run<4>(row, q, [&] { return op.draw(row, q); });
+        } else {  // float64 state: two vectors of two elements, one call for both
+          const auto lanes = op.draw(row, q);
+          op.template run<2>(row, q, [&] { return slice<2>(lanes, 0); });
+          op.template run<2>(row, q + 2, [&] { return slice<2>(lanes, 2); });
+        }
+      }
+      first = chunk.begin + 4 * quads;
+    }
+    for (int64_t q = first + 4 * threadIdx.x; q < chunk.end; q += 4 * kThreads) {  // the rest, masked
+      const auto lanes = op.draw(row, q);
+      const int64_t end = q + 4 < chunk.end ? q + 4 : chunk.end;
+#pragma unroll 1
+      for (int64_t i = q > chunk.begin ? q : chunk.begin; i < end; ++i) {
+        op.template run<1>(row, i, [&] { return one_lane(lanes, i - q); });
+      }
+    }
+  } else {
+    int64_t tail = chunk.begin;
+    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
+      const int64_t vectors = (chunk.end - chunk.begin) / V;
+      if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+#pragma unroll 1
+        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+      } else {
+#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
+        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
+      }
+      tail = chunk.begin + vectors * V;
+    }
+    for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
+  }
 }
 
 // ---- device tables, cached ------------------------------------------------------------------
@@ -160,9 +261,16 @@ struct DeviceTable {
   int64_t num_chunks;  // one block each
 };
 
-// Device tables, built on a miss (chunks planned, a pinned copy on the current stream), then
-// reused with no host work but the key: the key is the rows' own content, so an equal key means
-// an identical table and a cached one is never stale.
+// Device tables, built on a miss (chunks planned, copied from the host before any launch can read
+// them), then reused with no host work but the key: the key is the rows' own content, so an equal key
+// means an identical table and a cached one is never stale.
+//
+// CUDA graphs: a captured launch keeps the table's address, so a table used during a capture is held
+// for the life of the process (a graph may be replayed at any time) and never evicted; a miss during
+// a capture is refused (its copy would be captured too, and replayed from a host buffer long gone).
+// Streams: the copy completes before get() returns, so any stream may launch with the table at once;
+// a table used on a stream other than the one it was allocated on is recorded on that stream, so
+// that the allocator reuses its memory only after the launches queued there.
 class TableCache {
  public:
   template <int N>
@@ -172,39 +280,72 @@ class TableCache {
     const int64_t index = device.index();
     std::memcpy(key.data(), &index, sizeof(index));
     key.append(reinterpret_cast<const char*>(rows.data()), row_bytes);  // chunks follow from the rows
+    const bool capturing = stream_is_capturing(device);
+    const Stream stream = current_stream(device);
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = entries_.find(key);
     if (found == entries_.end()) {
-      const auto chunks = plan_chunks(rows, kCudaChunk);
+      TORCH_CHECK(!capturing,
+                  "sambayes: the cuda backend has no launch table for these tensors and cannot build one during "
+                  "the capture of a CUDA graph; run the captured steps once before capturing (a warm-up, as "
+                  "torch.cuda.graphs recommends), with the same tensors");
+      const auto chunks = plan_chunks(rows, kCudaChunk, /*noise_space=*/true);
       const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
-      auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)},
-                            at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)}, at::TensorOptions().dtype(at::kByte));
       std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
       std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
       order_.push_front(key);
-      const auto num_chunks = static_cast<int64_t>(chunks.size());
-      found = entries_.emplace(key, Entry{host.to(device, /*non_blocking=*/true), order_.begin(), num_chunks}).first;
-      if (entries_.size() > kCapacity) {
+      // a blocking copy from pageable memory: done when it returns, whatever stream reads the table next
+      Entry entry{host.to(device), order_.begin(), static_cast<int64_t>(chunks.size()), stream, {}, false};
+      found = entries_.emplace(key, std::move(entry)).first;
+      if (order_.size() > kCapacity) {  // the least recently used table that no graph holds
         entries_.erase(order_.back());
         order_.pop_back();
       }
-    } else {
+    } else if (!found->second.held) {
       order_.splice(order_.begin(), order_, found->second.position);  // most recently used
     }
-    auto* base = found->second.table.data_ptr<uint8_t>();
+    Entry& entry = found->second;
+    if (capturing && !entry.held) {  // a graph may replay this launch at any time: never evicted
+      order_.erase(entry.position);
+      entry.held = true;
+    }
+    if (!(stream == entry.allocated_on) &&
+        std::find(entry.used_on.begin(), entry.used_on.end(), stream) == entry.used_on.end()) {
+      record_stream(entry.table, stream);
+      entry.used_on.push_back(stream);
+    }
+    auto* base = entry.table.data_ptr<uint8_t>();
     return {reinterpret_cast<const TensorRow<N>*>(base), reinterpret_cast<const Chunk*>(base + row_bytes),
-            found->second.num_chunks};
+            entry.num_chunks};
+  }
+
+  // (tables cached, tables held for CUDA graphs)
+  std::pair<int64_t, int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto cached = static_cast<int64_t>(entries_.size());
+    return {cached, cached - static_cast<int64_t>(order_.size())};
+  }
+
+  // Forget every table, held ones too (for tests, where no graph exists).
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    order_.clear();
   }
 
  private:
-  static constexpr size_t kCapacity = 256;
+  static constexpr size_t kCapacity = 256;  // tables that no graph holds
   struct Entry {
     at::Tensor table;
-    std::list<std::string>::iterator position;
+    std::list<std::string>::iterator position;  // in order_, unless held
     int64_t num_chunks;
+    Stream allocated_on;
+    std::vector<Stream> used_on;  // the other streams that launched with it (recorded)
+    bool held;
   };
   std::mutex mutex_;
-  std::list<std::string> order_;
+  std::list<std::string> order_;  // least recently used last; held tables are not in it
   std::unordered_map<std::string, Entry> entries_;
 };
 
@@ -214,16 +355,30 @@ inline TableCache& table_cache() {
   return cache;
 }
 
+#if defined(SAMBAYES_EMULATED)
+// The negative controls of the sanitizer build: rows made wrong on purpose (emulated::inject_fault).
+template <int N>
+std::vector<TensorRow<N>> with_injected_fault(std::vector<TensorRow<N>> rows) {
+  for (auto& row : rows) {
+    if (emulated::injected_fault() == emulated::Fault::kMisaligned) row.aligned = 1;  // vector loads anyway
+  }
+  if (emulated::injected_fault() == emulated::Fault::kOverrun && !rows.empty()) rows.back().numel += 1;
+  return rows;
+}
+#endif
+
 // multi_tensor_kernel over the rows: V = 16 bytes of the state dtype A per vector.
 template <int N, typename A, int kRelative = -1, typename Op>
 void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& op, int64_t base = 0) {
+#if defined(SAMBAYES_EMULATED)
+  const auto table = table_cache().get(with_injected_fault(rows), device);
+#else
   const auto table = table_cache().get(rows, device);
+#endif
   if (table.num_chunks == 0) return;
   constexpr int V = 16 / sizeof(A);
-  multi_tensor_kernel<N, V, kRelative, Op>
-      <<<static_cast<unsigned>(table.num_chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          table.rows, table.chunks, base, op);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(multi_tensor_kernel<N, V, kRelative, Op>, static_cast<unsigned>(table.num_chunks), kThreads,
+                current_stream(device), table.rows, table.chunks, base, op);
 }
 
 // A one-element float32 tensor on the bucket's device (the found-inf flag, 1/scale).

@@ -103,9 +103,7 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, const a
 
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
                      const at::Tensor& scale, bool adaptive) {
-  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
-  TORCH_CHECK(scale.numel() == 1 && scale.device().is_cpu() && at::isFloatingType(scale.scalar_type()),
-              "sam_perturb: scale must be one floating-point number on the CPU");
+  check_sam_perturb(params, grads, weights, scale);
   const float inv = read_scalar(inv_scale, "inv_scale");
   const auto rows = make_rows<3>({params, grads, weights});
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
@@ -123,8 +121,7 @@ void sam_update_sgd_cpu(at::TensorList params, at::TensorList grad_sums, at::Ten
                         at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale, double lr,
                         double momentum, double weight_decay, bool nesterov, int64_t splits,
                         const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
-  check_splits("sam_update_sgd", splits);
+  check_sam_update_sgd(params, grad_sums, weights, momentums, splits);
   lr = scalar_or(lr_tensor, lr, "sam_update_sgd", "lr_tensor");
   const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);
@@ -146,11 +143,7 @@ void sam_update_adamw_cpu(at::TensorList params, at::TensorList grad_sums, at::T
                           const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
                           double eps, double weight_decay, int64_t splits,
                           const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
-              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  check_splits("sam_update_adamw", splits);
-  TORCH_CHECK(step.device().is_cpu() && step.scalar_type() == at::kDouble && step.numel() == 1,
-              "sam_update_adamw: step must be a float64 CPU tensor of one element");
+  check_sam_update_adamw(params, grad_sums, weights, momentums, variances, step, splits);
   lr = scalar_or(lr_tensor, lr, "sam_update_adamw", "lr_tensor");
   const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
   if (read_scalar(found_inf, "found_inf") != 0.0f) return skip_step(rows, params[0].scalar_type(), 2);

@@ -145,7 +145,7 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
                             const at::Tensor& inv_scale, bool adaptive) {
   check_group("sam_sq_norm", grads, {}, {{"weights", weights}});
   const auto device = grads[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const auto rows = make_rows<2>({grads, weights});
   const auto table = table_cache().get(rows, device);
   if (table.num_chunks == 0) return at::zeros({}, weights[0].options());
@@ -154,10 +154,8 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
   auto partial = at::empty({table.num_chunks}, weights[0].options().dtype(at::kDouble));
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
     using A = acc_t<scalar_t>;
-    sq_norm_kernel<scalar_t, A><<<static_cast<unsigned>(table.num_chunks), kThreads, 0,
-                                  c10::cuda::getCurrentCUDAStream()>>>(table.rows, table.chunks, adaptive, inv, flag,
-                                                                       partial.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(sq_norm_kernel<scalar_t, A>, static_cast<unsigned>(table.num_chunks), kThreads,
+                  current_stream(device), table.rows, table.chunks, adaptive, inv, flag, partial.data_ptr<double>());
   });
   // a fixed-order sum of the partials: deterministic
   return partial.sum().to(weights[0].scalar_type());
@@ -165,13 +163,11 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
 
 void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
                       const at::Tensor& scale, bool adaptive) {
-  check_group("sam_perturb", params, {{"grads", grads}}, {{"weights", weights}});
+  check_sam_perturb(params, grads, weights, scale);
   const auto device = params[0].device();
-  TORCH_CHECK(scale.numel() == 1 && scale.device() == device && at::isFloatingType(scale.scalar_type()),
-              "sam_perturb: scale must be one floating-point number on ", device);
   // read in the kernel (no host sync); SAM hands it over in float64 already
   const auto scale64 = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kDouble);
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const auto rows = make_rows<3>({params, grads, weights});
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
   SB_DISPATCH_PARAM_DTYPE(params[0].scalar_type(), "sam_perturb", [&] {
@@ -184,11 +180,10 @@ void sam_update_sgd_cuda(at::TensorList params, at::TensorList grad_sums, at::Te
                          at::TensorList momentums, const at::Tensor& found_inf, const at::Tensor& inv_scale,
                          double lr, double momentum, double weight_decay, bool nesterov, int64_t splits,
                          const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_sgd", params, {{"grad_sums", grad_sums}}, {{"weights", weights}, {"momentums", momentums}});
-  check_splits("sam_update_sgd", splits);
+  check_sam_update_sgd(params, grad_sums, weights, momentums, splits);
   const auto device = params[0].device();
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_sgd", "lr_tensor");
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const auto rows = make_rows<4>({params, grad_sums, weights, momentums});
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
@@ -204,14 +199,10 @@ void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::
                            const at::Tensor& inv_scale, const at::Tensor& step, double lr, double beta1, double beta2,
                            double eps, double weight_decay, int64_t splits,
                            const std::optional<at::Tensor>& lr_tensor) {
-  check_group("sam_update_adamw", params, {{"grad_sums", grad_sums}},
-              {{"weights", weights}, {"momentums", momentums}, {"variances", variances}});
-  check_splits("sam_update_adamw", splits);
+  check_sam_update_adamw(params, grad_sums, weights, momentums, variances, step, splits);
   const auto device = params[0].device();
-  TORCH_CHECK(step.device() == device && step.scalar_type() == at::kDouble && step.numel() == 1,
-              "sam_update_adamw: step must be a float64 tensor of one element on ", device);
   const double* lr_ptr = optional_scalar<double>(lr_tensor, device, "sam_update_adamw", "lr_tensor");
-  const c10::cuda::CUDAGuard guard(device);
+  const DeviceGuard guard(device);
   const auto rows = make_rows<5>({params, grad_sums, weights, momentums, variances});
   const float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
@@ -227,7 +218,7 @@ void sam_update_adamw_cuda(at::TensorList params, at::TensorList grad_sums, at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sambayes_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(sambayes_C, SB_CUDA_KEY, m) {
   m.impl("sam_sq_norm", &sam_sq_norm_cuda);
   m.impl("sam_perturb", &sam_perturb_cuda);
   m.impl("sam_update_sgd", &sam_update_sgd_cuda);

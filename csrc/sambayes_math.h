@@ -32,8 +32,17 @@ struct PhiloxWords {
   uint32_t w0, w1, w2, w3;
 };
 
+#if defined(SAMBAYES_EMULATED)
+namespace emulated {
+void count_philox_call();  // the emulated CUDA tier counts the calls its kernels make
+}
+#endif
+
 // The four words for counter (c0, c1, 0, 0) and key (k0, k1) = (seed lo, seed hi).
 SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+#if defined(SAMBAYES_EMULATED)
+  emulated::count_philox_call();
+#endif
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDACC__)
 #pragma unroll
@@ -364,53 +373,6 @@ SB_HD void ivon_update_element(T g, T c, T& mean, T& precision, T& momentum, con
   // mean step, with the new precision, clipped
   const T direction = (momentum / k.bias1 + k.weight_decay * mean) / precision;
   mean = mean - k.lr * (direction < -k.clip_radius ? -k.clip_radius : direction > k.clip_radius ? k.clip_radius : direction);
-}
-
-// Word i mod 4 of a Philox call, by selects (a dynamic index would put the words in a GPU's local memory).
-SB_HD uint32_t philox_word(const PhiloxWords& w, uint64_t i) {
-  const uint64_t k = i % 4;
-  return k == 0 ? w.w0 : k == 1 ? w.w1 : k == 2 ? w.w2 : w.w3;
-}
-
-// f(j, lane, words, fresh) for the group elements first + j, j < W: `words` are the four Philox4x32-10 words of the
-// call at counter (first + j) div 4 under the key (k0, k1), `lane` = (first + j) mod 4, `fresh` whether the call is
-// new since element j − 1. W <= 4 elements span one or two calls, each made once.
-template <int W, typename F>
-SB_HD void for_each_philox_lane(uint64_t first, uint32_t k0, uint32_t k1, F&& f) {
-  uint64_t call = ~uint64_t(0);
-  PhiloxWords words = {0, 0, 0, 0};
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int j = 0; j < W; ++j) {
-    const uint64_t index = first + j;
-    const bool fresh = index / 4 != call;
-    if (fresh) {
-      call = index / 4;
-      words = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
-    }
-    f(j, index % 4, words, fresh);
-  }
-}
-
-// z of group elements first .. first + W − 1 (ALGORITHM.md, "Noise": element i takes lane i mod 4 of the call
-// at counter i div 4) under the key (k0, k1).
-template <int W>
-SB_HD void noise_lanes(uint64_t first, uint32_t k0, uint32_t k1, float* z) {
-  float lanes[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for_each_philox_lane<W>(first, k0, k1, [&](int j, uint64_t lane, const PhiloxWords& words, bool fresh) {
-    if (fresh) randn4x_from_words(words, lanes);
-    z[j] = lane == 0 ? lanes[0] : lane == 1 ? lanes[1] : lane == 2 ? lanes[2] : lanes[3];
-  });
-}
-
-// The stochastic-rounding words of group elements first .. first + W − 1: word i mod 4 of the Philox call at
-// counter i div 4 under the key (k0, k1) (sambayes/_philox.py, "Stochastic rounding").
-template <int W>
-SB_HD void rounding_word_lanes(uint64_t first, uint32_t k0, uint32_t k1, uint32_t* words) {
-  for_each_philox_lane<W>(first, k0, k1, [&](int j, uint64_t lane, const PhiloxWords& call_words, bool) {
-    words[j] = philox_word(call_words, lane);
-  });
 }
 
 }  // namespace sambayes

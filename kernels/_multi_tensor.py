@@ -25,6 +25,14 @@ may place anywhere: their table entries are offsets from the role's first tensor
 address the launch passes (:func:`relative_base`, :func:`scratch_pointer`), so a new
 buffer with the same layout finds the same table.
 
+CUDA graphs and streams: a captured launch keeps its table's address, so a table used during a
+capture is held for the life of the process (a graph may be replayed at any time) and never
+evicted; a table missing during a capture is refused with an error that says to warm up first (its
+copy would be captured too). A table is copied to the device before :func:`tensor_table` returns,
+so any stream may launch with it at once; used on a stream other than the one it was allocated on,
+it is recorded on that stream (``record_stream``), so that its memory is reused only after the
+launches queued there.
+
 Noise (ALGORITHM.md, version 2): element i of a group takes lane i mod 4 of
 ``tl.randn4x(seed, i div 4)``. For the sampling kernel the blocks of a tensor are
 placed in noise-index space: a tensor whose first element has noise index o starts
@@ -58,6 +66,8 @@ NUM_WARPS = 4
 #: Cached tables (LRU): a few per optimizer, parameter group and phase is the working set.
 _CACHE_SIZE = 256
 _cache: OrderedDict[tuple, TensorTable] = OrderedDict()
+#: tables used during a CUDA-graph capture: held, never evicted (the graph may replay them)
+_held: dict[tuple, TensorTable] = {}
 
 TL_DTYPES = {
     torch.float64: tl.float64,
@@ -84,9 +94,8 @@ class _Part:
         first_block = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
         start = (torch.arange(num_blocks, dtype=torch.int64) - first_block[tensor_index]) * BLOCK - shift[tensor_index]
         host = torch.cat([torch.stack([tensor_index, start], 1).reshape(-1), records.reshape(-1)])
-        # pinned + non_blocking: building a table never synchronises the host with the device (the pinned
-        # allocator keeps the host buffer until the copy is done)
-        self.table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        # a blocking copy (once per list of tensors): on the device before any stream can launch with it
+        self.table = host.to(device)
         self.num_blocks, self.aligned, self.param, self.state = num_blocks, aligned, param, state
         self.stored = stored  # the dtype of the kind-"R" roles; None where the table has none
 
@@ -94,7 +103,7 @@ class _Part:
 class TensorTable:
     """The device tables of a list of tensors (see the module docstring), one per alignment class."""
 
-    __slots__ = ("num_blocks", "param", "parts", "state", "stored")
+    __slots__ = ("allocated_on", "num_blocks", "param", "parts", "state", "stored", "used_on")
 
     def __init__(
         self, roles: list[list[torch.Tensor]], kinds: str, noise_offsets: list[int] | None, noise_blocks: bool
@@ -137,6 +146,8 @@ class TensorTable:
         ]
         self.parts = [part for part in self.parts if part.num_blocks]
         self.num_blocks = sum(part.num_blocks for part in self.parts)
+        self.allocated_on = _current_stream(device)
+        self.used_on: list = []  # the other streams that launched with it (recorded)
 
 
 def tensor_table(
@@ -168,14 +179,44 @@ def tensor_table(
         tuple(noise_offsets) if noise_offsets is not None else None,
         *addresses,
     )
-    entry = _cache.get(key)
+    device = roles[0][0].device
+    capturing = _capturing(device)
+    entry = _held.get(key) or _cache.get(key)
     if entry is None:
+        if capturing:
+            raise RuntimeError(
+                "sambayes: the triton backend has no launch table for these tensors and cannot build one during "
+                "the capture of a CUDA graph; run the captured steps once before capturing (a warm-up, as "
+                "torch.cuda.graphs recommends), with the same tensors"
+            )
         entry = _cache[key] = TensorTable(roles, kinds, noise_offsets, noise_blocks)
         if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
+            _cache.popitem(last=False)  # the least recently used table that no graph holds
+    elif key in _cache:
         _cache.move_to_end(key)
+    if capturing and key in _cache:
+        _held[key] = _cache.pop(key)
+    stream = _current_stream(device)
+    if stream != entry.allocated_on and stream not in entry.used_on:
+        for part in entry.parts:
+            _record_stream(part.table, stream)
+        entry.used_on.append(stream)
     return entry
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _current_stream(device: torch.device):
+    """The current stream of ``device`` (None off CUDA)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _record_stream(table: torch.Tensor, stream) -> None:
+    """The allocator reuses ``table``'s memory only once the work queued on ``stream`` so far is done."""
+    table.record_stream(stream)
 
 
 def stored_dtype(roles: list[list[torch.Tensor]], kinds: str) -> torch.dtype | None:
@@ -192,8 +233,8 @@ def relative_base(role: list[torch.Tensor]) -> int:
 
 
 def cached_tables() -> int:
-    """How many tables are cached (for tests: a steady training loop adds none)."""
-    return len(_cache)
+    """How many tables are cached, held ones included (for tests: a steady training loop adds none)."""
+    return len(_cache) + len(_held)
 
 
 def launch(kernel, table: TensorTable, *args, **constexprs) -> None:

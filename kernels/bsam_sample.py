@@ -42,7 +42,7 @@ def _sample_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
     store(param, offs, m + div(z, sqrt(num_data * s)), mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all
 def _bsam_sample_kernel(
     table,
     seed,

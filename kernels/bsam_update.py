@@ -73,7 +73,7 @@ def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
     zero(grad_sum, offs, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all
 def _bsam_update_kernel(
     table,
     found_inf,

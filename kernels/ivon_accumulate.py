@@ -70,7 +70,7 @@ def _accumulate_block(pointers, offs, mask, scalars, noise_index, STATE: tl.cons
         zero(grad, offs, mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all
 def _ivon_accumulate_kernel(
     table,
     found_inf,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -41,31 +42,26 @@ def freeze(model: torch.nn.Module | None, saved: list | None, frozen: bool) -> l
     return None
 
 
-def watch_bare_parameters(params: list[torch.Tensor], name: str):
-    """For an optimizer given bare parameters (no module): a hook on every module's forward pass that warns,
-    once, when a BatchNorm layer in training mode owns some of them: its running statistics then update in
-    both passes of each step, and the fix is to pass the module. Returns the hook's handle (remove it after
-    the first pass: one look is enough)."""
+def warn_if_bare(params: list[torch.Tensor], name: str, stacklevel: int) -> None:
+    """For an optimizer given bare parameters (no module): warn when a BatchNorm layer in training use owns
+    some of them, since its running statistics then update in both passes of each step; the fix is to pass
+    the module. The layers are found among the live objects (once, at construction). ``stacklevel``: the
+    caller's frame to point at, counted from the caller."""
     ours = {id(p) for p in params}
-
-    def look(module: torch.nn.Module, args) -> None:
+    for obj in gc.get_objects():
         if (
-            isinstance(module, _BatchNorm)
-            and module.training
-            and module.track_running_stats
-            and any(id(p) in ours for p in module.parameters(recurse=False))
+            issubclass(type(obj), _BatchNorm)  # not isinstance: no __class__ lookups on proxies (deprecated names)
+            and obj.track_running_stats
+            and any(id(p) in ours for p in obj.parameters(recurse=False))
         ):
-            handle.remove()  # once
             warnings.warn(
                 f"{name} was given bare parameters of a model with BatchNorm layers: their running statistics "
                 f"update in both passes of every step, where bn_stats='noisy' (the default) wants the noisy pass "
                 f"only. Pass the module: {name}(model, ...) or model=model",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=stacklevel + 1,
             )
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(look)
-    return handle
+            return
 
 
 @contextlib.contextmanager

@@ -31,6 +31,23 @@ CUDA_SKIPPED = {"env": 1, "cpu_torch": 2, "no_toolkit": 3, "failed": 4}
 #: the module name of a first-use build (an install builds ``sambayes._C``)
 JIT_NAME = "sambayes_C"
 
+#: the emulated CUDA tier (backend "cuda-emulated", docs/cext.md): CUDA_SOURCES compiled by the C++ compiler
+#: for the host, through one-line wrappers, with the op schemas of bindings.cpp and the execution layer
+EMULATED_SOURCES = ["bindings.cpp", "cuda_emulated.cpp"]
+#: no FMA contraction (ISO C++): the host's rounding, line by line; -O2 keeps the first build near a minute
+EMULATED_FLAGS = ["-O2", "-fopenmp", "-DSAMBAYES_EMULATED", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+#: the variants of the emulated tier, (compile flags, link flags) by name; a build joins some with "+"
+#: ("sanitized+fma"), as $SAMBAYES_CUDA_EMULATED names it (sambayes/backends/emulated.py)
+EMULATED_VARIANTS = {
+    # AddressSanitizer and UndefinedBehaviorSanitizer, stopping at the first report; needs libasan preloaded
+    "sanitized": (
+        ["-O1", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        ["-fsanitize=address,undefined"],
+    ),
+    # products fused into FMAs wherever the compiler can, as nvcc fuses them (--fmad=true)
+    "fma": (["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"], []),
+}
+
 
 def cuda_skip_reason(torch, cuda_home: str | None) -> str | None:
     """Why the CUDA kernels are not built (a key of CUDA_SKIPPED), or None to build them."""
@@ -128,14 +145,62 @@ def compile_now():
     return _load(load, sources, CXX_FLAGS + [f"-DSAMBAYES_CUDA_SKIPPED={CUDA_SKIPPED[skip]}"], build, with_cuda=False)
 
 
-def _load(load, sources: list[pathlib.Path], cxx: list[str], build: pathlib.Path, *, with_cuda: bool):
+def emulated_name(build: str) -> str:
+    """The module and op library (``torch.ops.<name>``) of an emulated build."""
+    return "sambayes_emulated" + "".join(f"_{variant}" for variant in build.split("+") if variant)
+
+
+def compile_emulated(build: str = ""):
+    """Compile (or load from the cache) the emulated CUDA tier; returns the module, whose ops are
+    ``torch.ops.<emulated_name(build)>``. ``build``: "" (plain), or variants of EMULATED_VARIANTS joined
+    with "+"."""
+    import torch
+    from torch.utils.cpp_extension import load
+
+    variants = [variant for variant in build.split("+") if variant]
+    unknown = [variant for variant in variants if variant not in EMULATED_VARIANTS]
+    if unknown:
+        raise ImportError(f"no emulated variant {unknown[0]!r}: choose among {sorted(EMULATED_VARIANTS)}, joined by +")
+    missing = missing_tools()
+    if missing:
+        raise ImportError("cannot compile the emulated CUDA tier: missing " + "; ".join(missing))
+    src, name = source_dir(), emulated_name(build)
+    folder = cache_dir(torch) / name
+    (folder / "sources").mkdir(parents=True, exist_ok=True)
+    sources = [src / file for file in EMULATED_SOURCES]
+    for file in CUDA_SOURCES:  # the .cu files as they are, compiled as C++
+        wrapper = folder / "sources" / f"{file}.cpp"
+        text = f'#include "{src / file}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(wrapper)
+    built = folder / f"{name}.so"
+    if not built.is_file() or built.stat().st_mtime < max(path.stat().st_mtime for path in src.iterdir()):
+        print(f"sambayes: compiling the emulated CUDA tier once (about a minute) into {folder}", file=sys.stderr)
+    cflags = [flag for variant in variants for flag in EMULATED_VARIANTS[variant][0]]
+    ldflags = [flag for variant in variants for flag in EMULATED_VARIANTS[variant][1]]
+    # sambayes_C: bindings.cpp's and the .cu files' op library becomes this build's own
+    cxx = CXX_FLAGS + EMULATED_FLAGS + cflags + [f"-Dsambayes_C={name}", f"-I{src}"]
+    return _load(load, sources, cxx, folder, with_cuda=False, name=name, ldflags=LINK_FLAGS + ldflags)
+
+
+def _load(
+    load,
+    sources: list[pathlib.Path],
+    cxx: list[str],
+    build: pathlib.Path,
+    *,
+    with_cuda: bool,
+    name: str = JIT_NAME,
+    ldflags: list[str] = LINK_FLAGS,
+):
     try:
         return load(
-            JIT_NAME,
+            name,
             [str(path) for path in sources],
             extra_cflags=cxx,
             extra_cuda_cflags=NVCC_FLAGS,
-            extra_ldflags=LINK_FLAGS,
+            extra_ldflags=ldflags,
             build_directory=str(build),
             with_cuda=with_cuda,
         )

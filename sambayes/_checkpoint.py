@@ -121,8 +121,22 @@ def keep_state_dtypes(
 
 
 class Checkpoints:
-    """``state_dict`` and ``load_state_dict`` of the optimizers (mixed into TwoPassOptimizer, before
-    torch.optim.Optimizer, whose own methods do the dict handling)."""
+    """``state_dict`` and ``load_state_dict`` of the optimizers, and their pickling (mixed into
+    TwoPassOptimizer, before torch.optim.Optimizer, whose own methods do the dict handling)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups: add what this class needs to step
+        config = ("backend", "model", "bn_stats", "capturable", "keep_sums", "_hyperparameters")
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in config}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch's load_state_dict passes state and param_groups only
+        if "_ledger" not in self.__dict__:  # unpickled (an older pickle may lack some options)
+            hyperparameters = [k for k in self.defaults if k != "attempts"]
+            options = dict(backend="auto", model=None, bn_stats="noisy", capturable=False, keep_sums=None)
+            for name, value in {**options, "_hyperparameters": hyperparameters}.items():
+                self.__dict__.setdefault(name, value)
+            self._build()
 
     def state_dict(self) -> dict[str, Any]:
         """The state of every trainable parameter and the groups' hyperparameters and counters.

@@ -26,11 +26,6 @@ from ._ledger import Ledger, Slot, grads, params, states
 from ._step import PERTURBED, REST, SAMPLED, DeviceScalars, Step, SumPool, check_capture
 from .phases import master_dtype
 
-
-def _params_of(slots: list[Slot]) -> list[torch.Tensor]:
-    return [s.param for s in slots]
-
-
 #: (group, its trainable parameters' slots) for every parameter group
 Groups = list[tuple[dict[str, Any], list[Slot]]]
 
@@ -90,6 +85,9 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._hyperparameters = [k for k in defaults if k != "attempts"]  # what a checkpoint's groups carry
         super().__init__(params, defaults)
         self._build()  # after torch's fields: state before our units (benchmarks/bench_memory.py names by path)
+        if model is None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            _batchnorm.warn_if_bare(params, type(self).__name__, _arguments.caller_stacklevel())
         if not any(p.is_meta for group in self.param_groups for p in group["params"]):
             # the state exists from the start, as torch.distributed.checkpoint's get/set_optimizer_state_dict
             # need it (they would otherwise create it with step() and no closure); parameters changed before
@@ -109,12 +107,10 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._replication = _replication.policy(self.model)
         self._skips = _progress.SkipReport(type(self).__name__, self.capturable, self._weights)
         self._step: Step | None = None  # the step in progress
-        self._bn_watch = None  # the first step's look for BatchNorm layers among bare parameters (see sample())
-        self._looked_for_bn = self.model is not None
         self._scalars = DeviceScalars()  # every step's found-inf flags, and 1/scale without a GradScaler
         self._samples_held: list[int] = []  # the seeds of the sampled_params() blocks the model is in
 
-    # ---- hyperparameters and pickling ----------------------------------------------------------
+    # ---- hyperparameters ----------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's duplicate warning: refused below instead
@@ -126,20 +122,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         except Exception:
             self.param_groups.pop()  # a refused group must not stay and train
             raise
-
-    def __getstate__(self) -> dict[str, Any]:
-        # torch.optim keeps only defaults, state and param_groups: add what this class needs to step
-        config = ("backend", "model", "bn_stats", "capturable", "keep_sums", "_hyperparameters")
-        return {**super().__getstate__(), **{name: getattr(self, name) for name in config}}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # torch's load_state_dict passes state and param_groups only
-        if "_ledger" not in self.__dict__:  # unpickled (an older pickle may lack some options)
-            hyperparameters = [k for k in self.defaults if k != "attempts"]
-            options = dict(backend="auto", model=None, bn_stats="noisy", capturable=False, keep_sums=None)
-            for name, value in {**options, "_hyperparameters": hyperparameters}.items():
-                self.__dict__.setdefault(name, value)
-            self._build()
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _check_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
@@ -228,9 +210,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
             step.fold(self._fold, last=False)
         for index, (group, slots) in enumerate(self._groups()):
             self._sample_group(step, index, group, slots)
-        if not self._looked_for_bn:  # bare parameters: a look at the first pass for BatchNorm layers
-            self._looked_for_bn = True
-            self._bn_watch = _batchnorm.watch_bare_parameters(_params_of(self._ledger.slots), type(self).__name__)
         if self.passes == 1:  # the gradient at this sample feeds the update: that pass begins now
             step.split += 1
             self._replication.grad_sync(False)  # local: the update averages the sums across replicas
@@ -257,7 +236,6 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._expect(SAMPLED, action="perturb")
         step = self._step
         step.written = set(self._ledger.find_written("perturb"))
-        self._done_looking()
         _arguments.warn_if_no_gradient(step.written, self._ledger.slots, "perturb", type(self).__name__)
         step.inv_scale = self._scalars.inv_scale(grad_scaler, self._devices())
         self._perturb(step, self._groups())  # subclasses restore the parameters without a gradient
@@ -336,13 +314,7 @@ class TwoPassOptimizer(_checkpoint.Checkpoints, Optimizer):
         self._ledger.drop_grads()
         self._end_step()
 
-    def _done_looking(self) -> None:
-        if self._bn_watch is not None:
-            self._bn_watch.remove()
-            self._bn_watch = None
-
     def _end_step(self) -> None:
-        self._done_looking()
         step, self._step = self._step, None
         self._pool.give_back(step.sums)
         self._replication.grad_sync(True)

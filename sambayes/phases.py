@@ -30,6 +30,7 @@ This module imports nothing of sambayes: the kernels and every backend may impor
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,14 @@ class Phase:
     def arguments(self) -> tuple[str, ...]:
         """Every argument's name, in the order of the backends' functions."""
         return tuple(role.name for role in self.roles) + self.device_scalars + self.scalars
+
+    def signature(self) -> inspect.Signature:
+        """The signature of every backend's function for this phase: the roles and device scalars, then the
+        scalars as keywords (for a backend that forwards generic arguments, as the emulated tier does)."""
+        positional = [role.name for role in self.roles] + list(self.device_scalars)
+        kinds = [inspect.Parameter.POSITIONAL_OR_KEYWORD] * len(positional)
+        kinds += [inspect.Parameter.KEYWORD_ONLY] * len(self.scalars)
+        return inspect.Signature([inspect.Parameter(n, k) for n, k in zip(positional + list(self.scalars), kinds)])
 
 
 P, S, R, X, I = "P", "S", "R", "X", "I"

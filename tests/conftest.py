@@ -8,6 +8,8 @@ import torch
 # set before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # and the CUDA kernels run on the CPU too, as the backend "cuda-emulated" (sambayes/backends/emulated.py)
+    os.environ.setdefault("SAMBAYES_CUDA_EMULATED", "1")
 
 import pytest
 

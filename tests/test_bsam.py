@@ -119,6 +119,7 @@ def assert_eager_and_foreach_agree_on_cnn(make_optimizer):
             torch.testing.assert_close(finals["foreach"][1][pid][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*bare parameters of a model with BatchNorm:UserWarning")
 @pytest.mark.slow
 def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
     assert_eager_and_foreach_agree_on_cnn(
@@ -132,6 +133,7 @@ def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
 # the noise
 
 
+@pytest.mark.filterwarnings("ignore:.*gave no parameter a gradient:RuntimeWarning")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_noise_has_posterior_mean_and_variance(backend):
     # 20,000 elements, precision varying per element: z = (θ - m)·sqrt(N·s) must be N(0, 1).
@@ -155,6 +157,7 @@ def test_noise_has_posterior_mean_and_variance(backend):
     torch.testing.assert_close(opt.posterior_std()[0], expected_var.sqrt())
 
 
+@pytest.mark.filterwarnings("ignore:.*gave no parameter a gradient:RuntimeWarning")
 def test_noise_is_a_function_of_seed_step_split_and_index():
     a, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(10))
     opt = sambayes.BSAM([a, b], num_data=1.0, seed=42)
@@ -295,6 +298,7 @@ def test_no_step_inside_sampled_params(backend):
     assert torch.equal(m.weight, mean)
 
 
+@pytest.mark.filterwarnings("ignore:.*bare parameters of a model with BatchNorm:UserWarning")
 def test_predict_averages_softmax_over_posterior_samples():
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 3))
     x, y = data()

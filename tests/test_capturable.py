@@ -16,7 +16,7 @@ from harness import BLOCK, flag, inv_scale, module, nan_like, normal, offsets_of
 from test_hot_path import mlp, no_host_reads, train
 
 import sambayes
-from sambayes import _philox
+from sambayes import _philox, backends
 
 #: words at the edges of 64 bits: the hash must wrap exactly as the host's arithmetic modulo 2^64
 EDGES = [0, 1, 2**31, 2**32 - 1, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
@@ -220,51 +220,73 @@ def test_capturable_is_checked_and_pickled():
 
 
 # ---- on a GPU: a captured step replays -----------------------------------------------------------
+def steps_or_replays(backend, kind, captured, between=lambda: None):
+    """Three warm-up steps on a side stream, then five steps (the lr tensor halved before each):
+    taken one by one, or one step captured in a CUDA graph and replayed five times, ``between()``
+    called after the capture. The weights and the optimizer's state_dict after."""
+    extra = {"state_dtype": torch.bfloat16} if kind == "bsam-bf16" else {}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g).cuda(), torch.randint(0, 3, (8,), generator=g).cuda()
+    model = mlp().cuda()
+    lr = torch.tensor(0.05, dtype=torch.float64, device="cuda")
+    opt = make(kind.split("-")[0], model, backend, True, lr=lr, **extra)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        for _ in range(3):
+            opt.step(closure)
+    torch.cuda.current_stream().wait_stream(side)
+    if captured:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step(closure)
+        between()
+    for _ in range(5):
+        lr.mul_(0.5)
+        graph.replay() if captured else opt.step(closure)
+    torch.cuda.synchronize()
+    return weights(model), opt.state_dict()
+
+
+def assert_same_run(got, want):
+    (got_weights, got_state), (want_weights, want_state) = got, want
+    for a, b in zip(got_weights, want_weights):
+        assert torch.equal(a, b)
+    for pid, state in got_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, want_state["state"][pid][key]), key
+    assert got_state["param_groups"][0]["step"] == want_state["param_groups"][0]["step"] == 8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graphs")
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda", "foreach") if b in AVAILABLE_BACKENDS])
 @pytest.mark.parametrize("kind", ["bsam", "bsam-bf16", "sam", "adamw"])
 def test_a_captured_step_replays_as_steps_taken_one_by_one(backend, kind):
-    """Three warm-up steps, one step captured in a CUDA graph and replayed five times (the lr
-    tensor halved before each replay) equal eight steps taken one by one: the noise and rounding
-    of each replay follow the step counters on the device."""
-    extra = {"state_dtype": torch.bfloat16} if kind == "bsam-bf16" else {}
-    kind = kind.split("-")[0]
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g).cuda(), torch.randint(0, 3, (8,), generator=g).cuda()
+    """One step captured and replayed five times equals five steps taken one by one: the noise and
+    rounding of each replay follow the step counters on the device."""
+    assert_same_run(steps_or_replays(backend, kind, True), steps_or_replays(backend, kind, False))
 
-    def run(captured):
-        model = mlp().cuda()
-        lr = torch.tensor(0.05, dtype=torch.float64, device="cuda")
-        opt = make(kind, model, backend, True, lr=lr, **extra)
 
-        def closure():
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graphs")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE_BACKENDS])
+def test_a_captured_step_replays_after_the_table_cache_has_cycled(backend):
+    """Between the capture and the replays, 300 other lists of tensors pass through the backend's
+    launch-table cache (it keeps 256): the tables the graph launches with are held, not freed and
+    reused, so the replays still equal steps taken one by one."""
+    module = backends.resolve(backend, "cuda")
+    others = [([torch.zeros(3, device="cuda")], [torch.ones(3, device="cuda")]) for _ in range(300)]
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
-            for _ in range(3):
-                opt.step(closure)
-        torch.cuda.current_stream().wait_stream(side)
-        if captured:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                opt.step(closure)
-        for _ in range(5):
-            lr.mul_(0.5)
-            graph.replay() if captured else opt.step(closure)
-        torch.cuda.synchronize()
-        return weights(model), opt.state_dict()
+    def cycle():
+        for params, weights_ in others:
+            module.restore(params, weights_)
 
-    (eager_weights, eager_state), (graph_weights, graph_state) = run(False), run(True)
-    for a, b in zip(graph_weights, eager_weights):
-        assert torch.equal(a, b)
-    for pid, state in graph_state["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, eager_state["state"][pid][key]), key
-    assert graph_state["param_groups"][0]["step"] == eager_state["param_groups"][0]["step"] == 8
+    assert_same_run(steps_or_replays(backend, "bsam", True, cycle), steps_or_replays(backend, "bsam", False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: CUDA graphs")

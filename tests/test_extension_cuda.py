@@ -7,6 +7,7 @@ Runs only where a GPU is visible and sambayes._C was built with its CUDA kernels
 
 import pytest
 import torch
+from harness import noise_slack
 
 import sambayes
 from sambayes import _philox, backends
@@ -22,8 +23,9 @@ def test_noise_matches_reference_and_cpu_backend():
     extension = backends.resolve("cuda", "cuda")
     for start in (0, 2**32 - 700, 10**12 + 3):
         z = extension.randn_range(1234, start, 70001, device="cuda").cpu()
-        torch.testing.assert_close(z, _philox.randn_range(1234, start, 70001), rtol=3 * 2.0**-23, atol=1e-12)
-        torch.testing.assert_close(z, extension.randn_range(1234, start, 70001), rtol=2 * 2.0**-23, atol=1e-12)
+        for want in (_philox.randn_range(1234, start, 70001), extension.randn_range(1234, start, 70001)):
+            # nvcc fuses the polynomials' multiply-adds: a few ulps of the pair's radius where z is near 0
+            assert ((z.double() - want.double()).abs() <= noise_slack(1234, start, want)).all()
 
 
 def test_bsam_trajectory_matches_cpu_backend():

@@ -61,12 +61,12 @@ def test_first_use_build_names_what_is_missing(tmp_path, monkeypatch):
 def test_the_sources_ship_with_the_package():
     # a plain install compiles from the copy inside the package: every source the recipe names is there
     folder = _build.source_dir()
-    for name in _build.CPU_SOURCES + _build.CUDA_SOURCES:
+    for name in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.EMULATED_SOURCES:
         assert (folder / name).is_file(), name
-    headers = {path.name for path in (ROOT / "csrc").glob("*.h")}
-    assert headers and headers <= {path.name for path in folder.glob("*.h")}
+    headers = {path.name for suffix in ("*.h", "*.cuh") for path in (ROOT / "csrc").glob(suffix)}
+    assert headers and headers <= {path.name for suffix in ("*.h", "*.cuh") for path in folder.glob(suffix)}
     setup = (ROOT / "setup.py").read_text()
-    assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.h"]' in setup
+    assert '"sambayes.csrc": "csrc"' in setup and '"sambayes.csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]' in setup
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: what a fresh environment runs from the unpacked sdist: the authors' trajectories on every backend
 #: installed (the fused C++ one compiled on first use from the shipped sources), the command line, the verdicts
-SUBSET = ["tests/test_golden.py", "tests/test_cli.py", "tests/test_demo.py"]
-SUBSET_NAMES = "golden or info or triton or command_line or paired or side_by_side or case"
+SUBSET = ["tests/test_trajectories.py", "tests/test_cli.py", "tests/test_demo.py"]
+SUBSET_NAMES = "eager or info or triton or command_line or paired or side_by_side or case"
 #: a markdown link or image to a path (no scheme such as https:, not an anchor)
 RELATIVE = re.compile(r"!?\[[^\]]*\]\((?![a-z][a-z0-9+.-]*:|#)[^)\s]+\)")
 

@@ -59,6 +59,7 @@ def test_sam_adaptive_and_adamw_match_eager(backend):
         torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*bare parameters of a model with BatchNorm:UserWarning")
 @pytest.mark.slow
 def test_eager_and_foreach_agree_on_cnn_with_batchnorm():
     assert_eager_and_foreach_agree_on_cnn(lambda ps, backend: sambayes.SAM(ps, lr=0.05, backend=backend))

@@ -213,8 +213,10 @@ def test_update_with_a_scaler_and_no_gradient_at_all():
     scaler.scale(torch.ones((), device=DEVICE))  # the scale exists, as after any scaled backward
     weights = [p.detach().clone() for p in m.parameters()]
     opt.sample()
-    opt.perturb(grad_scaler=scaler)
-    opt.update(grad_scaler=scaler)
+    with pytest.warns(RuntimeWarning, match="gave no parameter a gradient"):
+        opt.perturb(grad_scaler=scaler)
+    with pytest.warns(RuntimeWarning, match="gave no parameter a gradient"):
+        opt.update(grad_scaler=scaler)
     scaler.update()
     assert scaler.get_scale() == 8.0
     assert all(torch.equal(p, w) for p, w in zip(m.parameters(), weights))

@@ -128,6 +128,8 @@ def test_batchnorm_statistics_follow_the_policy(policy, updates_per_split):
     assert bn.track_running_stats  # restored after the step
 
 
+@pytest.mark.filterwarnings("ignore:.*bare parameters of a model with BatchNorm:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*gave no parameter a gradient:RuntimeWarning")
 def test_batchnorm_noisy_policy_uses_noisy_point_statistics():
     """With policy 'noisy' the running mean is exactly the one of a forward at the noisy sample."""
     x, y = batch()

@@ -22,6 +22,8 @@ triton     fused Triton kernels (``sambayes.kernels``)             CUDA; CPU und
                                                                   TRITON_INTERPRET=1
 cpu        fused C++ kernels of the extension ``sambayes._C``      CPU
 cuda       fused CUDA kernels of the extension ``sambayes._C``     CUDA
+cuda-      the CUDA kernels compiled for the host, on fibers        CPU (a test tool:
+emulated   (``csrc/cuda_emulated.cpp``): every CUDA phase in CI     SAMBAYES_CUDA_EMULATED)
 =========  =====================================================  ==============
 
 ``backend="auto"`` takes the first available of ``AUTO_ORDER[device type]``. The
@@ -46,7 +48,7 @@ import torch
 
 from .. import _build, phases
 
-NAMES = ("eager", "foreach", "triton", "cpu", "cuda")
+NAMES = ("eager", "foreach", "triton", "cpu", "cuda", "cuda-emulated")
 #: what ``backend=`` accepts
 BACKENDS = ("auto",) + NAMES
 #: first available wins, per device type
@@ -64,6 +66,8 @@ def _import(name: str) -> ModuleType:
         from . import foreach as module
     elif name == "triton":
         from . import triton as module
+    elif name == "cuda-emulated":  # the CUDA kernels on the CPU: a test tool, never picked by "auto"
+        from . import emulated as module
     else:  # "cpu" and "cuda": the two device halves of the C++/CUDA extension
         from . import extension as module
     return module
@@ -101,8 +105,10 @@ def why_unavailable(name: str, device: torch.device | str, *, load: bool = True)
         return "backend 'cuda' is not available: no CUDA device is visible to PyTorch"
     if name in ("cpu", "cuda") and device.type != name:
         return f"backend {name!r} runs on {name.upper()} tensors only, got parameters on {device}"
-    if name in ("cpu", "cuda") and not load and name not in _tried:
-        reason = _extension_unbuildable()
+    if name == "cuda-emulated" and device.type != "cpu":
+        return f"backend 'cuda-emulated' runs the CUDA kernels on the CPU: CPU tensors only, got {device}"
+    if name in COMPILED and not load and name not in _tried:
+        reason = _unbuildable(name)
         return None if reason is None else f"backend {name!r} is not available: {reason}"
     module = _module(name)
     if isinstance(module, str):
@@ -124,17 +130,21 @@ def why_unavailable(name: str, device: torch.device | str, *, load: bool = True)
 _tried: set[str] = set()
 
 
-def _extension_unbuildable() -> str | None:
-    """Why the C++ extension can neither load nor compile here, without loading or compiling it; None if
-    it is built (installed, or cached by a first-use build) or can be compiled."""
-    if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
+#: the backends compiled from csrc/ (on first use where the install did not build them)
+COMPILED = ("cpu", "cuda", "cuda-emulated")
+
+
+def _unbuildable(name: str) -> str | None:
+    """Why backend ``name``'s compiled code can neither load nor compile here, without loading or compiling
+    it; None if it is built (the installed extension) or can be compiled."""
+    if name == "cuda-emulated" and os.environ.get("SAMBAYES_CUDA_EMULATED", "0") in ("", "0"):
+        return "the emulated CUDA tier is a test tool: set SAMBAYES_CUDA_EMULATED=1 to compile and use it"
+    if name != "cuda-emulated" and os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
         return "the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)"
-    if importlib.util.find_spec("sambayes._C") is not None:
+    if name != "cuda-emulated" and importlib.util.find_spec("sambayes._C") is not None:
         return None
     missing = _build.missing_tools()
-    return (
-        None if not missing else "the C++ extension is not built and cannot compile here: missing " + "; ".join(missing)
-    )
+    return None if not missing else "it is not built and cannot compile here: missing " + "; ".join(missing)
 
 
 def pick(backend: str, device: torch.device | str) -> str:
@@ -169,7 +179,7 @@ def resolve(backend: str, device: torch.device | str) -> ModuleType:
 
 
 #: the backends that launch through cached tables of addresses (see kernels/_multi_tensor.py)
-TABLED = ("triton", "cuda")
+TABLED = ("triton", "cuda", "cuda-emulated")
 
 
 def scratch_in_one_buffer(backend: str, device: torch.device | str) -> bool:

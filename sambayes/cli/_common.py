@@ -27,7 +27,8 @@ def why_unavailable(name: str, device: torch.device | str) -> str | None:
     """:func:`sambayes.backends.why_unavailable`, but Triton on the CPU described as what it is: a GPU
     backend, whose interpreter on the CPU is a testing tool, not a way to run it fast."""
     device = torch.device(device)
-    reason = backends.why_unavailable(name, device)
+    # the emulated CUDA tier, a test tool, is reported without compiling it
+    reason = backends.why_unavailable(name, device, load=name != "cuda-emulated")
     if name == "triton" and device.type == "cpu":
         if reason is None:
             return None  # TRITON_INTERPRET=1 was set: the interpreter runs them

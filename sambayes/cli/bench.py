@@ -136,6 +136,8 @@ def why_not_timed(backend: str, device: torch.device) -> str | None:
     reason = why_unavailable(backend, device)
     if reason is None and backend == "triton" and device.type != "cuda":
         reason = "runs under the Triton interpreter on the CPU: a correctness tool, not a benchmark"
+    if reason is None and backend == "cuda-emulated":
+        reason = "emulates the CUDA kernels on the CPU: a correctness tool, not a benchmark"
     return reason
 
 
