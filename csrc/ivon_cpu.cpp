@@ -31,18 +31,8 @@ SB_CLONES bool accumulate_loop(P* __restrict grad, A* __restrict grad_sum, A* __
     const A g = static_cast<A>(grad[i]);
     const A c = ivon_curvature<A>(g, kPrice ? static_cast<A>(z[i]) : A(0), kPrice);
     curvature_sum[i] = kStage == kFirst || kStage == kOnly ? c : curvature_sum[i] + c;
-    if constexpr (kStage == kOnly) {
-      bad |= !is_finite(g);
-    } else if constexpr (kStage == kLast) {
-      const P rounded = static_cast<P>(grad_sum[i] + g);
-      bad |= !is_finite(static_cast<A>(rounded));  // as the update reads it: a float16 sum may overflow
-      grad[i] = rounded;
-    } else {
-      const A total = kStage == kFirst ? g : grad_sum[i] + g;
-      bad |= !is_finite(total);
-      grad_sum[i] = total;
-      grad[i] = P(0);  // consumed: the next pass accumulates into a zeroed buffer
-    }
+    // the gradient sum over samples, as fold_grads sums sub-batches; the only sample: .grad keeps g
+    bad |= !is_finite(kStage == kOnly ? g : fold_element<P, A>(g, grad_sum[i], grad[i], kStage));
   }
   return bad != 0;
 }
@@ -62,16 +52,7 @@ SB_CLONES void ivon_update_loop(P* __restrict param, P* __restrict grad, A* __re
                         : ivon_curvature<A>(g, kPrice ? static_cast<A>(z[i]) : A(0), kPrice);
     A m = mean[i], s = static_cast<A>(precision[i]), gm = static_cast<A>(momentum[i]);
     ivon_update_element<A>(g, c, m, s, gm, k, kPrice);
-    mean[i] = m;
-    if constexpr (std::is_same_v<S, A>) {
-      precision[i] = s;
-      momentum[i] = gm;
-    } else {
-      precision[i] = S(round_bf16_stochastic(s, precision_rounding_bits(words[i])), S::from_bits());
-      momentum[i] = S(round_bf16_stochastic(gm, momentum_rounding_bits(words[i])), S::from_bits());
-    }
-    param[i] = static_cast<P>(m);
-    grad[i] = P(0);
+    store_posterior(param, grad, mean, precision, momentum, words, i, m, s, gm);
   }
 }
 

@@ -33,10 +33,7 @@ struct IvonAccumulateOp {
   // z of the quad that starts at element q (Price's estimator; none for the squared gradient)
   __device__ Pack<float, 4> draw(const TensorRow<3>& row, int64_t q) const {
     if (!price) return {};
-    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
-    Pack<float, 4> z;
-    philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
-    return z;
+    return noise_quad(row, q, k0, k1);
   }
   template <int W, typename Lanes>
   __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
@@ -48,28 +45,23 @@ struct IvonAccumulateOp {
       total = load<A, W>(row.ptr[1], i);
     }
     const Pack<float, W> z = lanes();
-    Pack<P, W> rounded_total;
+    const bool only = first && last;
+    const int stage = first ? 0 : last ? 2 : 1;
+    auto folded = grad;
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const A g = static_cast<A>(grad.v[j]);
       const A c = ivon_curvature<A>(g, static_cast<A>(z.v[j]), price);
       curvature.v[j] = first ? c : curvature.v[j] + c;
-      if (first && last) {
-        bad |= !is_finite(g);
-      } else if (last) {  // as the update reads it: a float16 sum may overflow
-        rounded_total.v[j] = static_cast<P>(total.v[j] + g);
-        bad |= !is_finite(static_cast<A>(rounded_total.v[j]));
-      } else {
-        total.v[j] = first ? g : total.v[j] + g;
-        bad |= !is_finite(total.v[j]);
-      }
+      // the gradient sum over samples, as fold_grads sums sub-batches; the only sample: .grad keeps g
+      bad |= !is_finite(only ? g : fold_element<P, A>(g, total.v[j], folded.v[j], stage));
     }
     if (bad) raise_flag(found_inf);
     store<A, W>(curvature_ptr, i, curvature);
-    if (first && last) return;  // .grad keeps g
+    if (only) return;
     if (last) {
-      store<P, W>(row.ptr[0], i, rounded_total);
+      store<P, W>(row.ptr[0], i, folded);
     } else {
       store<A, W>(row.ptr[1], i, total);
       store_zero<P, W>(row.ptr[0], i);
@@ -119,18 +111,10 @@ struct IvonUpdateOp {
   __device__ Pack<IvonDraw, 4> draw(const TensorRow<6>& row, int64_t q) const {
     Pack<IvonDraw, 4> out{};
     if (skip) return out;  // a skipped step stores no state
-    const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
-    const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
-    if (noise()) {
-      float z[4];
-      philox_randn4x(c0, c1, noise_k0, noise_k1, z);
+    const Pack<float, 4> z = noise() ? noise_quad(row, q, noise_k0, noise_k1) : Pack<float, 4>{};
+    const Pack<uint32_t, 4> words = kRounded ? words_quad(row, q, rounding_k0, rounding_k1) : Pack<uint32_t, 4>{};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) out.v[j].z = z[j];
-    }
-    if constexpr (kRounded) {
-      const PhiloxWords w = philox4x32_10(c0, c1, rounding_k0, rounding_k1);
-      out.v[0].word = w.w0, out.v[1].word = w.w1, out.v[2].word = w.w2, out.v[3].word = w.w3;
-    }
+    for (int j = 0; j < 4; ++j) out.v[j] = {z.v[j], words.v[j]};
     return out;
   }
   // lanes(): the elements' draws, called once: before the math for the noise, else after it (the rounding words)
@@ -155,23 +139,13 @@ struct IvonUpdateOp {
                                    : ivon_curvature<A>(g, static_cast<A>(drawn.v[j].z), price);
         ivon_update_element<A>(g, curvature, mean.v[j], precision.v[j], momentum.v[j], c, price);
       }
-      store<A, W>(row.ptr[2], i, mean);
-      if constexpr (!kRounded) {
-        store<A, W>(row.ptr[3], i, precision);
-        store<A, W>(row.ptr[4], i, momentum);
-      } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
-        if (!noise()) drawn = lanes();
-        Pack<S, W> stored_precision, stored_momentum;
+      store_posterior<S>(row, i, mean, precision, momentum, [&] {
+        if (!noise()) drawn = lanes();  // the rounding words alone: drawn after the math
+        Pack<uint32_t, W> words;
 #pragma unroll
-        for (int j = 0; j < W; ++j) {
-          stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(drawn.v[j].word)),
-                                    S::from_bits());
-          stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(drawn.v[j].word)),
-                                   S::from_bits());
-        }
-        store<S, W>(row.ptr[3], i, stored_precision);
-        store<S, W>(row.ptr[4], i, stored_momentum);
-      }
+        for (int j = 0; j < W; ++j) words.v[j] = drawn.v[j].word;
+        return words;
+      });
     }
     store<P, W>(row.ptr[0], i, rounded<P>(mean));
     store_zero<P, W>(row.ptr[1], i);

@@ -150,6 +150,24 @@ SB_HD bool is_finite(T x) {
   return x - x == T(0);
 }
 
+// ---- the sums over sub-batches (bSAM, SAM) and over samples (IVON): fold_grads ------------------
+
+// A pass's gradient g (in the state dtype A) joins the running sum: stage 0 (the first pass) sum = g, 1 sum += g,
+// both zeroing .grad for the next pass; 2 (the last) .grad = sum + g, rounded once to P, for the update. Returns
+// the value the found-inf check reads: the new sum, at the last stage as rounded into .grad (a float16 sum of
+// finite gradients may overflow).
+template <typename P, typename A>
+SB_HD A fold_element(A g, A& sum, P& grad, int stage) {
+  const A total = stage == 0 ? g : sum + g;
+  if (stage == 2) {
+    grad = static_cast<P>(total);
+    return static_cast<A>(grad);
+  }
+  sum = total;
+  grad = P(0);
+  return total;
+}
+
 // ---- bSAM ------------------------------------------------------------------------------
 
 template <typename T>

@@ -27,13 +27,12 @@ from ._multi_tensor import (
     randn_block,
     relative_base,
     role_pointer,
-    rounded,
     scratch_pointer,
     step_value,
     store,
     tensor_table,
-    zero,
 )
+from .fold_grads import fold_into
 
 #: the stages of a sample's accumulation (``OPTION % 4`` of the block; ``OPTION // 4``: Price's estimator)
 FIRST, MIDDLE, LAST, ONLY = 0, 1, 2, 3
@@ -53,21 +52,11 @@ def _accumulate_block(pointers, offs, mask, scalars, noise_index, STATE: tl.cons
         store(curvature_sum, offs, c, mask)
     else:
         store(curvature_sum, offs, load(curvature_sum, offs, mask, STATE) + c, mask)
-    # the gradient sum over samples
+    # the gradient sum over samples, as fold_grads sums sub-batches
     if OPTION % 4 == 3:  # the only sample: .grad keeps g
         flag_nonfinite(g, found_inf)
-    elif OPTION % 4 == 2:  # the last: the sum, rounded once, for the update
-        total = rounded(load(grad_sum, offs, mask, STATE) + g, grad.dtype.element_ty)
-        flag_nonfinite(total.to(STATE), found_inf)  # as the update reads it: a float16 sum may overflow
-        store(grad, offs, total, mask)
     else:
-        if OPTION % 4 == 0:
-            total = g
-        else:
-            total = load(grad_sum, offs, mask, STATE) + g
-        flag_nonfinite(total, found_inf)
-        store(grad_sum, offs, total, mask)
-        zero(grad, offs, mask)
+        fold_into(grad, grad_sum, g, offs, mask, found_inf, STATE, OPTION % 4)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all

@@ -30,9 +30,7 @@ from ._multi_tensor import (
     locate,
     randn_block,
     relative_base,
-    role_pointer,
     scalar,
-    scratch_pointer,
     sqrt,
     step_value,
     store,
@@ -41,6 +39,7 @@ from ._multi_tensor import (
     words_block,
     zero,
 )
+from .bsam_update import update_pointers
 
 
 @triton.jit
@@ -127,14 +126,7 @@ def _ivon_update_kernel(
     BLOCK: tl.constexpr,
 ):
     start, remaining, noise_index, record = locate(table, 6)
-    pointers = (
-        role_pointer(record, start, 0, PARAM, ALIGNED),
-        role_pointer(record, start, 1, PARAM, ALIGNED),
-        role_pointer(record, start, 2, STATE, ALIGNED),
-        role_pointer(record, start, 3, STORED, ALIGNED),
-        role_pointer(record, start, 4, STORED, ALIGNED),
-        scratch_pointer(record, start, 5, STATE, ALIGNED, curvature_base),
-    )
+    pointers = update_pointers(record, start, curvature_base, PARAM, STATE, STORED, ALIGNED)
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
         tl.load(inv_scale_ptr).to(STATE),

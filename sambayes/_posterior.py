@@ -123,21 +123,20 @@ class GaussianPosterior:
     def posterior_variance(self) -> list[torch.Tensor]:
         """σ² = 1/(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
         and master dtype; 0 for a frozen parameter, which ``sampled_params`` does not sample."""
-        return [
-            torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
-            if s is None
-            else 1.0 / (self._num_data(g) * s)
-            for p, s, g in self._posterior()
-        ]
+        return self._of_precision(torch.reciprocal)
 
     @torch.no_grad()
     def posterior_std(self) -> list[torch.Tensor]:
         """σ = 1/sqrt(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
         and master dtype; 0 for a frozen parameter, which ``sampled_params`` does not sample."""
+        return self._of_precision(torch.rsqrt)
+
+    def _of_precision(self, f) -> list[torch.Tensor]:
+        """f(N·s) for every parameter of the groups, in their order; 0 for a frozen one."""
         return [
             torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
             if s is None
-            else torch.rsqrt(self._num_data(g) * s)
+            else f(self._num_data(g) * s)
             for p, s, g in self._posterior()
         ]
 

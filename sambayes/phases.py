@@ -7,7 +7,8 @@ eager backend (:mod:`sambayes.backends.eager`) is the executable spec of each.
 
 What follows from a declaration: the dispatch moves the version counters of the roles a phase
 writes (:func:`sambayes.backends.run`), the Triton kernels build their launch tables from the
-roles' kinds, the C++ extension's fake implementations are registered per phase, and tests hold
+roles' kinds, the C++ extension's fake implementations are registered per phase, the functions of
+the backends of fused ops forward to them by their schemas (:func:`op_functions`), and tests hold
 every backend's signature, the op schemas of ``csrc/bindings.cpp`` and the compile check of the
 Triton kernels to these declarations (``tests/test_phases.py``).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -239,3 +241,54 @@ PHASES = (
     IVON_ACCUMULATE,
     IVON_UPDATE,
 )
+
+
+# ---- the backends of fused ops: one function per phase, from its op's schema ----------------------------
+
+#: the schema types converted from what the phases take (Python numbers, or lists of them)
+_CONVERT: dict[str, Callable] = {"int": int, "float": float, "bool": bool, "int[]": lambda v: [int(x) for x in v]}
+
+
+def op_functions(ops) -> dict[str, Callable]:
+    """The backend functions of a library of fused ops (the extension's ``cpu`` and ``cuda`` backends, the
+    emulated CUDA tier): ``{phase name: function}`` for every phase, with the phase's signature (``signature``),
+    forwarding to the op ``ops.<phase name>``, whose schema (``csrc/bindings.cpp``) names the arguments.
+
+    Each argument goes where the op's schema puts it, converted to the schema's type. A step scalar (``lr``,
+    ``seed``; :func:`step_args`) given as a tensor goes in the op's ``<name>_tensor`` argument, read by the kernel
+    on the device, next to a dummy number. How each argument travels is worked out here, once per phase."""
+    return {phase.name: _forwarder(phase, getattr(ops, phase.name).default) for phase in PHASES}
+
+
+def _forwarder(phase: Phase, op) -> Callable:
+    schema = op._schema.arguments
+    # the step scalars: the phase's arguments the op also takes as <name>_tensor
+    step_scalars = {a.name.removesuffix("_tensor") for a in schema if a.name.endswith("_tensor")} & set(phase.arguments)
+    # per argument of the op: (the phase's argument it takes, its conversion, what it takes of a step scalar)
+    plan = []
+    for argument in schema:
+        base = argument.name.removesuffix("_tensor")
+        if base != argument.name and base in step_scalars:
+            plan.append((base, None, "tensor"))
+        else:
+            plan.append((argument.name, _CONVERT.get(str(argument.type)), "number" if base in step_scalars else ""))
+    names = phase.arguments[: len(phase.roles) + len(phase.device_scalars)]
+
+    @torch.no_grad()
+    def function(*args, **kwargs):
+        values = dict(zip(names, args), **kwargs)
+        call = []
+        for name, convert, step_scalar in plan:
+            value = values[name]
+            if step_scalar and isinstance(value, torch.Tensor):  # read by the kernel; a dummy number beside it
+                call.append(value if step_scalar == "tensor" else convert(0))
+            elif step_scalar == "tensor":
+                call.append(None)
+            else:
+                call.append(value if convert is None else convert(value))
+        return op(*call)
+
+    function.__name__ = function.__qualname__ = phase.name
+    function.__signature__ = phase.signature()
+    function.__doc__ = f"The fused op {phase.name} (see sambayes.backends.eager.{phase.name})."
+    return function

@@ -97,14 +97,20 @@ def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
     found_inf = 1 if the sum is inf or NaN, as rounded into .grad at the end (where a float16 sum
     of finite gradients may overflow)."""
     for grad, grad_sum in zip(grads, grad_sums):
-        total = grad.to(grad_sum.dtype) if first else grad_sum + grad.to(grad_sum.dtype)
-        if last:
-            grad.copy_(total)
-            _flag_nonfinite(grad, found_inf)
-        else:
-            _flag_nonfinite(total, found_inf)
-            grad_sum.copy_(total)
-            grad.zero_()
+        _fold(grad, grad_sum, grad.to(grad_sum.dtype), found_inf, first, last)
+
+
+def _fold(grad, grad_sum, g, found_inf, first: bool, last: bool) -> None:
+    """g, a pass's gradient in the state dtype, joins grad_sum (and .grad is zeroed for the next pass); the last
+    pass puts the total back in .grad instead (``first`` and ``last``: .grad keeps g)."""
+    total = g if first else grad_sum + g
+    if last:
+        grad.copy_(total)
+        _flag_nonfinite(grad, found_inf)
+    else:
+        _flag_nonfinite(total, found_inf)
+        grad_sum.copy_(total)
+        grad.zero_()
 
 
 @torch.no_grad()
@@ -263,15 +269,8 @@ def ivon_accumulate(
         # the sample's curvature estimate: Price's theorem (z·g), or the squared gradient
         c = z * g if price else g * g
         curvature_sum.copy_(c if first else curvature_sum + c)
-        # the gradient sum over samples
-        total = g if first else grad_sum + g
-        if last:
-            grad.copy_(total)
-            _flag_nonfinite(grad, found_inf)
-        else:
-            _flag_nonfinite(total, found_inf)
-            grad_sum.copy_(total)
-            grad.zero_()
+        # the gradient sum over samples, as fold_grads sums sub-batches
+        _fold(grad, grad_sum, g, found_inf, first, last)
 
 
 @torch.no_grad()

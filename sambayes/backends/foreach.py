@@ -68,9 +68,12 @@ def find_nonfinite(grads, found_inf) -> None:
 
 @torch.no_grad()
 def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
-    total = _upcast(grads, grad_sums[0].dtype)
-    if not first:
-        total = torch._foreach_add(grad_sums, total)
+    _fold(grads, grad_sums, _upcast(grads, grad_sums[0].dtype), found_inf, first, last)
+
+
+def _fold(grads, grad_sums, g, found_inf, first: bool, last: bool) -> None:
+    """g, a pass's gradients in the state dtype, join grad_sums (eager._fold)."""
+    total = g if first else torch._foreach_add(grad_sums, g)
     if last:
         torch._foreach_copy_(grads, total)
         _flag_nonfinite(grads, found_inf)  # the sum as rounded into .grad: a float16 sum may overflow
@@ -252,14 +255,7 @@ def ivon_accumulate(
         torch._foreach_copy_(curvature_sums, c)
     else:
         torch._foreach_add_(curvature_sums, c)
-    total = g if first else torch._foreach_add(grad_sums, g)
-    if last:
-        torch._foreach_copy_(grads, total)
-        _flag_nonfinite(grads, found_inf)  # the sum as rounded into .grad: a float16 sum may overflow
-    else:
-        _flag_nonfinite(total, found_inf)
-        torch._foreach_copy_(grad_sums, total)
-        torch._foreach_zero_(grads)
+    _fold(grads, grad_sums, g, found_inf, first, last)
 
 
 @torch.no_grad()
