@@ -43,7 +43,19 @@ def test_gpt_rows_time_every_optimizer_and_print_the_table(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "GPT 1 layers, 2 heads, 16 wide, block 16 (7,664 parameters), batch 4, amp bf16, 2 rounds" in printed
     methods = [r["method"] for r in rows]
-    every = ("fwd+bwd", "sgd", "adamw", "sam", "bsam", "IVON", "sgd-opt", "adamw-opt", "sam-opt", "bsam-opt", "IVON-opt")
+    every = (
+        "fwd+bwd",
+        "sgd",
+        "adamw",
+        "sam",
+        "bsam",
+        "IVON",
+        "sgd-opt",
+        "adamw-opt",
+        "sam-opt",
+        "bsam-opt",
+        "IVON-opt",
+    )
     for method in every:
         assert method in methods
         assert any(line.split()[:1] == [method] for line in printed.splitlines()), method
