@@ -450,9 +450,9 @@ def markdown(rows: list[dict], dtypes: list[str]) -> list[str]:
         line = [label]
         for dtype in dtypes:
             one, two = cells.get((dtype, 1)), cells.get((dtype, 2))
-            kept = {_b(r["kept_b"]) for r in (one, two) if r}
+            kept = dict.fromkeys(_b(r["kept_b"]) for r in (one, two) if r)  # k=1, then k=2 where it differs
             line += [
-                " / ".join(sorted(kept)) or "",
+                " / ".join(kept) or "",
                 _b(one["peak_b"]) if one else "",
                 _b(two["peak_b"]) if two else "–",
             ]
