@@ -62,7 +62,7 @@ class IVON(GaussianPosterior, TwoPassOptimizer):
     Args:
         params: parameters or parameter groups (lr, ess, hess_init, beta1, beta2, weight_decay and
             clip_radius may be set per group), or the module trained.
-        lr: α > = 0. ``ess``: the effective sample size > 0 (the training-set size, as ivon-opt suggests).
+        lr: α >= 0. ``ess``: the effective sample size > 0 (the training-set size, as ivon-opt suggests).
         hess_init: h0 > 0, the initial Hessian. ``beta1``: in [0, 1). ``beta2``: in [0, 1].
         weight_decay: δ >= 0, the prior precision divided by ess.
         mc_samples: k, samples (gradient passes) per ``step(closure)``, an integer >= 1.
@@ -72,8 +72,12 @@ class IVON(GaussianPosterior, TwoPassOptimizer):
             whenever ``model`` is a DDP module, once per step (one all-reduce of the gradient and curvature
             sums), each replica drawing its own noise. True with several ranks needs the DDP (or FSDP2) module.
         debias: divide the momentum by 1 − β1^t. ``rescale_lr``: α = lr·(hess_init + δ).
-        seed, backend, model, keep_sums, capturable: as :class:`~sambayes.BSAM`'s. ``keep_sums``: the running
-            sums of a step (with k > 1, or under DDP) kept between steps.
+        seed: the noise's seed, as :class:`~sambayes.BSAM`'s.
+        backend: which implementation runs the phases, as :class:`~sambayes.BSAM`'s.
+        model: the module trained, where ``params`` are its parameters, as :class:`~sambayes.BSAM`'s.
+        keep_sums: whether the running sums of a step (with k > 1, or under DDP) are kept between steps, as
+            :class:`~sambayes.BSAM`'s.
+        capturable: steps with no host sync, for CUDA graphs, as :class:`~sambayes.BSAM`'s.
         state_dtype: None keeps ``precision`` and ``momentum`` in the mean's dtype; ``torch.bfloat16``
             stores them in bfloat16 with stochastic rounding, as :class:`~sambayes.BSAM`'s (8 bytes per
             parameter; see docs/ivon.md on the Hessian's small steps).
