@@ -155,6 +155,7 @@ setup(
         # CPU-only: everything the tests need but Triton (its tests skip, saying why, without it)
         "test": [
             "pytest>=7",
+            "pytest-xdist>=3",  # the suite on every core (pytest -n auto)
             "hypothesis>=6",
             "scikit-learn>=1.2",
             "matplotlib>=3.6",

@@ -136,12 +136,14 @@ class Ledger:
         self.slots: list[Slot] = []  # one per trainable parameter, in group order
         self.group_slots: list[list[Slot]] = []  # the same, per parameter group
         self.devices: list[torch.device] = []  # their devices, in first-seen order
+        self.frozen: list[torch.Tensor] = []  # the groups' parameters that do not require a gradient
 
     # ---- slots and state ---------------------------------------------------------------------
     def refresh(self, param_groups: list[dict[str, Any]], state: dict, rebuild: bool = False) -> None:
         """One slot per trainable parameter, in group order: rebuilt when the trainable parameters
         change (or ``rebuild``: the state dicts were replaced), keeping each parameter's buffers."""
         groups = [trainable(group) for group in param_groups]
+        self.frozen = [p for group in param_groups for p in group["params"] if not p.requires_grad]
         current = [p for params in groups for p in params]
         same = len(current) == len(self.slots) and all(s.param is p for s, p in zip(self.slots, current))
         if same and not rebuild:
@@ -222,8 +224,12 @@ class Ledger:
 
         A step starts from zero gradients, as after torch's ``zero_grad()``: what a backward pass
         outside the step left in a buffer (a diagnostic backward, then ``zero_grad()`` or not) is
-        discarded, and a tensor assigned to .grad between steps becomes the buffer, zeroed.
+        discarded, and a tensor assigned to .grad between steps becomes the buffer, zeroed. A frozen
+        parameter's .grad becomes None, as ``zero_grad()`` leaves it (what a backward pass left there before
+        it was frozen would otherwise reach a clipping norm taken in the closure).
         """
+        for p in self.frozen:
+            p.grad = None
         for s in self.slots:
             p = s.param
             if not _watched(s):

@@ -23,6 +23,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AVAILABLE_BACKENDS = [b for b in backends.NAMES if backends.why_unavailable(b, DEVICE, load=False) is None]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (a stable sort: each file's order kept): spread over the workers of
+    ``pytest -n``, the longest ones run side by side at the start instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def load_golden(name: str) -> dict:
     return json.loads((DATA / name).read_text())
 

@@ -259,6 +259,40 @@ def test_clipping_inside_the_closure_follows_torch_optim_with_an_unused_head(kin
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fresh_optimizer", [False, True])
+@pytest.mark.parametrize("kind", ["sam-sgd", "sam-adamw"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_gradient_left_on_a_layer_frozen_since_does_not_reach_the_clipping_norm(backend, kind, fresh_optimizer):
+    """A backward pass between steps, then the first layer frozen (and, or not, the optimizer rebuilt from
+    its checkpoint): the step starts as after zero_grad(), so the frozen layer's .grad is None in the closure
+    and clipping there scales the gradients as torch.optim's loop does. (Found by the random loops below.)"""
+    x, y = _data()
+    model, reference = _model(unused=True), _model(unused=True)
+    opt, torch_opt = _make(kind, model, backend, rho=0.0), _reference(kind, reference.parameters())
+
+    def clip(m):
+        return lambda: torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.3)
+
+    opt.step(_closure(model, x, y))
+    torch_opt.zero_grad()
+    _closure(reference, x, y)()
+    torch_opt.step()
+    F.cross_entropy(_forward(model, x), y).backward()  # a diagnostic backward, its gradients left in .grad
+    if fresh_optimizer:
+        saved = opt.state_dict()
+        opt = _make(kind, model, backend, rho=0.0)
+        opt.load_state_dict(saved)
+    for m in (model, reference):
+        m[0].requires_grad_(False)
+    seen = []
+    opt.step(_closure(model, x, y, before=lambda: seen.append(model[0].weight.grad), after=clip(model)))
+    torch_opt.zero_grad()
+    _closure(reference, x, y, after=clip(reference))()
+    torch_opt.step()
+    assert seen == [None, None]
+    torch.testing.assert_close(_flat(model), _flat(reference), rtol=2e-5, atol=2e-6)
+
+
 # ---- 6. tied weights -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_two_parameters_over_one_tensor_are_refused_naming_both(kind):
