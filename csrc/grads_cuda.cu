@@ -35,11 +35,7 @@ struct FoldOp {
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const A g = static_cast<A>(grad.v[j]);
-      total.v[j] = stage == 0 ? g : total.v[j] + g;
-      grad.v[j] = static_cast<P>(total.v[j]);
-      // a non-finite sum; at the last stage as rounded into .grad (a float16 sum may overflow)
-      bad |= !is_finite(stage == 2 ? static_cast<A>(grad.v[j]) : total.v[j]);
+      bad |= !is_finite(fold_element<P, A>(static_cast<A>(grad.v[j]), total.v[j], grad.v[j], stage));
     }
     if (bad) raise_flag(found_inf);
     if (stage == 2) {

@@ -172,6 +172,53 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
   k1 = static_cast<uint32_t>(s >> 32);
 }
 
+// The draws of the quad that starts at element q of a row (see multi_tensor_kernel): the Philox4x32-10 call at
+// counter (offset + q) / 4 under the key (k0, k1), as z (noise_quad: the four lanes of tl.randn4x) or as its
+// four words (words_quad: the stochastic-rounding words).
+template <int N>
+__device__ __forceinline__ Pack<float, 4> noise_quad(const TensorRow<N>& row, int64_t q, uint32_t k0, uint32_t k1) {
+  const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+  Pack<float, 4> z;
+  philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
+  return z;
+}
+
+template <int N>
+__device__ __forceinline__ Pack<uint32_t, 4> words_quad(const TensorRow<N>& row, int64_t q, uint32_t k0,
+                                                        uint32_t k1) {
+  const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+  const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+  return {{w.w0, w.w1, w.w2, w.w3}};
+}
+
+// ---- the end of an update of the posterior, shared by bSAM's and IVON's ---------------------------
+
+// Elements i .. i + W - 1 of the rows of an update (phases.POSTERIOR_UPDATE_ROLES): the new mean (role 2), the
+// precision and momentum (roles 3, 4: in S; bfloat16 ones rounded stochastically with the words that words()
+// returns, called only then: increments below half a bfloat16 ulp survive on average).
+template <typename S, typename A, int W, typename Words>
+__device__ __forceinline__ void store_posterior(const TensorRow<6>& row, int64_t i, const Pack<A, W>& mean,
+                                                const Pack<A, W>& precision, const Pack<A, W>& momentum,
+                                                const Words& words) {
+  store<A, W>(row.ptr[2], i, mean);
+  if constexpr (std::is_same_v<S, A>) {
+    store<A, W>(row.ptr[3], i, precision);
+    store<A, W>(row.ptr[4], i, momentum);
+  } else {
+    const Pack<uint32_t, W> word = words();
+    Pack<S, W> stored_precision, stored_momentum;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(word.v[j])),
+                                S::from_bits());
+      stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(word.v[j])),
+                               S::from_bits());
+    }
+    store<S, W>(row.ptr[3], i, stored_precision);
+    store<S, W>(row.ptr[4], i, stored_momentum);
+  }
+}
+
 // ---- the multi-tensor kernel -----------------------------------------------------------------
 
 // Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
