@@ -4,13 +4,14 @@
     python benchmarks/bench_memory.py --markdown          # and the README table
     python benchmarks/bench_memory.py --optimizers bsam --tiers cpu --dtypes float32 --splits 1,2
 
-Rows: ``sambayes.BSAM`` (``bsam``; ``bsam-bf16`` with ``state_dtype=torch.bfloat16``) and ``sambayes.SAM`` with ``base="sgd"`` (``sam-sgd``) and
-``base="adamw"`` (``sam-adamw``) on every tier (backend) that can run on the device (Triton on the
+Rows: ``sambayes.BSAM`` (``bsam``; ``bsam-bf16`` with ``state_dtype=torch.bfloat16``), ``sambayes.SAM`` with ``base="sgd"`` (``sam-sgd``) and
+``base="adamw"`` (``sam-adamw``) and ``sambayes.IVON`` (``sambayes-ivon``; ``sambayes-ivon-bf16``) on every tier (backend) that can run on the device (Triton on the
 CPU only runs in its interpreter, which copies through NumPy: skipped); ``torch.optim.AdamW``
 with ``foreach=True`` and ``fused=True`` (``adamw``); ``pytorch_optimizer.BSAM``
-(``pytorch_optimizer``, its default: foreach once gradients exist); IVON (``ivon``, ``ivon.IVON``
-with one Monte Carlo sample). Each for float32, bfloat16 and float16 parameters; sambayes with
-``splits`` 1 and 2, the others with one gradient pass per step (splits 1 only).
+(``pytorch_optimizer``, its default: foreach once gradients exist); IVON of ``ivon-opt`` (``ivon``,
+``ivon.IVON`` with one Monte Carlo sample). Each for float32, bfloat16 and float16 parameters; sambayes
+with ``splits`` 1 and 2 (sambayes's IVON: 1 and 2 samples), the others with one gradient pass per step
+(splits 1 only).
 
 The problem: ``sambayes.cli.bench``'s synthetic parameters and given gradients (default 1,000,000
 parameters in 7 flat tensors of odd, unequal sizes); no model, so no activations. A step is the
@@ -18,7 +19,8 @@ optimizer's part of a training step, the gradient writes of the backward passes 
 closure puts the given gradients into ``.grad`` as autograd would: assigned when ``.grad`` is
 None, else added):
 
-- sambayes: ``opt.step(closure, splits=k)`` (the closure runs twice per sub-batch);
+- sambayes: ``opt.step(closure, splits=k)`` (the closure runs twice per sub-batch); its IVON
+  ``opt.step(closure)`` with ``mc_samples=k`` (the closure runs once per sample);
 - AdamW: ``opt.zero_grad(); closure(); opt.step()``;
 - pytorch_optimizer.BSAM: ``opt.step(closure)`` with a closure that calls ``opt.zero_grad()`` first
   (its step runs it twice; gradients are there before the first step, as its first phase needs);
@@ -92,7 +94,7 @@ from sambayes.cli.bench import why_not_timed as why_not_measured
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_memory.csv"
 DTYPES = ("float32", "bfloat16", "float16")
-SAMBAYES = ("bsam", "bsam-bf16", "sam-sgd", "sam-adamw")
+SAMBAYES = ("bsam", "bsam-bf16", "sam-sgd", "sam-adamw", "sambayes-ivon", "sambayes-ivon-bf16")
 OPTIMIZERS = SAMBAYES + ("adamw", "pytorch_optimizer", "ivon")
 NAMES = {
     "bsam": "bSAM",
@@ -101,7 +103,9 @@ NAMES = {
     "sam-adamw": "SAM-AdamW",
     "adamw": "torch AdamW",
     "pytorch_optimizer": "pytorch_optimizer.BSAM",
-    "ivon": "IVON",
+    "sambayes-ivon": "IVON (sambayes)",
+    "sambayes-ivon-bf16": "IVON (sambayes) bf16 state",
+    "ivon": "IVON (ivon-opt)",
 }
 FIELDS = [
     "date", "device", "sambayes", "commit", "torch", "label", "note", "numel", "tensors", "dtype",
@@ -292,6 +296,10 @@ def maker(optimizer: str, tier: str, splits: int, keep_sums: bool | None = None)
                 )
             elif optimizer == "bsam-bf16":  # precision and momentum in bfloat16
                 opt = make_optimizer("bsam", params, tier, keep_sums=keep_sums, state_dtype=torch.bfloat16)
+            elif optimizer.startswith("sambayes-ivon"):  # splits: samples, the closure once each
+                stored = torch.bfloat16 if optimizer.endswith("bf16") else None
+                opt = make_optimizer("ivon", params, tier, keep_sums=keep_sums, state_dtype=stored, mc_samples=splits)
+                return opt, lambda: opt.step(closure)
             else:
                 opt = make_optimizer("bsam" if optimizer == "bsam" else "sam", params, tier, keep_sums=keep_sums)
             return opt, lambda: opt.step(lambda *j: closure(), splits=splits)
@@ -442,9 +450,9 @@ def markdown(rows: list[dict], dtypes: list[str]) -> list[str]:
         line = [label]
         for dtype in dtypes:
             one, two = cells.get((dtype, 1)), cells.get((dtype, 2))
-            kept = {_b(r["kept_b"]) for r in (one, two) if r}
+            kept = dict.fromkeys(_b(r["kept_b"]) for r in (one, two) if r)  # k=1, then k=2 where it differs
             line += [
-                " / ".join(sorted(kept)) or "",
+                " / ".join(kept) or "",
                 _b(one["peak_b"]) if one else "",
                 _b(two["peak_b"]) if two else "–",
             ]

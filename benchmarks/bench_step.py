@@ -1,4 +1,4 @@
-"""Time one bSAM step, as users pay it and phase by phase, for every implementation.
+"""Time one bSAM step and one IVON step, as users pay them and phase by phase, for every implementation.
 
     python benchmarks/bench_step.py                                # CPU-friendly default size
     python benchmarks/bench_step.py --preset gpt2                  # GPT-2 small shapes (124M, 148 tensors)
@@ -21,12 +21,17 @@ Rows (``phase``):
   autograd's accumulation costs and no forward/backward.
 - ``kernels``: the phases a step launches, back to back, with no optimizer around them;
 - ``sample``, ``perturb``, ``check``, ``update``: each phase alone (``check`` = find_nonfinite).
-- ``ivon``: ``step`` is a training step's optimizer part as IVON's README writes it, with one
-  gradient: ``with opt.sampled_params(train=True): opt.zero_grad(); <the closure, once>``, then
-  ``opt.step()``; ``kernels`` is its optimizer work alone, the gradient already in ``.grad``:
-  ``sampled_params(train=True)`` entered and left (sample, then restore and collect the
-  gradient), then ``opt.step()``. Its rows have no byte count, GB/s or "x floor" (those are
-  bSAM's); the closing lines compare its step with bSAM's.
+- ``ivon`` (``ivon-opt``'s IVON): ``step`` is a training step's optimizer part as IVON's README writes
+  it, with one gradient: ``with opt.sampled_params(train=True): opt.zero_grad(); <the closure, once>``,
+  then ``opt.step()``; ``kernels`` is its optimizer work alone, the gradient already in ``.grad``:
+  ``sampled_params(train=True)`` entered and left (sample, then restore and collect the gradient),
+  then ``opt.step()``. Byte counts and "x floor" are those of sambayes's IVON below.
+- ``IVON <backend>`` (``sambayes.IVON``, one sample, Price's estimator): ``step`` is the public
+  ``opt.step(closure)`` with the closure once; ``sample``, ``check`` and ``update`` its phases
+  (``bsam_sample``, ``find_nonfinite``, ``ivon_update`` computing the curvature from the gradient
+  and the regenerated noise); ``kernels`` the three back to back. Its floor is a copy of 44 B per
+  float32 parameter (sample 12, update 32); the closing lines compare its step with ivon-opt's,
+  the floor, bSAM's and AdamW's.
 
 GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
 implementation moves; "% copy" compares with a copy of the parameters measured in the same run,
@@ -108,6 +113,8 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+#: the prefix of the rows of sambayes.IVON
+IVON = "IVON"
 #: the suffix of the rows of BSAM(state_dtype=torch.bfloat16)
 BF16_STATE = "bf16-state"
 #: the suffix of the rows of BSAM(capturable=True)
@@ -130,6 +137,21 @@ def minimal_bytes(phase: str, param_bytes: int, state_bytes: int, stored_bytes: 
     }
     per_phase["kernels"] = per_phase["sample"] + per_phase["perturb"] + per_phase["check"] + per_phase["update"]
     per_phase["step"] = per_phase["kernels"] + 2 * 3 * p  # + autograd's accumulation in each of the two passes
+    return per_phase[phase]
+
+
+def ivon_minimal_bytes(phase: str, param_bytes: int, state_bytes: int, stored_bytes: int | None = None) -> int:
+    """Bytes per parameter of one sambayes IVON step with one sample (Price's estimator), as
+    :func:`minimal_bytes` counts bSAM's (``stored_bytes``: precision and momentum)."""
+    p, s = param_bytes, state_bytes
+    q = s if stored_bytes is None else stored_bytes
+    per_phase = {
+        "sample": s + q + p,  # read m, s; write θ
+        "check": p,  # read g
+        "update": 3 * p + 2 * s + 4 * q,  # read g, m, s, g_m; write g_m, m, s, θ, the zeroed g
+    }
+    per_phase["kernels"] = per_phase["sample"] + per_phase["check"] + per_phase["update"]
+    per_phase["step"] = per_phase["kernels"] + 3 * p  # + autograd's accumulation in the one pass
     return per_phase[phase]
 
 
@@ -185,6 +207,45 @@ def backend_phases(module, pb: Problem):
         ),
     }
     parts = [phases[name] for name in ("sample", "perturb", "check", "update")]
+    phases["kernels"] = lambda: [f() for f in parts]
+    return phases
+
+
+def ivon_backend_phases(module, pb: Problem):
+    """The phases of one sambayes IVON step (one sample) of a backend, called directly (kernel-only)."""
+    h = HYPER
+    step = torch.ones((), dtype=torch.float64, device=pb.device)
+    phases = {
+        "sample": lambda: module.bsam_sample(
+            pb.params, pb.means, pb.precisions, pb.offsets, num_data=h["num_data"], seed=1
+        ),
+        "check": lambda: module.find_nonfinite(pb.grads, pb.found_inf),
+        "update": lambda: module.ivon_update(
+            pb.params,
+            pb.grads,
+            pb.means,
+            pb.precisions,
+            pb.momentums,
+            pb.means,  # one sample: the curvature comes from the gradient and its noise, no sum is read
+            pb.offsets,
+            pb.found_inf,
+            pb.inv_scale,
+            step,
+            lr=h["lr"],
+            beta1=h["beta1"],
+            beta2=0.99999,
+            ess=h["num_data"],
+            weight_decay=h["weight_decay"],
+            clip_radius=math.inf,
+            debias=True,
+            price=True,
+            summed=False,
+            splits=1,
+            noise_seed=3,
+            seed=2,
+        ),
+    }
+    parts = [phases[name] for name in ("sample", "check", "update")]
     phases["kernels"] = lambda: [f() for f in parts]
     return phases
 
@@ -340,25 +401,40 @@ def implementations(args, device, pb: Problem):
         return wanted is None or name in wanted
 
     for name in backends.NAMES:
-        if not want(name):
+        if not (want(name) or want(f"{IVON} {name}") or want(IVON)):
             continue
         reason = why_not_timed(name, device)
         if reason:
             skipped.append((name, reason))
             continue
-        phases = backend_phases(backends.resolve(name, device), pb)
-        phases["step"] = public_step("bsam", pb.params, pb.grads, name)[0]
-        out.append((name, phases))
-        if args.bf16_state and pb.dtype != torch.float64:  # BSAM(state_dtype=torch.bfloat16), same gradients
+        if want(name):
+            phases = backend_phases(backends.resolve(name, device), pb)
+            phases["step"] = public_step("bsam", pb.params, pb.grads, name)[0]
+            out.append((name, phases))
+        if (
+            want(name) and args.bf16_state and pb.dtype != torch.float64
+        ):  # BSAM(state_dtype=torch.bfloat16), same gradients
             lean = Problem(pb.shapes, pb.dtype, device, stored=torch.bfloat16)
             lean.params, lean.grads, lean.means = pb.params, pb.grads, pb.means
             phases = backend_phases(backends.resolve(name, device), lean)
             phases["step"] = public_step("bsam", pb.params, pb.grads, name, state_dtype=torch.bfloat16)[0]
             out.append((f"{name} {BF16_STATE}", phases))
-        if args.capturable:  # the seeds hashed on the device: what capturable=True costs a step not captured
+        if (
+            want(name) and args.capturable
+        ):  # the seeds hashed on the device: what capturable=True costs a step not captured
             out.append(
                 (f"{name} {CAPTURABLE}", {"step": public_step("bsam", pb.params, pb.grads, name, capturable=True)[0]})
             )
+        if want(f"{IVON} {name}") or want(IVON):
+            phases = ivon_backend_phases(backends.resolve(name, device), pb)
+            phases["step"] = public_step("ivon", pb.params, pb.grads, name)[0]
+            out.append((f"{IVON} {name}", phases))
+            if args.bf16_state and pb.dtype != torch.float64:
+                lean = Problem(pb.shapes, pb.dtype, device, stored=torch.bfloat16)
+                lean.params, lean.grads, lean.means = pb.params, pb.grads, pb.means
+                phases = ivon_backend_phases(backends.resolve(name, device), lean)
+                phases["step"] = public_step("ivon", pb.params, pb.grads, name, state_dtype=torch.bfloat16)[0]
+                out.append((f"{IVON} {name} {BF16_STATE}", phases))
     if want("torch"):
         out.append(("torch", {**plain_phases(pb), "step": plain_step(pb)}))
     if want("torch.compile"):
@@ -603,22 +679,35 @@ def main(argv=None) -> None:
         )
     )
     impls, skipped = implementations(args, device, pb)
+    ivon_rows = any(name == "ivon" or name.startswith(f"{IVON} ") for name, _ in impls)
+    if ivon_rows:  # IVON's floor: a copy of its 44 B per float32 parameter, in the same run
+        ivon_floor_numel = floor_bytes(param_bytes, state_bytes, "ivon") * pb.numel // (2 * param_bytes)
+        ivon_floor_ms = measure_copy(ivon_floor_numel, dtype, device, args.budget, args.reps)[0]
+        print(
+            f"floor of an IVON step {ivon_floor_ms:.2f} ms (a copy of {floor_bytes(param_bytes, state_bytes, 'ivon')} B per parameter)"
+        )
+
+    def bytes_and_floor(name: str, phase: str) -> tuple[int | str, float]:
+        """The minimal bytes of a row and the floor its step is compared with (bSAM's or IVON's)."""
+        stored_bytes = 2 if name.endswith(BF16_STATE) else state_bytes
+        if name == "ivon" or name.startswith(f"{IVON} "):
+            return ivon_minimal_bytes(phase, param_bytes, state_bytes, stored_bytes) * pb.numel, ivon_floor_ms
+        return minimal_bytes(phase, param_bytes, state_bytes, stored_bytes) * pb.numel, floor_ms
+
     cases = [(name, phase, table[phase]) for phase in PHASES + ("adamw",) for name, table in impls if phase in table]
     cases = [(name, phase, fn) for name, phase, fn in cases if phase in phases or phase == "adamw"]
     for name, phase, fn in tqdm(cases, desc="bench_step", unit="case", leave=False):
-        bsam = name != "ivon"  # the byte counts and the floor are bSAM's
-        stored_bytes = 2 if name.endswith(BF16_STATE) else state_bytes
-        nbytes = minimal_bytes(phase, param_bytes, state_bytes, stored_bytes) * pb.numel if bsam else ""
+        nbytes, floor = bytes_and_floor(name, phase)
         try:
             median, q20, q80, reps, peak = measure(fn, device, args.budget, args.reps)
             # a raised flag would have timed the skip path of every later update (once per case: no sync inside)
             if pb.found_inf.item() != 0:
                 raise RuntimeError("found_inf was raised: the timed update skipped")
-            gbps = nbytes / median / 1e6 if bsam else ""
-            x_floor = median / floor_ms if phase in ("step", "kernels") and bsam else ""
+            gbps = nbytes / median / 1e6
+            x_floor = median / floor if phase in ("step", "kernels") else ""
             row = dict(
                 median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps,
-                pct_copy=100 * gbps / copy_gbps if bsam else "", x_floor=x_floor, peak_mb=peak, error="",
+                pct_copy=100 * gbps / copy_gbps, x_floor=x_floor, peak_mb=peak, error="",
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -642,14 +731,31 @@ def main(argv=None) -> None:
 
 
 def print_ivon_comparison(rows: list[dict]) -> None:
-    """IVON's step (one gradient) and its optimizer work beside each sambayes backend's bSAM step (two)."""
+    """ivon-opt's step (one gradient) beside each sambayes backend's bSAM step (two), and each sambayes IVON
+    step beside ivon-opt's, its floor, the bSAM step of its backend and AdamW's."""
     times = {(r["impl"], r["phase"]): r["median_ms"] for r in rows if not r["error"]}
-    if ("ivon", "step") not in times:
-        return
-    step, work = times["ivon", "step"], times.get(("ivon", "kernels"))
-    line = f"ivon: step {step:.3f} ms (one gradient)" + (f", its optimizer work alone {work:.3f} ms" if work else "")
-    ratios = [f"{step / times[b, 'step']:.2f}x the bSAM step of {b}" for b in backends.NAMES if (b, "step") in times]
-    print(line + ("; the step is " + ", ".join(ratios) if ratios else ""))
+    floors = {r["impl"]: r["x_floor"] for r in rows if r["phase"] == "step" and not r["error"]}
+    if ("ivon", "step") in times:
+        step, work = times["ivon", "step"], times.get(("ivon", "kernels"))
+        line = f"ivon: step {step:.3f} ms (one gradient)" + (
+            f", its optimizer work alone {work:.3f} ms" if work else ""
+        )
+        ratios = [
+            f"{step / times[b, 'step']:.2f}x the bSAM step of {b}" for b in backends.NAMES if (b, "step") in times
+        ]
+        print(line + ("; the step is " + ", ".join(ratios) if ratios else ""))
+    for name, phase in list(times):
+        if not name.startswith(f"{IVON} ") or phase != "step":
+            continue
+        step, backend = times[name, phase], name.split()[1]
+        parts = [f"{floors[name]:.2f}x its floor"]
+        if ("ivon", "step") in times:
+            parts.append(f"{times['ivon', 'step'] / step:.1f}x faster than ivon-opt's")
+        if (backend, "step") in times:
+            parts.append(f"{step / times[backend, 'step']:.2f}x the bSAM step of {backend}")
+        if ("adamw_fused", "adamw") in times:
+            parts.append(f"{step / times['adamw_fused', 'adamw']:.1f}x AdamW's (fused, the update alone)")
+        print(f"{name}: step {step:.3f} ms, " + ", ".join(parts))
 
 
 def main_launch_bound(args, device, common) -> None:

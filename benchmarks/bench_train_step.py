@@ -1,4 +1,4 @@
-"""Time of one training step with bSAM and SAM relative to one SGD step and one AdamW step, same model and batch.
+"""Time of one training step with bSAM, SAM and IVON relative to one SGD step and one AdamW step, same model and batch.
 
 A bSAM or SAM step takes two forward-backward passes where SGD takes one, so
 2× an SGD step is the floor; the rest (noise, ascent, update, bookkeeping) is what
@@ -30,11 +30,13 @@ Rows:
 - ``ivon``: ``ivon.IVON`` (``ivon-opt``, one Monte Carlo sample) as its README trains:
   ``with opt.sampled_params(train=True):`` zero the gradients, forward, backward; then
   ``opt.step()``. Skipped, with the reason, when ``ivon`` does not import.
+- ``IVON``: ``sambayes.IVON`` (one sample, Price's estimator) with ``opt.step(closure)``, the closure one
+  pass (GPT: the example's ``train_step``) (``--backend``, shown resolved).
 - ``sam``, ``bsam``: ``opt.step(closure, splits=k)`` (``--backend``, default ``auto``, shown resolved).
-- ``sgd-opt``, ``adamw-opt``, ``ivon-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone,
-  with a fixed gradient assigned where the backward passes would be (for IVON inside
-  ``sampled_params``): the rest, measured directly (on a busy machine far less noisy than
-  the difference of two whole steps).
+- ``sgd-opt``, ``adamw-opt``, ``ivon-opt``, ``IVON-opt``, ``sam-opt``, ``bsam-opt``: the optimizer alone,
+  with a fixed gradient given through autograd where the backward passes would be (for ivon-opt
+  inside ``sampled_params``; for sambayes's IVON ``sample()``, the gradient, ``update()``): the rest,
+  measured directly (on a busy machine far less noisy than the difference of two whole steps).
 
 Columns: median and 20/80 % quantiles of the wall time per step (the device is
 synchronised around each step), the ratios to the SGD and to the AdamW medians, and the
@@ -146,6 +148,9 @@ def resnet_workload(args, device: torch.device) -> Workload:
         loss.backward()
 
     def step(model, opt, k: int) -> None:
+        if isinstance(opt, sambayes.IVON):  # the example trains bSAM and SAM: IVON with its closure, one pass
+            opt.step(lambda: fwd_bwd(model))
+            return
         train_step(model, opt, images, labels, splits=k, dtype=dtype, scaler=None, max_grad_norm=None)
 
     return Workload(
@@ -231,7 +236,7 @@ def implementation(opt: torch.optim.Optimizer | None) -> str:
 
 
 class Case(NamedTuple):
-    method: str  # fwd+bwd, sgd, adamw, ivon, sam, bsam; "-opt": the optimizer alone, gradients given
+    method: str  # fwd+bwd, sgd, adamw, ivon (ivon-opt's), IVON (sambayes's), sam, bsam; "-opt": the optimizer alone
     backend: str  # sambayes backend ("" for torch)
     splits: int
     passes: int  # forward-backward passes per step
@@ -272,6 +277,11 @@ def cases(work: Workload, args) -> list[Case]:
                     opt.zero_grad()
                     give_grads()
                 opt.step()
+                return
+            if isinstance(opt, sambayes.IVON):
+                opt.sample()
+                give_grads()
+                opt.update()
                 return
             if not isinstance(opt, (sambayes.BSAM, sambayes.SAM)):
                 opt.zero_grad()  # torch.optim's loop (sambayes manages its gradient buffers itself)
@@ -318,6 +328,12 @@ def cases(work: Workload, args) -> list[Case]:
                         opt = sambayes.SAM(model, lr=LR, rho=0.05, momentum=0.9, weight_decay=5e-4, backend=backend)
                     step = alone(list(model.parameters()), grads, opt, k) if alone_ else whole(model, opt, k)
                     out.append(Case(method + "-opt" * alone_, backend, k, 0 if alone_ else 2, step, opt))
+            model = copy.deepcopy(base)  # sambayes's IVON, with ivon-opt's hyperparameters above
+            opt = sambayes.IVON(
+                model, lr=LR, ess=200_000, weight_decay=40 / 200_000, hess_init=0.1, seed=0, backend=backend
+            )
+            step = alone(list(model.parameters()), grads, opt, 1) if alone_ else whole(model, opt, 1)
+            out.append(Case("IVON" + "-opt" * alone_, backend, 1, 0 if alone_ else 1, step, opt))
     return out
 
 
@@ -461,6 +477,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{method} ({backend}, k={k}): step / SGD step = {median / sgd:.3f}, / AdamW step = "
                 f"{median / adamw:.3f} (floor 2); from the parts: (2 fwd+bwd + {method}-opt) / (fwd+bwd + sgd-opt) = "
                 f"{(2 * unit + alone) / (unit + medians[('sgd-opt', '', 1)]):.3f}"
+            )
+    for (method, backend, k), median in medians.items():
+        if method == "IVON":
+            alone = medians[("IVON-opt", backend, k)]
+            versus = f"; ivon-opt's step / this step = {medians[('ivon', '', 1)] / median:.3f}" if ivon else ""
+            print(
+                f"IVON ({backend}): step / AdamW step = {median / adamw:.3f} (floor 1); from the parts: (fwd+bwd + "
+                f"IVON-opt) / (fwd+bwd + adamw-opt) = {(unit + alone) / (unit + medians[('adamw-opt', '', 1)]):.3f}; "
+                f"IVON-opt / adamw-opt = {alone / medians[('adamw-opt', '', 1)]:.2f}{versus}"
             )
     if ivon is None:
         print(f"skipped ivon: {IVON_MISSING}")

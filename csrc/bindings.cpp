@@ -73,3 +73,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
   module.attr("cuda_note") = cuda_note();
 }
+
+// IVON's ops (docs/ivon.md; csrc/ivon_cpu.cpp, csrc/ivon_cuda.cu). seed_tensor, noise_seed_tensor (int64), lr_tensor
+// (float64): as above. ivon_accumulate: found_inf is raised on an inf or NaN gradient; ivon_update: step (float64,
+// updates taken counting this one) is read on the device, curvature_sums is not read when summed is false (pass the
+// means), noise_seed is that one sample's (read with price only), seed the bfloat16 state's rounding stream
+TORCH_LIBRARY_FRAGMENT(sambayes_C, m) {
+  m.def(
+      "ivon_accumulate(Tensor(a!)[] grads, Tensor(b!)[] grad_sums, Tensor(c!)[] curvature_sums, int[] offsets, "
+      "Tensor(d!) found_inf, int seed, bool price, bool first, bool last, Tensor? seed_tensor=None) -> ()");
+  m.def(
+      "ivon_update(Tensor(a!)[] params, Tensor(b!)[] grad_sums, Tensor(c!)[] means, Tensor(d!)[] precisions, "
+      "Tensor(e!)[] momentums, Tensor[] curvature_sums, int[] offsets, Tensor found_inf, Tensor inv_scale, "
+      "Tensor step, float lr, float beta1, float beta2, float ess, float weight_decay, float clip_radius, "
+      "bool debias, bool price, bool summed, int splits, int noise_seed, int seed, Tensor? lr_tensor=None, "
+      "Tensor? noise_seed_tensor=None, Tensor? seed_tensor=None) -> ()");
+}

@@ -55,16 +55,7 @@ SB_CLONES void bsam_update_loop(P* __restrict param, P* __restrict grad, A* __re
   for (int64_t i = 0; i < n; ++i) {
     A m = mean[i], s = static_cast<A>(precision[i]), gm = static_cast<A>(momentum[i]);
     bsam_update_element<A>(static_cast<A>(grad[i]) * inv_scale, curvature_sum[i], m, s, gm, c);
-    mean[i] = m;
-    if constexpr (std::is_same_v<S, A>) {
-      precision[i] = s;
-      momentum[i] = gm;
-    } else {
-      precision[i] = S(round_bf16_stochastic(s, precision_rounding_bits(words[i])), S::from_bits());
-      momentum[i] = S(round_bf16_stochastic(gm, momentum_rounding_bits(words[i])), S::from_bits());
-    }
-    param[i] = static_cast<P>(m);
-    grad[i] = P(0);
+    store_posterior(param, grad, mean, precision, momentum, words, i, m, s, gm);
   }
 }
 

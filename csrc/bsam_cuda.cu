@@ -8,11 +8,6 @@
 namespace sambayes {
 namespace {
 
-// x stored in bfloat16, rounded stochastically with 16 random bits.
-__device__ __forceinline__ c10::BFloat16 rounded_bf16(float x, uint32_t random_bits) {
-  return c10::BFloat16(round_bf16_stochastic(x, random_bits), c10::BFloat16::from_bits());
-}
-
 // ---- per-phase element ops (see multi_tensor_cuda.cuh) ---------------------------------------
 // The seed or lr given as a tensor (seed_ptr, lr_ptr non-null: CUDA-graph capture) is read in prepared(),
 // so that each replay reads the current value. S is the stored dtype of the precision and momentum: A, or
@@ -34,12 +29,7 @@ struct SampleOp {
     return op;
   }
   // z of a quad: tl.randn4x(seed, call), call = (offset + q) / 4 for the quad that starts at element q
-  __device__ Pack<float, 4> draw(uint64_t call) const {
-    const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
-    Pack<float, 4> z;
-    randn4x_from_words(philox4x32_10(c0, c1, keys), z.v);
-    return z;
-  }
+  __device__ Pack<float, 4> draw(uint64_t call) const { return noise_quad(call, keys); }
   template <int W, typename Lanes>
   __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
     const Pack<float, W> z = lanes();
@@ -120,9 +110,7 @@ struct BsamUpdateOp {
   // the rounding words of a quad: Philox4x32-10 at call = (offset + q) / 4 for the quad that starts at q
   __device__ Pack<uint32_t, 4> draw(uint64_t call) const {
     if (skip) return {};  // a skipped step stores no state
-    const auto c0 = static_cast<uint32_t>(call), c1 = static_cast<uint32_t>(call >> 32);
-    const PhiloxWords w = philox4x32_10(c0, c1, keys);
-    return {{w.w0, w.w1, w.w2, w.w3}};
+    return words_quad(call, keys);
   }
   template <int W>
   __device__ void run(const TensorRow<6>& row, int64_t i) const {
@@ -142,21 +130,7 @@ struct BsamUpdateOp {
         bsam_update_element<A, true>(grad.v[j] * inv_scale, curvature_sum.v[j], mean.v[j],
                                      precision.v[j], momentum.v[j], c);
       }
-      store<A, W>(row.ptr[2], i, mean);
-      if constexpr (std::is_same_v<S, A>) {
-        store<A, W>(row.ptr[3], i, precision);
-        store<A, W>(row.ptr[4], i, momentum);
-      } else {  // rounded stochastically: increments below half a bfloat16 ulp survive on average
-        const Pack<uint32_t, W> words = lanes();
-        Pack<S, W> stored_precision, stored_momentum;
-#pragma unroll
-        for (int j = 0; j < W; ++j) {
-          stored_precision.v[j] = rounded_bf16(precision.v[j], precision_rounding_bits(words.v[j]));
-          stored_momentum.v[j] = rounded_bf16(momentum.v[j], momentum_rounding_bits(words.v[j]));
-        }
-        store<S, W>(row.ptr[3], i, stored_precision);
-        store<S, W>(row.ptr[4], i, stored_momentum);
-      }
+      store_posterior<S>(row, i, mean, precision, momentum, lanes);
     }
     store<P, W>(row.ptr[0], i, rounded<P>(mean));
     store_zero<P, W>(row.ptr[1], i);

@@ -22,17 +22,7 @@ template <int Stage, typename P, typename A>
 SB_CLONES bool fold_loop(P* __restrict grad, A* __restrict grad_sum, int64_t n) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const A g = static_cast<A>(grad[i]);
-    const A total = Stage == 0 ? g : grad_sum[i] + g;
-    if (Stage == 2) {
-      const P rounded = static_cast<P>(total);
-      bad |= !is_finite(static_cast<A>(rounded));
-      grad[i] = rounded;
-    } else {
-      bad |= !is_finite(total);
-      grad_sum[i] = total;
-      grad[i] = P(0);
-    }
+    bad |= !is_finite(fold_element<P, A>(static_cast<A>(grad[i]), grad_sum[i], grad[i], Stage));
   }
   return bad != 0;
 }

@@ -29,21 +29,17 @@ struct FoldOp {
   __device__ FoldOp prepared() const { return *this; }
   template <int W>
   __device__ void run(const TensorRow<2>& row, int64_t i) const {
-    const auto grad = load_widened<P, A, W>(row.ptr[0], i);
+    auto grad = load<P, W>(row.ptr[0], i);
     Pack<A, W> total;
     if (stage != 0) total = load<A, W>(row.ptr[1], i);
-    Pack<P, W> rounded_total;
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      total.v[j] = stage == 0 ? grad.v[j] : total.v[j] + grad.v[j];
-      rounded_total.v[j] = narrowed<P>(total.v[j]);
-      // a non-finite sum; at the last stage as rounded into .grad (a float16 sum may overflow)
-      bad |= !is_finite(stage == 2 ? widened<A>(rounded_total.v[j]) : total.v[j]);
+      bad |= !is_finite(fold_element<P, A>(static_cast<A>(grad.v[j]), total.v[j], grad.v[j], stage));
     }
     if (bad) raise_flag(found_inf);
     if (stage == 2) {
-      store<P, W>(row.ptr[0], i, rounded_total);
+      store<P, W>(row.ptr[0], i, grad);
     } else {
       store<A, W>(row.ptr[1], i, total);
       store_zero<P, W>(row.ptr[0], i);

@@ -158,6 +158,24 @@ inline void check_sam_perturb(at::TensorList params, at::TensorList grads, at::T
               "sam_perturb: scale must be one floating-point number on ", params[0].device());
 }
 
+inline void check_ivon_accumulate(at::TensorList grads, at::TensorList grad_sums, at::TensorList curvature_sums,
+                                  at::IntArrayRef offsets) {
+  check_group("ivon_accumulate", grads, {}, {{"grad_sums", grad_sums}, {"curvature_sums", curvature_sums}});
+  check_offsets("ivon_accumulate", offsets, grads);
+}
+
+// `step`: the updates taken, counting this one (the debiasing), in float64 on the bucket's device.
+inline void check_ivon_update(at::TensorList params, at::TensorList grad_sums, at::TensorList means,
+                              at::TensorList precisions, at::TensorList momentums, at::TensorList curvature_sums,
+                              at::IntArrayRef offsets, const at::Tensor& step, int64_t splits) {
+  check_group("ivon_update", params, {{"grad_sums", grad_sums}}, {{"means", means}, {"curvature_sums", curvature_sums}},
+              {{"precisions", precisions}, {"momentums", momentums}});
+  check_splits("ivon_update", splits);
+  check_offsets("ivon_update", offsets, params);
+  TORCH_CHECK(step.device() == params[0].device() && step.scalar_type() == at::kDouble && step.numel() == 1,
+              "ivon_update: step must be a float64 tensor of one element on ", params[0].device());
+}
+
 // Whether a stored_like list holds bfloat16 (precision and momentum rounded stochastically).
 inline bool stored_in_bf16(at::TensorList stored) {
   return !stored.empty() && stored[0].scalar_type() == at::kBFloat16;

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -70,6 +71,27 @@ void randn_range(float* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1)
 // out[i] = the stochastic-rounding word of element start + i, for i < n: word (start + i) mod 4 of
 // Philox4x32-10 at counter (start + i) div 4 (sambayes/_philox.py, "Stochastic rounding").
 void rounding_words(uint32_t* out, int64_t start, int64_t n, uint32_t k0, uint32_t k1);
+
+// ---- the end of an update of the posterior, shared by bSAM's and IVON's ---------------------------
+
+// Element i's new mean m, precision s and momentum gm (bfloat16 S: rounded stochastically with its rounding word,
+// words[i]; words is unused otherwise), the parameter at the mean and the gradient buffer zeroed.
+template <typename P, typename A, typename S>
+inline __attribute__((always_inline)) void store_posterior(P* __restrict param, P* __restrict grad,
+                                                           A* __restrict mean, S* __restrict precision,
+                                                           S* __restrict momentum, const uint32_t* __restrict words,
+                                                           int64_t i, A m, A s, A gm) {
+  mean[i] = m;
+  if constexpr (std::is_same_v<S, A>) {
+    precision[i] = s;
+    momentum[i] = gm;
+  } else {
+    precision[i] = S(round_bf16_stochastic(s, precision_rounding_bits(words[i])), S::from_bits());
+    momentum[i] = S(round_bf16_stochastic(gm, momentum_rounding_bits(words[i])), S::from_bits());
+  }
+  param[i] = static_cast<P>(m);
+  grad[i] = P(0);
+}
 
 // ---- a skipped update, shared by bSAM's and SAM's ---------------------------------------------
 

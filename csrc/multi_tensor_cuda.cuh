@@ -240,6 +240,48 @@ __device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t*
   return keys;
 }
 
+// The draws of a quad (see multi_tensor_kernel): the Philox4x32-10 call `call` = (offset + q) / 4 for the quad
+// that starts at element q, under the rounds' keys, as z (noise_quad: the four lanes of tl.randn4x) or as
+// its four words (words_quad: the stochastic-rounding words).
+__device__ __forceinline__ Pack<float, 4> noise_quad(uint64_t call, const PhiloxRoundKeys& keys) {
+  Pack<float, 4> z;
+  randn4x_from_words(philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), keys), z.v);
+  return z;
+}
+
+__device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, const PhiloxRoundKeys& keys) {
+  const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), keys);
+  return {{w.w0, w.w1, w.w2, w.w3}};
+}
+
+// ---- the end of an update of the posterior, shared by bSAM's and IVON's ---------------------------
+
+// Elements i .. i + W - 1 of the rows of an update (phases.POSTERIOR_UPDATE_ROLES): the new mean (role 2), the
+// precision and momentum (roles 3, 4: in S; bfloat16 ones rounded stochastically with the words that words()
+// returns, called only then: increments below half a bfloat16 ulp survive on average).
+template <typename S, typename A, int W, typename Words>
+__device__ __forceinline__ void store_posterior(const TensorRow<6>& row, int64_t i, const Pack<A, W>& mean,
+                                                const Pack<A, W>& precision, const Pack<A, W>& momentum,
+                                                const Words& words) {
+  store<A, W>(row.ptr[2], i, mean);
+  if constexpr (std::is_same_v<S, A>) {
+    store<A, W>(row.ptr[3], i, precision);
+    store<A, W>(row.ptr[4], i, momentum);
+  } else {
+    const Pack<uint32_t, W> word = words();
+    Pack<S, W> stored_precision, stored_momentum;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      stored_precision.v[j] = S(round_bf16_stochastic(precision.v[j], precision_rounding_bits(word.v[j])),
+                                S::from_bits());
+      stored_momentum.v[j] = S(round_bf16_stochastic(momentum.v[j], momentum_rounding_bits(word.v[j])),
+                               S::from_bits());
+    }
+    store<S, W>(row.ptr[3], i, stored_precision);
+    store<S, W>(row.ptr[4], i, stored_momentum);
+  }
+}
+
 // ---- the multi-tensor kernel -----------------------------------------------------------------
 
 // A row's addresses as global ones. nvcc infers that an address read from the table points to global
@@ -253,6 +295,16 @@ __device__ __forceinline__ void* global_address(void* address, char* origin) {
   return address;
 #else
   return origin + reinterpret_cast<intptr_t>(address);
+#endif
+}
+
+// `bytes` past an address (an op's own relative role): in integers in the emulated build (an offset below
+// the base is no pointer: UBSan's pointer overflow), a pointer sum on the GPU, which keeps the global space.
+__device__ __forceinline__ void* offset_address(void* address, int64_t bytes) {
+#if defined(SAMBAYES_EMULATED)
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(address) + bytes);
+#else
+  return static_cast<char*>(address) + bytes;
 #endif
 }
 

@@ -223,6 +223,24 @@ SB_HD bool is_finite(T x) {
   return x - x == T(0);
 }
 
+// ---- the sums over sub-batches (bSAM, SAM) and over samples (IVON): fold_grads ------------------
+
+// A pass's gradient g (in the state dtype A) joins the running sum: stage 0 (the first pass) sum = g, 1 sum += g,
+// both zeroing .grad for the next pass; 2 (the last) .grad = sum + g, rounded once to P, for the update. Returns
+// the value the found-inf check reads: the new sum, at the last stage as rounded into .grad (a float16 sum of
+// finite gradients may overflow).
+template <typename P, typename A>
+SB_HD A fold_element(A g, A& sum, P& grad, int stage) {
+  const A total = stage == 0 ? g : sum + g;
+  if (stage == 2) {
+    grad = static_cast<P>(total);
+    return static_cast<A>(grad);
+  }
+  sum = total;
+  grad = P(0);
+  return total;
+}
+
 // ---- bSAM ------------------------------------------------------------------------------
 
 template <typename T>
@@ -399,6 +417,66 @@ SB_HD void sam_adamw_element(T grad_sum, T& weight, T& momentum, T& variance, co
   variance = c.beta2 * variance + c.one_minus_beta2 * h * h;
   const T denom = sqrt_acc<T>(variance / c.bias2) + c.eps;
   weight = weight - c.step_size * momentum / denom;
+}
+
+// ---- IVON (docs/ivon.md) -----------------------------------------------------------------------
+
+// The curvature estimate of one sample from its gradient g: z·g by Price's theorem (z its noise), or g².
+template <typename T>
+SB_HD T ivon_curvature(T grad, T z, bool price) {
+  return price ? z * grad : grad * grad;
+}
+
+// The mean curvature estimate over k samples from its sum, unscaled (1/scale of a GradScaler; gradsq's
+// squares twice).
+template <typename T>
+SB_HD T ivon_mean_curvature(T curvature_sum, T inv_scale, T splits, bool price) {
+  return (price ? curvature_sum * inv_scale : curvature_sum * inv_scale * inv_scale) / splits;
+}
+
+template <typename T>
+struct IvonUpdateCoeffs {
+  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_one_minus_beta2_squared, ess, weight_decay,
+      clip_radius, bias1;
+};
+
+// 1 − β1^t, the momentum's debiasing at step t (updates taken, counting this one); 1 without debiasing. The
+// CUDA kernels compute it on the device, where the step count lives.
+SB_HD double ivon_bias1(double beta1, double step, bool debias) { return debias ? 1 - pow(beta1, step) : 1.0; }
+
+template <typename T>
+SB_HD IvonUpdateCoeffs<T> ivon_update_coeffs(int64_t splits, double lr, double beta1, double beta2, double ess,
+                                             double weight_decay, double clip_radius, double bias1) {
+  return {static_cast<T>(splits),
+          static_cast<T>(lr),
+          static_cast<T>(beta1),
+          static_cast<T>(1 - beta1),
+          static_cast<T>(beta2),
+          static_cast<T>(1 - beta2),
+          static_cast<T>(0.5 * (1 - beta2) * (1 - beta2)),
+          static_cast<T>(ess),
+          static_cast<T>(weight_decay),
+          static_cast<T>(clip_radius),
+          static_cast<T>(bias1)};
+}
+
+// momentum, Hessian h = s − δ, precision s = h + δ, then the mean with the new precision, clipped; g and c
+// are the means over the samples of the gradient and of the curvature estimate, unscaled.
+template <typename T>
+SB_HD void ivon_update_element(T g, T c, T& mean, T& precision, T& momentum, const IvonUpdateCoeffs<T>& k,
+                               bool price) {
+  T h = precision - k.weight_decay;
+  // the expected Hessian of the loss: sqrt(ess·s)·E[z·g], or ess·E[g²]
+  const T f = price ? sqrt_acc<T>(k.ess * precision) * c : k.ess * c;
+  // momentum
+  momentum = k.beta1 * momentum + k.one_minus_beta1 * g;
+  // Hessian, with the correction that keeps it positive
+  const T gap = h - f;
+  h = k.beta2 * h + k.one_minus_beta2 * f + k.half_one_minus_beta2_squared * (gap * gap) / precision;
+  precision = h + k.weight_decay;
+  // mean step, with the new precision, clipped
+  const T direction = (momentum / k.bias1 + k.weight_decay * mean) / precision;
+  mean = mean - k.lr * (direction < -k.clip_radius ? -k.clip_radius : direction > k.clip_radius ? k.clip_radius : direction);
 }
 
 }  // namespace sambayes

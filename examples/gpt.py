@@ -1,4 +1,4 @@
-"""A small GPT-style language model trained with bSAM and with AdamW at the same budget.
+"""A small GPT-style language model trained with bSAM, IVON and AdamW at the same budget.
 
 A decoder-only transformer built from ``torch.nn`` modules (token and learned position
 embeddings, pre-LayerNorm blocks with causal self-attention through
@@ -8,10 +8,12 @@ of standard-library modules (``CORPUS_MODULES``), read from this interpreter's o
 library, nothing downloaded. ``--optimizer both`` trains bSAM and AdamW one after the other from
 the same initial weights on the same batches for the same number of steps (and tokens), then
 plots their loss curves and writes a table: validation loss and perplexity, tokens per second
-and optimizer memory. ::
+and optimizer memory; ``--optimizer ivon`` trains sambayes's IVON (one sample per step, ess =
+the training tokens) into the same comparison. ::
 
     python examples/gpt.py                                     # both optimizers, CPU-sized (minutes)
     python examples/gpt.py --optimizer bsam --steps 50         # one optimizer
+    python examples/gpt.py --optimizer ivon                    # IVON, added to the table
     torchrun --nproc_per_node=2 examples/gpt.py --dist ddp     # DistributedDataParallel
     torchrun --nproc_per_node=2 examples/gpt.py --dist fsdp2   # FSDP2 (fully_shard)
     python examples/gpt.py --gpt2-small --device cuda          # GPT-2 small's shapes (12 × 768, block 1024)
@@ -22,7 +24,7 @@ what one process computes with the same flags: with DDP each process takes whole
 sub-batch (FSDP2 averages every backward pass over the processes, so a sub-batch spans them all).
 Backends: nccl on CUDA, gloo on the CPU.
 
-Outputs in ``--out`` (default ``out/gpt``): per optimizer a folder (``bsam/``, ``adamw/``) with
+Outputs in ``--out`` (default ``out/gpt``): per optimizer a folder (``bsam/``, ``ivon/``, ``adamw/``) with
 ``checkpoint.pt`` (step-level and atomic: ``--checkpoint-every``, ``--resume``; under FSDP2 with the
 shards in ``dcp-STEP/``, written by ``torch.distributed.checkpoint``), ``log.jsonl``
 (one row per ``--log-every`` steps: training loss, learning rate, seconds, and the validation
@@ -58,7 +60,8 @@ from tqdm import tqdm
 
 import sambayes
 
-OPTIMIZERS = ("bsam", "adamw")
+OPTIMIZERS = ("bsam", "ivon", "adamw")
+BOTH = ("bsam", "adamw")  # --optimizer both
 CHECKPOINT = "checkpoint.pt"
 # The corpus: these standard-library modules' source files (a module's .py file, or a package's
 # __init__.py), in this sorted order; 1.65 MB with Python 3.11. The bytes differ a little between
@@ -105,6 +108,7 @@ RESUME_KEYS = (
     "steps",
     "warmup",
     "lr_bsam",
+    "lr_ivon",
     "lr_adamw",
     "min_lr_ratio",
     "seed",
@@ -345,7 +349,8 @@ def wrap(model: GPT, run: Run) -> torch.nn.Module:
 
 # ---- optimizers and schedule -----------------------------------------------------------------------
 def make_optimizer(name: str, args: argparse.Namespace, net: torch.nn.Module, num_tokens: int):
-    """bSAM (given the module: under DDP it skips the noisy pass's all-reduce itself) or AdamW."""
+    """bSAM or IVON (given the module: under DDP bSAM skips the noisy pass's all-reduce itself, IVON
+    averages its sums once per step), or AdamW."""
     if name == "bsam":
         # N counts training tokens, not sequences: the loss is the mean over token predictions, each a
         # term of the log-likelihood; training windows start anywhere, so there is no fixed sequence count
@@ -362,6 +367,19 @@ def make_optimizer(name: str, args: argparse.Namespace, net: torch.nn.Module, nu
             seed=args.seed,
             backend=args.backend,
             state_dtype=torch.bfloat16 if args.bsam_state == "bfloat16" else None,
+        )
+    if name == "ivon":
+        # ess counts training tokens, as bSAM's N; α = lr·(h0 + δ) (ivon-opt's rescaling)
+        return sambayes.IVON(
+            net,
+            lr=args.lr_ivon,
+            ess=num_tokens,
+            hess_init=args.hess_init,
+            weight_decay=args.prior_precision / num_tokens,
+            clip_radius=args.clip_radius,
+            seed=args.seed,
+            backend=args.backend,
+            state_dtype=torch.bfloat16 if args.ivon_state == "bfloat16" else None,
         )
     # GPT-2's convention: weight decay on the matrices only, not on biases and LayerNorm gains
     params = [p for p in net.parameters() if p.requires_grad]
@@ -400,9 +418,9 @@ def train_step(
     probe: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One optimizer step on this process's batch [b, T]; returns the mean loss, detached (bSAM: at
-    the perturbed points). bSAM calls the closure twice per sub-batch and manages the gradients
-    itself; ``probe`` runs after the last backward pass of the step (when the optimizer holds all
-    of its scratch)."""
+    the perturbed points; IVON: at the sampled weights). bSAM calls the closure twice per sub-batch,
+    IVON once per sample, and both manage the gradients themselves; ``probe`` runs after the last
+    backward pass of the step (when the optimizer holds all of its scratch)."""
     if isinstance(opt, sambayes.BSAM):
         chunks = sambayes.split_batch(inputs, targets, splits=splits)
         passes = 0
@@ -417,6 +435,16 @@ def train_step(
             return loss
 
         return opt.step(closure, splits=splits, max_grad_norm=max_grad_norm)
+    if isinstance(opt, sambayes.IVON):
+
+        def sampled_pass() -> torch.Tensor:
+            loss = lm_loss(net, inputs, targets, amp)
+            loss.backward()
+            if probe is not None:
+                probe()
+            return loss
+
+        return opt.step(sampled_pass, max_grad_norm=max_grad_norm)
     opt.zero_grad(set_to_none=True)
     loss = lm_loss(net, inputs, targets, amp)
     loss.backward()
@@ -757,7 +785,7 @@ def train(name: str, args: argparse.Namespace, corpus: Corpus, run: Run, out: pa
         "parameters": num_params,
         "steps": args.steps,
         "tokens": args.steps * tokens_per_step,
-        "passes_per_step": 2 if name == "bsam" else 1,
+        "passes_per_step": 2 if name == "bsam" else 1,  # IVON: one sample per step
         "final_val_loss": final,
         "val_perplexity": math.exp(final),
         "val_bits_per_byte": final / math.log(2),
@@ -810,9 +838,9 @@ TABLE = (
 
 TABLE_NOTES = """\
 Validation loss: mean next-byte cross-entropy on fixed windows of the held-out tail of every corpus file,
-at the weights (bSAM: the posterior mean); perplexity = exp(loss), bits/byte = loss / ln 2. Tokens/s:
+at the weights (bSAM, IVON: the posterior mean); perplexity = exp(loss), bits/byte = loss / ln 2. Tokens/s:
 training bytes per second of training steps (evaluation and checkpoints excluded), over all processes;
-a bSAM step takes two forward-backward passes. Optimizer bytes per parameter (float32 parameters; under
+a bSAM step takes two forward-backward passes, an IVON step one (at a sample of its posterior). Optimizer bytes per parameter (float32 parameters; under
 FSDP2 the shards of all processes, summed): "state" is every tensor in `optimizer.state`; "held between
 steps" adds every other tensor the optimizer keeps after a step (flags, counters, scratch); "held during
 a step" is the same count inside the step, after its last backward pass (bSAM: its sums over the
@@ -842,8 +870,8 @@ def plot(out: pathlib.Path, summaries: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"bsam": "tab:red", "adamw": "tab:blue"}
-    labels = {"bsam": "bSAM", "adamw": "AdamW"}
+    colors = {"bsam": "tab:red", "ivon": "tab:green", "adamw": "tab:blue"}
+    labels = {"bsam": "bSAM", "ivon": "IVON", "adamw": "AdamW"}
     fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in summaries:
         name = s["optimizer"]
@@ -855,7 +883,7 @@ def plot(out: pathlib.Path, summaries: list[dict[str, Any]]) -> None:
             color=colors[name],
             alpha=0.45,
             lw=1,
-            label=f"{labels[name]} train" + (" (perturbed points)" if name == "bsam" else ""),
+            label=f"{labels[name]} train" + {"bsam": " (perturbed points)", "ivon": " (samples)"}.get(name, ""),
         )
         by_tokens.plot(
             [v[0] for v in val], [v[2] for v in val], "o-", color=colors[name], ms=3, label=f"{labels[name]} val"
@@ -878,6 +906,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     arg = parser.add_argument
     arg("--optimizer", choices=(*OPTIMIZERS, "both"), default="both", help="both: bSAM, then AdamW, same budget")
+    arg("--lr-ivon", type=float, default=0.2, help="IVON's lr (α = lr·(h0 + δ), as ivon-opt rescales it)")
+    arg("--hess-init", type=float, default=0.01, help="IVON's h0")
+    arg("--clip-radius", type=float, default=1e-3, help="IVON's clip_radius: each mean step clipped to ±lr·(h0 + δ)·r")
+    arg(
+        "--ivon-state",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="IVON's precision and momentum: float32, or bfloat16 with stochastic rounding (8 B per parameter)",
+    )
     arg("--n-layer", type=int, default=GPTConfig.n_layer)
     arg("--n-head", type=int, default=GPTConfig.n_head)
     arg("--n-embd", type=int, default=GPTConfig.n_embd)
@@ -893,7 +930,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--lr-bsam", type=float, default=0.5, help="bSAM's α")
     arg("--beta2-bsam", type=float, default=0.99, help="bSAM's β2")
     arg("--rho", type=float, default=0.01, help="bSAM's ρ")
-    arg("--prior-precision", type=float, default=1.0, help="bSAM: weight_decay = prior precision / N")
+    arg("--prior-precision", type=float, default=1.0, help="bSAM and IVON: weight_decay = prior precision / N (ess)")
     arg("--data-factor", type=float, default=1.0, help="bSAM: N = data factor × training tokens")
     arg("--damping", type=float, default=0.1, help="bSAM's γ")
     arg("--init-precision", type=float, default=1.0, help="bSAM's s0")
@@ -921,7 +958,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arg("--eval-every", type=int, default=None, help="validation loss every this many steps (default: --steps / 10)")
     arg("--eval-batches", type=int, default=8, help="validation windows: this many batches of --batch-size")
     arg("--log-every", type=int, default=10)
-    arg("--seed", type=int, default=0, help="fixes the initial weights, the batches and bSAM's noise")
+    arg("--seed", type=int, default=0, help="fixes the initial weights, the batches and bSAM's and IVON's noise")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     arg("--backend", default="auto", help="sambayes backend: auto, eager, foreach, triton, cpu or cuda")
     arg("--threads", type=int, default=None, help="torch threads per process (on a small, busy CPU: 1)")
@@ -1015,7 +1052,7 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     corpus = load_corpus(args.val_fraction)
     if len(corpus.val) <= args.block_size + 1:
         raise SystemExit(f"--block-size {args.block_size} is longer than the {len(corpus.val)} validation bytes")
-    names = OPTIMIZERS if args.optimizer == "both" else (args.optimizer,)
+    names = BOTH if args.optimizer == "both" else (args.optimizer,)
     if run.is_main:
         with torch.device("meta"):
             params = count_parameters(GPT(GPTConfig(args.n_layer, args.n_head, args.n_embd, args.block_size)))

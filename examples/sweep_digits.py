@@ -51,6 +51,7 @@ GRID: list[tuple[str, dict]] = (
     + [("IVON", {"ivon_betas": v}) for v in ((0.9, 0.999), (0.9, 0.9999), (0.95, 0.99999))]
     + [("IVON", {"ivon_prior_precision": v}) for v in (0.1, 5.0, 25.0)]
     + [("IVON", {"ivon_train_samples": 4})]
+    + [("IVON (sambayes)", {})]  # ivon-opt's recipe, which sambayes's IVON shares (not tuned on its own)
 )
 SCORES = ("accuracy", "nll", "ece")
 

@@ -33,6 +33,8 @@ from . import (
     bsam_update,
     find_nonfinite,
     fold_grads,
+    ivon_accumulate,
+    ivon_update,
     restore,
     sam_perturb,
     sam_sq_norm,
@@ -53,11 +55,13 @@ KERNELS = {
     "sam_perturb": (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
     "sam_update_sgd": (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
     "sam_update_adamw": (sam_update_adamw._sam_update_adamw_kernel, {}),
+    "ivon_accumulate": (ivon_accumulate._ivon_accumulate_kernel, {"STAGE": ivon_accumulate.MIDDLE, "PRICE": True}),
+    "ivon_update": (ivon_update._ivon_update_kernel, {"SUMMED": True, "PRICE": True}),
 }
 
 
 #: capturable=True's step scalars in device memory, by argument name (otherwise None: constexprs)
-STEP_POINTERS = {"lr_ptr": "*fp64", "decay_ptr": "*fp64", "seed_ptr": "*i64"}
+STEP_POINTERS = {"lr_ptr": "*fp64", "decay_ptr": "*fp64", "seed_ptr": "*i64", "noise_seed_ptr": "*i64"}
 
 
 def _arg_type(param, state: str) -> str:
@@ -71,7 +75,7 @@ def _arg_type(param, state: str) -> str:
         return "*fp32"
     if param.name in ("corrections_ptr", "scale_ptr"):  # float64 on the device, read in the state dtype
         return "*fp64"
-    if param.name == "seed" or param.name.endswith("_base"):  # a seed; the address of an "X" role's first tensor
+    if param.name in ("seed", "noise_seed") or param.name.endswith("_base"):  # a seed; an "X" role's first address
         return "i64"
     if param.name in ("splits", "num_blocks"):
         return "i32"

@@ -428,7 +428,8 @@ class Function:
 #: Per phase, the streams a steady-state element reads and writes (docs/triton.md, "Bytes per
 #: parameter"): P a parameter-dtype stream, S a state-dtype one, R bSAM's stored state (the state
 #: dtype, or bfloat16). The kernels compiled: bsam_perturb accumulating (a later sub-batch), fold_grads
-#: a middle sub-batch, sam_sq_norm not adaptive (CUDA: adaptive, its heaviest path; ``ADAPTIVE``).
+#: a middle sub-batch, sam_sq_norm not adaptive (CUDA: adaptive, its heaviest path; ``ADAPTIVE``),
+#: ivon_accumulate a middle sample with Price's estimator, ivon_update summed over samples.
 STREAMS = {
     "bsam_sample": ("SR", "P"),
     "bsam_perturb": ("PSRS", "PSP"),
@@ -440,6 +441,8 @@ STREAMS = {
     "sam_perturb": ("PS", "PP"),
     "sam_update_sgd": ("PSS", "SSPP"),
     "sam_update_adamw": ("PSSS", "SSSPP"),
+    "ivon_accumulate": ("PSS", "SSP"),  # a middle sample: g and both sums read, both sums written, g zeroed
+    "ivon_update": ("PSRRS", "RSRPP"),  # summed over samples: as bsam_update
 }
 #: streams the CUDA kernels add where one kernel serves variants the Triton kernels compile apart
 CUDA_EXTRA = {"sam_sq_norm": ("S", "")}  # the weights of the adaptive norm

@@ -78,6 +78,22 @@ def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
     zero(grad_sum, offs, mask)
 
 
+@triton.jit
+def update_pointers(record, start, curvature_base, PARAM: tl.constexpr, STATE: tl.constexpr, STORED: tl.constexpr,
+                    ALIGNED: tl.constexpr):  # fmt: skip
+    """The block's pointers into the roles of bSAM's and IVON's updates (phases.POSTERIOR_UPDATE_ROLES): param,
+    grad_sum, mean, precision, momentum (STORED: the state dtype or bfloat16), curvature_sum (relative to its
+    first tensor)."""
+    return (
+        role_pointer(record, start, 0, PARAM, ALIGNED),
+        role_pointer(record, start, 1, PARAM, ALIGNED),
+        role_pointer(record, start, 2, STATE, ALIGNED),
+        role_pointer(record, start, 3, STORED, ALIGNED),
+        role_pointer(record, start, 4, STORED, ALIGNED),
+        scratch_pointer(record, start, 5, STATE, ALIGNED, curvature_base),
+    )
+
+
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all
 def _bsam_update_kernel(
     table,
@@ -102,14 +118,7 @@ def _bsam_update_kernel(
     BLOCK: tl.constexpr,
 ):
     start, remaining, noise_index, record = locate(table, 6)
-    pointers = (
-        role_pointer(record, start, 0, PARAM, ALIGNED),
-        role_pointer(record, start, 1, PARAM, ALIGNED),
-        role_pointer(record, start, 2, STATE, ALIGNED),
-        role_pointer(record, start, 3, STORED, ALIGNED),
-        role_pointer(record, start, 4, STORED, ALIGNED),
-        scratch_pointer(record, start, 5, STATE, ALIGNED, curvature_base),
-    )
+    pointers = update_pointers(record, start, curvature_base, PARAM, STATE, STORED, ALIGNED)
     scalars = (
         tl.load(found_inf) == 0,  # not a skipped step
         tl.load(inv_scale_ptr).to(STATE),

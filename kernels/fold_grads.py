@@ -34,7 +34,14 @@ from ._multi_tensor import (
 def _fold_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, STAGE: tl.constexpr):
     grad, grad_sum = pointers
     (found_inf,) = scalars
-    total = load(grad, offs, mask, STATE)
+    fold_into(grad, grad_sum, load(grad, offs, mask, STATE), offs, mask, found_inf, STATE, STAGE)
+
+
+@triton.jit
+def fold_into(grad, grad_sum, g, offs, mask, found_inf, STATE: tl.constexpr, STAGE: tl.constexpr):
+    """g, a pass's gradient in the state dtype, joins the sum (stage 0: the first pass, 1, 2: the last); also
+    IVON's sums over samples (kernels/ivon_accumulate.py)."""
+    total = g
     if STAGE != 0:
         total = load(grad_sum, offs, mask, STATE) + total
     if STAGE == 2:  # last sub-batch: the sum, rounded once, for the update

@@ -1,4 +1,4 @@
-"""sambayes: bSAM and SAM for PyTorch, exact and fused.
+"""sambayes: bSAM, SAM and IVON for PyTorch, exact and fused.
 
 >>> opt = sambayes.BSAM(model, num_data=len(train_set))      # the module: its BatchNorm statistics are managed
 >>> loss = opt.step(closure)                     # closure: loss = f(model(x), y); loss.backward(); return loss
@@ -39,7 +39,8 @@ from ._arguments import split_batch
 from ._batchnorm import frozen_bn_stats
 from ._philox import noise_seed
 from .bsam import BSAM
+from .ivon import IVON
 from .predict import predict
 from .sam import SAM
 
-__all__ = ["BSAM", "SAM", "__version__", "frozen_bn_stats", "noise_seed", "predict", "split_batch"]
+__all__ = ["BSAM", "IVON", "SAM", "__version__", "frozen_bn_stats", "noise_seed", "predict", "split_batch"]

@@ -19,8 +19,8 @@ import sys
 import sysconfig
 
 # csrc/: the ops by family and device (docs/cext.md says which file holds what)
-CPU_SOURCES = ["bindings.cpp", "bsam_cpu.cpp", "sam_cpu.cpp", "grads_cpu.cpp", "philox_cpu.cpp"]
-CUDA_SOURCES = ["bsam_cuda.cu", "sam_cuda.cu", "grads_cuda.cu"]
+CPU_SOURCES = ["bindings.cpp", "bsam_cpu.cpp", "sam_cpu.cpp", "grads_cpu.cpp", "philox_cpu.cpp", "ivon_cpu.cpp"]
+CUDA_SOURCES = ["bsam_cuda.cu", "sam_cuda.cu", "grads_cuda.cu", "ivon_cuda.cu"]
 # at::parallel_for is OpenMP in PyTorch's builds; no errno from sqrt, so that the loops vectorize (as PyTorch's own flags)
 # -Wno-maybe-uninitialized: gcc 12 flags _mm512_undefined_epi32 inside its own AVX-512 headers
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wno-maybe-uninitialized"]

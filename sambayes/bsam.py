@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from . import _distributed, _philox, phases
+from . import phases
 from ._arguments import check_betas, check_number
 from ._ledger import Slot, grads, offsets, params, states
-from ._step import Step, devices_of, per_device
+from ._posterior import GaussianPosterior, check_seed, check_state_dtype
+from ._step import Step, per_device
 from .optimizer import Groups, TwoPassOptimizer
-from .phases import master_dtype
 
 
-class BSAM(TwoPassOptimizer):
+class BSAM(GaussianPosterior, TwoPassOptimizer):
     r"""bSAM (Möllenhoff & Khan, ICLR 2023), exactly as the authors' code computes it (ALGORITHM.md).
 
     Learns a Gaussian posterior :math:`q(θ) = N(m, \mathrm{diag}(1/(N s)))` over the
@@ -108,13 +106,9 @@ class BSAM(TwoPassOptimizer):
         state_dtype: torch.dtype | None = None,
         capturable: bool = False,
     ) -> None:
-        seed = _check_seed(seed, allow_none=True)
-        if state_dtype not in (None, torch.bfloat16):
-            raise ValueError(
-                f"state_dtype={state_dtype!r}: None (precision and momentum in the mean's dtype) or torch.bfloat16"
-            )
+        seed = check_seed(seed, allow_none=True)
         #: the dtype of ``precision`` and ``momentum``: None for the mean's, or torch.bfloat16
-        self.state_dtype = state_dtype
+        self.state_dtype = check_state_dtype(state_dtype)
         defaults = dict(
             num_data=num_data,
             lr=lr,
@@ -127,17 +121,10 @@ class BSAM(TwoPassOptimizer):
         )
         super().__init__(params, defaults, backend, model, bn_stats, keep_sums, capturable)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "state_dtype": self.state_dtype}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # also called by load_state_dict, with the state and groups only
-        self.__dict__.setdefault("state_dtype", None)
-
     def _check_group(self, group: dict[str, Any]) -> None:
         for p in group["params"]:
             self._stored_dtype("precision", p)  # ValueError for a float64 parameter with bfloat16 state
-        group["seed"] = _check_seed(group["seed"], allow_none=True)
+        group["seed"] = check_seed(group["seed"], allow_none=True)
         check_number("num_data", group["num_data"], low_open=True)
         check_number("lr", group["lr"])
         check_betas(group["betas"])
@@ -146,54 +133,13 @@ class BSAM(TwoPassOptimizer):
         check_number("damping", group["damping"])
         check_number("init_precision", group["init_precision"], low_open=True)
 
-    def _state_keys(self) -> set[str]:
-        return {"mean", "precision", "momentum"}
+    def _num_data(self, group: dict[str, Any]) -> float:
+        return group["num_data"]
 
-    def _stored_dtype(self, key: str, param: torch.Tensor) -> torch.dtype:
-        if self.state_dtype is None or key == "mean":
-            return master_dtype(param.dtype)
-        if param.dtype == torch.float64:  # given so, or cast so after construction (model.double())
-            raise ValueError(
-                f"a parameter of shape {tuple(param.shape)} is float64: state_dtype={self.state_dtype} is for "
-                "float32, bfloat16 and float16 parameters (float64 ones keep float64 state: use the default)"
-            )
-        return self.state_dtype
-
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["mean"] = _distributed.local(p).detach().to(master_dtype(p.dtype), copy=True)
-        state["precision"] = torch.full_like(
-            state["mean"], group["init_precision"], dtype=self._stored_dtype("precision", p)
-        )
-        state["momentum"] = torch.zeros_like(state["mean"], dtype=self._stored_dtype("momentum", p))
+    def _initial_precision(self, group: dict[str, Any]) -> float:
+        return group["init_precision"]
 
     # ---- phases -----------------------------------------------------------------------
-    def _sample_group(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot]) -> None:
-        self._draw(group, slots, self._seed(step, index, group, slots, step.noise_split()))
-
-    def _seed(self, step: Step, index: int, group: dict[str, Any], slots: list[Slot], stream: int) -> int | dict:
-        """``noise_seed(seed, group, attempts, stream)`` of this step (a sub-batch's noise, or the rounding
-        stream): from the host's count, or with capturable=True hashed on the device from its counters, so
-        that a captured step replays with the count the device holds then ({device: 0-dim int64 tensor})."""
-        attempts = step.attempts[index]
-        if not isinstance(attempts, torch.Tensor):
-            return _philox.noise_seed(group["seed"], index, attempts, stream)
-        key = _philox.noise_seed_on_device(group["seed"], index, attempts, stream)
-        return {device: key.to(device) for device in devices_of(slots)}
-
-    def _draw(self, group: dict[str, Any], slots: list[Slot], seed: int | dict) -> None:
-        """θ = m + z/sqrt(N·s) for the group's trainable parameters, z from Philox(seed) (an int, or
-        {device: 0-dim int64 tensor} with capturable=True)."""
-        if slots:
-            self._run(
-                phases.BSAM_SAMPLE,
-                params(slots),
-                states(slots, "mean"),
-                states(slots, "precision"),
-                offsets(slots),
-                num_data=group["num_data"],
-                seed=seed,
-            )
-
     def _perturb(self, step: Step, groups: Groups) -> None:
         step.allocate("curvature_sum")  # the curvature sums live from the first ascent to the update
         for group, slots in groups:
@@ -230,8 +176,6 @@ class BSAM(TwoPassOptimizer):
         if not slots:
             return
         beta1, beta2 = group["betas"]
-        # stochastic rounding of bfloat16 state: its own stream of this step (_philox.rounding_seed)
-        rounding = self.state_dtype is not None
         self._run(
             phases.BSAM_UPDATE,
             params(slots),
@@ -249,46 +193,10 @@ class BSAM(TwoPassOptimizer):
             weight_decay=group["weight_decay"],
             damping=group["damping"],
             splits=step.split,
-            seed=self._seed(step, index, group, slots, _philox.ROUNDING_STREAM) if rounding else 0,
+            seed=self._rounding_seed(step, index, group, slots),  # bfloat16 state: its stream of this step
         )
 
     # ---- the posterior ----------------------------------------------------------------
-    def _posterior(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]]:
-        """(param, precision, group) for every parameter of the groups, in their order: s0 for a trainable
-        parameter without state yet, None for a frozen one (sampled_params leaves it as it is: σ = 0)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not p.requires_grad:
-                    yield p, None, group
-                elif state:
-                    yield p, state["precision"].to(master_dtype(p.dtype)), group  # bfloat16 state: in float32
-                else:
-                    local = _distributed.local(p)
-                    yield p, torch.full_like(local, group["init_precision"], dtype=master_dtype(p.dtype)), group
-
-    @torch.no_grad()
-    def posterior_variance(self) -> list[torch.Tensor]:
-        """σ² = 1/(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
-        and master dtype; 0 for a frozen parameter, which :meth:`sampled_params` does not sample."""
-        return [
-            torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
-            if s is None
-            else 1.0 / (g["num_data"] * s)
-            for p, s, g in self._posterior()
-        ]
-
-    @torch.no_grad()
-    def posterior_std(self) -> list[torch.Tensor]:
-        """σ = 1/sqrt(N·s) for every parameter of the groups, in their order (zip it with them), in its shape
-        and master dtype; 0 for a frozen parameter, which :meth:`sampled_params` does not sample."""
-        return [
-            torch.zeros_like(_distributed.local(p), dtype=master_dtype(p.dtype))
-            if s is None
-            else torch.rsqrt(g["num_data"] * s)
-            for p, s, g in self._posterior()
-        ]
-
     def sampled_params(self, seed: int = 0) -> contextlib.AbstractContextManager[None]:
         """Within the block the model holds one sample θ ~ N(m, 1/(N·s)) of the posterior.
 
@@ -297,36 +205,4 @@ class BSAM(TwoPassOptimizer):
         the enclosing block's sample when blocks nest. Not allowed in the middle of a step;
         no step can start inside the block.
         """
-        seed = _check_seed(seed, allow_none=False)
-        return self._holding_sample(seed, self._draw_posterior)
-
-    def _draw_posterior(self, seed: int, groups: Groups) -> None:
-        for index, (group, slots) in enumerate(groups):
-            self._draw(group, slots, _philox.noise_seed(seed, index, _philox.POSTERIOR_STREAM, 0))
-
-
-#: [torch's initial seed, optimizers given seed=None since this process saw it]
-_seeds_derived: list = [None, 0]
-
-
-def _derived_seed() -> int:
-    """A seed derived from torch's seed without drawing from torch's generator: a hash of
-    ``torch.initial_seed()`` (which ``torch.manual_seed`` sets) and of how many optimizers of this process
-    took a seed under it before. A script that calls ``torch.manual_seed`` gets the same noise on every run,
-    optimizers built one after the other get different seeds, and the user's shuffling and dropout streams
-    stay as they are."""
-    initial = torch.initial_seed()
-    if _seeds_derived[0] != initial:
-        _seeds_derived[:] = [initial, 0]
-    count = _seeds_derived[1]
-    _seeds_derived[1] += 1
-    return _philox.noise_seed(initial % 2**64, count, _philox.DERIVED_SEED_STREAM, 0)  # below 2^63
-
-
-def _check_seed(seed: Any, *, allow_none: bool) -> int:
-    """A seed: an integer in [0, 2^64) (numpy's included); None derives one from torch's seed."""
-    if seed is None and allow_none:
-        return _derived_seed()
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed={seed!r}: expected an integer in [0, 2**64)" + (" or None" if allow_none else ""))
-    return int(seed)
+        return self._posterior_sample(seed)

@@ -7,7 +7,8 @@ eager backend (:mod:`sambayes.backends.eager`) is the executable spec of each.
 
 What follows from a declaration: the dispatch moves the version counters of the roles a phase
 writes (:func:`sambayes.backends.run`), the Triton kernels build their launch tables from the
-roles' kinds, the C++ extension's fake implementations are registered per phase, and tests hold
+roles' kinds, the C++ extension's fake implementations are registered per phase, the functions of
+the backends of fused ops forward to them by their schemas (:func:`op_functions`), and tests hold
 every backend's signature, the op schemas of ``csrc/bindings.cpp`` and the compile check of the
 Triton kernels to these declarations (``tests/test_phases.py``).
 
@@ -16,8 +17,8 @@ Role kinds (the dtype each tensor of a role has, for parameters of dtype P):
 ====  ==================================================================================
 P     the parameter dtype (parameters, gradient buffers)
 S     the master dtype :func:`master_dtype` (state: ``mean``, ``weight``, ...)
-R     bSAM's stored state (``precision``, ``momentum``): the master dtype, or bfloat16
-      over float32 master state (``BSAM(state_dtype=torch.bfloat16)``)
+R     the stored state of bSAM and IVON (``precision``, ``momentum``): the master dtype, or
+      bfloat16 over float32 master state (``state_dtype=torch.bfloat16``)
 X     a running sum of the step in the master dtype; the Triton and CUDA tables address
       it relative to its first tensor (it lives only within a step)
 I     an int per tensor (``offsets``: its first element's index in the group's flat
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -119,18 +121,21 @@ BSAM_PERTURB = Phase(
     ("rho", "accumulate"),
     checks_grads=True,
 )
+#: the roles of an update of a Gaussian posterior's state (bSAM's, IVON's): the parameters and the gradient sums
+#: in .grad, written (θ = m, the sums zeroed), the state, the curvature sums read, the element indices
+POSTERIOR_UPDATE_ROLES = (
+    Role("params", P, True),
+    Role("grad_sums", P, True),
+    Role("means", S, True),
+    Role("precisions", R, True),
+    Role("momentums", R, True),
+    Role("curvature_sums", X),
+    Role("offsets", I),
+)
 #: momentum, mean (old precision), precision from the means over sub-batches; θ = m; sums zeroed
 BSAM_UPDATE = Phase(
     "bsam_update",
-    (
-        Role("params", P, True),
-        Role("grad_sums", P, True),
-        Role("means", S, True),
-        Role("precisions", R, True),
-        Role("momentums", R, True),
-        Role("curvature_sums", X),
-        Role("offsets", I),
-    ),
+    POSTERIOR_UPDATE_ROLES,
     ("found_inf", "inv_scale"),
     ("lr", "beta1", "beta2", "weight_decay", "damping", "splits", "seed"),
 )
@@ -187,6 +192,40 @@ SAM_UPDATE_ADAMW = Phase(
     ("lr", "beta1", "beta2", "eps", "weight_decay", "splits"),
 )
 
+# ---- IVON (docs/ivon.md) ---------------------------------------------------------------------------
+#: the gradient g_j of sample j (θ = m + z_j/sqrt(ess·s): BSAM_SAMPLE) joins the sums over samples, unscaled:
+#: grad_sum (+)= g_j ; curvature_sum (+)= z_j·g_j (price: z_j regenerated from the sample's seed) or g_j²
+#: (gradsq); g consumed (zeroed), the last sample's sum back into .grad (one sample: .grad keeps g)
+IVON_ACCUMULATE = Phase(
+    "ivon_accumulate",
+    (Role("grads", P, True), Role("grad_sums", X, True), Role("curvature_sums", X, True), Role("offsets", I)),
+    ("found_inf",),
+    ("seed", "price", "first", "last"),
+    checks_grads=True,
+)
+#: ḡ, c̄ the means over samples (unscaled); momentum; Hessian h = s − δ (Riemannian step); mean with the new
+#: precision, clipped; θ = m. ``summed`` False (one sample, one replica): c from .grad and the noise of
+#: ``noise_seed``, curvature_sums not read (pass any master-dtype tensors of the right sizes: the means)
+IVON_UPDATE = Phase(
+    "ivon_update",
+    POSTERIOR_UPDATE_ROLES,
+    ("found_inf", "inv_scale", "step"),
+    (
+        "lr",
+        "beta1",
+        "beta2",
+        "ess",
+        "weight_decay",
+        "clip_radius",
+        "debias",
+        "price",
+        "summed",
+        "splits",
+        "noise_seed",
+        "seed",
+    ),
+)
+
 #: every phase, in the order of ALGORITHM.md's step
 PHASES = (
     BSAM_SAMPLE,
@@ -199,4 +238,57 @@ PHASES = (
     SAM_PERTURB,
     SAM_UPDATE_SGD,
     SAM_UPDATE_ADAMW,
+    IVON_ACCUMULATE,
+    IVON_UPDATE,
 )
+
+
+# ---- the backends of fused ops: one function per phase, from its op's schema ----------------------------
+
+#: the schema types converted from what the phases take (Python numbers, or lists of them)
+_CONVERT: dict[str, Callable] = {"int": int, "float": float, "bool": bool, "int[]": lambda v: [int(x) for x in v]}
+
+
+def op_functions(ops) -> dict[str, Callable]:
+    """The backend functions of a library of fused ops (the extension's ``cpu`` and ``cuda`` backends, the
+    emulated CUDA tier): ``{phase name: function}`` for every phase, with the phase's signature (``signature``),
+    forwarding to the op ``ops.<phase name>``, whose schema (``csrc/bindings.cpp``) names the arguments.
+
+    Each argument goes where the op's schema puts it, converted to the schema's type. A step scalar (``lr``,
+    ``seed``; :func:`step_args`) given as a tensor goes in the op's ``<name>_tensor`` argument, read by the kernel
+    on the device, next to a dummy number. How each argument travels is worked out here, once per phase."""
+    return {phase.name: _forwarder(phase, getattr(ops, phase.name).default) for phase in PHASES}
+
+
+def _forwarder(phase: Phase, op) -> Callable:
+    schema = op._schema.arguments
+    # the step scalars: the phase's arguments the op also takes as <name>_tensor
+    step_scalars = {a.name.removesuffix("_tensor") for a in schema if a.name.endswith("_tensor")} & set(phase.arguments)
+    # per argument of the op: (the phase's argument it takes, its conversion, what it takes of a step scalar)
+    plan = []
+    for argument in schema:
+        base = argument.name.removesuffix("_tensor")
+        if base != argument.name and base in step_scalars:
+            plan.append((base, None, "tensor"))
+        else:
+            plan.append((argument.name, _CONVERT.get(str(argument.type)), "number" if base in step_scalars else ""))
+    names = phase.arguments[: len(phase.roles) + len(phase.device_scalars)]
+
+    @torch.no_grad()
+    def function(*args, **kwargs):
+        values = dict(zip(names, args), **kwargs)
+        call = []
+        for name, convert, step_scalar in plan:
+            value = values[name]
+            if step_scalar and isinstance(value, torch.Tensor):  # read by the kernel; a dummy number beside it
+                call.append(value if step_scalar == "tensor" else convert(0))
+            elif step_scalar == "tensor":
+                call.append(None)
+            else:
+                call.append(value if convert is None else convert(value))
+        return op(*call)
+
+    function.__name__ = function.__qualname__ = phase.name
+    function.__signature__ = phase.signature()
+    function.__doc__ = f"The fused op {phase.name} (see sambayes.backends.eager.{phase.name})."
+    return function

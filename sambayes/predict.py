@@ -1,10 +1,8 @@
-"""Bayesian model averaging with a BSAM posterior."""
+"""Bayesian model averaging with the posterior of a BSAM or an IVON."""
 
 from __future__ import annotations
 
 import torch
-
-from .bsam import BSAM
 
 
 @torch.no_grad()
@@ -19,8 +17,8 @@ def predict(model: torch.nn.Module, opt, inputs: torch.Tensor, samples: int = 32
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ValueError(f"samples={samples!r}: expected an integer >= 0")
-    if samples > 0 and not isinstance(opt, BSAM):
-        raise TypeError(f"samples={samples} needs a BSAM optimizer (a posterior); got {type(opt).__name__}")
+    if samples > 0 and not callable(getattr(opt, "sampled_params", None)):
+        raise TypeError(f"samples={samples} needs an optimizer with a posterior (BSAM, IVON); got {type(opt).__name__}")
     was_training = model.training
     model.eval()
     try:

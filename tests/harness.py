@@ -115,6 +115,27 @@ def bsam_cases(backends_: list[str] = COMPARED) -> list:
     ]
 
 
+def lean_cases(backends_: list[str] = COMPARED, stored: bool = False) -> list:
+    """pytest params (backend, dtype, sizes, stored) for a phase whose tables, chunks, loads and stores are those
+    the phases on :func:`cases` test at every size: every dtype over three tensors (7, 1025, 1: vector and scalar
+    paths, offsets off multiples of 4), and in float32 one tensor across blocks and CUDA chunks (65537) and
+    500 small tensors (not under Triton's interpreter). ``stored``: also with bfloat16 precision and momentum,
+    over the parameter dtypes that take it."""
+    out = []
+    for backend in backends_:
+        for dtype in PARAM_DTYPES:
+            name = str(dtype).split(".")[-1]
+            sizes_ = [[7, 1025, 1]]
+            if dtype == torch.float32:
+                sizes_ += [[65537]] + ([] if _slow(backend) else [MANY])
+            for stored_ in (None, torch.bfloat16) if stored and dtype != torch.float64 else (None,):
+                for sizes in sizes_ if stored_ is None or dtype == torch.float32 else sizes_[:1]:
+                    size_id = "500" if sizes is MANY else "x".join(map(str, sizes))
+                    case = f"{backend}-{name}-{size_id}" + ("-bf16state" if stored_ else "")
+                    out.append(pytest.param(backend, dtype, sizes, stored_, id=case))
+    return out
+
+
 def offsets_of(sizes: list[int], first: int = 3) -> list[int]:
     """Group element index of each tensor's first element: consecutive, starting off a multiple of 4."""
     return [first + sum(sizes[:i]) for i in range(len(sizes))]
@@ -299,3 +320,12 @@ def square_closure(model: torch.nn.Module, x: torch.Tensor):
         return loss
 
     return closure
+
+
+def posterior_state(sizes: list[int], dtype: torch.dtype, stored: torch.dtype | None) -> tuple[list, list, list]:
+    """An update's posterior state for parameters of ``dtype``: (start, for the backend, for the spec), each
+    [mean, precision (positive), momentum]; precision and momentum in ``stored`` (bfloat16) or the state dtype.
+    The backend's in Guarded buffers, the spec's plain clones."""
+    sd = state_dtype(dtype)
+    start = [normal(sizes, sd), positive(sizes, stored or sd), normal(sizes, stored or sd)]
+    return start, [Guarded(sizes, t[0].dtype, t) for t in start], [clones(values) for values in start]

@@ -16,7 +16,7 @@ from sambayes.cli import bench, main
 TINY = ["--numel", "2048", "--tensors", "3", "--repeats", "3", "--device", "cpu"]
 CPU = torch.device("cpu")
 #: a table row: optimizer, backend, ms/step, 20%, 80%, steps, x fastest, x floor
-ROW = re.compile(r"^(bSAM|SAM)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$")
+ROW = re.compile(r"^(bSAM|SAM|IVON)\s+(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$")
 
 
 def table(out: str) -> dict[tuple[str, str], dict[str, float]]:
@@ -54,8 +54,8 @@ def test_bench_command_times_every_backend_here_and_names_the_fastest(capsys, mo
     assert re.search(header, out, re.MULTILINE), out
     timed = [name for name in backends.NAMES if bench.why_not_timed(name, CPU) is None]
     rows = table(out)
-    assert set(rows) == {(optimizer, name) for optimizer in ("bSAM", "SAM") for name in timed}, out
-    for optimizer in ("bSAM", "SAM"):
+    assert set(rows) == {(optimizer, name) for optimizer in ("bSAM", "SAM", "IVON") for name in timed}, out
+    for optimizer in ("bSAM", "SAM", "IVON"):
         mine = [row for (o, _), row in rows.items() if o == optimizer]
         fastest = min(row["ms"] for row in mine)
         for row in mine:
@@ -92,7 +92,8 @@ def test_a_backend_that_fails_is_a_row_and_exit_code_1(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "bSAM      eager    error: RuntimeError: broken on purpose" in out
     assert "SAM       eager    error: RuntimeError: broken on purpose" in out
-    assert set(table(out)) == {("bSAM", "foreach"), ("SAM", "foreach")}
+    assert "IVON      eager    error: RuntimeError: broken on purpose" in out
+    assert set(table(out)) == {("bSAM", "foreach"), ("SAM", "foreach"), ("IVON", "foreach")}
     assert out.strip().splitlines()[-1].startswith('fastest on cpu: backend="foreach"')
 
 

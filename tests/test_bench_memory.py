@@ -103,6 +103,22 @@ def test_what_sam_and_adamw_keep(optimizer, tier, kept):
     assert m.peak >= m.params_grads + m.held.bytes
 
 
+@pytest.mark.parametrize("keep_sums", [False, None], ids=["dropped", "kept-on-cpu"])
+@pytest.mark.parametrize("tier", sorted({"eager", FUSED}))
+def test_ivon_keeps_12_bytes_per_float32_parameter_and_8_with_bfloat16_state(tier, keep_sums):
+    """One sample: no running sum at all (the update computes the curvature from the gradient and the noise), so
+    even where sums are kept between steps there are none; two samples keep theirs where asked."""
+    for optimizer, stored in (("sambayes-ivon", 4.0), ("sambayes-ivon-bf16", 2.0)):
+        m = measure(optimizer, tier, 1, keep_sums=keep_sums)
+        assert per_parameter(m) == {"state[*].mean": 4.0, "state[*].precision": stored, "state[*].momentum": stored}
+        assert m.other == 0
+        if tier == "cpu":  # the fused kernels allocate nothing: the step adds to what is kept only 0-dim counters
+            assert 0 <= m.peak - (m.params_grads + m.held.bytes) < 100
+    two = per_parameter(measure("sambayes-ivon", tier, 2, keep_sums=keep_sums))
+    sums = {"_pool.kept.grad_sum[*]": 4.0, "_pool.kept.curvature_sum[*]": 4.0} if keep_sums is None else {}
+    assert two == {"state[*].mean": 4.0, "state[*].precision": 4.0, "state[*].momentum": 4.0} | sums
+
+
 def test_peers_pytorch_optimizer_and_ivon():
     pytest.importorskip("pytorch_optimizer")
     pytest.importorskip("ivon")

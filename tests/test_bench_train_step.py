@@ -43,13 +43,27 @@ def test_gpt_rows_time_every_optimizer_and_print_the_table(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "GPT 1 layers, 2 heads, 16 wide, block 16 (7,664 parameters), batch 4, amp bf16, 2 rounds" in printed
     methods = [r["method"] for r in rows]
-    for method in ("fwd+bwd", "sgd", "adamw", "sam", "bsam", "sgd-opt", "adamw-opt", "sam-opt", "bsam-opt"):
+    every = (
+        "fwd+bwd",
+        "sgd",
+        "adamw",
+        "sam",
+        "bsam",
+        "IVON",
+        "sgd-opt",
+        "adamw-opt",
+        "sam-opt",
+        "bsam-opt",
+        "IVON-opt",
+    )
+    for method in every:
         assert method in methods
         assert any(line.split()[:1] == [method] for line in printed.splitlines()), method
     if bench_train_step.ivon is not None:
         assert "ivon" in methods and "ivon: step / AdamW step = " in printed
     for method in ("sam", "bsam"):
         assert f"{method} (auto, k=1): step / SGD step = " in printed
+    assert "IVON (auto): step / AdamW step = " in printed
     for r in rows:
         assert r["model"] == "gpt-l1-h2-e16-t16"
         assert r["amp"] == "bf16" and r["batch"] == 4 and r["median_ms"] > 0

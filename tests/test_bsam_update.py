@@ -21,6 +21,7 @@ from harness import (
     normal,
     offsets_of,
     positive,
+    posterior_state,
     state_dtype,
 )
 
@@ -32,9 +33,7 @@ def _run(backend, dtype, sizes, found_inf, stored):
     sd = state_dtype(dtype)
     grad_sums, curvature_sums = normal(sizes, dtype), positive(sizes, sd)
     # mean, precision, momentum; stored: bfloat16 precision and momentum, else the state dtype
-    start = [normal(sizes, sd), positive(sizes, stored or sd), normal(sizes, stored or sd)]
-    state = [Guarded(sizes, t[0].dtype, t) for t in start]
-    expected_state = [clones(values) for values in start]
+    start, state, expected_state = posterior_state(sizes, dtype, stored)
     offsets = offsets_of(sizes)
     got_grads, want_grads = Guarded(sizes, dtype, grad_sums), clones(grad_sums)
     params = Guarded(sizes, dtype)

@@ -152,3 +152,40 @@ def test_sums_below_their_first_tensor(emulated):
     )
     for got, want in zip(params + sums, expected + expected_sums):
         assert_close(got, want, torch.float32, "perturb")
+
+
+@pytest.mark.parametrize("first", [0, 3])
+def test_ivon_draws_one_philox_call_per_stream_and_four_elements(emulated, first):
+    """IVON's accumulation with Price's estimator (the noise) and its one-sample update with bfloat16 state (the
+    noise and the rounding words: two streams): one call per stream and quad, the same values on aligned rows
+    (vector loads) and unaligned ones; a skipped update draws nothing."""
+    offsets = offsets_of(SIZES, first)
+    grads, means = normal(SIZES, torch.float32), normal(SIZES, torch.float32)
+    precisions, momentums = positive(SIZES, torch.bfloat16), normal(SIZES, torch.bfloat16)
+    hyper = {"lr": 0.1, "beta1": 0.9, "beta2": 0.99, "ess": 50.0, "weight_decay": 1e-3, "clip_radius": 0.5}
+    hyper.update(debias=True, price=True, summed=False, splits=1, noise_seed=2**41 + 3, seed=2**40 + 5)
+    step = torch.tensor(2.0, dtype=torch.float64)
+    runs = []
+    for aligned in (True, False):
+        curvatures = copies([torch.zeros(n) for n in SIZES], torch.float32, aligned)
+        emulated.ops.counters(True)
+        emulated.ivon_accumulate(
+            copies(grads, torch.float32, aligned), copies(grads, torch.float32, aligned), curvatures, offsets,
+            flag(), seed=2**40 + 11, price=True, first=True, last=True,
+        )  # fmt: skip
+        assert philox_calls(emulated) == calls_per_quad(SIZES, offsets), f"accumulate, aligned={aligned}"
+        state = [copies(values, values[0].dtype, aligned) for values in (grads, means, precisions, momentums)]
+        emulated.ops.counters(True)
+        emulated.ivon_update(
+            copies(grads, torch.float32, aligned), *state, curvatures, offsets, flag(), inv_scale(), step, **hyper
+        )
+        assert philox_calls(emulated) == 2 * calls_per_quad(SIZES, offsets), f"update, aligned={aligned}"
+        runs.append(curvatures + [t for values in state[1:] for t in values])
+    for vector, scalar in zip(*runs):
+        assert torch.equal(vector, scalar), "the vector and the scalar paths differ"
+    emulated.ops.counters(True)
+    emulated.ivon_update(
+        copies(grads, torch.float32, True), *(clones(v) for v in (grads, means, precisions, momentums)),
+        [torch.zeros(n) for n in SIZES], offsets, flag(1.0), inv_scale(), step, **hyper,
+    )  # fmt: skip
+    assert philox_calls(emulated) == 0

@@ -20,6 +20,7 @@ from sambayes.cli import demo, main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROWS = ["SGD", "Adam", "SAM", "bSAM (mean)", "bSAM (4-sample BMA)", "IVON (mean)", "IVON (4-sample BMA)"]
+ROWS += ["IVON (sambayes) (mean)", "IVON (sambayes) (4-sample BMA)"]
 SEVERITIES = {shift: list(range(len(levels) + 1)) for shift, levels in demo.SHIFTS.items()}
 
 
@@ -267,8 +268,8 @@ def test_without_ivon_the_demo_skips_its_rows_in_one_line(tmp_path):
     assert result.returncode == 0, result.stderr
     skipped = [line for line in result.stdout.splitlines() if "IVON" in line and "ivon-opt" in line]
     assert skipped == ["sambayes demo: IVON skipped: ivon-opt is not installed (pip install 'sambayes[demo]')"]
-    with open(tmp_path / "results.csv") as f:
-        assert [row["method"] for row in csv.DictReader(f)] == ROWS[:5]
+    with open(tmp_path / "results.csv") as f:  # sambayes's IVON needs no ivon-opt
+        assert [row["method"] for row in csv.DictReader(f)] == ROWS[:5] + ROWS[7:]
     # asked for by name, it is a usage error before anything trains
     result = subprocess.run(
         [sys.executable, "-c", code, "--methods", "SGD", "IVON"],
@@ -280,6 +281,16 @@ def test_without_ivon_the_demo_skips_its_rows_in_one_line(tmp_path):
     )
     assert result.returncode == 2 and "--methods IVON needs ivon-opt" in result.stderr, result.stderr
     assert "SGD" not in result.stdout
+
+
+def test_the_verdicts_tell_the_two_ivons_apart():
+    """IVON (sambayes) − IVON, both BMAs: a row of its own, not taken for ivon-opt's."""
+    values = demo.verdicts.per_seed(
+        _runs({"IVON (4-sample BMA)": [0.5, 0.6, 0.7], "IVON (sambayes) (4-sample BMA)": [0.51, 0.58, 0.72]}), []
+    )
+    (verdict,) = demo.verdicts.compare(values)
+    assert (verdict["a"], verdict["b"]) == ("IVON (sambayes) (4-sample BMA)", "IVON (4-sample BMA)")
+    assert verdict["verdict"] == "no clear difference"
 
 
 def test_ivon_bma_draws_the_same_samples_and_leaves_the_global_generator_alone():
@@ -351,7 +362,7 @@ def test_figures_say_mean_only_where_there_is_a_posterior(tmp_path):
     }
     fig = demo.plot_curves(curves, tmp_path / "curves.png")
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
-    assert labels == ["SGD", "Adam", "SAM", "bSAM (mean)", "IVON (mean)"]
+    assert labels == ["SGD", "Adam", "SAM", "bSAM (mean)", "IVON (mean)", "IVON (sambayes) (mean)"]
 
 
 def test_sweep_grid_changes_real_recipe_fields_around_every_default():
@@ -454,14 +465,15 @@ def test_verdicts_from_a_run_folder_are_the_ones_it_wrote(tmp_path):
 def test_methods_are_case_insensitive_and_help_has_no_markup(capsys):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    assert parser.parse_args(["--methods", "sgd", "BSAM", "ivon", "--backend", "CPU"]).methods == [
+    assert parser.parse_args(["--methods", "sgd", "BSAM", "ivon", "ivon-SAMBAYES", "--backend", "CPU"]).methods == [
         "SGD",
         "bSAM",
         "IVON",
+        "IVON (sambayes)",
     ]
     with pytest.raises(SystemExit):
         parser.parse_args(["--methods", "sgd", "nesterov"])
-    assert "unknown method 'nesterov'; choose from SGD Adam SAM bSAM IVON" in capsys.readouterr().err
+    assert "unknown method 'nesterov'; choose from SGD Adam SAM bSAM IVON IVON-sambayes" in capsys.readouterr().err
     for argv in (["demo", "--help"], ["--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

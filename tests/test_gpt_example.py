@@ -99,6 +99,20 @@ def test_bsam_with_bfloat16_state_keeps_8_bytes_per_parameter(tmp_path):
     assert {s["precision"].dtype for s in state.values()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
+def test_ivon_trains_the_gpt_with_one_pass_per_step(tmp_path, state):
+    """``--optimizer ivon``: one forward-backward pass per step, 12 B of state per parameter (8 in bfloat16), no
+    sum kept between steps with one sample, and the loss goes down."""
+    gpt.main([*TINY, "--steps", "8", "--optimizer", "ivon", "--ivon-state", state, "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "ivon" / "summary.json").read_text())
+    assert summary["passes_per_step"] == 1
+    assert summary["state_bytes_per_param"] == pytest.approx(12 if state == "float32" else 8, abs=0.01)
+    assert summary["held_bytes_per_param"] == pytest.approx(summary["state_bytes_per_param"], abs=0.01)
+    rows = gpt.read_log(tmp_path / "ivon" / "log.jsonl")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert [row["optimizer"] for row in read_table(tmp_path)] == ["ivon"]
+
+
 @pytest.mark.slow
 def test_killed_twice_resumes_to_the_same_end(straight, tmp_path):
     """SIGKILL after a random step of bSAM; the resumed run SIGKILLed again halfway through a random

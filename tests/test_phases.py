@@ -71,6 +71,15 @@ def test_the_compile_check_covers_every_phase():
     assert list(_compile_check.KERNELS) == NAMES
 
 
+def test_every_phase_test_runs_in_the_sanitizer_step():
+    """CI's sanitizer step (.ci/run) names its test files: each phase's tests/test_<phase>.py is one of them."""
+    import pathlib
+
+    step = (pathlib.Path(__file__).parents[1] / ".ci" / "run").read_text()
+    missing = [name for name in NAMES if f"tests/test_{name}.py" not in step]
+    assert not missing, f"add to the sanitizer step of .ci/run: {missing}"
+
+
 # ---- inputs for any phase, from its declaration alone ----------------------------------------------------
 SCALARS = {
     "num_data": 50.0,
@@ -89,6 +98,12 @@ SCALARS = {
     "momentum": 0.9,
     "nesterov": True,
     "eps": 1e-8,
+    "ess": 50.0,
+    "clip_radius": 0.1,
+    "debias": True,
+    "price": True,
+    "summed": True,
+    "noise_seed": 9,
 }
 
 

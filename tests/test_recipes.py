@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import sambayes
 from sambayes import backends, phases
 from sambayes._ledger import grads, params, states
+from sambayes._posterior import GaussianPosterior
 from sambayes.backends import eager
 from sambayes.optimizer import TwoPassOptimizer
 
@@ -199,7 +200,11 @@ def _private_fields_of_the_base() -> set[str]:
     }
 
 
-@pytest.mark.parametrize("optimizer", [sambayes.BSAM, sambayes.SAM, TwoPassSGD, OnePassSGD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "optimizer",
+    [sambayes.BSAM, sambayes.SAM, sambayes.IVON, GaussianPosterior, TwoPassSGD, OnePassSGD],
+    ids=lambda c: c.__name__,
+)
 def test_optimizers_read_no_private_field_of_the_base_class(optimizer):
     private = _private_fields_of_the_base()
     assert {"_ledger", "_step", "_replication"} <= private  # the check sees the fields it guards

@@ -46,7 +46,23 @@ def test_ddp_with_splits_all_reduces_the_sum_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["bsam", "sam"])
+def test_ivon_under_ddp_averages_each_replicas_sums_once(tmp_path):
+    """Each replica draws its own sample (sample r on rank r) and keeps its pass local; the gradient and
+    curvature sums are averaged once per step: 2 ranks x 1 sample = 1 process x 2 samples, sample j's gradient
+    on rank j's half of the batch. sync=True with bare parameters and two ranks is refused."""
+    rank0, rank1 = run_two_ranks(tmp_path, "ivon", "ddp")
+    reference = dist_workers.single_process("ivon", splits=2)
+    for a, b, r in zip(rank0, rank1, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    moved = max((a - p).abs().max().item() for a, p in zip(rank0, dist_workers.model_and_data()[0].parameters()))
+    assert moved > 1e-3
+    for rank in range(2):
+        assert "pass the DDP (or FSDP2) module" in torch.load(tmp_path / f"sync{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bsam", "sam", "ivon"])
 def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
     rank0, rank1 = run_two_ranks(tmp_path, method, "fsdp2")
     for a, b in zip(rank0, rank1):
@@ -56,7 +72,7 @@ def test_fsdp2_shards_sample_what_the_whole_model_samples(tmp_path, method):
     reference = dist_workers.single_process(method, splits=1)
     for a, r in zip(rank0, reference):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
-    if method == "bsam":  # after an evaluation, the samples are samples (FSDP2 had left the root gathered)
+    if method != "sam":  # after an evaluation, the samples are samples (FSDP2 had left the root gathered)
         at_mean, averaged, again = torch.load(tmp_path / "predict0.pt")
         assert (averaged - at_mean).abs().max() > 1e-4
         assert torch.equal(again, at_mean)  # and the mean is back

@@ -20,9 +20,18 @@ STREAMS = {
     "_sam_perturb_kernel": (2, 2),
     "_sam_update_sgd_kernel": (3, 4),
     "_sam_update_adamw_kernel": (4, 5),
+    "_ivon_accumulate_kernel": (3, 3),  # a middle sample: reads g and both sums, writes both and zeroes g
+    "_ivon_update_kernel": (5, 5),  # summed: writes g_m, m, s, θ and the zeroed gradient sum
 }
 #: the kernels that take a step scalar (lr, seed) from device memory with capturable=True
-CAPTURABLE = {"_bsam_sample_kernel", "_bsam_update_kernel", "_sam_update_sgd_kernel", "_sam_update_adamw_kernel"}
+CAPTURABLE = {
+    "_bsam_sample_kernel",
+    "_bsam_update_kernel",
+    "_sam_update_sgd_kernel",
+    "_sam_update_adamw_kernel",
+    "_ivon_accumulate_kernel",
+    "_ivon_update_kernel",
+}
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The Triton kernels that take a per-step seed (the sample's noise, the bfloat16 update's rounding)
-compile once for all steps: Triton specializes integer arguments on their value (== 1, divisible
+"""The Triton kernels that take a per-step seed (the sample's noise, the bfloat16 update's rounding,
+IVON's regenerated noise) compile once for all steps: Triton specializes integer arguments on their value (== 1, divisible
 by 16), so an unmarked seed would compile a kernel two or three times early in training;
 ``do_not_specialize=["seed"]`` keeps one variant.
 
@@ -29,11 +29,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import KernelParam, create_function_from_signature
 from sambayes import _philox
-from sambayes.kernels import bsam_sample, bsam_update
+from sambayes.kernels import bsam_sample, bsam_update, ivon_accumulate, ivon_update
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
 counts = {}
-for kernel in (bsam_sample._bsam_sample_kernel, bsam_update._bsam_update_kernel):
+kernels = (bsam_sample._bsam_sample_kernel, bsam_update._bsam_update_kernel, ivon_accumulate._ivon_accumulate_kernel,
+           ivon_update._ivon_update_kernel)
+for kernel in kernels:
     specialized = [KernelParam(p.num, p._param, False, False) for p in kernel.params]  # as if unmarked
     binders = [create_function_from_signature(kernel.signature, params, backend) for params in (kernel.params, specialized)]
     keys = counts.setdefault(kernel.fn.__name__, [set(), set(), set()])[1:]
@@ -60,6 +62,17 @@ for step in range(1, 31):
         torch.ones(()), lr=0.1, beta1=0.9, beta2=0.999, weight_decay=0.0, damping=0.1, splits=1,
         seed=_philox.rounding_seed(7, 0, step),
     )
+    # IVON: one sample's curvature (Price's estimator) and its one-sample update with bfloat16 state
+    ivon_accumulate.ivon_accumulate(
+        grads, [torch.empty(n) for n in sizes], [torch.empty(n) for n in sizes], offsets, torch.zeros(()),
+        seed=_philox.noise_seed(7, 0, step, 0), price=True, first=True, last=True,
+    )
+    ivon_update.ivon_update(
+        params, grads, means, precisions, momentums, [torch.ones(n) for n in sizes], offsets, torch.zeros(()),
+        torch.ones(()), torch.tensor(float(step), dtype=torch.float64), lr=0.1, beta1=0.9, beta2=0.999, ess=100.0,
+        weight_decay=0.0, clip_radius=float("inf"), debias=True, price=True, summed=False, splits=1,
+        noise_seed=_philox.noise_seed(7, 0, step, 0), seed=_philox.rounding_seed(7, 0, step),
+    )
 print(json.dumps({name: [len(keys) for keys in found] for name, found in counts.items()}))
 """
 
@@ -75,7 +88,12 @@ def test_the_seeded_kernels_compile_no_new_variant_over_thirty_steps():
     )
     assert child.returncode == 0, child.stderr[-3000:]
     counts = json.loads(child.stdout.strip().splitlines()[-1])
-    assert set(counts) == {"_bsam_sample_kernel", "_bsam_update_kernel"}
+    assert set(counts) == {
+        "_bsam_sample_kernel",
+        "_bsam_update_kernel",
+        "_ivon_accumulate_kernel",
+        "_ivon_update_kernel",
+    }
     for name, (first, variants, if_specialized) in counts.items():
         # one per alignment class of the table (a tensor whose offset is no multiple of 4 is its own)
         assert first == 2 and variants == first, (name, counts)

@@ -20,6 +20,10 @@ SAM-SGD: ``restore`` (w), backward, ``sam_sq_norm`` (‖g_j‖²), ``sam_perturb
 (w + ρ·g_j/‖g_j‖), backward, ``fold_grads``; then ``sam_update_sgd`` or
 ``sam_update_adamw`` on h̄ = grad_sum / k.
 
+IVON (docs/ivon.md), one pass per sample j of k: ``bsam_sample`` (θ = m + z_j/sqrt(ess·s)),
+backward, ``ivon_accumulate`` (the sums over samples of g_j and of z_j·g_j or g_j²; with one
+sample on one replica the update computes the curvature itself), then ``ivon_update``.
+
 A step is skipped (state untouched, θ back at rest) when a gradient of either pass is
 inf or NaN: the phases that read a gradient set the step's ``found_inf`` flag (a float32
 0-dim tensor per device, as torch's GradScaler keeps it) and the update reads it. They
@@ -93,14 +97,20 @@ def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
     found_inf = 1 if the sum is inf or NaN, as rounded into .grad at the end (where a float16 sum
     of finite gradients may overflow)."""
     for grad, grad_sum in zip(grads, grad_sums):
-        total = grad.to(grad_sum.dtype) if first else grad_sum + grad.to(grad_sum.dtype)
-        if last:
-            grad.copy_(total)
-            _flag_nonfinite(grad, found_inf)
-        else:
-            _flag_nonfinite(total, found_inf)
-            grad_sum.copy_(total)
-            grad.zero_()
+        _fold(grad, grad_sum, grad.to(grad_sum.dtype), found_inf, first, last)
+
+
+def _fold(grad, grad_sum, g, found_inf, first: bool, last: bool) -> None:
+    """g, a pass's gradient in the state dtype, joins grad_sum (and .grad is zeroed for the next pass); the last
+    pass puts the total back in .grad instead (``first`` and ``last``: .grad keeps g)."""
+    total = g if first else grad_sum + g
+    if last:
+        grad.copy_(total)
+        _flag_nonfinite(grad, found_inf)
+    else:
+        _flag_nonfinite(total, found_inf)
+        grad_sum.copy_(total)
+        grad.zero_()
 
 
 @torch.no_grad()
@@ -241,6 +251,92 @@ def sam_update_adamw(
             denom = torch.sqrt(variance / bias2) + eps
             weight.copy_(weight - (lr / bias1) * momentum / denom)
         param.copy_(weight)
+        grad_sum.zero_()
+
+
+@torch.no_grad()
+def ivon_accumulate(
+    grads, grad_sums, curvature_sums, offsets, found_inf, *, seed: int, price: bool, first: bool, last: bool
+) -> None:
+    """Sample j's gradient g joins the sums over samples, in the state dtype and unscaled (the update unscales):
+    grad_sum (+)= g and curvature_sum (+)= z·g (``price``: z the sample's noise, Philox(``seed``) at element
+    ``offsets[i] + k``) or g² (gradsq). g is consumed (zeroed); ``last``: the gradient sum goes into .grad
+    instead (``first`` and ``last``: .grad keeps g). found_inf = 1 if the sum is inf or NaN, as rounded into
+    .grad at the last sample."""
+    noise = _philox.randn_tensors(seed, offsets, curvature_sums) if price else [None] * len(grads)
+    for grad, grad_sum, curvature_sum, z in zip(grads, grad_sums, curvature_sums, noise):
+        g = grad.to(curvature_sum.dtype)
+        # the sample's curvature estimate: Price's theorem (z·g), or the squared gradient
+        c = z * g if price else g * g
+        curvature_sum.copy_(c if first else curvature_sum + c)
+        # the gradient sum over samples, as fold_grads sums sub-batches
+        _fold(grad, grad_sum, g, found_inf, first, last)
+
+
+@torch.no_grad()
+def ivon_update(
+    params,
+    grad_sums,
+    means,
+    precisions,
+    momentums,
+    curvature_sums,
+    offsets,
+    found_inf,
+    inv_scale,
+    step,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    ess: float,
+    weight_decay: float,
+    clip_radius: float,
+    debias: bool,
+    price: bool,
+    summed: bool,
+    splits: int,
+    noise_seed: int,
+    seed: int,
+) -> None:
+    """IVON's update (docs/ivon.md): momentum, Hessian h = s − δ, then the mean with the new precision
+    s = h + δ, clipped, and θ = m; a skipped step only θ = m. ``step``: updates taken counting this one (a
+    0-dim float64 tensor; debiasing). ``summed``: the curvature from the sums over samples; else (one sample,
+    one replica) from .grad and the noise of ``noise_seed`` (curvature_sums not read). bfloat16 precision and
+    momentum: stored with stochastic rounding, as bsam_update's."""
+    skip = bool(found_inf)
+    bias1 = 1 - beta1 ** float(step) if debias else 1.0
+    # one sample (not summed) with Price's estimator: its noise z, regenerated
+    noise = _philox.randn_tensors(noise_seed, offsets, means) if price and not summed else curvature_sums
+    for param, grad_sum, mean, precision, momentum, curvature_sum, z, offset in zip(
+        params, grad_sums, means, precisions, momentums, curvature_sums, noise, offsets
+    ):
+        if not skip:
+            # the mean gradient over the k samples, unscaled
+            g = grad_sum.to(mean.dtype) * inv_scale / splits
+            # the mean curvature estimate: from the sums (unscaled; gradsq's squares twice), or the one sample's
+            if summed:
+                c = (curvature_sum * inv_scale if price else curvature_sum * inv_scale * inv_scale) / splits
+            else:
+                c = z * g if price else g * g
+            s, g_m = precision.to(mean.dtype), momentum.to(mean.dtype)
+            h = s - weight_decay
+            # the expected Hessian of the loss: by Price's theorem sqrt(ess·s)·E[z·g], or ess·E[g²]
+            f = torch.sqrt(ess * s) * c if price else ess * c
+            # momentum
+            g_m = beta1 * g_m + (1 - beta1) * g
+            # Hessian, with the correction that keeps it positive
+            h = beta2 * h + (1 - beta2) * f + 0.5 * (1 - beta2) ** 2 * (h - f).square() / s
+            s = h + weight_decay
+            # mean step, with the new precision, clipped
+            mean.copy_(mean - lr * torch.clamp((g_m / bias1 + weight_decay * mean) / s, -clip_radius, clip_radius))
+            if precision.dtype == torch.bfloat16:  # unbiased: increments below half an ulp survive on average
+                word = _philox.rounding_words(seed, offset, precision.numel(), precision.device).view(precision.shape)
+                s, g_m = _philox.round_stochastic(s, word >> 16), _philox.round_stochastic(g_m, word & 0xFFFF)
+            precision.copy_(s)
+            momentum.copy_(g_m)
+        # the model holds the mean between steps
+        param.copy_(mean)
         grad_sum.zero_()
 
 

@@ -15,8 +15,7 @@ preloaded), ``fma`` (products fused into FMAs as nvcc fuses them), ``sanitized+f
 Compiled on first use and cached (``sambayes._build.compile_emulated``).
 
 Same functions and arguments as :mod:`.eager`. Each forwards to the op of the same name, whose
-schema (``csrc/bindings.cpp``) names the arguments: lists and flags by position, hyperparameters by
-keyword, and a step scalar given as a tensor (``lr``, ``seed``) as its ``<name>_tensor`` argument.
+schema (``csrc/bindings.cpp``) names the arguments (``phases.op_functions``, as for the extension).
 """
 
 from __future__ import annotations
@@ -37,43 +36,8 @@ _C = compile_emulated(BUILD)
 #: the build's ops, and its test hooks: set_stream, set_capturing, counters, clear_tables, inject_fault
 ops = getattr(torch.ops, emulated_name(BUILD))
 
-_CONVERT = {"int": int, "float": float, "bool": bool, "int[]": lambda values: [int(v) for v in values]}
-
-
-@torch.no_grad()
-def _call(name: str, args: tuple, kwargs: dict):
-    """The op ``name`` with the backend function's arguments, placed by its schema."""
-    op = getattr(ops, name).default
-    values = dict(zip((a.name for a in op._schema.arguments), args))
-    values.update(kwargs)
-    call = []
-    for argument in op._schema.arguments:
-        kind = str(argument.type)
-        if argument.name.endswith("_tensor") and argument.name[: -len("_tensor")] in values:
-            scalar = values[argument.name[: -len("_tensor")]]  # a step scalar: the kernel reads the tensor
-            call.append(scalar if isinstance(scalar, torch.Tensor) else None)
-        elif isinstance(values[argument.name], torch.Tensor) and kind in ("int", "float"):
-            call.append(_CONVERT[kind](0))  # given as a tensor: see its _tensor argument
-        else:
-            value = values[argument.name]
-            call.append(_CONVERT[kind](value) if kind in _CONVERT else value)
-    return op(*call)
-
-
-def _phase_function(phase: phases.Phase):
-    """The backend's function for ``phase``: forwards to its op, with the phase's signature."""
-
-    def function(*args, **kwargs):
-        return _call(phase.name, args, kwargs)
-
-    function.__name__ = function.__qualname__ = phase.name
-    function.__signature__ = phase.signature()
-    return function
-
-
 # one function per phase of the registry, as every backend has
-for _phase in phases.PHASES:
-    globals()[_phase.name] = _phase_function(_phase)
+globals().update(phases.op_functions(ops))
 
 
 def randn_range(seed: int, start: int, numel: int) -> torch.Tensor:

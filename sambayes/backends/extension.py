@@ -4,8 +4,9 @@ One op call per phase per bucket, whatever the number of tensors: multithreaded,
 vectorized C++ loops on CPU tensors and one CUDA launch on CUDA tensors, both running
 the per-element math of ``csrc/sambayes_math.h`` (the Philox noise included, equal to
 :mod:`sambayes._philox`). Same functions and arguments as :mod:`.eager`; see there for
-the contract. The kernels index memory flat: :mod:`sambayes.backends` sends them
-contiguous tensors only.
+the contract. Each forwards to the op of the same name, which names the arguments in its
+schema (``csrc/bindings.cpp``; ``phases.op_functions``). The kernels index memory flat:
+:mod:`sambayes.backends` sends them contiguous tensors only.
 
 The ops are registered with ``torch.library`` as ``torch.ops.sambayes_C.*``, with fake
 implementations here, so that ``torch.compile`` can trace around them.
@@ -23,7 +24,6 @@ import os
 import torch
 
 from .. import phases
-from ..phases import step_args
 
 if os.environ.get("SAMBAYES_NO_EXTENSION", "0") not in ("", "0"):
     raise ImportError("the C++ extension is turned off (SAMBAYES_NO_EXTENSION is set)")
@@ -65,157 +65,8 @@ def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
     return _ops.philox_words(counters.cpu(), seed)
 
 
-@torch.no_grad()
-def bsam_sample(params, means, precisions, offsets, *, num_data: float, seed: int | torch.Tensor) -> None:
-    _ops.bsam_sample(params, means, precisions, [int(o) for o in offsets], float(num_data), *step_args(seed, int))
-
-
-@torch.no_grad()
-def bsam_perturb(
-    params, grads, means, precisions, curvature_sums, found_inf, inv_scale, *, rho: float, accumulate: bool
-) -> None:
-    _ops.bsam_perturb(
-        params, grads, means, precisions, curvature_sums, found_inf, inv_scale, float(rho), bool(accumulate)
-    )
-
-
-@torch.no_grad()
-def find_nonfinite(grads, found_inf) -> None:
-    _ops.find_nonfinite(grads, found_inf)
-
-
-@torch.no_grad()
-def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
-    _ops.fold_grads(grads, grad_sums, found_inf, bool(first), bool(last))
-
-
-@torch.no_grad()
-def bsam_update(
-    params,
-    grad_sums,
-    means,
-    precisions,
-    momentums,
-    curvature_sums,
-    offsets,
-    found_inf,
-    inv_scale,
-    *,
-    lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    damping: float,
-    splits: int,
-    seed: int | torch.Tensor,
-) -> None:
-    lr, lr_tensor = step_args(lr, float)
-    seed, seed_tensor = step_args(seed, int)
-    _ops.bsam_update(
-        params,
-        grad_sums,
-        means,
-        precisions,
-        momentums,
-        curvature_sums,
-        [int(o) for o in offsets],
-        found_inf,
-        inv_scale,
-        lr,
-        float(beta1),
-        float(beta2),
-        float(weight_decay),
-        float(damping),
-        int(splits),
-        seed,
-        lr_tensor,
-        seed_tensor,
-    )
-
-
-@torch.no_grad()
-def restore(params, weights) -> None:
-    _ops.restore(params, weights)
-
-
-@torch.no_grad()
-def sam_sq_norm(grads, weights, found_inf, inv_scale, *, adaptive: bool) -> torch.Tensor:
-    return _ops.sam_sq_norm(grads, weights, found_inf, inv_scale, bool(adaptive))
-
-
-@torch.no_grad()
-def sam_perturb(params, grads, weights, inv_scale, *, scale: torch.Tensor, adaptive: bool) -> None:
-    _ops.sam_perturb(params, grads, weights, inv_scale, scale, bool(adaptive))
-
-
-@torch.no_grad()
-def sam_update_sgd(
-    params,
-    grad_sums,
-    weights,
-    momentums,
-    found_inf,
-    inv_scale,
-    *,
-    lr: float | torch.Tensor,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-    splits: int,
-) -> None:
-    lr, lr_tensor = step_args(lr, float)
-    _ops.sam_update_sgd(
-        params,
-        grad_sums,
-        weights,
-        momentums,
-        found_inf,
-        inv_scale,
-        lr,
-        float(momentum),
-        float(weight_decay),
-        bool(nesterov),
-        int(splits),
-        lr_tensor,
-    )
-
-
-@torch.no_grad()
-def sam_update_adamw(
-    params,
-    grad_sums,
-    weights,
-    momentums,
-    variances,
-    found_inf,
-    inv_scale,
-    step,
-    *,
-    lr: float | torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    splits: int,
-) -> None:
-    lr, lr_tensor = step_args(lr, float)
-    _ops.sam_update_adamw(
-        params,
-        grad_sums,
-        weights,
-        momentums,
-        variances,
-        found_inf,
-        inv_scale,
-        step,
-        lr,
-        float(beta1),
-        float(beta2),
-        float(eps),
-        float(weight_decay),
-        int(splits),
-        lr_tensor,
-    )
+# one function per phase of the registry, forwarding to its op (their arguments: csrc/bindings.cpp)
+globals().update(phases.op_functions(_ops))
 
 
 def _register_fakes() -> None:

@@ -68,9 +68,12 @@ def find_nonfinite(grads, found_inf) -> None:
 
 @torch.no_grad()
 def fold_grads(grads, grad_sums, found_inf, *, first: bool, last: bool) -> None:
-    total = _upcast(grads, grad_sums[0].dtype)
-    if not first:
-        total = torch._foreach_add(grad_sums, total)
+    _fold(grads, grad_sums, _upcast(grads, grad_sums[0].dtype), found_inf, first, last)
+
+
+def _fold(grads, grad_sums, g, found_inf, first: bool, last: bool) -> None:
+    """g, a pass's gradients in the state dtype, join grad_sums (eager._fold)."""
+    total = g if first else torch._foreach_add(grad_sums, g)
     if last:
         torch._foreach_copy_(grads, total)
         _flag_nonfinite(grads, found_inf)  # the sum as rounded into .grad: a float16 sum may overflow
@@ -115,16 +118,22 @@ def bsam_update(
     new_precisions = torch._foreach_mul(_upcast(precisions, dtype), beta2)
     torch._foreach_add_(new_precisions, a, alpha=1 - beta2)
     if precisions[0].dtype == torch.bfloat16:  # stochastic rounding (see sambayes._philox), a tensor at a time
-        new_precisions, new_momentums = list(new_precisions), list(new_momentums)
-        for i, offset in enumerate(offsets):
-            word = _philox.rounding_words(seed, offset, precisions[i].numel(), means[i].device)
-            word = word.view(precisions[i].shape)
-            new_precisions[i] = _philox.round_stochastic(new_precisions[i], word >> 16)
-            new_momentums[i] = _philox.round_stochastic(new_momentums[i], word & 0xFFFF)
+        new_precisions, new_momentums = _rounded_stochastically(new_precisions, new_momentums, offsets, seed)
     for targets, values in ((momentums, new_momentums), (means, new_means), (precisions, new_precisions)):
         _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, means)
     torch._foreach_zero_(grad_sums)
+
+
+def _rounded_stochastically(precisions: list, momentums: list, offsets: list[int], seed: int) -> tuple[list, list]:
+    """New float32 precisions and momentums as bfloat16, rounded stochastically: element k of tensor i takes the
+    rounding word of element offsets[i] + k of the stream ``seed``, its high half for the precision."""
+    rounded_precisions, rounded_momentums = [], []
+    for precision, momentum, offset in zip(precisions, momentums, offsets):
+        word = _philox.rounding_words(seed, offset, precision.numel(), precision.device).view(precision.shape)
+        rounded_precisions.append(_philox.round_stochastic(precision, word >> 16))
+        rounded_momentums.append(_philox.round_stochastic(momentum, word & 0xFFFF))
+    return rounded_precisions, rounded_momentums
 
 
 def _minus_lr_times(bases: list, directions: list, lr) -> list:
@@ -229,4 +238,92 @@ def sam_update_adamw(
     for targets, values in ((momentums, new_momentums), (variances, new_variances), (weights, new_weights)):
         _unless_skipped(found_inf, targets, values)
     torch._foreach_copy_(params, weights)
+    torch._foreach_zero_(grad_sums)
+
+
+@torch.no_grad()
+def ivon_accumulate(
+    grads, grad_sums, curvature_sums, offsets, found_inf, *, seed: int, price: bool, first: bool, last: bool
+) -> None:
+    g = _upcast(grads, curvature_sums[0].dtype)
+    c = (
+        torch._foreach_mul(_philox.randn_tensors(seed, offsets, curvature_sums), g)
+        if price
+        else torch._foreach_mul(g, g)
+    )
+    if first:
+        torch._foreach_copy_(curvature_sums, c)
+    else:
+        torch._foreach_add_(curvature_sums, c)
+    _fold(grads, grad_sums, g, found_inf, first, last)
+
+
+@torch.no_grad()
+def ivon_update(
+    params,
+    grad_sums,
+    means,
+    precisions,
+    momentums,
+    curvature_sums,
+    offsets,
+    found_inf,
+    inv_scale,
+    step,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    ess: float,
+    weight_decay: float,
+    clip_radius: float,
+    debias: bool,
+    price: bool,
+    summed: bool,
+    splits: int,
+    noise_seed: int,
+    seed: int,
+) -> None:
+    dtype = means[0].dtype
+    # the debiasing on the device, in float64 as the host would compute it
+    bias1 = (1 - beta1**step).to(dtype) if debias else 1.0
+    g = torch._foreach_mul(_upcast(grad_sums, dtype), inv_scale)
+    torch._foreach_div_(g, splits)
+    if summed:
+        c = torch._foreach_mul(curvature_sums, inv_scale)
+        if not price:
+            torch._foreach_mul_(c, inv_scale)
+        torch._foreach_div_(c, splits)
+    else:
+        c = torch._foreach_mul(_philox.randn_tensors(noise_seed, offsets, means) if price else g, g)
+    s = _upcast(precisions, dtype)
+    h = torch._foreach_sub(s, weight_decay)
+    if price:
+        f = torch._foreach_mul(s, ess)
+        torch._foreach_sqrt_(f)
+        torch._foreach_mul_(f, c)
+    else:
+        f = torch._foreach_mul(c, ess)
+    new_momentums = torch._foreach_mul(_upcast(momentums, dtype), beta1)
+    torch._foreach_add_(new_momentums, g, alpha=1 - beta1)
+    # h = β2·h + (1 − β2)·f + ½(1 − β2)²·(h − f)²/s
+    correction = torch._foreach_sub(h, f)
+    torch._foreach_mul_(correction, correction)
+    torch._foreach_mul_(correction, 0.5 * (1 - beta2) ** 2)
+    torch._foreach_div_(correction, s)
+    new_precisions = torch._foreach_mul(h, beta2)
+    torch._foreach_add_(new_precisions, f, alpha=1 - beta2)
+    torch._foreach_add_(new_precisions, correction)
+    torch._foreach_add_(new_precisions, weight_decay)
+    direction = torch._foreach_div(new_momentums, bias1)
+    torch._foreach_add_(direction, means, alpha=weight_decay)
+    torch._foreach_div_(direction, new_precisions)
+    torch._foreach_clamp_min_(direction, -clip_radius)
+    torch._foreach_clamp_max_(direction, clip_radius)
+    new_means = _minus_lr_times(means, direction, lr)
+    if precisions[0].dtype == torch.bfloat16:  # stochastic rounding (see sambayes._philox), a tensor at a time
+        new_precisions, new_momentums = _rounded_stochastically(new_precisions, new_momentums, offsets, seed)
+    for targets, values in ((momentums, new_momentums), (means, new_means), (precisions, new_precisions)):
+        _unless_skipped(found_inf, targets, values)
+    torch._foreach_copy_(params, means)
     torch._foreach_zero_(grad_sums)

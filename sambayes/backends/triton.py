@@ -33,6 +33,8 @@ from ..kernels.bsam_sample import bsam_sample as _bsam_sample
 from ..kernels.bsam_update import bsam_update as _bsam_update
 from ..kernels.find_nonfinite import find_nonfinite as _find_nonfinite
 from ..kernels.fold_grads import fold_grads as _fold_grads
+from ..kernels.ivon_accumulate import ivon_accumulate as _ivon_accumulate
+from ..kernels.ivon_update import ivon_update as _ivon_update
 from ..kernels.restore import restore as _restore
 from ..kernels.sam_perturb import sam_perturb as _sam_perturb
 from ..kernels.sam_sq_norm import sam_sq_norm as _sam_sq_norm
@@ -66,3 +68,5 @@ sam_sq_norm = _on_their_device(_sam_sq_norm)
 sam_perturb = _on_their_device(_sam_perturb)
 sam_update_sgd = _on_their_device(_sam_update_sgd)
 sam_update_adamw = _on_their_device(_sam_update_adamw)
+ivon_accumulate = _on_their_device(_ivon_accumulate)
+ivon_update = _on_their_device(_ivon_update)

@@ -1,14 +1,14 @@
 """``python -m sambayes bench``: which backend runs an optimizer step fastest on this machine.
 
-Times the public ``opt.step(closure)`` of bSAM and SAM with every backend that can run on
+Times the public ``opt.step(closure)`` of bSAM, SAM and IVON with every backend that can run on
 each device (default: the CPU, and the current CUDA device if there is one), on synthetic
 float32 parameters (default: 262,144 in 16 tensors of unequal, odd sizes). The closure
-stands for the two backward passes: it puts fixed gradients into ``.grad`` as autograd
-would (it adds into the optimizer's gradient buffers), so the time is the optimizer's own,
-with no model. The table gives the median milliseconds per step, the ratio to the fastest
-backend for the same optimizer, and "x floor": the step's time over that of a copy, in the
-same run, of the bytes a step must move at least (float32: 68 B per parameter for bSAM,
-40 B for SAM). The last line names the fastest backend and whether ``backend="auto"``
+stands for the backward passes (two for bSAM and SAM, one for IVON with one sample): it puts
+fixed gradients into ``.grad`` as autograd would (it adds into the optimizer's gradient
+buffers), so the time is the optimizer's own, with no model. The table gives the median
+milliseconds per step, the ratio to the fastest backend for the same optimizer, and "x
+floor": the step's time over that of a copy, in the same run, of the bytes a step must move
+at least (float32: 68 B per parameter for bSAM, 40 B for SAM, 44 B for IVON). The last line names the fastest backend and whether ``backend="auto"``
 picks it. Backends that cannot run here are listed with the reason.
 
 Timing: wall time per step on the CPU; on CUDA the time between events recorded before and
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .. import backends
 from ..bsam import BSAM
+from ..ivon import IVON
 from ..sam import SAM
 from ._common import first_line, why_unavailable
 
@@ -50,7 +51,7 @@ HYPER = {
     "damping": 0.1,
     "momentum": 0.9,
 }
-OPTIMIZERS = {"bsam": "bSAM", "sam": "SAM"}
+OPTIMIZERS = {"bsam": "bSAM", "sam": "SAM", "ivon": "IVON"}
 WARMUP = 1  # untimed steps per row: the first allocates the state (and Triton compiles its kernels)
 ROW_BUDGET_S = 0.5  # a row stops timing after this many seconds (at least 3 steps): slow tiers stay quick
 
@@ -84,12 +85,15 @@ def closure_for(params: list[torch.Tensor], grads: list[torch.Tensor]) -> Callab
     return closure
 
 
-def make_optimizer(optimizer: str, params: list[torch.nn.Parameter], backend: str, **options) -> BSAM | SAM:
-    """``sambayes.BSAM`` (``optimizer="bsam"``) or ``sambayes.SAM`` (SGD base) with :data:`HYPER`;
-    ``options``: further keywords of the optimizer."""
+def make_optimizer(optimizer: str, params: list[torch.nn.Parameter], backend: str, **options) -> BSAM | SAM | IVON:
+    """``sambayes.BSAM`` (``optimizer="bsam"``), ``sambayes.SAM`` (SGD base) or ``sambayes.IVON`` (one sample,
+    ess = N) with :data:`HYPER`; ``options``: further keywords of the optimizer."""
     h = HYPER
     if optimizer == "bsam":
         return BSAM(params, num_data=h["num_data"], lr=h["lr"], rho=h["rho"], seed=1, backend=backend, **options)
+    if optimizer == "ivon":
+        ivon = dict(lr=h["lr"], ess=h["num_data"], weight_decay=h["weight_decay"], beta1=h["beta1"])
+        return IVON(params, **ivon, seed=1, backend=backend, **options)
     return SAM(
         params,
         lr=h["lr"],
@@ -116,10 +120,13 @@ def floor_bytes(param_bytes: int, state_bytes: int, optimizer: str = "bsam") -> 
     bSAM: sample (read m, s; write θ), ascent (read g, m, s; write θ, the curvature sum),
     update (read h, m, s, g_m, curvature sum; write g_m, m, s, θ): 68 B in float32.
     SAM: norm (read g), ascent (read g, w; write θ), update (read h, w, buf; write w, buf, θ): 40 B.
+    IVON (one sample): sample (read m, s; write θ), update (read g, m, s, g_m; write g_m, m, s, θ): 44 B.
     """
     p, s = param_bytes, state_bytes
     if optimizer == "bsam":
         return (2 * s + p) + (2 * p + 3 * s) + (2 * p + 7 * s)
+    if optimizer == "ivon":
+        return (2 * s + p) + (2 * p + 6 * s)
     return p + (2 * p + s) + (2 * p + 4 * s)
 
 
@@ -368,7 +375,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 class Row(NamedTuple):
     device: torch.device
-    optimizer: str  # "bsam" or "sam"
+    optimizer: str  # "bsam", "sam" or "ivon"
     backend: str
     timing: Timing | None
     error: str

@@ -1,4 +1,5 @@
-"""``python -m sambayes demo``: SGD, Adam, SAM-SGD, bSAM and IVON on scikit-learn's
+"""``python -m sambayes demo``: SGD, Adam, SAM-SGD, bSAM and IVON (ivon-opt's, and sambayes's at the same
+hyperparameters: "IVON (sambayes)") on scikit-learn's
 handwritten digits, compared on accuracy, calibration and uncertainty, clean and under
 graded shifts, with plots, and a verdict on each claim: a comparison paired by seed, with
 its 95 % interval.
@@ -113,8 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         type=_method,
         metavar="METHOD",
-        help=f"methods to train, in any case (default: {' '.join(METHODS)}; IVON is skipped when ivon-opt is "
-        "not installed)",
+        help=f"methods to train, in any case (default: {' '.join(map(_spelling, METHODS))}; IVON (ivon-opt's) is "
+        "skipped when ivon-opt is not installed)",
     )
     parser.add_argument(
         "--threads",
@@ -125,11 +126,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the figures (then matplotlib is not needed)")
 
 
+def _spelling(method: str) -> str:
+    """How ``method`` is written on the command line: ``IVON-sambayes`` for "IVON (sambayes)"."""
+    return method.replace(" (sambayes)", "-sambayes")
+
+
 def _method(text: str) -> str:
-    """The method of :data:`METHODS` that ``text`` names, in any case (``bsam``, ``ivon``)."""
-    names = {name.lower(): name for name in METHODS}
+    """The method of :data:`METHODS` that ``text`` names, in any case (``bsam``, ``ivon``, ``ivon-sambayes``)."""
+    names = {_spelling(name).lower(): name for name in METHODS} | {name.lower(): name for name in METHODS}
     if text.lower() not in names:
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {' '.join(METHODS)} (any case)")
+        spellings = " ".join(_spelling(name) for name in METHODS)
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {spellings} (any case)")
     return names[text.lower()]
 
 

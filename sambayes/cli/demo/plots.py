@@ -2,7 +2,7 @@
 diagrams, training curves, accuracy / NLL / ECE under graded shifts, and SAM against
 bSAM on two moons.
 
-Only the methods with a posterior (bSAM, IVON) are labelled "(mean)" or "BMA": the others
+Only the methods with a posterior (bSAM, both IVONs) are labelled "(mean)" or "BMA": the others
 have one set of weights and no mean to speak of."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sambayes import BSAM, SAM, metrics
 
 from .data import SHIFT_UNITS, SHIFTS
 from .models import MLP
-from .training import POSTERIOR_METHODS, SHIFT_METRICS, _bma, _probs_at_mean, lr_factor
+from .training import METHODS, POSTERIOR_METHODS, SHIFT_METRICS, _bma, _probs_at_mean, lr_factor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -132,10 +132,16 @@ def plot_curves(curves: dict[str, list[dict[str, list[float]]]], path: pathlib.P
     return fig
 
 
+def _family(name: str) -> str:
+    """The method of a table row: the longest method of :data:`METHODS` it starts with ("IVON (sambayes) (mean)"
+    is IVON (sambayes)'s, "IVON (mean)" ivon-opt's)."""
+    return max((m for m in METHODS if name == m or name.startswith(m + " (")), key=len, default=name.split(" (")[0])
+
+
 def _style(name: str, families: list[str]) -> dict[str, Any]:
-    """One colour per method family (SGD, ..., IVON: matplotlib's cycle, in the order given);
+    """One colour per method family (SGD, ..., IVON (sambayes): matplotlib's cycle, in the order given);
     solid for a point estimate or a posterior mean, dashed for a BMA."""
-    family = name.split(" (")[0]
+    family = _family(name)
     return {"color": f"C{families.index(family) % 10}", "ls": "--" if "BMA" in name else "-"}
 
 
@@ -148,7 +154,7 @@ def plot_shift(runs: list[dict[str, Any]], path: pathlib.Path, bins: int = 20) -
     ``bins``: the ECE's bins, for the title.
     """
     names = list(dict.fromkeys(r["method"] for r in runs))
-    families = list(dict.fromkeys(name.split(" (")[0] for name in names))
+    families = list(dict.fromkeys(_family(name) for name in names))
     shifts = [s for s in SHIFTS if any(r["shift"] == s for r in runs)]
     fig = _figure(12, 3.3 * len(shifts) + 0.6)
     axes = fig.subplots(len(shifts), len(SHIFT_METRICS), squeeze=False)

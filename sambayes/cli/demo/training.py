@@ -14,13 +14,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sambayes import BSAM, SAM, metrics, split_batch
+from sambayes import BSAM, IVON, SAM, metrics, split_batch
 
 from .data import SHIFTS, Data, shift_images
 from .models import MLP
 
-METHODS = ("SGD", "Adam", "SAM", "bSAM", "IVON")
-POSTERIOR_METHODS = ("bSAM", "IVON")  # the methods with a posterior: a row at the mean and a BMA row
+#: IVON is ivon-opt's, IVON (sambayes) sambayes's at the same hyperparameters, trained by the same loop
+METHODS = ("SGD", "Adam", "SAM", "bSAM", "IVON", "IVON (sambayes)")
+POSTERIOR_METHODS = ("bSAM", "IVON", "IVON (sambayes)")  # the methods with a posterior: a row at the mean and a BMA row
 METRICS = ("accuracy", "nll", "ece", "auroc", "ood_auroc", "train_s")
 SHIFT_METRICS = ("accuracy", "nll", "ece")
 
@@ -88,8 +89,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_train: int, seed: int, backend: str):
     """The optimizer of ``method`` (one of :data:`METHODS`) with the recipe's hyperparameters.
 
-    IVON's noise comes from torch's global generator (``ivon.IVON`` takes no seed), which
-    :func:`train` seeds with ``seed``.
+    ivon-opt's IVON draws its noise from torch's global generator (``ivon.IVON`` takes no seed), which
+    :func:`train` seeds with ``seed``; sambayes's takes ``seed``.
     """
     params = model.parameters()
     if method == "SGD":
@@ -122,11 +123,8 @@ def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_trai
             backend=backend,
             state_dtype=recipe.bsam_state_dtype,
         )
-    if method == "IVON":
-        import ivon
-
-        return ivon.IVON(
-            params,
+    if method in ("IVON", "IVON (sambayes)"):
+        hyper = dict(
             lr=recipe.ivon_lr,
             ess=num_train,
             hess_init=recipe.ivon_hess_init,
@@ -134,6 +132,11 @@ def make_optimizer(method: str, model: torch.nn.Module, recipe: Recipe, num_trai
             beta2=recipe.ivon_betas[1],
             weight_decay=recipe.ivon_prior_precision / num_train,
         )
+        if method == "IVON (sambayes)":
+            return IVON(params, **hyper, seed=seed, backend=backend)
+        import ivon
+
+        return ivon.IVON(params, **hyper)
     raise ValueError(f"method={method!r}: choose one of {METHODS}")
 
 
@@ -194,7 +197,7 @@ def train(
                     return loss
 
                 loss = opt.step(closure)
-            elif method == "IVON":
+            elif method in ("IVON", "IVON (sambayes)"):  # the same code for both: ivon-opt's loop runs unchanged
                 for _ in range(recipe.ivon_train_samples):  # as its authors train: gradients at sampled weights
                     with opt.sampled_params(train=True):
                         opt.zero_grad(set_to_none=True)
@@ -229,9 +232,9 @@ def _probs_at_mean(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _sampled(opt: Any, sample: int) -> Iterator[None]:
-    """The model holds posterior sample number ``sample`` of ``opt`` (BSAM or IVON): the same
+    """The model holds posterior sample number ``sample`` of ``opt`` (BSAM or an IVON): the same
     weights for the same ``sample``, without touching torch's global generator."""
-    if isinstance(opt, BSAM):
+    if isinstance(opt, (BSAM, IVON)):
         with opt.sampled_params(seed=sample):
             yield
         return

@@ -9,7 +9,9 @@ the better row (by the metric's direction) is named; otherwise there is no clear
 The claims: accuracy, NLL, ECE, misclassification AUROC and OOD AUROC on the clean test set, and
 accuracy, NLL and ECE under each graded shift (:data:`~.data.SHIFTS`), averaged over severities
 1 to 5. The comparisons: the paper's (bSAM's BMA against SAM, SAM against SGD), bSAM at its mean
-against SAM, bSAM against its peer IVON (both BMAs), and bSAM's BMA against its mean.
+against SAM, bSAM against its peer IVON (both BMAs), and bSAM's BMA against its mean; and sambayes's
+IVON against ivon-opt's at the same hyperparameters (both BMAs): they should not differ beyond the
+seeds' noise.
 
 The verdicts are computed from ``runs.csv`` and ``shift_runs.csv``, so anyone can recompute them
 from a run's files (:func:`from_folder`), and set runs side by side (:func:`format_side_by_side`).
@@ -56,16 +58,19 @@ COMPARISONS = (
     (("bSAM", "(mean)"), ("SAM", "")),
     (("bSAM", "BMA)"), ("IVON", "BMA)")),
     (("bSAM", "BMA)"), ("bSAM", "(mean)")),
+    (("IVON (sambayes)", "BMA)"), ("IVON", "BMA)")),
 )
 LEVEL = 0.95
 FIELDS = ["a", "b", "claim", "seeds", "difference", "low", "high", "verdict"]
 
 
 def _row_name(names: list[str], start: str, end: str) -> str | None:
-    """The table row named ``start`` exactly (``end`` empty) or ``start (... end``."""
+    """The table row named ``start`` exactly (``end`` empty) or ``start (... end`` with no other parenthesis
+    between ("IVON", "BMA)" is "IVON (32-sample BMA)", not "IVON (sambayes) (32-sample BMA)")."""
     if not end:
         return start if start in names else None
-    return next((n for n in names if n.startswith(start + " (") and n.endswith(end)), None)
+    prefix = start + " ("
+    return next((n for n in names if n.startswith(prefix) and n.endswith(end) and "(" not in n[len(prefix) :]), None)
 
 
 def t_quantile(p: float, dof: int) -> float:
