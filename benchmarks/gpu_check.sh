@@ -48,9 +48,10 @@ step "sambayes bench: the quick comparison of the backends that users run, on th
 timeout "$(limit 40)" python -m sambayes bench --device cuda 2>&1 | tee "$LOG/sambayes_bench.txt" | grep -v "sambayes bench: "
 check "${PIPESTATUS[0]}" "sambayes bench"
 
-step "compiled code for this GPU: 128-bit accesses, no local memory"
+step "compiled code for this GPU: 128-bit accesses, no local memory; instructions per element and the predicted share of copy"
 arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)")
-timeout "$(limit 30)" python -m sambayes.kernels._compile_check --arch "$arch" --dtypes fp32,bf16 \
+STARTED=$(date +%Y-%m-%dT%H:%M:%S)
+timeout "$(limit 30)" python -m sambayes.kernels._compile_check --arch "$arch" --dtypes fp32,bf16 --stored state,bf16 \
   >"$LOG/compiled.jsonl" 2>"$LOG/compiled.err"
 check $? "compiled-code check"; tail -3 "$LOG/compiled.jsonl"
 
@@ -71,6 +72,14 @@ step "benchmark: GPT-2 small with bfloat16 precision and momentum (BSAM(state_dt
 timeout "$(limit 25)" python benchmarks/bench_step.py --preset gpt2 --budget 1 --impls triton,cuda,copy --bf16-state \
   --phases update,step 2>&1 | tee "$LOG/bench_gpt2_bf16_state.txt" | grep -v "bench_step:"
 check "${PIPESTATUS[0]}" "bench_step gpt2 bf16 state"; save
+
+step "the model against the GPU: predicted share of copy next to the measured one (benchmarks/results/predicted_vs_measured.csv)"
+timeout "$(limit 90)" python -m sambayes.kernels._compile_check_cuda --arch "$arch" \
+  >"$LOG/compiled_cuda.jsonl" 2>"$LOG/compiled_cuda.err"
+check $? "compiled-code check (CUDA)"
+timeout "$(limit 20)" python benchmarks/predicted_vs_measured.py --triton "$LOG/compiled.jsonl" \
+  --cuda "$LOG/compiled_cuda.jsonl" --since "$STARTED" 2>&1 | tee "$LOG/predicted_vs_measured.txt"
+check "${PIPESTATUS[0]}" "predicted vs measured"; save
 
 step "optimizer memory on the GPU (max_memory_allocated): bSAM, bSAM bf16 state, AdamW; float32, k = 1"
 timeout "$(limit 25)" python benchmarks/bench_memory.py --device cuda --dtypes float32 --splits 1 \

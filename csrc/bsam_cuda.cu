@@ -14,31 +14,33 @@ namespace {
 // c10::BFloat16 over float32 A.
 
 // float32 params: 12 B/param with float32 precision, 10 B with bfloat16 (reads m 4, s 4 or 2; writes θ 4).
-// One Philox call and two Box-Muller transforms per four elements (the kernel's quads).
-template <typename P, typename A, typename S>
+// One Philox call and two Box-Muller transforms per four elements (the kernel's quads). kSeedTensor: the key
+// is read from seed_ptr (CUDA-graph capture), in an instantiation of its own, as the other takes the ten
+// rounds' keys as kernel parameters (operands from the constant bank).
+template <typename P, typename A, typename S, bool kSeedTensor = false>
 struct SampleOp {
   static constexpr bool kNoiseQuads = true;
   A num_data;
-  uint32_t k0, k1;
+  PhiloxRoundKeys keys;  // kSeedTensor: computed in prepared(), once per thread (uniform registers)
   const int64_t* seed_ptr;
   __device__ SampleOp prepared() const {
     SampleOp op = *this;
-    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
+    if constexpr (kSeedTensor) op.keys = read_philox_round_keys(seed_ptr);
     return op;
   }
-  // z of the quad that starts at element q: tl.randn4x(seed, (offset + q) / 4)
-  __device__ Pack<float, 4> draw(const TensorRow<3>& row, int64_t q) const { return noise_quad(row, q, k0, k1); }
+  // z of a quad: tl.randn4x(seed, call), call = (offset + q) / 4 for the quad that starts at element q
+  __device__ Pack<float, 4> draw(uint64_t call) const { return noise_quad(call, keys); }
   template <int W, typename Lanes>
   __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
     const Pack<float, W> z = lanes();
     const auto mean = load<A, W>(row.ptr[1], i);
     const auto precision = load_widened<S, A, W>(row.ptr[2], i);
-    Pack<P, W> param;
+    Pack<A, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      param.v[j] = static_cast<P>(bsam_sample_param<A>(mean.v[j], precision.v[j], static_cast<A>(z.v[j]), num_data));
+      param.v[j] = bsam_sample_param_fast<A>(mean.v[j], precision.v[j], static_cast<A>(z.v[j]), num_data);
     }
-    store<P, W>(row.ptr[0], i, param);
+    store<P, W>(row.ptr[0], i, rounded<P>(param));
   }
 };
 
@@ -58,23 +60,23 @@ struct BsamPerturbOp {
   }
   template <int W>
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[1], i);
+    const auto grad = load_widened<P, A, W>(row.ptr[1], i);
     const auto mean = load<A, W>(row.ptr[2], i);
     const auto precision = load_widened<S, A, W>(row.ptr[3], i);
     Pack<A, W> curvature_sum;
     if (accumulate) curvature_sum = load<A, W>(row.ptr[4], i);
-    Pack<P, W> param;
+    Pack<A, W> param;
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const A g = static_cast<A>(grad.v[j]) * inv_scale;
+      const A g = grad.v[j] * inv_scale;
       bad |= !is_finite(g);
-      param.v[j] = static_cast<P>(bsam_perturb_param<A>(g, mean.v[j], precision.v[j], rho));
+      param.v[j] = bsam_perturb_param<A>(g, mean.v[j], precision.v[j], rho);
       const A a = bsam_curvature<A>(g, precision.v[j]);
       curvature_sum.v[j] = accumulate ? curvature_sum.v[j] + a : a;
     }
     if (bad) raise_flag(found_inf);
-    store<P, W>(row.ptr[0], i, param);
+    store<P, W>(row.ptr[0], i, rounded<P>(param));
     store<A, W>(row.ptr[4], i, curvature_sum);
     store_zero<P, W>(row.ptr[1], i);
   }
@@ -93,7 +95,8 @@ struct BsamUpdateOp {
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
-  uint32_t k0, k1;  // the stochastic-rounding key: bfloat16 S only
+  PhiloxRoundKeys keys;  // the stochastic-rounding key's rounds (bfloat16 S only): kernel parameters, or
+                        // computed in prepared() from the seed tensor (kSeedTensor)
   const double* lr_ptr;
   const int64_t* seed_ptr;
   __device__ BsamUpdateOp prepared() const {
@@ -101,13 +104,13 @@ struct BsamUpdateOp {
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
-    if constexpr (kSeedTensor) read_philox_key(seed_ptr, op.k0, op.k1);
+    if constexpr (kSeedTensor) op.keys = read_philox_round_keys(seed_ptr);
     return op;
   }
-  // the rounding words of the quad that starts at element q: Philox4x32-10 at (offset + q) / 4
-  __device__ Pack<uint32_t, 4> draw(const TensorRow<6>& row, int64_t q) const {
+  // the rounding words of a quad: Philox4x32-10 at call = (offset + q) / 4 for the quad that starts at q
+  __device__ Pack<uint32_t, 4> draw(uint64_t call) const {
     if (skip) return {};  // a skipped step stores no state
-    return words_quad(row, q, k0, k1);
+    return words_quad(call, keys);
   }
   template <int W>
   __device__ void run(const TensorRow<6>& row, int64_t i) const {
@@ -118,14 +121,14 @@ struct BsamUpdateOp {
   __device__ void run(const TensorRow<6>& row, int64_t i, const Lanes& lanes) const {
     auto mean = load<A, W>(row.ptr[2], i);
     if (!skip) {
-      const auto grad = load<P, W>(row.ptr[1], i);
+      const auto grad = load_widened<P, A, W>(row.ptr[1], i);
       auto precision = load_widened<S, A, W>(row.ptr[3], i);
       auto momentum = load_widened<S, A, W>(row.ptr[4], i);
       const auto curvature_sum = load<A, W>(row.ptr[5], i);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        bsam_update_element<A>(static_cast<A>(grad.v[j]) * inv_scale, curvature_sum.v[j], mean.v[j], precision.v[j],
-                               momentum.v[j], c);
+        bsam_update_element<A, true>(grad.v[j] * inv_scale, curvature_sum.v[j], mean.v[j],
+                                     precision.v[j], momentum.v[j], c);
       }
       store_posterior<S>(row, i, mean, precision, momentum, lanes);
     }
@@ -144,11 +147,16 @@ void bsam_sample_cuda(at::TensorList params, at::TensorList means, at::TensorLis
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, params[0].device(), "bsam_sample", "seed_tensor");
   const auto key = seed_ptr ? std::pair<uint32_t, uint32_t>{} : philox_key(seed);  // a seed tensor: read by the kernel
   const auto rows = make_rows<3>({params, means, precisions}, offsets);
+  const auto keys = philox_round_keys(key.first, key.second);
   dispatch_bsam(params[0].scalar_type(), stored_in_bf16(precisions), [&](auto param, auto stored) {
     using P = decltype(param);
     using A = acc_t<P>;
-    launch<3, A>(rows, params[0].device(),
-                 SampleOp<P, A, decltype(stored)>{static_cast<A>(num_data), key.first, key.second, seed_ptr});
+    using S = decltype(stored);
+    if (seed_ptr) {
+      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S, true>{static_cast<A>(num_data), {}, seed_ptr});
+    } else {
+      launch<3, A>(rows, params[0].device(), SampleOp<P, A, S>{static_cast<A>(num_data), keys, nullptr});
+    }
   });
 }
 
@@ -197,7 +205,9 @@ void bsam_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
     const auto c = bsam_update_coeffs<A>(splits, lr, beta1, beta2, weight_decay, damping);
     const auto run = [&](auto seed_tensor) {
       using Op = BsamUpdateOp<P, A, S, decltype(seed_tensor)::value>;
-      launch<6, A, 5>(rows, device, Op{c, flag, inv, false, A(1), key.first, key.second, lr_ptr, seed_ptr}, base);
+      launch<6, A, 5>(rows, device,
+                      Op{c, flag, inv, false, A(1), philox_round_keys(key.first, key.second), lr_ptr, seed_ptr},
+                      base);
     };
     if constexpr (!std::is_same_v<S, A>) {
       if (seed_ptr) return run(std::true_type{});

@@ -14,10 +14,10 @@ struct FindNonfiniteOp {
   __device__ FindNonfiniteOp prepared() const { return *this; }
   template <int W>
   __device__ void run(const TensorRow<1>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[0], i);
+    const auto grad = load_widened<P, A, W>(row.ptr[0], i);
     bool bad = false;
 #pragma unroll
-    for (int j = 0; j < W; ++j) bad |= !is_finite(static_cast<A>(grad.v[j]));
+    for (int j = 0; j < W; ++j) bad |= !is_finite(grad.v[j]);
     if (bad) raise_flag(found_inf);
   }
 };

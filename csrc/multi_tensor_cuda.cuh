@@ -90,28 +90,47 @@ __device__ __forceinline__ Pack<T, W> load(const void* base, int64_t i) {
   return *reinterpret_cast<const Pack<T, W>*>(static_cast<const T*>(base) + i);
 }
 
-// W elements stored as S read as A, exactly (a bfloat16 is the high half of a float32). Widened from the
-// bits: c10's conversion (inline asm on an address) makes every access of the kernel generic; by 32-bit
-// pairs where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
+// x read as A, exactly (a bfloat16 is the high half of a float32): from the value's bits, as c10's
+// conversions (inline asm on the value's address) make every access of the kernel generic (LD/ST).
+template <typename A, typename S>
+__device__ __forceinline__ A widened(S x) {
+  if constexpr (std::is_same_v<S, A>) {
+    return x;
+  } else if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<A, float>) {
+    return __uint_as_float(static_cast<uint32_t>(x.x) << 16);
+  } else {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<S, c10::Half> && std::is_same_v<A, float>) {
+      float value;
+      asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(x.x));
+      return value;
+    }
+#endif
+    return static_cast<A>(x);
+  }
+}
+
+// W elements stored as S (a parameter, bSAM's stored state) read as A (widened); bfloat16 by 32-bit pairs
+// where W is even (a vector: i even), as widening 16-bit loads one by one spilled on sm_90 (ptxas 13).
 template <typename S, typename A, int W>
 __device__ __forceinline__ Pack<A, W> load_widened(const void* base, int64_t i) {
   if constexpr (std::is_same_v<S, A>) {
     return load<A, W>(base, i);
   } else {
-    Pack<A, W> widened;
-    if constexpr (W % 2 == 0) {
+    Pack<A, W> out;
+    if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<A, float> && W % 2 == 0) {
       const auto pairs = load<uint32_t, W / 2>(base, i / 2);
 #pragma unroll
       for (int j = 0; j < W / 2; ++j) {  // little-endian: element 2j in the low half
-        widened.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
-        widened.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
+        out.v[2 * j] = __uint_as_float(pairs.v[j] << 16);
+        out.v[2 * j + 1] = __uint_as_float(pairs.v[j] & 0xFFFF0000u);
       }
     } else {
       const auto stored = load<S, W>(base, i);
 #pragma unroll
-      for (int j = 0; j < W; ++j) widened.v[j] = __uint_as_float(static_cast<uint32_t>(stored.v[j].x) << 16);
+      for (int j = 0; j < W; ++j) out.v[j] = widened<A>(stored.v[j]);
     }
-    return widened;
+    return out;
   }
 }
 
@@ -143,11 +162,44 @@ __device__ __forceinline__ Pack<T, W> slice(const Pack<T, N>& pack, int first) {
   return out;
 }
 
+// x rounded to P to nearest even. On the GPU a float32 to bfloat16/float16 is one conversion instruction
+// (c10's bfloat16 one a dozen integer ones), written with value operands: CUDA's conversion intrinsics and
+// c10's take the value's address, which makes every access of the kernel generic (LD/ST). The same value,
+// but for a NaN's payload (the GPU's canonical NaN).
+template <typename P, typename A>
+__device__ __forceinline__ P narrowed(A x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<A, float>) {
+    unsigned short bits;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(x));
+    return P(bits, P::from_bits());
+  } else if constexpr (std::is_same_v<P, c10::Half> && std::is_same_v<A, float>) {
+    unsigned short bits;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(x));
+    return P(bits, P::from_bits());
+  }
+#endif
+  return static_cast<P>(x);
+}
+
+// W values rounded to P (narrowed), two at a time where P is bfloat16: one instruction per pair on the GPU.
 template <typename P, typename A, int W>
 __device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
   Pack<P, W> out;
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<A, float> && W % 2 == 0) {
 #pragma unroll
-  for (int j = 0; j < W; ++j) out.v[j] = static_cast<P>(values.v[j]);
+    for (int j = 0; j < W; j += 2) {  // the first operand goes to the high half
+      uint32_t pair;
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(values.v[j + 1]), "f"(values.v[j]));
+      out.v[j] = P(static_cast<unsigned short>(pair & 0xFFFFu), P::from_bits());
+      out.v[j + 1] = P(static_cast<unsigned short>(pair >> 16), P::from_bits());
+    }
+    return out;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < W; ++j) out.v[j] = narrowed<P>(values.v[j]);
   return out;
 }
 
@@ -172,22 +224,33 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
   k1 = static_cast<uint32_t>(s >> 32);
 }
 
-// The draws of the quad that starts at element q of a row (see multi_tensor_kernel): the Philox4x32-10 call at
-// counter (offset + q) / 4 under the key (k0, k1), as z (noise_quad: the four lanes of tl.randn4x) or as its
-// four words (words_quad: the stochastic-rounding words).
-template <int N>
-__device__ __forceinline__ Pack<float, 4> noise_quad(const TensorRow<N>& row, int64_t q, uint32_t k0, uint32_t k1) {
-  const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
+// The rounds' keys of a seed read on the device, computed once per thread: held in registers (an
+// assembly move the compiler cannot see through), where it would recompute them in every call.
+__device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t* seed) {
+  uint32_t k0, k1;
+  read_philox_key(seed, k0, k1);
+  PhiloxRoundKeys keys = philox_round_keys(k0, k1);
+#if !defined(SAMBAYES_EMULATED)
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    asm("mov.b32 %0, %0;" : "+r"(keys.k0[round]));
+    asm("mov.b32 %0, %0;" : "+r"(keys.k1[round]));
+  }
+#endif
+  return keys;
+}
+
+// The draws of a quad (see multi_tensor_kernel): the Philox4x32-10 call `call` = (offset + q) / 4 for the quad
+// that starts at element q, under the rounds' keys, as z (noise_quad: the four lanes of tl.randn4x) or as
+// its four words (words_quad: the stochastic-rounding words).
+__device__ __forceinline__ Pack<float, 4> noise_quad(uint64_t call, const PhiloxRoundKeys& keys) {
   Pack<float, 4> z;
-  philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
+  randn4x_from_words(philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), keys), z.v);
   return z;
 }
 
-template <int N>
-__device__ __forceinline__ Pack<uint32_t, 4> words_quad(const TensorRow<N>& row, int64_t q, uint32_t k0,
-                                                        uint32_t k1) {
-  const uint64_t call = static_cast<uint64_t>(row.offset + q) / 4;
-  const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+__device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, const PhiloxRoundKeys& keys) {
+  const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), keys);
   return {{w.w0, w.w1, w.w2, w.w3}};
 }
 
@@ -221,6 +284,36 @@ __device__ __forceinline__ void store_posterior(const TensorRow<6>& row, int64_t
 
 // ---- the multi-tensor kernel -----------------------------------------------------------------
 
+// A row's addresses as global ones. nvcc infers that an address read from the table points to global
+// memory only in a kernel without inline assembly (the conversions to bfloat16 and float16 and the
+// approximate square roots have some); an access it cannot place is generic (LD/ST, the space resolved
+// per access). A pointer parameter plus an integer is global whatever the kernel holds: `origin` is a
+// null pointer parameter, which the compiler cannot see through. The emulated build keeps the addresses.
+__device__ __forceinline__ void* global_address(void* address, char* origin) {
+#if defined(SAMBAYES_EMULATED)
+  (void)origin;
+  return address;
+#else
+  return origin + reinterpret_cast<intptr_t>(address);
+#endif
+}
+
+// `bytes` past an address (an op's own relative role): in integers in the emulated build (an offset below
+// the base is no pointer: UBSan's pointer overflow), a pointer sum on the GPU, which keeps the global space.
+__device__ __forceinline__ void* offset_address(void* address, int64_t bytes) {
+#if defined(SAMBAYES_EMULATED)
+  return reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(address) + bytes);
+#else
+  return static_cast<char*>(address) + bytes;
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void globalize(TensorRow<N>& row, char* origin) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) row.ptr[k] = global_address(row.ptr[k], origin);
+}
+
 // Make role `role` of the rows offsets from its first tensor, returned: the step's running sums are
 // views of one buffer that may move between steps; with offsets their table stays cached and the
 // launch passes the base. `aligned` was decided on the addresses, so a base of another alignment
@@ -242,31 +335,40 @@ struct draws_noise<Op, std::void_t<decltype(Op::kNoiseQuads)>> : std::bool_const
 // Block b runs op over chunk b: vectors of V elements where the row is aligned, then the tail.
 // kRelative >= 0: that role's entries are offsets from `base` (see make_relative).
 // An op that draws from a Philox stream runs over quads instead: the four elements whose noise
-// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw): with vector
+// indices (offset + element) are 4c .. 4c + 3, with one call c for the four (op.draw(c)): with vector
 // loads where the row is aligned and its offset a multiple of 4, else element by element. Its
 // run<W>(row, i, lanes) gets the lanes of its W elements from lanes(), which it calls where it needs
 // them (a late call keeps fewer values live across the Philox rounds). The other ops' rows carry no
 // offsets, so that their chunks begin on multiples of kCudaChunk.
 template <int N, int V, int kRelative, typename Op>
 __global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, int64_t base, Op op_) {
+    multi_tensor_kernel(const TensorRow<N>* rows, const Chunk* chunks, char* origin, int64_t base, Op op_) {
   const Op op = op_.prepared();
   const Chunk chunk = chunks[blockIdx.x];
   TensorRow<N> row = rows[chunk.row];
   if constexpr (kRelative >= 0) {  // in integers: an offset below the base is no pointer (UBSan: pointer overflow)
     row.ptr[kRelative] = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(row.ptr[kRelative]) + base);
   }
+  if constexpr (V != 2 || draws_noise<Op>::value) {
+    globalize(row, origin);
+  } else if constexpr (kRelative >= 0) {
+    // float64 state: no inline assembly but in the noise, and the sums cost SGD's update a spill (ptxas 13,
+    // sm_90); only the relative role, whose integer sum nvcc cannot place
+    row.ptr[kRelative] = global_address(row.ptr[kRelative], origin);
+  }
   if constexpr (draws_noise<Op>::value) {
     int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
     if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
       const int64_t quads = (chunk.end - chunk.begin) / 4;
+      const auto first_call = static_cast<uint64_t>(row.offset + chunk.begin) / 4;  // quad k: call first_call + k
 #pragma unroll 1
       for (int64_t k = threadIdx.x; k < quads; k += kThreads) {
         const int64_t q = chunk.begin + 4 * k;
+        const uint64_t call = first_call + static_cast<uint64_t>(k);
         if constexpr (V == 4) {
-          op.template run<4>(row, q, [&] { return op.draw(row, q); });
+          op.template run<4>(row, q, [&] { return op.draw(call); });
         } else {  // float64 state: two vectors of two elements, one call for both
-          const auto lanes = op.draw(row, q);
+          const auto lanes = op.draw(call);
           op.template run<2>(row, q, [&] { return slice<2>(lanes, 0); });
           op.template run<2>(row, q + 2, [&] { return slice<2>(lanes, 2); });
         }
@@ -274,7 +376,7 @@ __global__ void __launch_bounds__(kThreads)
       first = chunk.begin + 4 * quads;
     }
     for (int64_t q = first + 4 * threadIdx.x; q < chunk.end; q += 4 * kThreads) {  // the rest, masked
-      const auto lanes = op.draw(row, q);
+      const auto lanes = op.draw(static_cast<uint64_t>(row.offset + q) / 4);
       const int64_t end = q + 4 < chunk.end ? q + 4 : chunk.end;
 #pragma unroll 1
       for (int64_t i = q > chunk.begin ? q : chunk.begin; i < end; ++i) {
@@ -283,16 +385,14 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     int64_t tail = chunk.begin;
-    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
-      const int64_t vectors = (chunk.end - chunk.begin) / V;
-      if constexpr (V == 2) {  // float64 state: unrolled, ptxas 13 spills the SGD update on sm_80
+    if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of W
+      // two vectors per run (float64 state: one, as two spill the SGD update on sm_80 with ptxas 13): every
+      // load of both before the first store, which the compiler may not move a later vector's loads above
+      constexpr int W = V == 2 ? V : 2 * V;
+      const int64_t vectors = (chunk.end - chunk.begin) / W;
 #pragma unroll 1
-        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-      } else {
-#pragma unroll 2  // ptxas 13 spilled in restore<float> at the default unroll of 4
-        for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<V>(row, chunk.begin + k * V);
-      }
-      tail = chunk.begin + vectors * V;
+      for (int64_t k = threadIdx.x; k < vectors; k += kThreads) op.template run<W>(row, chunk.begin + k * W);
+      tail = chunk.begin + vectors * W;
     }
     for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) op.template run<1>(row, i);
   }
@@ -425,7 +525,7 @@ void launch(const std::vector<TensorRow<N>>& rows, at::Device device, const Op& 
   if (table.num_chunks == 0) return;
   constexpr int V = 16 / sizeof(A);
   launch_kernel(multi_tensor_kernel<N, V, kRelative, Op>, static_cast<unsigned>(table.num_chunks), kThreads,
-                current_stream(device), table.rows, table.chunks, base, op);
+                current_stream(device), table.rows, table.chunks, static_cast<char*>(nullptr), base, op);
 }
 
 // A one-element float32 tensor on the bucket's device (the found-inf flag, 1/scale).

@@ -23,15 +23,15 @@ struct SamPerturbOp {
   }
   template <int W>
   __device__ void run(const TensorRow<3>& row, int64_t i) const {
-    const auto grad = load<P, W>(row.ptr[1], i);
+    const auto grad = load_widened<P, A, W>(row.ptr[1], i);
     const auto weight = load<A, W>(row.ptr[2], i);
-    Pack<P, W> param;
+    Pack<A, W> param;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      const A g = static_cast<A>(grad.v[j]) * inv_scale;
-      param.v[j] = static_cast<P>(sam_perturb_param<A>(g, weight.v[j], scale, adaptive));
+      const A g = grad.v[j] * inv_scale;
+      param.v[j] = sam_perturb_param<A>(g, weight.v[j], scale, adaptive);
     }
-    store<P, W>(row.ptr[0], i, param);
+    store<P, W>(row.ptr[0], i, rounded<P>(param));
     store_zero<P, W>(row.ptr[1], i);
   }
 };
@@ -55,10 +55,10 @@ struct SgdOp {
   __device__ void run(const TensorRow<4>& row, int64_t i) const {
     auto weight = load<A, W>(row.ptr[2], i);
     if (!skip) {
-      const auto grad = load<P, W>(row.ptr[1], i);
+      const auto grad = load_widened<P, A, W>(row.ptr[1], i);
       auto buf = load<A, W>(row.ptr[3], i);
 #pragma unroll
-      for (int j = 0; j < W; ++j) sam_sgd_element<A>(static_cast<A>(grad.v[j]) * inv_scale, weight.v[j], buf.v[j], c);
+      for (int j = 0; j < W; ++j) sam_sgd_element<A>(grad.v[j] * inv_scale, weight.v[j], buf.v[j], c);
       store<A, W>(row.ptr[2], i, weight);
       store<A, W>(row.ptr[3], i, buf);
     }
@@ -92,12 +92,12 @@ struct AdamwOp {
   __device__ void run(const TensorRow<5>& row, int64_t i) const {
     auto weight = load<A, W>(row.ptr[2], i);
     if (!skip) {
-      const auto grad = load<P, W>(row.ptr[1], i);
+      const auto grad = load_widened<P, A, W>(row.ptr[1], i);
       auto momentum = load<A, W>(row.ptr[3], i);
       auto variance = load<A, W>(row.ptr[4], i);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        sam_adamw_element<A>(static_cast<A>(grad.v[j]) * inv_scale, weight.v[j], momentum.v[j], variance.v[j], c);
+        sam_adamw_element<A>(grad.v[j] * inv_scale, weight.v[j], momentum.v[j], variance.v[j], c);
       }
       store<A, W>(row.ptr[2], i, weight);
       store<A, W>(row.ptr[3], i, momentum);
@@ -108,22 +108,43 @@ struct AdamwOp {
   }
 };
 
-// One partial sum of (T·g)² per chunk, in double; the caller sums the partials.
+// One partial sum of (T·g)² per chunk, in double; the caller sums the partials. Where the row is aligned,
+// vectors of 16 bytes of state (4 float32 or 2 float64 elements) and the matching parameters, then the tail.
 template <typename P, typename A>
 __global__ void __launch_bounds__(kThreads)
-    sq_norm_kernel(const TensorRow<2>* rows, const Chunk* chunks, bool adaptive, const float* inv_scale_ptr,
-                   float* found_inf, double* partial) {
+    sq_norm_kernel(const TensorRow<2>* rows, const Chunk* chunks, char* origin, bool adaptive,
+                   const float* inv_scale_ptr, float* found_inf, double* partial) {
+  constexpr int V = 16 / sizeof(A);
   const Chunk chunk = chunks[blockIdx.x];
-  const TensorRow<2> row = rows[chunk.row];
-  const P* grad = static_cast<const P*>(row.ptr[0]);
-  const A* weight = static_cast<const A*>(row.ptr[1]);
+  TensorRow<2> row = rows[chunk.row];
+  globalize(row, origin);
   const A inv_scale = static_cast<A>(*inv_scale_ptr);
   A sum = 0;
   bool bad = false;
-  for (int64_t i = chunk.begin + threadIdx.x; i < chunk.end; i += kThreads) {
-    const A g = static_cast<A>(grad[i]) * inv_scale;
-    bad |= !is_finite(g);
-    sum += sam_sq_term<A>(g, weight[i], adaptive);
+  const auto add = [&](const auto& grad, const auto& weight) {
+#pragma unroll
+    for (int j = 0; j < static_cast<int>(sizeof(grad.v) / sizeof(grad.v[0])); ++j) {
+      const A g = grad.v[j] * inv_scale;
+      bad |= !is_finite(g);
+      sum += sam_sq_term<A>(g, weight.v[j], adaptive);
+    }
+  };
+  int64_t tail = chunk.begin;
+  if (row.aligned) {  // chunk.begin is a multiple of kCudaChunk, hence of V
+    const int64_t vectors = (chunk.end - chunk.begin) / V;
+#pragma unroll 1
+    for (int64_t k = threadIdx.x; k < vectors; k += kThreads) {
+      const int64_t i = chunk.begin + k * V;
+      Pack<A, V> weight{};
+      if (adaptive) weight = load<A, V>(row.ptr[1], i);
+      add(load_widened<P, A, V>(row.ptr[0], i), weight);
+    }
+    tail = chunk.begin + vectors * V;
+  }
+  for (int64_t i = tail + threadIdx.x; i < chunk.end; i += kThreads) {
+    Pack<A, 1> weight{};
+    if (adaptive) weight = load<A, 1>(row.ptr[1], i);
+    add(load_widened<P, A, 1>(row.ptr[0], i), weight);
   }
   if (bad) raise_flag(found_inf);
   __shared__ double warp_sums[kThreads / 32];
@@ -155,7 +176,8 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
     using A = acc_t<scalar_t>;
     launch_kernel(sq_norm_kernel<scalar_t, A>, static_cast<unsigned>(table.num_chunks), kThreads,
-                  current_stream(device), table.rows, table.chunks, adaptive, inv, flag, partial.data_ptr<double>());
+                  current_stream(device), table.rows, table.chunks, static_cast<char*>(nullptr), adaptive, inv, flag,
+                  partial.data_ptr<double>());
   });
   // a fixed-order sum of the partials: deterministic
   return partial.sum().to(weights[0].scalar_type());

@@ -64,6 +64,46 @@ SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t 
   return {c0, c1, c2, c3};
 }
 
+// The keys of the ten rounds for key (k0, k1), computed once: the CUDA kernels take them as kernel
+// parameters, which the rounds read from the constant bank as operands (computed per call, they cost
+// 15 to 20 instructions a call).
+struct PhiloxRoundKeys {
+  uint32_t k0[10], k1[10];
+};
+
+SB_HD PhiloxRoundKeys philox_round_keys(uint32_t k0, uint32_t k1) {
+  PhiloxRoundKeys keys;
+  for (int round = 0; round < 10; ++round) {
+    keys.k0[round] = k0 + static_cast<uint32_t>(round) * kPhiloxKeyA;
+    keys.k1[round] = k1 + static_cast<uint32_t>(round) * kPhiloxKeyB;
+  }
+  return keys;
+}
+
+// philox4x32_10 with the round keys given: the same words.
+SB_HD PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, const PhiloxRoundKeys& keys) {
+#if defined(SAMBAYES_EMULATED)
+  emulated::count_philox_call();
+#endif
+  uint32_t c2 = 0, c3 = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p = static_cast<uint64_t>(kPhiloxRoundA) * c0;
+    const uint64_t q = static_cast<uint64_t>(kPhiloxRoundB) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(q >> 32) ^ c1 ^ keys.k0[round];
+    const uint32_t n2 = static_cast<uint32_t>(p >> 32) ^ c3 ^ keys.k1[round];
+    c1 = static_cast<uint32_t>(q);
+    c3 = static_cast<uint32_t>(p);
+    c0 = n0;
+    c2 = n2;
+  }
+  return {c0, c1, c2, c3};
+}
+
 // Triton's uint_to_uniform_float: the word read as int32, bit-inverted when negative.
 SB_HD float uint_to_uniform(uint32_t x) {
   const int32_t s = static_cast<int32_t>(x);
@@ -101,6 +141,16 @@ SB_HD float log_f32(float x) {
   return (f + y) + 0.693359375f * e;
 }
 
+// x with its sign bit xor-ed with the top bit of `sign` (the other bits 0): -x or x.
+SB_HD float with_sign_flipped(float x, uint32_t sign) {
+  union {
+    float f;
+    uint32_t u;
+  } bits = {x};
+  bits.u ^= sign;
+  return bits.f;
+}
+
 // sin(x) and cos(x) for 0 <= x < 8192, float32, Cephes sinf/cosf (peak error about 1 ulp each):
 // one octant reduction with pi/4 in three parts, then the sine and cosine polynomials.
 SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
@@ -113,19 +163,42 @@ SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
   const float sin_r = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
   const float cos_r =
       ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 - 0.5f * r2 + 1.0f;
-  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
-  const bool swap = j == 2 || j == 6;
-  const float s = swap ? cos_r : sin_r;
-  const float c = swap ? sin_r : cos_r;
-  sin_x = (j == 4 || j == 6) ? -s : s;
-  cos_x = (j == 2 || j == 4) ? -c : c;
+  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r;
+  // the signs flipped on the bits (bit 2 of j for the sine, of j + 2 for the cosine): no compares
+  const bool swap = (j & 2) != 0;
+  sin_x = with_sign_flipped(swap ? cos_r : sin_r, static_cast<uint32_t>(j & 4) << 29);
+  cos_x = with_sign_flipped(swap ? sin_r : cos_r, static_cast<uint32_t>((j + 2) & 4) << 29);
 }
 
-// Box-Muller on one pair of Philox words, all in float32 as tl.randn4x does: (r cos θ, r sin θ).
+// sqrt(x) and 1/sqrt(x), float32: on a GPU approximate, one instruction each as Triton's tl.sqrt and
+// tl.math.rsqrt (PTX sqrt.approx.ftz / rsqrt.approx.ftz; the CUDA Math API's accuracy table: 1 and 2
+// ulps), where an IEEE square root or division is a dozen instructions with a slow-path check; on the
+// host (the CPU kernels, the emulated CUDA tier) sqrtf and 1 / sqrtf.
+SB_HD float sqrt_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float root;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(root) : "f"(x));
+  return root;
+#else
+  return sqrtf(x);
+#endif
+}
+SB_HD float rsqrt_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float root;
+  asm("rsqrt.approx.ftz.f32 %0, %1;" : "=f"(root) : "f"(x));
+  return root;
+#else
+  return 1.0f / sqrtf(x);
+#endif
+}
+
+// Box-Muller on one pair of Philox words, all in float32 as tl.randn4x does: (r cos θ, r sin θ); the
+// radius's square root approximate on a GPU, as tl.randn4x's.
 SB_HD void normal_pair(uint32_t a, uint32_t b, float& first, float& second) {
   float u1 = uint_to_uniform(a);
   u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
-  const float radius = sqrtf(-2.0f * log_f32(u1));
+  const float radius = sqrt_approx(-2.0f * log_f32(u1));
   float sin_theta, cos_theta;
   sincos_f32(6.2831855f * uint_to_uniform(b), sin_theta, cos_theta);
   first = radius * cos_theta;
@@ -192,6 +265,17 @@ SB_HD T bsam_sample_param(T mean, T precision, T z, T num_data) {
   return mean + z / sqrt_acc<T>(num_data * precision);
 }
 
+// The same as z·rsqrt(N·s) with an approximate reciprocal square root in float32 (rsqrt_approx: within
+// 2 ulps of z / sqrt(N·s) on a GPU, 1.5 on the host), correctly rounded in float64: the CUDA kernels'.
+template <typename T>
+SB_HD T bsam_sample_param_fast(T mean, T precision, T z, T num_data) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return mean + z * rsqrt_approx(num_data * precision);
+  } else {
+    return bsam_sample_param<T>(mean, precision, z, num_data);
+  }
+}
+
 // θ = m + ρ·g/s (from the mean); a = sqrt(s)·|g|, the curvature estimate, summed over sub-batches.
 template <typename T>
 SB_HD T bsam_perturb_param(T grad, T mean, T precision, T rho) {
@@ -204,23 +288,25 @@ SB_HD T bsam_curvature(T grad, T precision) {
 
 template <typename T>
 struct BsamUpdateCoeffs {
-  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping;
+  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, inv_splits;
 };
 
 template <typename T>
 SB_HD BsamUpdateCoeffs<T> bsam_update_coeffs(int64_t splits, double lr, double beta1, double beta2,
                                              double weight_decay, double damping) {
-  return {static_cast<T>(splits),       static_cast<T>(lr),    static_cast<T>(beta1),
-          static_cast<T>(1 - beta1),    static_cast<T>(beta2), static_cast<T>(1 - beta2),
-          static_cast<T>(weight_decay), static_cast<T>(damping)};
+  return {static_cast<T>(splits),       static_cast<T>(lr),      static_cast<T>(beta1),
+          static_cast<T>(1 - beta1),    static_cast<T>(beta2),   static_cast<T>(1 - beta2),
+          static_cast<T>(weight_decay), static_cast<T>(damping), static_cast<T>(1.0 / splits)};
 }
 
 // momentum, mean (with the precision before this step's update), precision; θ = m after.
-template <typename T>
+// kReciprocal: the sums averaged as x·(1/k) (the CUDA kernels: one multiply where an IEEE division costs a
+// dozen instructions; the same bits for k a power of two, within an ulp of x / k otherwise), else x / k.
+template <typename T, bool kReciprocal = false>
 SB_HD void bsam_update_element(T grad_sum, T curvature_sum, T& mean, T& precision, T& momentum,
                                const BsamUpdateCoeffs<T>& c) {
-  const T h = grad_sum / c.splits;
-  const T a = curvature_sum / c.splits;
+  const T h = kReciprocal ? grad_sum * c.inv_splits : grad_sum / c.splits;
+  const T a = kReciprocal ? curvature_sum * c.inv_splits : curvature_sum / c.splits;
   // momentum
   momentum = c.beta1 * momentum + c.one_minus_beta1 * (h + c.weight_decay * mean);
   // mean step, divided by the old precision

@@ -1,5 +1,7 @@
 """Compile every kernel ahead of time for a GPU architecture (no GPU needed) and report
-what the machine code does: 128-bit global loads/stores, registers, local memory.
+what the machine code does: 128-bit global loads/stores, registers, local memory, and the
+steady-state path's instructions per element with the share of an H100 copy they predict
+(``instructions_per_element``, ``pct_copy_predicted``: :mod:`._sass`, docs/performance.md).
 
     python -m sambayes.kernels._compile_check [--arch 90]    # prints one JSON object per kernel
     python -m sambayes.kernels._compile_check --stored bf16  # bSAM's kernels with bfloat16 precision/momentum
@@ -25,6 +27,7 @@ from triton.compiler import ASTSource
 
 from . import (
     _multi_tensor,
+    _sass,
     bsam_perturb,
     bsam_sample,
     bsam_update,
@@ -48,7 +51,7 @@ KERNELS = {
     "find_nonfinite": (find_nonfinite._find_nonfinite_kernel, {}),
     "fold_grads": (fold_grads._fold_grads_kernel, {"STAGE": 1}),
     "restore": (restore._restore_kernel, {}),
-    "sam_sq_norm": (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False}),
+    "sam_sq_norm": (sam_sq_norm._sq_norm_kernel, {"ADAPTIVE": False, "SPAN": sam_sq_norm.SPAN}),
     "sam_perturb": (sam_perturb._sam_perturb_kernel, {"ADAPTIVE": False}),
     "sam_update_sgd": (sam_update_sgd._sam_update_sgd_kernel, {"NESTEROV": False}),
     "sam_update_adamw": (sam_update_adamw._sam_update_adamw_kernel, {}),
@@ -74,7 +77,7 @@ def _arg_type(param, state: str) -> str:
         return "*fp64"
     if param.name in ("seed", "noise_seed") or param.name.endswith("_base"):  # a seed; an "X" role's first address
         return "i64"
-    if param.name == "splits":
+    if param.name in ("splits", "num_blocks"):
         return "i32"
     raise ValueError(f"no type for kernel argument {param.name!r}")
 
@@ -112,8 +115,10 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None, capt
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _multi_tensor.NUM_WARPS})
 
 
-def sass_report(compiled) -> dict:
-    """Counts of global load/store widths and the resource usage, from the cubin's SASS."""
+def sass_report(compiled, bytes_per_element: float, blocks: int = 1) -> dict:
+    """Counts of global load/store widths, the resource usage, and the steady-state path's model
+    (the full blocks: ``blocks`` of BLOCK elements over the program's threads, moving ``bytes_per_element``;
+    :func:`._sass.report_straight`), from the cubin's SASS."""
     cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -122,6 +127,21 @@ def sass_report(compiled) -> dict:
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"\b(LDG|STG|LDL|STL)(\.[A-Z0-9.]+)?", sass)
     resources = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    (instructions,) = _sass.parse(sass).values()
+    per_block = _multi_tensor.BLOCK // (32 * compiled.metadata.num_warps)  # elements per thread and block
+    model = _sass.report_straight(
+        instructions, elements_per_thread=blocks * per_block, bytes_per_element=bytes_per_element
+    )
+    moved = sum(count * _sass.WIDTHS.get(op.split(".")[-1], 0) for op, count in model["memory_instructions"].items())
+    if moved < blocks * per_block * bytes_per_element and _sass.Function(instructions).back_edges():
+        # a program of several blocks whose bodies the compiler merged into a loop: its iteration is a block
+        model = _sass.report_loop(
+            instructions,
+            elements_per_thread=blocks * per_block,
+            bytes_per_element=bytes_per_element,
+            vector=per_block,
+            vector_bytes=16,
+        )
     return {
         "ldg128": sum(1 for op, mod in ops if op == "LDG" and ".128" in mod),
         "stg128": sum(1 for op, mod in ops if op == "STG" and ".128" in mod),
@@ -131,6 +151,7 @@ def sass_report(compiled) -> dict:
         "registers": int(resources.get("REG", -1)),
         "local_bytes": int(resources.get("LOCAL", -1)),
         "stack_bytes": int(resources.get("STACK", -1)),
+        **model,
     }
 
 
@@ -168,7 +189,10 @@ def main(argv=None) -> None:
                     report["stored"] = stored
                 if args.capturable:
                     report["capturable"] = True
-                report.update(sass_report(compiled))
+                state = "fp64" if dtype == "fp64" else "fp32"
+                stored_name = "bf16" if stored == "bf16" else None
+                nbytes = _sass.phase_bytes(phase, dtype, state, stored_name)
+                report.update(sass_report(compiled, nbytes, constexprs.get("SPAN", 1)))
                 print(json.dumps(report), flush=True)
 
 

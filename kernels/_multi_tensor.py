@@ -61,6 +61,8 @@ from ..phases import master_dtype
 #: the interpreter (kernels defined with TRITON_INTERPRET set) each program costs milliseconds of
 #: Python whatever its size, so blocks are larger there.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: the same, for the kernels: code for the interpreter (on the bits) where a GPU has an instruction
+_INTERPRETED: tl.constexpr = tl.constexpr(INTERPRETED)
 BLOCK = 8192 if INTERPRETED else 1024
 NUM_WARPS = 4
 #: Cached tables (LRU): a few per optimizer, parameter group and phase is the working set.
@@ -265,15 +267,16 @@ def launch_part(kernel, part: _Part, *args, **constexprs) -> None:
 
 
 @triton.jit
-def locate(table, NUM_ROLES: tl.constexpr):
-    """(start, remaining, noise index, record) of this program's block in the tensor table.
+def locate(table, NUM_ROLES: tl.constexpr, block=None, num_blocks=None):
+    """(start, remaining, noise index, record) of this program's block in the tensor table (or of
+    ``block`` of the table's ``num_blocks``, for a kernel whose programs take several).
 
     ``start`` may be negative (a sampling block placed on a multiple of 4 in noise space).
     """
-    pid = tl.program_id(0)
+    pid = tl.program_id(0) if block is None else block
     index = tl.load(table + 2 * pid)
     start = tl.load(table + 2 * pid + 1)
-    record = table + 2 * tl.num_programs(0) + index * (2 + NUM_ROLES)
+    record = table + 2 * (tl.num_programs(0) if num_blocks is None else num_blocks) + index * (2 + NUM_ROLES)
     remaining = tl.load(record) - start
     noise_index = tl.load(record + 1) + start
     return start, remaining, noise_index, record
@@ -343,23 +346,97 @@ def for_block(
         return BODY(pointers, offs, (offs >= -start) & (offs < remaining), scalars, noise_index, STATE, OPTION)
 
 
+#: Philox4x32-10's round multipliers and key increments (ALGORITHM.md, "Noise")
+PHILOX_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def philox(seed, counters):
+    """Philox4x32-10 at ``counters`` (int64) under key ``seed``: the four uint32 words of each, exactly
+    ``tl.randint4x(seed, counters)``. Each round's two products are one 32 x 32 -> 64-bit multiply each
+    (high and low word at once, where ``tl.umulhi`` and a product make two)."""
+    seed = tl.to_tensor(seed).to(tl.uint64)  # as tl.randint4x: a small seed may come as int32
+    key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = counters.to(tl.uint32)
+    c1 = (counters >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(10):
+        p = c0.to(tl.uint64) * PHILOX_ROUND_A
+        q = c2.to(tl.uint64) * PHILOX_ROUND_B
+        c0, c1, c2, c3 = (
+            (q >> 32).to(tl.uint32) ^ c1 ^ key0,
+            q.to(tl.uint32),
+            (p >> 32).to(tl.uint32) ^ c3 ^ key1,
+            p.to(tl.uint32),
+        )
+        key0 = key0 + PHILOX_KEY_A
+        key1 = key1 + PHILOX_KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def uniform(word):
+    """Triton's ``uint_to_uniform_float``: the word read as int32, bit-inverted when negative, times
+    4.6566127342e-10 (float32)."""
+    x = word.to(tl.int32, bitcast=True)
+    return tl.where(x < 0, ~x, x).to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def sincos(x):
+    """(sin x, cos x) for 0 <= x < 8192, float32: Cephes sinf/cosf with one reduction for both, the
+    polynomials of ``csrc/sambayes_math.h`` (``sincos_f32``). Box–Muller's angle is in [0, 2π): no
+    large-argument path."""
+    j = (x * 1.27323954473516).to(tl.int32)  # 4/π; x >= 0: truncation is the floor
+    j += j & 1  # even octant: reduce to [-π/4, π/4]
+    y = j.to(tl.float32)
+    j = j & 7
+    r = ((x - y * 0.78515625) - y * 2.4187564849853515625e-4) - y * 3.77489497744594108e-8
+    r2 = r * r
+    sin_r = ((-1.9515295891e-4 * r2 + 8.3321608736e-3) * r2 - 1.6666654611e-1) * r2 * r + r
+    cos_r = ((2.443315711809948e-5 * r2 - 1.388731625493765e-3) * r2 + 4.166664568298827e-2) * r2 * r2 - 0.5 * r2 + 1.0
+    # over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
+    swap = (j & 2) != 0
+    s = tl.where(swap, cos_r, sin_r)
+    c = tl.where(swap, sin_r, cos_r)
+    return tl.where(j >= 4, -s, s), tl.where(((j + 2) & 4) != 0, -c, c)
+
+
+@triton.jit
+def normal_pair(a, b):
+    """Box–Muller on two Philox words, as ``tl.randn4x``'s pair: (r·cos θ, r·sin θ) with
+    r = sqrt(−2 ln max(1e-7, u(a))), θ = 2π·u(b), float32."""
+    u1 = tl.maximum(1.0e-7, uniform(a))
+    radius = tl.sqrt(-2.0 * tl.log(u1))  # approximate on a GPU (sqrt.approx), as tl.randn4x's
+    sin_theta, cos_theta = sincos(6.283185307179586 * uniform(b))
+    return radius * cos_theta, radius * sin_theta
+
+
 @triton.jit
 def randn_block(seed, noise_index, BLOCK: tl.constexpr):
     """The BLOCK normals of noise indices ``noise_index .. noise_index + BLOCK - 1`` (a multiple of 4):
-    BLOCK/4 calls of ``tl.randn4x``, their four lanes interleaved in element order."""
+    BLOCK/4 calls of ``randn4x`` (ALGORITHM.md, "Noise": Philox4x32-10, then Box–Muller on words 0, 1
+    and on 2, 3), their four lanes interleaved in element order."""
     counters = noise_index // 4 + tl.arange(0, BLOCK // 4)
-    z0, z1, z2, z3 = tl.randn4x(seed, counters.to(tl.int64))
+    w0, w1, w2, w3 = philox(seed, counters.to(tl.int64))
+    z0, z1 = normal_pair(w0, w1)
+    z2, z3 = normal_pair(w2, w3)
     return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
 
 
 @triton.jit
 def words_block(seed, noise_index, BLOCK: tl.constexpr):
     """The BLOCK random words (uint32) of element indices ``noise_index .. noise_index + BLOCK - 1``
-    (a multiple of 4): element i takes word i mod 4 of ``tl.randint4x(seed, i div 4)``, Philox4x32-10
-    at counter i div 4 under key ``seed``; BLOCK/4 calls, their four words interleaved as in
+    (a multiple of 4): element i takes word i mod 4 of Philox4x32-10 under key ``seed`` at counter
+    i div 4 (:func:`philox`, ``tl.randint4x``); BLOCK/4 calls, their four words interleaved as in
     :func:`randn_block`."""
     counters = noise_index // 4 + tl.arange(0, BLOCK // 4)
-    w0, w1, w2, w3 = tl.randint4x(seed, counters.to(tl.int64))
+    w0, w1, w2, w3 = philox(seed, counters.to(tl.int64))
     return tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
 
 
@@ -377,6 +454,17 @@ def div(x, y):
         return x / y
     else:
         return tl.div_rn(x, y)
+
+
+@triton.jit
+def over_sqrt(z, x):
+    """z / sqrt(x): float64 correctly rounded (two IEEE operations, as PyTorch); float32 as z·rsqrt(x), the
+    reciprocal square root approximate (within 2 ulps on a GPU, one instruction instead of an IEEE
+    square root and division with their slow-path checks)."""
+    if x.dtype == tl.float64:
+        return z / tl.sqrt(x)
+    else:
+        return z * tl.math.rsqrt(x)
 
 
 @triton.jit
@@ -401,10 +489,13 @@ def load(ptr, offs, mask, DTYPE: tl.constexpr, OTHER: tl.constexpr = 0.0):
 def rounded(value, DTYPE: tl.constexpr):
     """``value`` rounded to DTYPE to nearest even, as PyTorch rounds.
 
-    float32 -> bfloat16 is done on the bits: the same on a GPU and under the
-    interpreter, which would otherwise truncate.
+    float32 -> bfloat16: one conversion instruction for two values on a GPU (``cvt.rn.bf16x2.f32``);
+    under the interpreter, which would truncate, on the bits. The same bits but for a NaN's payload
+    (the GPU's canonical NaN 0x7FFF, the interpreter's quiet NaN 0x7FC0, as PyTorch's).
     """
-    if DTYPE == tl.bfloat16 and value.dtype != DTYPE:
+    if DTYPE == tl.bfloat16 and value.dtype != DTYPE and not _INTERPRETED:
+        return value.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne")
+    elif DTYPE == tl.bfloat16 and value.dtype != DTYPE:
         x = value.to(tl.float32)
         bits = x.to(tl.uint32, bitcast=True)
         half = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)

@@ -40,16 +40,20 @@ from ._multi_tensor import (
 def _perturb_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, ACCUMULATE: tl.constexpr):
     param, grad, mean, precision, curvature_sum = pointers
     rho, found_inf, inv_scale = scalars
+    # every load before the found-inf branch, so that they go out in one wave
     g = load(grad, offs, mask, STATE) * inv_scale
-    flag_nonfinite(g, found_inf)
     m = load(mean, offs, mask, STATE)
     s = load(precision, offs, mask, STATE, 1.0)  # bfloat16: converted exactly
+    if ACCUMULATE:
+        a = load(curvature_sum, offs, mask, STATE)
+    flag_nonfinite(g, found_inf)
     # adversarial point, from the mean
     store(param, offs, m + div(rho * g, s), mask)
     # curvature estimate of the precision update, summed over sub-batches
-    a = sqrt(s) * tl.abs(g)
     if ACCUMULATE:
-        a = load(curvature_sum, offs, mask, STATE) + a
+        a = a + sqrt(s) * tl.abs(g)
+    else:
+        a = sqrt(s) * tl.abs(g)
     store(curvature_sum, offs, a, mask)
     # the gradient is consumed: the perturbed-point pass accumulates into a zeroed buffer
     zero(grad, offs, mask)

@@ -16,15 +16,14 @@ import triton.language as tl
 
 from ..phases import BSAM_SAMPLE, step_args
 from ._multi_tensor import (
-    div,
     for_block,
     launch,
     load,
     locate,
+    over_sqrt,
     randn_block,
     role_pointer,
     scalar,
-    sqrt,
     step_value,
     store,
     tensor_table,
@@ -39,7 +38,7 @@ def _sample_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
     s = load(precision, offs, mask, STATE, 1.0)  # masked lanes: no division by zero; bfloat16: exact
     z = randn_block(seed, noise_index, BLOCK).to(STATE)
     # noisy sample
-    store(param, offs, m + div(z, sqrt(num_data * s)), mask)
+    store(param, offs, m + over_sqrt(z, num_data * s), mask)
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed each step: one compiled variant for all

@@ -43,14 +43,19 @@ from ._multi_tensor import (
 @triton.jit
 def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, STORED: tl.constexpr):
     param, grad_sum, mean, precision, momentum, curvature_sum = pointers
-    run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, splits, seed = scalars
+    run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, damping, inv_splits, seed = (
+        scalars
+    )
+    # every load before the first branch, so that they go out in one wave (a skipped step reads and drops them)
     m = load(mean, offs, mask, STATE)
+    grad_sum_block = load(grad_sum, offs, mask, STATE)
+    curvature = load(curvature_sum, offs, mask, STATE)
+    s = load(precision, offs, mask, STATE, 1.0)
+    g_m = load(momentum, offs, mask, STATE)
     if run:
-        # the means over the sub-batches
-        h = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits)
-        a = div(load(curvature_sum, offs, mask, STATE), splits)
-        s = load(precision, offs, mask, STATE, 1.0)
-        g_m = load(momentum, offs, mask, STATE)
+        # the means over the sub-batches: x·(1/k), the reciprocal from the host (x / k for k a power of two)
+        h = grad_sum_block * inv_scale * inv_splits
+        a = curvature * inv_splits
         # momentum
         g_m = beta1 * g_m + one_minus_beta1 * (h + weight_decay * m)
         # mean step, divided by the precision before this step's update
@@ -101,7 +106,7 @@ def _bsam_update_kernel(
     one_minus_beta2: tl.float64,
     weight_decay: tl.float64,
     damping: tl.float64,
-    splits,
+    inv_splits: tl.float64,
     curvature_base,
     seed,
     lr_ptr,  # None, or lr in device memory (capturable)
@@ -124,7 +129,7 @@ def _bsam_update_kernel(
         scalar(one_minus_beta2, STATE),
         scalar(weight_decay, STATE),
         scalar(damping, STATE),
-        tl.cast(splits, STATE),
+        scalar(inv_splits, STATE),
         step_value(seed, seed_ptr),
     )
     for_block(_update_block, pointers, scalars, start, remaining, noise_index, STATE, STORED, BLOCK)
@@ -151,7 +156,7 @@ def bsam_update(
 ) -> None:
     """The bSAM update of every tensor, one launch per alignment class (see ALGORITHM.md)::
 
-        h = grad_sum·inv_scale / splits ;  a = curvature_sum / splits
+        h = grad_sum·inv_scale / splits ;  a = curvature_sum / splits   (as x·(1/splits): within an ulp)
         momentum  = β1·momentum + (1 − β1)·(h + δ·mean)
         mean      = mean − lr·momentum / precision
         precision = β2·precision + (1 − β2)·(a + δ + γ)
@@ -181,7 +186,7 @@ def bsam_update(
         found_inf,
         inv_scale,
         *(float(x) for x in scalars),
-        int(splits),
+        1.0 / int(splits),
         relative_base(curvature_sums),
         seed,
         lr_ptr,

@@ -34,13 +34,17 @@ from ._multi_tensor import (
 def _adamw_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
     param, grad_sum, weight, momentum, variance = pointers
     run, inv_scale, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2, eps, step_size, splits = scalars
+    # every load before the first branch, so that they go out in one wave (a skipped step reads and drops them)
     w = load(weight, offs, mask, STATE)
+    g = load(grad_sum, offs, mask, STATE)
+    m = load(momentum, offs, mask, STATE)
+    v = load(variance, offs, mask, STATE)
     if run:
-        h = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits)
+        h = div(g * inv_scale, splits)
         # decoupled weight decay
         w = w * decay
-        m = beta1 * load(momentum, offs, mask, STATE) + one_minus_beta1 * h
-        v = beta2 * load(variance, offs, mask, STATE) + one_minus_beta2 * h * h
+        m = beta1 * m + one_minus_beta1 * h
+        v = beta2 * v + one_minus_beta2 * h * h
         denom = sqrt(div(v, bias2)) + eps
         w = w - div(step_size * m, denom)
         store(momentum, offs, m, mask)

@@ -33,11 +33,14 @@ from ._multi_tensor import (
 def _sgd_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, NESTEROV: tl.constexpr):
     param, grad_sum, weight, momentum_buffer = pointers
     run, inv_scale, lr, momentum, weight_decay, splits = scalars
+    # every load before the first branch, so that they go out in one wave (a skipped step reads and drops them)
     w = load(weight, offs, mask, STATE)
+    h = load(grad_sum, offs, mask, STATE)
+    b = load(momentum_buffer, offs, mask, STATE)
     if run:
-        d = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits) + weight_decay * w
+        d = div(h * inv_scale, splits) + weight_decay * w
         # heavy ball, no dampening
-        b = momentum * load(momentum_buffer, offs, mask, STATE) + d
+        b = momentum * b + d
         # nesterov looks ahead along the new buffer
         if NESTEROV:
             w = w - lr * (d + momentum * b)

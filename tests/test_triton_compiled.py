@@ -1,13 +1,9 @@
 """The compiled kernels, without a GPU: Triton compiles them ahead of time for sm_90 (H100),
 and the machine code must use 128-bit global loads and stores on every stream of a full
 block and no local memory (no register spills); with capturable=True's lr and seeds read from device
-memory too."""
+memory too. Every kernel must be within the instruction budget (tests/budget.py)."""
 
-import json
-import os
-import subprocess
-import sys
-
+import budget
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -39,31 +35,34 @@ CAPTURABLE = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("capturable", [False, True], ids=["scalars-by-value", "capturable"])
-def test_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills(capturable):
+def test_kernels_compile_for_sm90_with_128_bit_accesses_no_spills_and_within_the_budget(triton_reports):
+    # conftest's build: float32 and bfloat16 parameters, precision and momentum in float32 and bfloat16
+    reports = {r["kernel"]: r for r in triton_reports if r["param"] == "fp32" and "stored" not in r}
+    _check(reports, set(STREAMS))
+    budget.check("triton", triton_reports)
+
+
+@pytest.mark.slow
+def test_capturable_kernels_compile_for_sm90_with_128_bit_accesses_and_no_spills():
     try:
         from triton.backends import nvidia  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run(
-        [sys.executable, "-m", "sambayes.kernels._compile_check", "--arch", "90", "--dtypes", "fp32"]
-        + ["--capturable"] * capturable,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    reports = {r["kernel"]: r for r in map(json.loads, out.stdout.splitlines())}
-    expected = CAPTURABLE if capturable else set(STREAMS)
+    from conftest import _compile_check_reports
+
+    reports = {r["kernel"]: r for r in _compile_check_reports("--dtypes", "fp32", "--capturable")}
+    _check(reports, CAPTURABLE)
+
+
+def _check(reports: dict, expected: set) -> None:
+    from sambayes.kernels import sam_sq_norm
+
+    blocks = {"_sq_norm_kernel": sam_sq_norm.SPAN}  # table blocks per program
     assert set(reports) == expected
     for name in expected:
         inputs, outputs = STREAMS[name]
         r = reports[name]
-        # BLOCK = 1024 over 128 threads: 8 float32 per thread and stream, two 16-byte accesses
-        assert r["ldg128"] == 2 * inputs, r
-        assert r["stg128"] == 2 * outputs, r
+        # BLOCK = 1024 over 128 threads: 8 float32 per thread and stream, two 16-byte accesses per block
+        assert r["ldg128"] == 2 * inputs * blocks.get(name, 1), r
+        assert r["stg128"] == 2 * outputs * blocks.get(name, 1), r
         assert r["local_ops"] == 0 and r["local_bytes"] == 0 and r["stack_bytes"] == 0, r
