@@ -21,19 +21,19 @@ template <typename P, typename A>
 struct IvonAccumulateOp {
   static constexpr bool kNoiseQuads = true;
   bool price, first, last;
-  PhiloxRoundKeys keys;  // the sample's noise: kernel parameters, or read from seed_ptr in prepared()
+  uint32_t k0, k1;
   const int64_t* seed_ptr;
   float* found_inf;
   int64_t curvature_base;
   __device__ IvonAccumulateOp prepared() const {
     IvonAccumulateOp op = *this;
-    if (seed_ptr) op.keys = read_philox_round_keys(seed_ptr);
+    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
     return op;
   }
   // z of a quad (Price's estimator; none for the squared gradient)
   __device__ Pack<float, 4> draw(uint64_t call) const {
     if (!price) return {};
-    return noise_quad(call, keys);
+    return noise_quad(call, k0, k1);
   }
   template <int W, typename Lanes>
   __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
@@ -91,8 +91,8 @@ struct IvonUpdateOp {
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
-  PhiloxRoundKeys noise_keys;     // the one sample's noise (not summed, Price's estimator)
-  PhiloxRoundKeys rounding_keys;  // the stochastic rounding (bfloat16 S)
+  uint32_t noise_k0, noise_k1;        // the one sample's noise (not summed, Price's estimator)
+  uint32_t rounding_k0, rounding_k1;  // the stochastic rounding (bfloat16 S)
   const double* lr_ptr;
   const int64_t* noise_seed_ptr;
   const int64_t* seed_ptr;
@@ -102,8 +102,8 @@ struct IvonUpdateOp {
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     op.c.bias1 = static_cast<A>(ivon_bias1(beta1, *step_ptr, debias));
     if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
-    if (noise_seed_ptr) op.noise_keys = read_philox_round_keys(noise_seed_ptr);
-    if (seed_ptr) op.rounding_keys = read_philox_round_keys(seed_ptr);
+    if (noise_seed_ptr) read_philox_key(noise_seed_ptr, op.noise_k0, op.noise_k1);
+    if (seed_ptr) read_philox_key(seed_ptr, op.rounding_k0, op.rounding_k1);
     return op;
   }
   __device__ bool noise() const { return price && !summed; }
@@ -111,8 +111,8 @@ struct IvonUpdateOp {
   __device__ Pack<IvonDraw, 4> draw(uint64_t call) const {
     Pack<IvonDraw, 4> out{};
     if (skip) return out;  // a skipped step stores no state
-    const Pack<float, 4> z = noise() ? noise_quad(call, noise_keys) : Pack<float, 4>{};
-    const Pack<uint32_t, 4> words = kRounded ? words_quad(call, rounding_keys) : Pack<uint32_t, 4>{};
+    const Pack<float, 4> z = noise() ? noise_quad(call, noise_k0, noise_k1) : Pack<float, 4>{};
+    const Pack<uint32_t, 4> words = kRounded ? words_quad(call, rounding_k0, rounding_k1) : Pack<uint32_t, 4>{};
 #pragma unroll
     for (int j = 0; j < 4; ++j) out.v[j] = {z.v[j], words.v[j]};
     return out;
@@ -170,13 +170,8 @@ void ivon_accumulate_cuda(at::TensorList grads, at::TensorList grad_sums, at::Te
   float* flag = device_scalar(found_inf, device, "found_inf");
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "ivon_accumulate", [&] {
     using A = acc_t<scalar_t>;
-    const IvonAccumulateOp<scalar_t, A> op{price,
-                                           first,
-                                           last,
-                                           philox_round_keys(key.first, key.second),
-                                           price ? seed_ptr : nullptr,
-                                           flag,
-                                           curvature_base};
+    const IvonAccumulateOp<scalar_t, A> op{price,    first, last, key.first, key.second, price ? seed_ptr : nullptr,
+                                           flag,     curvature_base};
     launch<3, A, 1>(rows, device, op, grad_base);
   });
 }
@@ -221,8 +216,10 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                                    inv,
                                    false,
                                    A(1),
-                                   philox_round_keys(noise_key.first, noise_key.second),
-                                   philox_round_keys(rounding_key.first, rounding_key.second),
+                                   noise_key.first,
+                                   noise_key.second,
+                                   rounding_key.first,
+                                   rounding_key.second,
                                    lr_ptr,
                                    noise ? noise_ptr : nullptr,
                                    bf16_state ? seed_ptr : nullptr};

@@ -254,6 +254,19 @@ __device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, const Phi
   return {{w.w0, w.w1, w.w2, w.w3}};
 }
 
+// The same under the key (k0, k1), its rounds' keys computed in the call (a kernel that reads the key from
+// device memory or not at run time: rounds' keys there would be held in registers).
+__device__ __forceinline__ Pack<float, 4> noise_quad(uint64_t call, uint32_t k0, uint32_t k1) {
+  Pack<float, 4> z;
+  philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
+  return z;
+}
+
+__device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, uint32_t k0, uint32_t k1) {
+  const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
+  return {{w.w0, w.w1, w.w2, w.w3}};
+}
+
 // ---- the end of an update of the posterior, shared by bSAM's and IVON's ---------------------------
 
 // Elements i .. i + W - 1 of the rows of an update (phases.POSTERIOR_UPDATE_ROLES): the new mean (role 2), the
