@@ -21,7 +21,7 @@ template <typename P, typename A, typename S, bool kSeedTensor = false>
 struct SampleOp {
   static constexpr bool kNoiseQuads = true;
   A num_data;
-  PhiloxRoundKeys keys;  // kSeedTensor: computed in prepared(), once per thread (uniform registers)
+  PhiloxRoundKeys keys;  // kSeedTensor: read in prepared() (read_philox_round_keys), once per thread
   const int64_t* seed_ptr;
   __device__ SampleOp prepared() const {
     SampleOp op = *this;
@@ -40,7 +40,7 @@ struct SampleOp {
     for (int j = 0; j < W; ++j) {
       param.v[j] = bsam_sample_param_fast<A>(mean.v[j], precision.v[j], static_cast<A>(z.v[j]), num_data);
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(param));
+    store_rounded<P>(row.ptr[0], i, param);
   }
 };
 
@@ -76,7 +76,7 @@ struct BsamPerturbOp {
       curvature_sum.v[j] = accumulate ? curvature_sum.v[j] + a : a;
     }
     if (bad) raise_flag(found_inf);
-    store<P, W>(row.ptr[0], i, rounded<P>(param));
+    store_rounded<P>(row.ptr[0], i, param);
     store<A, W>(row.ptr[4], i, curvature_sum);
     store_zero<P, W>(row.ptr[1], i);
   }
@@ -132,7 +132,7 @@ struct BsamUpdateOp {
       }
       store_posterior<S>(row, i, mean, precision, momentum, lanes);
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(mean));
+    store_rounded<P>(row.ptr[0], i, mean);
     store_zero<P, W>(row.ptr[1], i);
   }
 };

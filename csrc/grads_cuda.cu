@@ -52,7 +52,7 @@ struct RestoreOp {
   __device__ RestoreOp prepared() const { return *this; }
   template <int W>
   __device__ void run(const TensorRow<2>& row, int64_t i) const {
-    store<P, W>(row.ptr[0], i, rounded<P>(load<A, W>(row.ptr[1], i)));
+    store_rounded<P>(row.ptr[0], i, load<A, W>(row.ptr[1], i));
   }
 };
 

@@ -147,7 +147,7 @@ struct IvonUpdateOp {
         return words;
       });
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(mean));
+    store_rounded<P>(row.ptr[0], i, mean);
     store_zero<P, W>(row.ptr[1], i);
   }
 };

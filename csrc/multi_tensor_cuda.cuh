@@ -182,25 +182,25 @@ __device__ __forceinline__ P narrowed(A x) {
   return static_cast<P>(x);
 }
 
-// W values rounded to P (narrowed), two at a time where P is bfloat16: one instruction per pair on the GPU.
+// W values rounded to P (narrowed) and stored; bfloat16 on the GPU two at a time, one conversion per pair
+// stored as the pair's 32-bit word (split into two 16-bit values, the pair costs two instructions to re-pack).
 template <typename P, typename A, int W>
-__device__ __forceinline__ Pack<P, W> rounded(const Pack<A, W>& values) {
-  Pack<P, W> out;
+__device__ __forceinline__ void store_rounded(void* base, int64_t i, const Pack<A, W>& values) {
 #if defined(__CUDA_ARCH__)
   if constexpr (std::is_same_v<P, c10::BFloat16> && std::is_same_v<A, float> && W % 2 == 0) {
+    Pack<uint32_t, W / 2> pairs;
 #pragma unroll
-    for (int j = 0; j < W; j += 2) {  // the first operand goes to the high half
-      uint32_t pair;
-      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(values.v[j + 1]), "f"(values.v[j]));
-      out.v[j] = P(static_cast<unsigned short>(pair & 0xFFFFu), P::from_bits());
-      out.v[j + 1] = P(static_cast<unsigned short>(pair >> 16), P::from_bits());
+    for (int j = 0; j < W; j += 2) {  // the first operand goes to the high half: element j + 1
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pairs.v[j / 2]) : "f"(values.v[j + 1]), "f"(values.v[j]));
     }
-    return out;
+    store<uint32_t, W / 2>(base, i >> 1, pairs);  // i even and not negative
+    return;
   }
 #endif
+  Pack<P, W> out;
 #pragma unroll
   for (int j = 0; j < W; ++j) out.v[j] = narrowed<P>(values.v[j]);
-  return out;
+  store<P, W>(base, i, out);
 }
 
 __device__ __forceinline__ void raise_flag(float* found_inf) { *found_inf = 1.0f; }
@@ -224,20 +224,18 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
   k1 = static_cast<uint32_t>(s >> 32);
 }
 
-// The rounds' keys of a seed read on the device, computed once per thread: held in registers (an
-// assembly move the compiler cannot see through), where it would recompute them in every call.
+// The rounds' keys of a seed read on the device: computed by the block's first thread into shared memory and
+// read from there once by every thread (call it from prepared(), which every thread runs). Held in registers:
+// computed from the seed by each thread, they are recomputed in every call (nine of the twenty on sm_90).
 __device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t* seed) {
-  uint32_t k0, k1;
-  read_philox_key(seed, k0, k1);
-  PhiloxRoundKeys keys = philox_round_keys(k0, k1);
-#if !defined(SAMBAYES_EMULATED)
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    asm("mov.b32 %0, %0;" : "+r"(keys.k0[round]));
-    asm("mov.b32 %0, %0;" : "+r"(keys.k1[round]));
+  __shared__ PhiloxRoundKeys shared;
+  if (threadIdx.x == 0) {
+    uint32_t k0, k1;
+    read_philox_key(seed, k0, k1);
+    shared = philox_round_keys(k0, k1);
   }
-#endif
-  return keys;
+  __syncthreads();
+  return shared;
 }
 
 // The draws of a quad (see multi_tensor_kernel): the Philox4x32-10 call `call` = (offset + q) / 4 for the quad
@@ -372,10 +370,10 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (draws_noise<Op>::value) {
     int64_t first = chunk.begin - (row.offset + chunk.begin) % 4;  // the quad that holds chunk.begin
     if (row.aligned && row.offset % 4 == 0) {  // then first == chunk.begin: whole quads, vector loads
-      const int64_t quads = (chunk.end - chunk.begin) / 4;
+      const int quads = static_cast<int>((chunk.end - chunk.begin) / 4);  // a chunk's quads count in 32 bits
       const auto first_call = static_cast<uint64_t>(row.offset + chunk.begin) / 4;  // quad k: call first_call + k
 #pragma unroll 1
-      for (int64_t k = threadIdx.x; k < quads; k += kThreads) {
+      for (int k = threadIdx.x; k < quads; k += kThreads) {
         const int64_t q = chunk.begin + 4 * k;
         const uint64_t call = first_call + static_cast<uint64_t>(k);
         if constexpr (V == 4) {

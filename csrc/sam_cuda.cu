@@ -31,7 +31,7 @@ struct SamPerturbOp {
       const A g = grad.v[j] * inv_scale;
       param.v[j] = sam_perturb_param<A>(g, weight.v[j], scale, adaptive);
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(param));
+    store_rounded<P>(row.ptr[0], i, param);
     store_zero<P, W>(row.ptr[1], i);
   }
 };
@@ -62,7 +62,7 @@ struct SgdOp {
       store<A, W>(row.ptr[2], i, weight);
       store<A, W>(row.ptr[3], i, buf);
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(weight));
+    store_rounded<P>(row.ptr[0], i, weight);
     store_zero<P, W>(row.ptr[1], i);
   }
 };
@@ -103,7 +103,7 @@ struct AdamwOp {
       store<A, W>(row.ptr[3], i, momentum);
       store<A, W>(row.ptr[4], i, variance);
     }
-    store<P, W>(row.ptr[0], i, rounded<P>(weight));
+    store_rounded<P>(row.ptr[0], i, weight);
     store_zero<P, W>(row.ptr[1], i);
   }
 };

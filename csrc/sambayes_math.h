@@ -118,11 +118,11 @@ SB_HD float log_f32(float x) {
     float f;
     uint32_t u;
   } bits = {x};
-  int32_t exponent = static_cast<int32_t>(bits.u >> 23) - 126;  // x = m * 2^exponent, m in [0.5, 1)
+  const uint32_t biased = bits.u >> 23;  // x = m * 2^(biased - 126), m in [0.5, 1)
   bits.u = (bits.u & 0x007FFFFFu) | 0x3F000000u;
   float m = bits.f;
   const bool small = m < 0.707106781186547524f;  // fold m into [sqrt(1/2), sqrt(2))
-  exponent -= small ? 1 : 0;
+  const int32_t exponent = static_cast<int32_t>(biased) - (small ? 127 : 126);
   const float f = (small ? m + m : m) - 1.0f;
   const float e = static_cast<float>(exponent);
   const float f2 = f * f;

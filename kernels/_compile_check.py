@@ -112,7 +112,8 @@ def compile_kernel(kernel, constexprs: dict, param, arch: int, stored=None, capt
         if name.endswith("_base"):
             attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
     source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _multi_tensor.NUM_WARPS})
+    options = {"num_warps": _multi_tensor.warps(kernel)}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def sass_report(compiled, bytes_per_element: float, blocks: int = 1) -> dict:
