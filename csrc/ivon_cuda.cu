@@ -16,24 +16,26 @@ namespace {
 // float32 params: first 12 B/param (reads g; writes the two sums, zeroes g), middle 20 B, last 16 B (reads g and
 // the sums, writes the curvature sum and g), only (first and last) 8 B (reads g, writes the curvature sum). Both
 // sums are addressed relative to their first tensors: the grad sums' base comes with the launch, the curvature
-// sums' is added here. Price's estimator: one Philox call per four elements (the kernel's quads).
-template <typename P, typename A>
+// sums' is added here. Price's estimator: one Philox call per four elements (the kernel's quads), under the rounds'
+// keys (kernel parameters, or read in prepared() from the seed tensor); kGradsq: the squared gradient, no noise, in
+// an instantiation of its own (so that each compiles to its own path: the instruction budgets, tests/budget.py).
+template <typename P, typename A, bool kGradsq>
 struct IvonAccumulateOp {
   static constexpr bool kNoiseQuads = true;
-  bool price, first, last;
-  uint32_t k0, k1;
+  bool first, last;
+  PhiloxRoundKeys keys;
   const int64_t* seed_ptr;
   float* found_inf;
   int64_t curvature_base;
   __device__ IvonAccumulateOp prepared() const {
     IvonAccumulateOp op = *this;
-    if (seed_ptr) read_philox_key(seed_ptr, op.k0, op.k1);
+    if (seed_ptr) op.keys = read_philox_round_keys(seed_ptr);
     return op;
   }
   // z of a quad (Price's estimator; none for the squared gradient)
   __device__ Pack<float, 4> draw(uint64_t call) const {
-    if (!price) return {};
-    return noise_quad(call, k0, k1);
+    if constexpr (kGradsq) return {};
+    return noise_quad(call, keys);
   }
   template <int W, typename Lanes>
   __device__ void run(const TensorRow<3>& row, int64_t i, const Lanes& lanes) const {
@@ -52,7 +54,7 @@ struct IvonAccumulateOp {
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const A g = static_cast<A>(grad.v[j]);
-      const A c = ivon_curvature<A>(g, static_cast<A>(z.v[j]), price);
+      const A c = ivon_curvature<A>(g, static_cast<A>(z.v[j]), !kGradsq);
       curvature.v[j] = first ? c : curvature.v[j] + c;
       // the gradient sum over samples, as fold_grads sums sub-batches; the only sample: .grad keeps g
       bad |= !is_finite(only ? g : fold_element<P, A>(g, total.v[j], folded.v[j], stage));
@@ -79,7 +81,9 @@ struct IvonDraw {
 // float32 params, summed: 40 B/param with float32 state, 32 B with bfloat16 precision and momentum (reads h 4, m 4,
 // s 4 or 2, g_m 4 or 2, c 4; writes g_m 4 or 2, m 4, s 4 or 2, θ 4, zeroed h 4); one sample (not summed): 4 B less.
 // The noise and the rounding words: one Philox call per stream and four elements (the kernel's quads).
-template <typename P, typename A, typename S>
+// kOneSample: the one sample's curvature from Price's estimator (price && !summed), in an instantiation of its own,
+// so that the others carry no noise and each compiles to its own path (the instruction budgets, tests/budget.py).
+template <typename P, typename A, typename S, bool kOneSample>
 struct IvonUpdateOp {
   static constexpr bool kNoiseQuads = true;
   static constexpr bool kRounded = !std::is_same_v<S, A>;
@@ -91,8 +95,11 @@ struct IvonUpdateOp {
   const float* inv_scale_ptr;
   bool skip;
   A inv_scale;
-  uint32_t noise_k0, noise_k1;        // the one sample's noise (not summed, Price's estimator)
-  uint32_t rounding_k0, rounding_k1;  // the stochastic rounding (bfloat16 S)
+  PhiloxRoundKeys noise_keys;     // the one sample's noise (kOneSample): its rounds' keys
+  // the stochastic rounding (bfloat16 S): its rounds' keys with one sample; summed, its key alone (round 0's) and
+  // the rounds' computed in each call, as held in registers (capturable) they spill the summed update of float16
+  // parameters on sm_80 (ptxas 13)
+  PhiloxRoundKeys rounding_keys;
   const double* lr_ptr;
   const int64_t* noise_seed_ptr;
   const int64_t* seed_ptr;
@@ -102,17 +109,20 @@ struct IvonUpdateOp {
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
     op.c.bias1 = static_cast<A>(ivon_bias1(beta1, *step_ptr, debias));
     if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
-    if (noise_seed_ptr) read_philox_key(noise_seed_ptr, op.noise_k0, op.noise_k1);
-    if (seed_ptr) read_philox_key(seed_ptr, op.rounding_k0, op.rounding_k1);
+    if (noise_seed_ptr) op.noise_keys = read_philox_round_keys(noise_seed_ptr);
+    if (seed_ptr && kOneSample) op.rounding_keys = read_philox_round_keys(seed_ptr);
+    if (seed_ptr && !kOneSample) read_philox_key(seed_ptr, op.rounding_keys.k0[0], op.rounding_keys.k1[0]);
     return op;
   }
-  __device__ bool noise() const { return price && !summed; }
+  __device__ bool noise() const { return kOneSample; }
   // the draws of a quad: Philox4x32-10 call `call` in each stream used
   __device__ Pack<IvonDraw, 4> draw(uint64_t call) const {
     Pack<IvonDraw, 4> out{};
     if (skip) return out;  // a skipped step stores no state
-    const Pack<float, 4> z = noise() ? noise_quad(call, noise_k0, noise_k1) : Pack<float, 4>{};
-    const Pack<uint32_t, 4> words = kRounded ? words_quad(call, rounding_k0, rounding_k1) : Pack<uint32_t, 4>{};
+    const Pack<float, 4> z = noise() ? noise_quad(call, noise_keys) : Pack<float, 4>{};
+    const Pack<uint32_t, 4> words = !kRounded  ? Pack<uint32_t, 4>{}
+                                    : kOneSample ? words_quad(call, rounding_keys)
+                                                 : words_quad(call, rounding_keys.k0[0], rounding_keys.k1[0]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) out.v[j] = {z.v[j], words.v[j]};
     return out;
@@ -127,16 +137,18 @@ struct IvonUpdateOp {
       auto momentum = load_widened<S, A, W>(row.ptr[4], i);
       Pack<A, W> curvature_sum;
       Pack<IvonDraw, W> drawn{};
-      if (summed) {
-        curvature_sum = load<A, W>(row.ptr[5], i);
-      } else if (price) {
+      if (kOneSample) {
         drawn = lanes();
+      } else if (summed) {
+        curvature_sum = load<A, W>(row.ptr[5], i);
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const A g = static_cast<A>(grad.v[j]) * inv_scale / c.splits;
-        const A curvature = summed ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.splits, price)
-                                   : ivon_curvature<A>(g, static_cast<A>(drawn.v[j].z), price);
+        // one sample: Price's estimator (kOneSample) or the squared gradient
+        const A curvature = kOneSample ? ivon_curvature<A>(g, static_cast<A>(drawn.v[j].z), true)
+                            : summed   ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.splits, price)
+                                       : ivon_curvature<A>(g, A(0), false);
         ivon_update_element<A>(g, curvature, mean.v[j], precision.v[j], momentum.v[j], c, price);
       }
       store_posterior<S>(row, i, mean, precision, momentum, [&] {
@@ -163,6 +175,7 @@ void ivon_accumulate_cuda(at::TensorList grads, at::TensorList grad_sums, at::Te
   const int64_t* seed_ptr = optional_scalar<int64_t>(seed_tensor, device, "ivon_accumulate", "seed_tensor");
   // the seed matters for Price's estimator only; a seed tensor is read by the kernel
   const auto key = price && !seed_ptr ? philox_key(seed) : std::pair<uint32_t, uint32_t>{};
+  const PhiloxRoundKeys keys = philox_round_keys(key.first, key.second);
   // offsets only where they matter (the noise), so that the other rows' chunks stay vector-aligned
   auto rows = make_rows<3>({grads, grad_sums, curvature_sums}, price ? offsets : at::IntArrayRef{});
   const auto grad_base = make_relative<3>(rows, 1);
@@ -170,9 +183,12 @@ void ivon_accumulate_cuda(at::TensorList grads, at::TensorList grad_sums, at::Te
   float* flag = device_scalar(found_inf, device, "found_inf");
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "ivon_accumulate", [&] {
     using A = acc_t<scalar_t>;
-    const IvonAccumulateOp<scalar_t, A> op{price,    first, last, key.first, key.second, price ? seed_ptr : nullptr,
-                                           flag,     curvature_base};
-    launch<3, A, 1>(rows, device, op, grad_base);
+    const auto run = [&](auto gradsq) {
+      const IvonAccumulateOp<scalar_t, A, decltype(gradsq)::value> op{
+          first, last, keys, price ? seed_ptr : nullptr, flag, curvature_base};
+      launch<3, A, 1>(rows, device, op, grad_base);
+    };
+    price ? run(std::false_type{}) : run(std::true_type{});
   });
 }
 
@@ -206,7 +222,9 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
     using A = acc_t<P>;
     // the step lives on the device: the debiasing is filled in there (IvonUpdateOp::prepared); here a placeholder
     const auto c = ivon_update_coeffs<A>(splits, lr, beta1, beta2, ess, weight_decay, clip_radius, 1.0);
-    const IvonUpdateOp<P, A, S> op{c,
+    const auto run = [&](auto one_sample) {
+      constexpr bool kOneSample = decltype(one_sample)::value;
+      const IvonUpdateOp<P, A, S, kOneSample> op{c,
                                    price,
                                    summed,
                                    debias,
@@ -216,14 +234,14 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
                                    inv,
                                    false,
                                    A(1),
-                                   noise_key.first,
-                                   noise_key.second,
-                                   rounding_key.first,
-                                   rounding_key.second,
+                                   philox_round_keys(noise_key.first, noise_key.second),
+                                   philox_round_keys(rounding_key.first, rounding_key.second),
                                    lr_ptr,
                                    noise ? noise_ptr : nullptr,
                                    bf16_state ? seed_ptr : nullptr};
-    launch<6, A, 5>(rows, device, op, base);
+      launch<6, A, 5>(rows, device, op, base);
+    };
+    noise ? run(std::true_type{}) : run(std::false_type{});
   });
 }
 

@@ -225,8 +225,9 @@ __device__ __forceinline__ void read_philox_key(const int64_t* seed, uint32_t& k
 }
 
 // The rounds' keys of a seed read on the device: computed by the block's first thread into shared memory and
-// read from there once by every thread (call it from prepared(), which every thread runs). Held in registers:
-// computed from the seed by each thread, they are recomputed in every call (nine of the twenty on sm_90).
+// read from there once by every thread (call it from prepared(), which every thread runs, under a condition
+// the same for the whole block). Held in registers: computed from the seed by each thread, they are recomputed
+// in every call (nine of the twenty on sm_90).
 __device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t* seed) {
   __shared__ PhiloxRoundKeys shared;
   if (threadIdx.x == 0) {
@@ -235,7 +236,9 @@ __device__ __forceinline__ PhiloxRoundKeys read_philox_round_keys(const int64_t*
     shared = philox_round_keys(k0, k1);
   }
   __syncthreads();
-  return shared;
+  const PhiloxRoundKeys keys = shared;
+  __syncthreads();  // every thread has its copy before a second call (another seed) writes them
+  return keys;
 }
 
 // The draws of a quad (see multi_tensor_kernel): the Philox4x32-10 call `call` = (offset + q) / 4 for the quad
@@ -252,14 +255,8 @@ __device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, const Phi
   return {{w.w0, w.w1, w.w2, w.w3}};
 }
 
-// The same under the key (k0, k1), its rounds' keys computed in the call (a kernel that reads the key from
-// device memory or not at run time: rounds' keys there would be held in registers).
-__device__ __forceinline__ Pack<float, 4> noise_quad(uint64_t call, uint32_t k0, uint32_t k1) {
-  Pack<float, 4> z;
-  philox_randn4x(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1, z.v);
-  return z;
-}
-
+// The same under the key (k0, k1), its rounds' keys computed in the call: for a kernel whose key comes from device
+// memory or not at run time, where its rounds' keys held in registers would spill (IVON's summed update, sm_80).
 __device__ __forceinline__ Pack<uint32_t, 4> words_quad(uint64_t call, uint32_t k0, uint32_t k1) {
   const PhiloxWords w = philox4x32_10(static_cast<uint32_t>(call), static_cast<uint32_t>(call >> 32), k0, k1);
   return {{w.w0, w.w1, w.w2, w.w3}};

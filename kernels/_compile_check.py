@@ -59,6 +59,8 @@ KERNELS = {
     "ivon_update": (ivon_update._ivon_update_kernel, {"SUMMED": True, "PRICE": True}),
 }
 
+#: phase: (the report's flag, the constexprs) of a second compilation its report holds apart (_sass.variant)
+VARIANTS = {"ivon_update": ("one_sample", {"SUMMED": False, "PRICE": True})}
 
 #: capturable=True's step scalars in device memory, by argument name (otherwise None: constexprs)
 STEP_POINTERS = {"lr_ptr": "*fp64", "decay_ptr": "*fp64", "seed_ptr": "*i64", "noise_seed_ptr": "*i64"}
@@ -182,19 +184,26 @@ def main(argv=None) -> None:
                     continue
                 if args.capturable and not STEP_POINTERS.keys() & set(kernel.arg_names):
                     continue
-                compiled = compile_kernel(
-                    kernel, constexprs, names[dtype], args.arch, names.get(stored), args.capturable
-                )
-                report = dict(phase=phase, kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
-                if stored == "bf16":
-                    report["stored"] = stored
-                if args.capturable:
-                    report["capturable"] = True
-                state = "fp64" if dtype == "fp64" else "fp32"
-                stored_name = "bf16" if stored == "bf16" else None
-                nbytes = _sass.phase_bytes(phase, dtype, state, stored_name)
-                report.update(sass_report(compiled, nbytes, constexprs.get("SPAN", 1)))
-                print(json.dumps(report), flush=True)
+                compilations = [(None, constexprs)]
+                if phase in VARIANTS:
+                    flag, changed = VARIANTS[phase]
+                    compilations.append((flag, {**constexprs, **changed}))
+                for flag, values in compilations:
+                    compiled = compile_kernel(
+                        kernel, values, names[dtype], args.arch, names.get(stored), args.capturable
+                    )
+                    report = dict(phase=phase, kernel=kernel.__name__, param=dtype, arch=f"sm_{args.arch}")
+                    if stored == "bf16":
+                        report["stored"] = stored
+                    if args.capturable:
+                        report["capturable"] = True
+                    if flag:
+                        report[flag] = True
+                    state = "fp64" if dtype == "fp64" else "fp32"
+                    stored_name = "bf16" if stored == "bf16" else None
+                    nbytes = _sass.phase_bytes(phase, dtype, state, stored_name, one_sample=flag == "one_sample")
+                    report.update(sass_report(compiled, nbytes, values.get("SPAN", 1)))
+                    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ OPS = {
     "AdamwOp": "sam_update_adamw",
     "sq_norm_kernel": "sam_sq_norm",
 }
+#: ops whose last template argument, true, says something else than capturable (the seed read from device
+#: memory): the report's field for it
+TRAILING_FLAGS = {"IvonUpdateOp": "one_sample", "IvonAccumulateOp": "gradsq"}
 #: kernels that are no phase: test ops
 NOT_PHASES = {"philox_randn_kernel"}
 #: C++ types of the template arguments, by dtype name
@@ -196,7 +199,8 @@ def describe(demangled: str) -> dict:
     if len(op_types) > 2 and op_types[2] != op_types[1]:
         described["stored"] = DTYPES[op_types[2]]
     if template == "multi_tensor_kernel" and types and _template(types[-1])[1][-1:] == ["true"]:
-        described["capturable"] = True  # kSeedTensor: the seed read from device memory
+        # kSeedTensor: the seed read from device memory; IVON's update: kOneSample; its accumulation: kGradsq
+        described[TRAILING_FLAGS.get(op, "capturable")] = True
     return described
 
 
@@ -239,7 +243,14 @@ def reports(object_files: list[pathlib.Path], arch: int = 90) -> list[dict]:
                 state = report["state"] or ("fp64" if report["param"] == "fp64" else "fp32")
                 extra = _sass.CUDA_EXTRA.get(report["phase"], ("", ""))
                 dtypes = [report["param"], state, report.get("stored", state)]
-                nbytes = _sass.phase_bytes(report["phase"], report["param"], state, report.get("stored"), extra)
+                nbytes = _sass.phase_bytes(
+                    report["phase"],
+                    report["param"],
+                    state,
+                    report.get("stored"),
+                    extra,
+                    report.get("one_sample", False),
+                )
                 smallest = min(map(DTYPE_BYTES_OF.get, dtypes))
                 try:
                     report.update(

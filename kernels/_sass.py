@@ -444,14 +444,19 @@ STREAMS = {
     "ivon_accumulate": ("PSS", "SSP"),  # a middle sample: g and both sums read, both sums written, g zeroed
     "ivon_update": ("PSRRS", "RSRPP"),  # summed over samples: as bsam_update
 }
+#: the streams of IVON's update with one sample (Price's estimator from the regenerated noise): no curvature sum
+ONE_SAMPLE_STREAMS = {"ivon_update": ("PSRR", "RSRPP")}
 #: streams the CUDA kernels add where one kernel serves variants the Triton kernels compile apart
 CUDA_EXTRA = {"sam_sq_norm": ("S", "")}  # the weights of the adaptive norm
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def phase_bytes(phase: str, param: str, state: str, stored: str | None = None, extra: tuple = ("", "")) -> int:
-    """Bytes per element the phase moves: its STREAMS (and ``extra`` ones) in the given dtypes."""
-    reads, writes = STREAMS[phase]
+def phase_bytes(
+    phase: str, param: str, state: str, stored: str | None = None, extra: tuple = ("", ""), one_sample: bool = False
+) -> int:
+    """Bytes per element the phase moves: its STREAMS (ONE_SAMPLE_STREAMS for ``one_sample``; and ``extra``
+    ones) in the given dtypes."""
+    reads, writes = (ONE_SAMPLE_STREAMS if one_sample else STREAMS)[phase]
     sizes = {"P": DTYPE_BYTES[param], "S": DTYPE_BYTES[state], "R": DTYPE_BYTES[stored or state]}
     return sum(sizes[kind] for kind in reads + writes + extra[0] + extra[1])
 
@@ -559,12 +564,17 @@ def held(reports: list[dict]) -> list[dict]:
 
 
 def variant(report: dict) -> str:
-    """``fp32``, ``bf16, stored bf16``, ``fp32, capturable``: which compilation of a phase's kernel."""
+    """``fp32``, ``bf16, stored bf16``, ``fp32, capturable``, ``fp32, one sample`` (IVON's update),
+    ``fp32, gradsq`` (IVON's accumulation): which compilation of a phase's kernel."""
     parts = [report["param"]]
     if report.get("stored"):
         parts.append(f"stored {report['stored']}")
     if report.get("capturable"):
         parts.append("capturable")
+    if report.get("one_sample"):
+        parts.append("one sample")
+    if report.get("gradsq"):
+        parts.append("gradsq")
     return ", ".join(parts)
 
 
