@@ -66,9 +66,10 @@ _INTERPRETED: tl.constexpr = tl.constexpr(INTERPRETED)
 BLOCK = 8192 if INTERPRETED else 1024
 NUM_WARPS = 4
 #: warps per program of the kernels that take another number (the compile check reads the same), by kernel
-#: name: the sample runs its block on two warps, so that a thread's 16 elements share the setup (table
-#: reads, pointers, Philox keys) that 8 share on four: 51-55 instructions per element instead of 56-63
-WARPS = {"_bsam_sample_kernel": 2}
+#: name: the kernels that draw from Philox run their block on two warps, so that a thread's 16 elements share
+#: the setup (table reads, pointers, the rounds' keys) that 8 share on four: the sample 51-55 instructions per
+#: element instead of 56-63, IVON's one-sample update 146-149 instead of 160-163
+WARPS = {"_bsam_sample_kernel": 2, "_ivon_update_kernel": 2}
 #: Cached tables (LRU): a few per optimizer, parameter group and phase is the working set.
 _CACHE_SIZE = 256
 _cache: OrderedDict[tuple, TensorTable] = OrderedDict()

@@ -45,18 +45,18 @@ from .bsam_update import update_pointers
 @triton.jit
 def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexpr, OPTION: tl.constexpr):
     param, grad_sum, mean, precision, momentum, curvature_sum = pointers
-    (run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_sq, ess, weight_decay, radius, bias1,
-     splits, noise_seed, seed) = scalars  # fmt: skip
+    (run, inv_scale, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_sq, ess, weight_decay, radius,
+     inv_bias1, inv_splits, noise_seed, seed) = scalars  # fmt: skip
     m = load(mean, offs, mask, STATE)
     if run:
-        # the mean gradient over the k samples, unscaled
-        g = div(load(grad_sum, offs, mask, STATE) * inv_scale, splits)
+        # the mean gradient over the k samples, unscaled (as x·(1/k): within an ulp, two divisions fewer)
+        g = load(grad_sum, offs, mask, STATE) * inv_scale * inv_splits
         # the mean curvature estimate: from the sums (gradsq's squares unscaled twice), or the one sample's
         if OPTION // 2 == 1:
             c = load(curvature_sum, offs, mask, STATE) * inv_scale
             if OPTION % 2 == 0:
                 c = c * inv_scale
-            c = div(c, splits)
+            c = c * inv_splits
         elif OPTION % 2 == 1:
             c = randn_block(noise_seed, noise_index, offs.shape[0]).to(STATE) * g
         else:
@@ -76,7 +76,7 @@ def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
         h = beta2 * h + one_minus_beta2 * f + div(half_sq * (gap * gap), s)
         s = h + weight_decay
         # mean step, with the new precision, clipped (a NaN stays a NaN)
-        direction = div(div(g_m, bias1) + weight_decay * m, s)
+        direction = div(g_m * inv_bias1 + weight_decay * m, s)
         direction = tl.where(direction < -radius, -radius, tl.where(direction > radius, radius, direction))
         m = m - lr * direction
         if precision.dtype.element_ty == tl.bfloat16:
@@ -110,7 +110,7 @@ def _ivon_update_kernel(
     ess: tl.float64,
     weight_decay: tl.float64,
     clip_radius: tl.float64,
-    splits,
+    inv_splits: tl.float64,
     curvature_base,
     noise_seed,
     seed,
@@ -139,8 +139,8 @@ def _ivon_update_kernel(
         scalar(ess, STATE),
         scalar(weight_decay, STATE),
         scalar(clip_radius, STATE),
-        tl.load(corrections_ptr).to(STATE),
-        tl.cast(splits, STATE),
+        (1.0 / tl.load(corrections_ptr)).to(STATE),  # in float64: one division per program
+        scalar(inv_splits, STATE),
         step_value(noise_seed, noise_seed_ptr),
         step_value(seed, seed_ptr),
     )
@@ -176,6 +176,7 @@ def ivon_update(
 
         g = grad_sum·inv_scale / splits
         c = curvature_sum·inv_scale / splits (price) or ·inv_scale² / splits (gradsq); not summed: z·g or g²
+        (the divisions by splits and by 1 − β1^step as products with the reciprocals: within an ulp)
         f = sqrt(ess·precision)·c (price) or ess·c ;  h = precision − δ
         momentum  = β1·momentum + (1 − β1)·g
         precision = β2·h + (1 − β2)·f + ½(1 − β2)²·(h − f)²/precision + δ
@@ -212,7 +213,7 @@ def ivon_update(
         inv_scale,
         corrections,
         *(float(x) for x in scalars),
-        int(splits),
+        1.0 / int(splits),
         relative_base(curvature_sums),
         noise_seed,
         seed,

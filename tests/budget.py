@@ -32,12 +32,8 @@ BELOW_BUDGET: dict[tuple[str, str, str], tuple[float, str]] = {
     ("cuda", "bsam_sample", "bf16, stored bf16, capturable"): (89.5, NOISE_FLOOR),
     # IVON's update with one sample draws twice per element: the sample's noise again (Price's estimator) and
     # the stochastic-rounding word of the bfloat16 state, a second Philox stream
-    ("triton", "ivon_update", "bf16, stored bf16, one sample"): (85.5, ONE_SAMPLE_DRAWS),
+    ("triton", "ivon_update", "bf16, stored bf16, one sample"): (90.5, ONE_SAMPLE_DRAWS),
     ("cuda", "ivon_update", "bf16, stored bf16, one sample"): (89.0, ONE_SAMPLE_DRAWS),
-    ("triton", "ivon_update", "fp32, stored bf16, one sample"): (
-        93.0,
-        "the noise and the rounding words over 28 bytes per element: 174 instructions where CUDA's kernel takes 157",
-    ),
 }
 
 

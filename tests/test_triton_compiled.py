@@ -67,8 +67,8 @@ def _check(reports: dict, expected: set) -> None:
     for name in expected:
         inputs, outputs = STREAMS[name]
         r = reports[name]
-        # the compiled BLOCK = 1024 over 128 threads (the sample: 64): 8 (16) float32 per thread and stream,
-        # two (four) 16-byte accesses per block
+        # the compiled BLOCK = 1024 over 128 threads (_multi_tensor.WARPS: 64): 8 (16) float32 per thread and
+        # stream, two (four) 16-byte accesses per block
         accesses = 1024 // (32 * _multi_tensor.WARPS.get(name, _multi_tensor.NUM_WARPS)) // 4
         assert r["ldg128"] == accesses * inputs * blocks.get(name, 1), r
         assert r["stg128"] == accesses * outputs * blocks.get(name, 1), r
