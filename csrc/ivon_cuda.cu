@@ -224,21 +224,22 @@ void ivon_update_cuda(at::TensorList params, at::TensorList grad_sums, at::Tenso
     const auto c = ivon_update_coeffs<A>(splits, lr, beta1, beta2, ess, weight_decay, clip_radius, 1.0);
     const auto run = [&](auto one_sample) {
       constexpr bool kOneSample = decltype(one_sample)::value;
-      const IvonUpdateOp<P, A, S, kOneSample> op{c,
-                                   price,
-                                   summed,
-                                   debias,
-                                   beta1,
-                                   step.data_ptr<double>(),
-                                   flag,
-                                   inv,
-                                   false,
-                                   A(1),
-                                   philox_round_keys(noise_key.first, noise_key.second),
-                                   philox_round_keys(rounding_key.first, rounding_key.second),
-                                   lr_ptr,
-                                   noise ? noise_ptr : nullptr,
-                                   bf16_state ? seed_ptr : nullptr};
+      const IvonUpdateOp<P, A, S, kOneSample> op{
+          c,
+          price,
+          summed,
+          debias,
+          beta1,
+          step.data_ptr<double>(),
+          flag,
+          inv,
+          false,
+          A(1),
+          philox_round_keys(noise_key.first, noise_key.second),
+          philox_round_keys(rounding_key.first, rounding_key.second),
+          lr_ptr,
+          noise ? noise_ptr : nullptr,
+          bf16_state ? seed_ptr : nullptr};
       launch<6, A, 5>(rows, device, op, base);
     };
     noise ? run(std::true_type{}) : run(std::false_type{});
