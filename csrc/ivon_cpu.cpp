@@ -47,8 +47,8 @@ SB_CLONES void ivon_update_loop(P* __restrict param, P* __restrict grad, A* __re
                                 const IvonUpdateCoeffs<A>& k, A inv_scale, const float* __restrict z,
                                 const uint32_t* __restrict words) {
   for (int64_t i = 0; i < n; ++i) {
-    const A g = static_cast<A>(grad[i]) * inv_scale / k.splits;
-    const A c = kSummed ? ivon_mean_curvature<A>(curvature_sum[i], inv_scale, k.splits, kPrice)
+    const A g = static_cast<A>(grad[i]) * inv_scale * k.inv_splits;
+    const A c = kSummed ? ivon_mean_curvature<A>(curvature_sum[i], inv_scale, k.inv_splits, kPrice)
                         : ivon_curvature<A>(g, kPrice ? static_cast<A>(z[i]) : A(0), kPrice);
     A m = mean[i], s = static_cast<A>(precision[i]), gm = static_cast<A>(momentum[i]);
     ivon_update_element<A>(g, c, m, s, gm, k, kPrice);

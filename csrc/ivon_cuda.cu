@@ -107,7 +107,7 @@ struct IvonUpdateOp {
     IvonUpdateOp op = *this;
     op.skip = *found_inf != 0.0f;
     op.inv_scale = static_cast<A>(*inv_scale_ptr);
-    op.c.bias1 = static_cast<A>(ivon_bias1(beta1, *step_ptr, debias));
+    op.c.inv_bias1 = static_cast<A>(1.0 / ivon_bias1(beta1, *step_ptr, debias));
     if (lr_ptr) op.c.lr = static_cast<A>(*lr_ptr);
     if (noise_seed_ptr) op.noise_keys = read_philox_round_keys(noise_seed_ptr);
     if (seed_ptr && kOneSample) op.rounding_keys = read_philox_round_keys(seed_ptr);
@@ -144,10 +144,10 @@ struct IvonUpdateOp {
       }
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        const A g = static_cast<A>(grad.v[j]) * inv_scale / c.splits;
+        const A g = static_cast<A>(grad.v[j]) * inv_scale * c.inv_splits;
         // one sample: Price's estimator (kOneSample) or the squared gradient
         const A curvature = kOneSample ? ivon_curvature<A>(g, static_cast<A>(drawn.v[j].z), true)
-                            : summed   ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.splits, price)
+                            : summed   ? ivon_mean_curvature<A>(curvature_sum.v[j], inv_scale, c.inv_splits, price)
                                        : ivon_curvature<A>(g, A(0), false);
         ivon_update_element<A>(g, curvature, mean.v[j], precision.v[j], momentum.v[j], c, price);
       }

@@ -111,34 +111,35 @@ SB_HD float uint_to_uniform(uint32_t x) {
   return static_cast<float>(folded) * 4.6566127342e-10f;
 }
 
-// ln(x) for normal x > 0, float32, Cephes logf (peak error about 1 ulp). Branch-free
-// (selects only) so that compilers vectorize it; the same polynomial on CPU and GPU.
-SB_HD float log_f32(float x) {
+// −2·ln(x) for normal x > 0 (Box–Muller's squared radius), float32: Cephes logf (peak error about 1 ulp) with
+// its coefficients times −2, exact, so that the result is −2 times Cephes's, bit for bit, without the product.
+// Branch-free, so that compilers vectorize it; the same polynomial on CPU and GPU.
+SB_HD float minus_two_log_f32(float x) {
   union {
     float f;
     uint32_t u;
   } bits = {x};
-  const uint32_t biased = bits.u >> 23;  // x = m * 2^(biased - 126), m in [0.5, 1)
-  bits.u = (bits.u & 0x007FFFFFu) | 0x3F000000u;
-  float m = bits.f;
-  const bool small = m < 0.707106781186547524f;  // fold m into [sqrt(1/2), sqrt(2))
-  const int32_t exponent = static_cast<int32_t>(biased) - (small ? 127 : 126);
-  const float f = (small ? m + m : m) - 1.0f;
+  // x = m·2^e with m in [sqrt(1/2), sqrt(2)): e is how many binades x's bits lie above sqrt(1/2)'s (0x3F3504F3),
+  // m keeps x's mantissa bits; Cephes's m and e (its m < sqrt(1/2) folded by doubling), with integer operations
+  const int32_t exponent = static_cast<int32_t>(bits.u - 0x3F3504F3u) >> 23;
+  bits.u -= static_cast<uint32_t>(exponent) << 23;
+  const float f = bits.f - 1.0f;
   const float e = static_cast<float>(exponent);
   const float f2 = f * f;
-  float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
+  // Cephes's coefficients, each times −2 (folded exactly by the compiler)
+  float y = -2.0f * 7.0376836292e-2f;
+  y = y * f + -2.0f * -1.1514610310e-1f;
+  y = y * f + -2.0f * 1.1676998740e-1f;
+  y = y * f + -2.0f * -1.2420140846e-1f;
+  y = y * f + -2.0f * 1.4249322787e-1f;
+  y = y * f + -2.0f * -1.6668057665e-1f;
+  y = y * f + -2.0f * 2.0000714765e-1f;
+  y = y * f + -2.0f * -2.4999993993e-1f;
+  y = y * f + -2.0f * 3.3333331174e-1f;
   y = y * f * f2;
-  y += -2.12194440e-4f * e;  // ln 2 split in two parts keeps e*ln2 exact
-  y += -0.5f * f2;
-  return (f + y) + 0.693359375f * e;
+  y += -2.0f * -2.12194440e-4f * e;  // ln 2 split in two parts keeps e*ln2 exact
+  y += f2;                            // −2 · −f²/2
+  return (-2.0f * f + y) + -2.0f * 0.693359375f * e;
 }
 
 // x with its sign bit xor-ed with the top bit of `sign` (the other bits 0): -x or x.
@@ -192,13 +193,26 @@ SB_HD float rsqrt_approx(float x) {
   return 1.0f / sqrtf(x);
 #endif
 }
+SB_HD double sqrt_approx(double x) { return sqrt(x); }  // float64: correctly rounded everywhere
+
+// x / y for a divisor of normal magnitude below 2^126 (a precision), float32: on a GPU approximate, PTX
+// div.approx.f32 (__fdividef, within 2 ulps; Triton's tl.math.fdiv(approx=True)), five instructions where
+// an IEEE division is ten with a slow-path branch; on the host, and in float64 everywhere, x / y.
+SB_HD float div_approx(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(x, y);
+#else
+  return x / y;
+#endif
+}
+SB_HD double div_approx(double x, double y) { return x / y; }
 
 // Box-Muller on one pair of Philox words, all in float32 as tl.randn4x does: (r cos θ, r sin θ); the
 // radius's square root approximate on a GPU, as tl.randn4x's.
 SB_HD void normal_pair(uint32_t a, uint32_t b, float& first, float& second) {
   float u1 = uint_to_uniform(a);
   u1 = u1 < 1.0e-7f ? 1.0e-7f : u1;
-  const float radius = sqrt_approx(-2.0f * log_f32(u1));
+  const float radius = sqrt_approx(minus_two_log_f32(u1));
   float sin_theta, cos_theta;
   sincos_f32(6.2831855f * uint_to_uniform(b), sin_theta, cos_theta);
   first = radius * cos_theta;
@@ -325,16 +339,15 @@ SB_HD uint32_t momentum_rounding_bits(uint32_t word) { return word & 0xFFFFu; }
 // The bfloat16 bits of x rounded stochastically with 16 random bits r: x's float32 bits plus r,
 // truncated. x rounds away from zero with probability (dropped bits) / 2^16, so the stored value
 // equals x in expectation, where round-to-nearest would drop every increment below half an ulp.
-// inf stays inf; NaN becomes the quiet NaN 0x7FC0 (branch-free, so that the loops vectorize).
+// inf stays inf (its low bits are zero: the sum keeps its top half); NaN becomes the quiet NaN 0x7FC0, as the
+// sum could carry out of its payload (branch-free, so that the loops vectorize).
 SB_HD uint16_t round_bf16_stochastic(float x, uint32_t r) {
   union {
     float f;
     uint32_t u;
   } bits = {x};
   const uint32_t u = bits.u;
-  const bool finite = (u & 0x7F800000u) != 0x7F800000u;
-  const uint32_t nonfinite = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (u >> 16);
-  return static_cast<uint16_t>(finite ? (u + (r & 0xFFFFu)) >> 16 : nonfinite);
+  return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (u + (r & 0xFFFFu)) >> 16);
 }
 
 // ---- SAM ------------------------------------------------------------------------------
@@ -428,16 +441,16 @@ SB_HD T ivon_curvature(T grad, T z, bool price) {
 }
 
 // The mean curvature estimate over k samples from its sum, unscaled (1/scale of a GradScaler; gradsq's
-// squares twice).
+// squares twice); averaged as x·(1/k).
 template <typename T>
-SB_HD T ivon_mean_curvature(T curvature_sum, T inv_scale, T splits, bool price) {
-  return (price ? curvature_sum * inv_scale : curvature_sum * inv_scale * inv_scale) / splits;
+SB_HD T ivon_mean_curvature(T curvature_sum, T inv_scale, T inv_splits, bool price) {
+  return (price ? curvature_sum * inv_scale : curvature_sum * inv_scale * inv_scale) * inv_splits;
 }
 
 template <typename T>
 struct IvonUpdateCoeffs {
-  T splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_one_minus_beta2_squared, ess, weight_decay,
-      clip_radius, bias1;
+  T inv_splits, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, half_one_minus_beta2_squared, ess, weight_decay,
+      clip_radius, inv_bias1;
 };
 
 // 1 − β1^t, the momentum's debiasing at step t (updates taken, counting this one); 1 without debiasing. The
@@ -447,7 +460,7 @@ SB_HD double ivon_bias1(double beta1, double step, bool debias) { return debias 
 template <typename T>
 SB_HD IvonUpdateCoeffs<T> ivon_update_coeffs(int64_t splits, double lr, double beta1, double beta2, double ess,
                                              double weight_decay, double clip_radius, double bias1) {
-  return {static_cast<T>(splits),
+  return {static_cast<T>(1.0 / splits),
           static_cast<T>(lr),
           static_cast<T>(beta1),
           static_cast<T>(1 - beta1),
@@ -457,25 +470,28 @@ SB_HD IvonUpdateCoeffs<T> ivon_update_coeffs(int64_t splits, double lr, double b
           static_cast<T>(ess),
           static_cast<T>(weight_decay),
           static_cast<T>(clip_radius),
-          static_cast<T>(bias1)};
+          static_cast<T>(1.0 / bias1)};
 }
 
 // momentum, Hessian h = s − δ, precision s = h + δ, then the mean with the new precision, clipped; g and c
-// are the means over the samples of the gradient and of the curvature estimate, unscaled.
+// are the means over the samples of the gradient and of the curvature estimate, unscaled. The debiasing as a
+// product with 1/(1 − β1^t) (within an ulp); the square root and the divisions by the precision approximate on
+// a GPU in float32 (sqrt_approx, div_approx: within 1 and 2 ulps; IEEE, with the divisions by k and by 1 − β1^t,
+// they cost 36 of the one-sample update's 157 instructions per element on sm_90), correctly rounded on the host.
 template <typename T>
 SB_HD void ivon_update_element(T g, T c, T& mean, T& precision, T& momentum, const IvonUpdateCoeffs<T>& k,
                                bool price) {
   T h = precision - k.weight_decay;
   // the expected Hessian of the loss: sqrt(ess·s)·E[z·g], or ess·E[g²]
-  const T f = price ? sqrt_acc<T>(k.ess * precision) * c : k.ess * c;
+  const T f = price ? sqrt_approx(k.ess * precision) * c : k.ess * c;
   // momentum
   momentum = k.beta1 * momentum + k.one_minus_beta1 * g;
   // Hessian, with the correction that keeps it positive
   const T gap = h - f;
-  h = k.beta2 * h + k.one_minus_beta2 * f + k.half_one_minus_beta2_squared * (gap * gap) / precision;
+  h = k.beta2 * h + k.one_minus_beta2 * f + div_approx(k.half_one_minus_beta2_squared * (gap * gap), precision);
   precision = h + k.weight_decay;
   // mean step, with the new precision, clipped
-  const T direction = (momentum / k.bias1 + k.weight_decay * mean) / precision;
+  const T direction = div_approx(momentum * k.inv_bias1 + k.weight_decay * mean, precision);
   mean = mean - k.lr * (direction < -k.clip_radius ? -k.clip_radius : direction > k.clip_radius ? k.clip_radius : direction);
 }
 

@@ -48,6 +48,7 @@ math dtype (exact); bfloat16 stores round stochastically (:func:`store_stochasti
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import OrderedDict
 
@@ -477,6 +478,30 @@ def over_sqrt(z, x):
         return z * tl.math.rsqrt(x)
 
 
+#: whether this Triton's tl.math.fdiv takes approx=True (div.approx.f32); older ones divide with div.full.f32
+FDIV_APPROX: tl.constexpr = tl.constexpr("approx" in inspect.signature(tl.math.fdiv).parameters)
+
+
+@triton.jit
+def div_approx(x, y):
+    """x / y for a divisor of normal magnitude below 2^126 (a precision): float64 correctly rounded; float32
+    approximate on a GPU (div.approx.f32, within 2 ulps: five instructions where an IEEE division is ten with
+    a slow-path branch), as ``div_approx`` of csrc/sambayes_math.h."""
+    if x.dtype == tl.float64:
+        return x / y
+    elif FDIV_APPROX:
+        return tl.math.fdiv(x, y, approx=True)
+    else:
+        return x / y
+
+
+@triton.jit
+def sqrt_approx(x):
+    """sqrt(x): float64 correctly rounded; float32 approximate on a GPU (sqrt.approx, within 1 ulp: one
+    instruction where an IEEE square root is ten), as ``sqrt_approx`` of csrc/sambayes_math.h."""
+    return tl.sqrt(x)
+
+
 @triton.jit
 def sqrt(x):
     """sqrt(x) correctly rounded (IEEE), as PyTorch computes it."""
@@ -519,11 +544,10 @@ def rounded(value, DTYPE: tl.constexpr):
 def rounded_stochastic(value, r):
     """float32 ``value`` rounded to bfloat16 with the 16 random bits ``r`` (uint32, < 2^16) per value:
     ``(bits + r) >> 16`` on its float32 bits, so it rounds away from zero with probability (the dropped
-    bits) / 2^16; inf stays inf, NaN becomes the quiet NaN 0x7FC0. On the bits, as :func:`rounded`."""
+    bits) / 2^16; inf stays inf (its low bits are zero), NaN becomes the quiet NaN 0x7FC0 (the sum could carry
+    out of its payload). On the bits, as :func:`rounded`."""
     bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    nonfinite = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, bits >> 16)
-    half = tl.where(finite, (bits + r) >> 16, nonfinite).to(tl.uint16)
+    half = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (bits + r) >> 16).to(tl.uint16)
     return half.to(tl.bfloat16, bitcast=True)
 
 

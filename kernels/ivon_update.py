@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..phases import IVON_UPDATE, step_args
 from ._multi_tensor import (
-    div,
+    div_approx,
     for_block,
     launch,
     load,
@@ -31,7 +31,7 @@ from ._multi_tensor import (
     randn_block,
     relative_base,
     scalar,
-    sqrt,
+    sqrt_approx,
     step_value,
     store,
     store_stochastic,
@@ -66,17 +66,17 @@ def _update_block(pointers, offs, mask, scalars, noise_index, STATE: tl.constexp
         h = s - weight_decay
         # the expected Hessian of the loss: sqrt(ess·s)·E[z·g], or ess·E[g²]
         if OPTION % 2 == 1:
-            f = sqrt(ess * s) * c
+            f = sqrt_approx(ess * s) * c
         else:
             f = ess * c
         # momentum
         g_m = beta1 * g_m + one_minus_beta1 * g
         # Hessian, with the correction that keeps it positive
         gap = h - f
-        h = beta2 * h + one_minus_beta2 * f + div(half_sq * (gap * gap), s)
+        h = beta2 * h + one_minus_beta2 * f + div_approx(half_sq * (gap * gap), s)
         s = h + weight_decay
         # mean step, with the new precision, clipped (a NaN stays a NaN)
-        direction = div(g_m * inv_bias1 + weight_decay * m, s)
+        direction = div_approx(g_m * inv_bias1 + weight_decay * m, s)
         direction = tl.where(direction < -radius, -radius, tl.where(direction > radius, radius, direction))
         m = m - lr * direction
         if precision.dtype.element_ty == tl.bfloat16:

@@ -95,6 +95,39 @@ def test_every_backend_rounds_with_the_same_bits(backend):
             assert torch.equal(_bits(got), _bits(want)), f"{backend} {key}[{i}]: other random bits than eager's"
 
 
+@pytest.mark.parametrize("backend", COMPARED)
+def test_every_backend_stores_nonfinite_state_as_eager(backend):
+    """±inf stays ±inf, NaN becomes 0x7FC0 and a float32 above bfloat16's largest finite value rounds up to
+    inf or down by its random bits, bit for bit as eager: the kernels test for NaN alone (an infinity's low
+    bits are zero, so adding the random bits keeps it)."""
+    big = torch.finfo(torch.float32).max
+    # NaNs whose payload the random bits would carry out of (a GPU's canonical NaN is 0x7FFFFFFF)
+    payloads = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
+    specials = torch.cat([torch.tensor([float("inf"), -float("inf"), float("nan"), big, -big, 1.0]), payloads])
+    sizes = [1030, 7]  # a full block and a tail
+    offsets = offsets_of(sizes, first=3)
+    hyper = {"lr": 0.1, "beta1": 0.5, "beta2": 0.5, "weight_decay": 0.0, "damping": 0.0, "splits": 1, "seed": 5}
+    results = {}
+    for name, phases in (("eager", SPEC), (backend, module(backend))):
+        x = _exact_update_inputs(sizes)
+        # momentum = (m + g)/2, precision = (s + a)/2: the specials, and near-max values that round either way
+        x["momentums"] = [torch.full((n,), torch.finfo(BF16).max, dtype=BF16, device=DEVICE) for n in sizes]
+        x["grad_sums"] = [specials.repeat(n // 8 + 1)[:n].to(DEVICE) for n in sizes]
+        x["curvature_sums"] = [specials.roll(3).repeat(n // 8 + 1)[:n].to(DEVICE) for n in sizes]
+        params = [torch.zeros_like(m) for m in x["means"]]
+        ones = torch.ones((), device=DEVICE)
+        phases.bsam_update(
+            params, x["grad_sums"], x["means"], x["precisions"], x["momentums"], x["curvature_sums"],
+            offsets, flag(), ones, **hyper,
+        )  # fmt: skip
+        results[name] = x
+    for key in ("precisions", "momentums"):
+        for i, (got, want) in enumerate(zip(results[backend][key], results["eager"][key])):
+            assert torch.equal(_bits(got), _bits(want)), f"{backend} {key}[{i}]: other bits than eager's"
+    momentum = results["eager"]["momentums"][0].float()
+    assert momentum.isinf().any() and momentum.isnan().any() and momentum.isfinite().any()
+
+
 @pytest.mark.parametrize("backend", ["eager", *COMPARED])
 def test_round_to_nearest_stalls_the_precision_and_stochastic_rounding_tracks_float32(backend):
     # precision 1 heading for a+δ+γ = 2 with β2 = 0.999: each step moves it by 0.001·(2 − s), less
