@@ -152,23 +152,28 @@ SB_HD float with_sign_flipped(float x, uint32_t sign) {
   return bits.f;
 }
 
-// sin(x) and cos(x) for 0 <= x < 8192, float32, Cephes sinf/cosf (peak error about 1 ulp each):
-// one octant reduction with pi/4 in three parts, then the sine and cosine polynomials.
+// sin(x) and cos(x) for 0 <= x < 2^21 (Box–Muller's angle is below 2π), float32, Cephes sinf/cosf (peak
+// error about 1 ulp each): the quadrant k = x·2/π rounded to an integer by adding 1.5·2^23, which leaves k
+// in the sum's low bits (no conversions); r = x − k·π/2 with π/2 in three parts (Cephes's π/4 ones doubled:
+// exact products); then the sine and cosine polynomials. Cephes's r, polynomials and signs, bit for bit,
+// but where x·2/π lies within rounding of a half-integer (Cephes picks the octant by truncation).
 SB_HD void sincos_f32(float x, float& sin_x, float& cos_x) {
-  int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
-  j += j & 1;                                               // even octant: reduce to [-pi/4, pi/4]
-  const float y = static_cast<float>(j);
-  j &= 7;
-  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  union {
+    float f;
+    uint32_t u;
+  } shifted = {x * 0.636619772367581343f + 12582912.0f};  // 2/π, 1.5·2^23
+  const float k = shifted.f - 12582912.0f;
+  const float r = ((x - k * 1.5703125f) - k * 4.837512969970703125e-4f) - k * 7.54978995489188216e-8f;
   const float r2 = r * r;
   const float sin_r = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
   const float cos_r =
       ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 - 0.5f * r2 + 1.0f;
-  // over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r;
-  // the signs flipped on the bits (bit 2 of j for the sine, of j + 2 for the cosine): no compares
-  const bool swap = (j & 2) != 0;
-  sin_x = with_sign_flipped(swap ? cos_r : sin_r, static_cast<uint32_t>(j & 4) << 29);
-  cos_x = with_sign_flipped(swap ? sin_r : cos_r, static_cast<uint32_t>((j + 2) & 4) << 29);
+  // over quadrants 0 to 3: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r;
+  // the signs flipped on the bits (bit 1 of k for the sine, of k + 1 for the cosine): no compares
+  const uint32_t quadrant = shifted.u;
+  const bool swap = (quadrant & 1) != 0;
+  sin_x = with_sign_flipped(swap ? cos_r : sin_r, (quadrant & 2) << 30);
+  cos_x = with_sign_flipped(swap ? sin_r : cos_r, ((quadrant + 1) & 2) << 30);
 }
 
 // sqrt(x) and 1/sqrt(x), float32: on a GPU approximate, one instruction each as Triton's tl.sqrt and

@@ -68,8 +68,8 @@ BLOCK = 8192 if INTERPRETED else 1024
 NUM_WARPS = 4
 #: warps per program of the kernels that take another number (the compile check reads the same), by kernel
 #: name: the kernels that draw from Philox run their block on two warps, so that a thread's 16 elements share
-#: the setup (table reads, pointers, the rounds' keys) that 8 share on four: the sample 51-55 instructions per
-#: element instead of 56-63, IVON's one-sample update 146-149 instead of 160-163
+#: the setup (table reads, pointers, the rounds' keys) that 8 share on four (when set: the sample 51-55
+#: instructions per element instead of 56-63, IVON's one-sample update 146-149 instead of 160-163)
 WARPS = {"_bsam_sample_kernel": 2, "_ivon_update_kernel": 2}
 #: Cached tables (LRU): a few per optimizer, parameter group and phase is the working set.
 _CACHE_SIZE = 256
@@ -400,22 +400,22 @@ def uniform(word):
 
 @triton.jit
 def sincos(x):
-    """(sin x, cos x) for 0 <= x < 8192, float32: Cephes sinf/cosf with one reduction for both, the
-    polynomials of ``csrc/sambayes_math.h`` (``sincos_f32``). Box–Muller's angle is in [0, 2π): no
-    large-argument path."""
-    j = (x * 1.27323954473516).to(tl.int32)  # 4/π; x >= 0: truncation is the floor
-    j += j & 1  # even octant: reduce to [-π/4, π/4]
-    y = j.to(tl.float32)
-    j = j & 7
-    r = ((x - y * 0.78515625) - y * 2.4187564849853515625e-4) - y * 3.77489497744594108e-8
+    """(sin x, cos x) for 0 <= x < 2^21, float32: Cephes sinf/cosf with one reduction for both, the
+    polynomials of ``csrc/sambayes_math.h`` (``sincos_f32``): the quadrant k = x·2/π rounded by adding
+    1.5·2^23 (k then in the sum's low bits), r = x − k·π/2 with π/2 in three parts. Box–Muller's angle
+    is in [0, 2π): no large-argument path."""
+    shifted = x * 0.6366197723675814 + 12582912.0  # 2/π, 1.5·2^23
+    k = shifted - 12582912.0
+    quadrant = shifted.to(tl.uint32, bitcast=True)
+    r = ((x - k * 1.5703125) - k * 4.837512969970703125e-4) - k * 7.54978995489188216e-8
     r2 = r * r
     sin_r = ((-1.9515295891e-4 * r2 + 8.3321608736e-3) * r2 - 1.6666654611e-1) * r2 * r + r
     cos_r = ((2.443315711809948e-5 * r2 - 1.388731625493765e-3) * r2 + 4.166664568298827e-2) * r2 * r2 - 0.5 * r2 + 1.0
-    # over octants 0, 2, 4, 6: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
-    swap = (j & 2) != 0
+    # over quadrants 0 to 3: sin x is sin r, cos r, -sin r, -cos r; cos x is cos r, -sin r, -cos r, sin r
+    swap = (quadrant & 1) != 0
     s = tl.where(swap, cos_r, sin_r)
     c = tl.where(swap, sin_r, cos_r)
-    return tl.where(j >= 4, -s, s), tl.where(((j + 2) & 4) != 0, -c, c)
+    return tl.where((quadrant & 2) != 0, -s, s), tl.where(((quadrant + 1) & 2) != 0, -c, c)
 
 
 @triton.jit

@@ -20,15 +20,15 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 #: the share of an H100 copy every held kernel must be predicted at, at the sustained clock
 BUDGET = 95.0
 #: (tier, phase, variant): the kernels held at a lower floor (their share when the budget was set, rounded
-#: down), and why; a floor only ever rises. The noise of a sample costs about 42 instructions per element
+#: down), and why; a floor only ever rises. The noise of a sample costs about 40 instructions per element
 #: (a Philox call per four elements, one log and one sine-cosine per two, each within an ulp or two as
 #: ALGORITHM.md asks; docs/performance.md counts them), nearly all of the 45 that 8 bytes per element
 #: (bfloat16 parameters and precision) allow at 95%: the sample moves too few bytes to hide its noise there.
 NOISE_FLOOR = "the noise's own instructions over 8 bytes per element"
 BELOW_BUDGET: dict[tuple[str, str, str], tuple[float, str]] = {
-    ("triton", "bsam_sample", "bf16, stored bf16"): (90.5, NOISE_FLOOR),
-    ("cuda", "bsam_sample", "bf16, stored bf16"): (90.5, NOISE_FLOOR),
-    ("cuda", "bsam_sample", "bf16, stored bf16, capturable"): (90.5, NOISE_FLOOR),
+    ("triton", "bsam_sample", "bf16, stored bf16"): (91.5, NOISE_FLOOR),
+    ("cuda", "bsam_sample", "bf16, stored bf16"): (91.5, NOISE_FLOOR),
+    ("cuda", "bsam_sample", "bf16, stored bf16, capturable"): (91.5, NOISE_FLOOR),
 }
 
 

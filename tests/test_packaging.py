@@ -1,5 +1,6 @@
 """The package as a user gets it: the licence, the declared Python, and (slow) a source distribution
-that installs into a fresh virtual environment and passes a fast subset of its own tests there."""
+that installs into a fresh virtual environment, compiles its extension on first use (once, then from its
+cache) and passes a fast subset of its own tests there."""
 
 from __future__ import annotations
 
@@ -86,6 +87,20 @@ def test_the_sdist_installs_in_a_fresh_venv_and_passes_its_tests(tmp_path):
     build = tmp_path / "build"  # the extension compiles on first use, here: nothing shared with other runs
     missing = subprocess.run([python, "-c", "import triton"], capture_output=True, text=True, check=False)
     assert missing.returncode != 0, "the CPU-only test extra installed Triton"
+    # the very recipe a plain `pip install .` relies on: the first use compiles the shipped sources once, says so,
+    # into an empty cache; then loads from it, silently
+    code = (
+        "import torch; from sambayes import _build, _philox\n"
+        "ext = _build.compile_now()\n"
+        "z = torch.empty(1001); torch.ops.sambayes_C.philox_randn_(z, 77, 5)\n"
+        "assert torch.allclose(z, _philox.randn_range(77, 5, 1001), rtol=3e-7, atol=1e-12)\n"
+        "print(ext.__file__)\n"
+    )
+    first = _run([python, "-c", code], tmp_path, SAMBAYES_BUILD_DIR=str(build))
+    assert f"sambayes: compiling the C++ extension once (about a minute) into {build}" in first.stderr
+    assert pathlib.Path(first.stdout.strip()).parent == build
+    again = _run([python, "-c", code], tmp_path, SAMBAYES_BUILD_DIR=str(build))
+    assert "compiling" not in again.stderr  # cached: no second build, no message
     info = _run([python, "-m", "sambayes", "info"], tmp_path, SAMBAYES_BUILD_DIR=str(build)).stdout
     spec = pathlib.Path(re.search(r"specification \(ALGORITHM.md\): (.+)", info).group(1))
     assert spec.is_file() and venv in spec.parents, info  # inside the installed package
