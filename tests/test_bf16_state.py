@@ -75,14 +75,13 @@ def _exact_update_inputs(sizes):
     }
 
 
-@pytest.mark.parametrize("backend", COMPARED)
-def test_every_backend_rounds_with_the_same_bits(backend):
-    sizes = [7, 1025, 3, 33]
-    offsets = offsets_of(sizes, first=2**34 + 1)  # off a multiple of 4, past 2^32 calls
-    hyper = {"lr": 0.1, "beta1": 0.5, "beta2": 0.5, "weight_decay": 0.0, "damping": 0.0, "splits": 1, "seed": 77}
+def _assert_update_rounds_as_eager(backend, sizes, offsets, seed, inputs):
+    """bsam_update on eager and on ``backend`` from the same ``inputs(sizes)`` (β = 1/2, no decay, no
+    damping): the bfloat16 precision and momentum must be bitwise equal. Returns eager's inputs, updated."""
+    hyper = {"lr": 0.1, "beta1": 0.5, "beta2": 0.5, "weight_decay": 0.0, "damping": 0.0, "splits": 1, "seed": seed}
     results = {}
     for name, phases in (("eager", SPEC), (backend, module(backend))):
-        x = _exact_update_inputs(sizes)
+        x = inputs(sizes)
         params = [torch.full_like(m, float("nan")) for m in x["means"]]
         ones = torch.ones((), device=DEVICE)
         phases.bsam_update(
@@ -92,7 +91,15 @@ def test_every_backend_rounds_with_the_same_bits(backend):
         results[name] = x
     for key in ("precisions", "momentums"):
         for i, (got, want) in enumerate(zip(results[backend][key], results["eager"][key])):
-            assert torch.equal(_bits(got), _bits(want)), f"{backend} {key}[{i}]: other random bits than eager's"
+            assert torch.equal(_bits(got), _bits(want)), f"{backend} {key}[{i}]: other bits than eager's"
+    return results["eager"]
+
+
+@pytest.mark.parametrize("backend", COMPARED)
+def test_every_backend_rounds_with_the_same_bits(backend):
+    sizes = [7, 1025, 3, 33]
+    offsets = offsets_of(sizes, first=2**34 + 1)  # off a multiple of 4, past 2^32 calls
+    _assert_update_rounds_as_eager(backend, sizes, offsets, 77, _exact_update_inputs)
 
 
 @pytest.mark.parametrize("backend", COMPARED)
@@ -104,27 +111,18 @@ def test_every_backend_stores_nonfinite_state_as_eager(backend):
     # NaNs whose payload the random bits would carry out of (a GPU's canonical NaN is 0x7FFFFFFF)
     payloads = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
     specials = torch.cat([torch.tensor([float("inf"), -float("inf"), float("nan"), big, -big, 1.0]), payloads])
-    sizes = [1030, 7]  # a full block and a tail
-    offsets = offsets_of(sizes, first=3)
-    hyper = {"lr": 0.1, "beta1": 0.5, "beta2": 0.5, "weight_decay": 0.0, "damping": 0.0, "splits": 1, "seed": 5}
-    results = {}
-    for name, phases in (("eager", SPEC), (backend, module(backend))):
-        x = _exact_update_inputs(sizes)
+
+    def inputs(sizes):
         # momentum = (m + g)/2, precision = (s + a)/2: the specials, and near-max values that round either way
+        x = _exact_update_inputs(sizes)
         x["momentums"] = [torch.full((n,), torch.finfo(BF16).max, dtype=BF16, device=DEVICE) for n in sizes]
         x["grad_sums"] = [specials.repeat(n // 8 + 1)[:n].to(DEVICE) for n in sizes]
         x["curvature_sums"] = [specials.roll(3).repeat(n // 8 + 1)[:n].to(DEVICE) for n in sizes]
-        params = [torch.zeros_like(m) for m in x["means"]]
-        ones = torch.ones((), device=DEVICE)
-        phases.bsam_update(
-            params, x["grad_sums"], x["means"], x["precisions"], x["momentums"], x["curvature_sums"],
-            offsets, flag(), ones, **hyper,
-        )  # fmt: skip
-        results[name] = x
-    for key in ("precisions", "momentums"):
-        for i, (got, want) in enumerate(zip(results[backend][key], results["eager"][key])):
-            assert torch.equal(_bits(got), _bits(want)), f"{backend} {key}[{i}]: other bits than eager's"
-    momentum = results["eager"]["momentums"][0].float()
+        return x
+
+    sizes = [1030, 7]  # a full block and a tail
+    eager = _assert_update_rounds_as_eager(backend, sizes, offsets_of(sizes, first=3), 5, inputs)
+    momentum = eager["momentums"][0].float()
     assert momentum.isinf().any() and momentum.isnan().any() and momentum.isfinite().any()
 
 
