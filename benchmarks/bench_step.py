@@ -31,7 +31,9 @@ Rows (``phase``):
   (``bsam_sample``, ``find_nonfinite``, ``ivon_update`` computing the curvature from the gradient
   and the regenerated noise); ``kernels`` the three back to back. Its floor is a copy of 44 B per
   float32 parameter (sample 12, update 32); the closing lines compare its step with ivon-opt's,
-  the floor, bSAM's and AdamW's.
+  the floor, bSAM's and AdamW's. ``noise`` (the ``cpu`` backend): the normals a step draws (the
+  sample's, and the update's again for Price's estimator), alone, into a buffer the caches hold: the
+  arithmetic no implementation of the spec goes below on this device, whatever its memory.
 
 GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
 implementation moves; "% copy" compares with a copy of the parameters measured in the same run,
@@ -76,7 +78,7 @@ from sambayes.cli.bench import (
 )
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "bench_step.csv"
-PHASES = ("step", "kernels", "sample", "perturb", "check", "update")
+PHASES = ("step", "kernels", "sample", "perturb", "check", "update", "noise")
 
 
 # ---- shapes ------------------------------------------------------------------------------
@@ -149,6 +151,7 @@ def ivon_minimal_bytes(phase: str, param_bytes: int, state_bytes: int, stored_by
         "sample": s + q + p,  # read m, s; write θ
         "check": p,  # read g
         "update": 3 * p + 2 * s + 4 * q,  # read g, m, s, g_m; write g_m, m, s, θ, the zeroed g
+        "noise": 0,  # arithmetic alone
     }
     per_phase["kernels"] = per_phase["sample"] + per_phase["check"] + per_phase["update"]
     per_phase["step"] = per_phase["kernels"] + 3 * p  # + autograd's accumulation in the one pass
@@ -248,6 +251,20 @@ def ivon_backend_phases(module, pb: Problem):
     parts = [phases[name] for name in ("sample", "check", "update")]
     phases["kernels"] = lambda: [f() for f in parts]
     return phases
+
+
+def cpu_noise(numel: int, draws: int):
+    """``draws`` passes of ``numel`` normals (ALGORITHM.md, "Noise") by the CPU extension, into a buffer of 2^20
+    (4 MB: it stays in the caches, so this times the generator's arithmetic, not memory)."""
+    buffer = torch.empty(min(numel, 1 << 20))
+    randn = torch.ops.sambayes_C.philox_randn_
+
+    def draw():
+        for seed in range(draws):
+            for start in range(0, numel, buffer.numel()):
+                randn(buffer[: numel - start], seed, start)
+
+    return draw
 
 
 def plain_sample(params, means, precisions, num_data: float):
@@ -428,6 +445,8 @@ def implementations(args, device, pb: Problem):
         if want(f"{IVON} {name}") or want(IVON):
             phases = ivon_backend_phases(backends.resolve(name, device), pb)
             phases["step"] = public_step("ivon", pb.params, pb.grads, name)[0]
+            if name == "cpu":  # the sample's noise and the update's, drawn again
+                phases["noise"] = cpu_noise(pb.numel, draws=2)
             out.append((f"{IVON} {name}", phases))
             if args.bf16_state and pb.dtype != torch.float64:
                 lean = Problem(pb.shapes, pb.dtype, device, stored=torch.bfloat16)
@@ -703,11 +722,11 @@ def main(argv=None) -> None:
             # a raised flag would have timed the skip path of every later update (once per case: no sync inside)
             if pb.found_inf.item() != 0:
                 raise RuntimeError("found_inf was raised: the timed update skipped")
-            gbps = nbytes / median / 1e6
-            x_floor = median / floor if phase in ("step", "kernels") else ""
+            gbps = nbytes / median / 1e6 if nbytes else ""
+            x_floor = median / floor if phase in ("step", "kernels", "noise") else ""
             row = dict(
                 median_ms=median, q20_ms=q20, q80_ms=q80, reps=reps, gbps=gbps,
-                pct_copy=100 * gbps / copy_gbps, x_floor=x_floor, peak_mb=peak, error="",
+                pct_copy=100 * gbps / copy_gbps if nbytes else "", x_floor=x_floor, peak_mb=peak, error="",
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failing implementation is a result, not a crash
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -734,7 +753,7 @@ def print_ivon_comparison(rows: list[dict]) -> None:
     """ivon-opt's step (one gradient) beside each sambayes backend's bSAM step (two), and each sambayes IVON
     step beside ivon-opt's, its floor, the bSAM step of its backend and AdamW's."""
     times = {(r["impl"], r["phase"]): r["median_ms"] for r in rows if not r["error"]}
-    floors = {r["impl"]: r["x_floor"] for r in rows if r["phase"] == "step" and not r["error"]}
+    floors = {(r["impl"], r["phase"]): r["x_floor"] for r in rows if r["x_floor"] != "" and not r["error"]}
     if ("ivon", "step") in times:
         step, work = times["ivon", "step"], times.get(("ivon", "kernels"))
         line = f"ivon: step {step:.3f} ms (one gradient)" + (
@@ -748,7 +767,9 @@ def print_ivon_comparison(rows: list[dict]) -> None:
         if not name.startswith(f"{IVON} ") or phase != "step":
             continue
         step, backend = times[name, phase], name.split()[1]
-        parts = [f"{floors[name]:.2f}x its floor"]
+        parts = [f"{floors[name, 'step']:.2f}x its floor"]
+        if (name, "noise") in floors:
+            parts.append(f"its noise alone {floors[name, 'noise']:.2f}x")
         if ("ivon", "step") in times:
             parts.append(f"{times['ivon', 'step'] / step:.1f}x faster than ivon-opt's")
         if (backend, "step") in times:

@@ -7,7 +7,8 @@
 // cannot show: streams and graphs (stubs that tests set), the code nvcc generates, timing.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <cstring>

@@ -3,6 +3,8 @@
 // at most `chunk` elements; a CPU task or a CUDA block handles one chunk.
 #pragma once
 
+// The Tensor class and what each file uses, never ATen/ATen.h (a header per PyTorch op): parsing it took a third
+// of a CPU file's compile and of each of nvcc's four passes over a CUDA file.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>

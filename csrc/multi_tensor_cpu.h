@@ -7,7 +7,6 @@
 // bsam_cpu.cpp, sam_cpu.cpp and grads_cpu.cpp, the noise in philox_cpu.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

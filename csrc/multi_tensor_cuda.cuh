@@ -14,7 +14,8 @@
 // the device header, the guard and stream types, the capture query, the launch, the dispatch key.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #if defined(SAMBAYES_EMULATED)
@@ -446,7 +447,7 @@ class TableCache {
                   "torch.cuda.graphs recommends), with the same tensors");
       const auto chunks = plan_chunks(rows, kCudaChunk, /*noise_space=*/true);
       const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
-      auto host = at::empty({static_cast<int64_t>(row_bytes + chunk_bytes)}, at::TensorOptions().dtype(at::kByte));
+      const at::Tensor host{at::detail::empty_cpu({static_cast<int64_t>(row_bytes + chunk_bytes)}, at::kByte)};
       std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
       std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);
       order_.push_front(key);

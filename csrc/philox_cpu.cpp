@@ -29,46 +29,57 @@ SB_CLONES void philox_block(uint32_t* __restrict w0, uint32_t* __restrict w1, ui
 }
 
 #ifdef SB_HAVE_AVX512_PHILOX
-// (hi, lo) of a * c in 32-bit lanes: even and odd lanes through two 32x32->64 multiplies.
-__attribute__((target("avx512f"), always_inline)) inline void mulhilo_avx512(__m512i a, __m512i c, __m512i& hi,
-                                                                             __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, c);
-  const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+// Eight counters' Philox state, one per 64-bit lane, each word in the lane's low half: a 32x32->64 multiply
+// (vpmuludq) reads only the low halves and leaves the product whole, its low word where the next round reads
+// it, so a round is two multiplies, two shifts and two three-way xors (vpternlogd) and the high halves
+// are never cleaned.
+struct PhiloxLanes {
+  __m512i x0, x1, x2, x3;
+};
+
+__attribute__((target("avx512f"), always_inline)) inline void philox_round_avx512(PhiloxLanes& s, __m512i key0,
+                                                                                  __m512i key1) {
+  const __m512i p = _mm512_mul_epu32(_mm512_set1_epi64(kPhiloxRoundA), s.x0);
+  const __m512i q = _mm512_mul_epu32(_mm512_set1_epi64(kPhiloxRoundB), s.x2);
+  s.x0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(q, 32), s.x1, key0, 0x96);  // hi(q) ^ x1 ^ key0
+  s.x2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p, 32), s.x3, key1, 0x96);  // hi(p) ^ x3 ^ key1
+  s.x1 = q;                                                                       // lo(q)
+  s.x3 = p;                                                                       // lo(p)
 }
 
-// philox_block in AVX-512 intrinsics, 16 counters at a time: twice the compiler's speed, which
-// widens to 64-bit lanes. Same words as philox4x32_10 (checked by the noise tests).
+// The low words of two lane sets, a's eight then b's: sixteen consecutive counters' word.
+__attribute__((target("avx512f"), always_inline)) inline void store_low_words(uint32_t* out, __m512i a, __m512i b) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  _mm512_storeu_si512(out, _mm512_permutex2var_epi32(a, even, b));
+}
+
+// philox_block in AVX-512 intrinsics, 16 counters at a time in two lane sets: a fifth less time (perf, Zen 4)
+// than the same rounds on 32-bit lanes, which blend the products' halves back each round; the compiler's loop
+// widens to 64-bit lanes too but cleans them each round. Same words as philox4x32_10 (the noise tests).
 __attribute__((target("avx512f"))) void philox_block_avx512(uint32_t* __restrict w0, uint32_t* __restrict w1,
                                                             uint32_t* __restrict w2, uint32_t* __restrict w3,
                                                             int64_t n, uint32_t c0, uint32_t c1, uint32_t k0,
                                                             uint32_t k1) {
-  const __m512i round_a = _mm512_set1_epi64(kPhiloxRoundA);
-  const __m512i round_b = _mm512_set1_epi64(kPhiloxRoundB);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i key0[10], key1[10];  // the round keys, broadcast once per block
+  for (int round = 0; round < 10; ++round) {
+    key0[round] = _mm512_set1_epi32(static_cast<int>(k0 + static_cast<uint32_t>(round) * kPhiloxKeyA));
+    key1[round] = _mm512_set1_epi32(static_cast<int>(k1 + static_cast<uint32_t>(round) * kPhiloxKeyB));
+  }
+  const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0 + static_cast<uint32_t>(i))), lane);
-    __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1));
-    __m512i x2 = _mm512_setzero_si512();
-    __m512i x3 = _mm512_setzero_si512();
-    uint32_t key0 = k0, key1 = k1;
+    // the counters' low words c0 + i + 0..7 and + 8..15 (no carry: the caller keeps them from wrapping)
+    const __m512i first = _mm512_add_epi64(_mm512_set1_epi64(c0 + static_cast<uint32_t>(i)), lane);
+    PhiloxLanes a{first, _mm512_set1_epi64(c1), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    PhiloxLanes b{_mm512_add_epi64(first, _mm512_set1_epi64(8)), a.x1, a.x2, a.x3};
     for (int round = 0; round < 10; ++round) {
-      __m512i p_hi, p_lo, q_hi, q_lo;
-      mulhilo_avx512(round_a, x0, p_hi, p_lo);
-      mulhilo_avx512(round_b, x2, q_hi, q_lo);
-      x0 = _mm512_xor_si512(_mm512_xor_si512(q_hi, x1), _mm512_set1_epi32(static_cast<int>(key0)));
-      x2 = _mm512_xor_si512(_mm512_xor_si512(p_hi, x3), _mm512_set1_epi32(static_cast<int>(key1)));
-      x1 = q_lo;
-      x3 = p_lo;
-      key0 += kPhiloxKeyA;
-      key1 += kPhiloxKeyB;
+      philox_round_avx512(a, key0[round], key1[round]);
+      philox_round_avx512(b, key0[round], key1[round]);
     }
-    _mm512_storeu_si512(w0 + i, x0);
-    _mm512_storeu_si512(w1 + i, x1);
-    _mm512_storeu_si512(w2 + i, x2);
-    _mm512_storeu_si512(w3 + i, x3);
+    store_low_words(w0 + i, a.x0, b.x0);
+    store_low_words(w1 + i, a.x1, b.x1);
+    store_low_words(w2 + i, a.x2, b.x2);
+    store_low_words(w3 + i, a.x3, b.x3);
   }
   philox_block(w0 + i, w1 + i, w2 + i, w3 + i, n - i, c0 + static_cast<uint32_t>(i), c1, k0, k1);
 }
@@ -172,7 +183,7 @@ at::Tensor philox_words_cpu(const at::Tensor& counters, int64_t seed) {
   const auto key = philox_key(seed);
   const uint32_t k0 = key.first, k1 = key.second;
   const auto flat = counters.to(at::kLong).contiguous();
-  auto out = at::empty({flat.numel(), 4}, flat.options());
+  auto out = flat.new_empty({flat.numel(), 4});
   const int64_t* counter = flat.data_ptr<int64_t>();
   int64_t* words = out.data_ptr<int64_t>();
   for (int64_t i = 0; i < flat.numel(); ++i) {

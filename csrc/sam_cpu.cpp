@@ -98,7 +98,7 @@ at::Tensor sam_sq_norm_cpu(at::TensorList grads, at::TensorList weights, const a
   });
   double total = 0;
   for (double p : partial) total += p;
-  return at::scalar_tensor(total, weights[0].options());
+  return weights[0].new_full({}, total);
 }
 
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList weights, const at::Tensor& inv_scale,
