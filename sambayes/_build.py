@@ -12,6 +12,7 @@ before PyTorch is known to be there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -184,6 +185,35 @@ def compile_emulated(build: str = ""):
     return _load(load, sources, cxx, folder, with_cuda=False, name=name, ldflags=LINK_FLAGS + ldflags)
 
 
+@contextlib.contextmanager
+def _build_lock(folder: pathlib.Path):
+    """Hold the folder's build lock (``.sambayes-lock``, an OS file lock, which the system drops when its
+    process ends, however it ends) while PyTorch builds or loads there. PyTorch's own lock, the file
+    ``lock``, stays behind when a build is killed (a signal Python cannot catch: a job's time limit,
+    ``kill -9``), and every later build or load there then waits for it to go, silently and forever; while
+    this lock is held no other sambayes process is building there, so a ``lock`` file found is such a
+    leftover, and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: PyTorch's lock file alone
+        yield
+        return
+    with open(folder / ".sambayes-lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"sambayes: waiting for another process's build in {folder}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            leftover = folder / "lock"
+            if leftover.exists():
+                print(f"sambayes: removing {leftover}, left by a build that was killed", file=sys.stderr)
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load(
     load,
     sources: list[pathlib.Path],
@@ -195,15 +225,16 @@ def _load(
     ldflags: list[str] = LINK_FLAGS,
 ):
     try:
-        return load(
-            name,
-            [str(path) for path in sources],
-            extra_cflags=cxx,
-            extra_cuda_cflags=NVCC_FLAGS,
-            extra_ldflags=ldflags,
-            build_directory=str(build),
-            with_cuda=with_cuda,
-        )
+        with _build_lock(build):
+            return load(
+                name,
+                [str(path) for path in sources],
+                extra_cflags=cxx,
+                extra_cuda_cflags=NVCC_FLAGS,
+                extra_ldflags=ldflags,
+                build_directory=str(build),
+                with_cuda=with_cuda,
+            )
     except Exception as exc:  # the compiler's own message, its tail, is the useful part
         raise ImportError(
             f"compiling the C++ extension in {build} failed ({type(exc).__name__}: {str(exc)[-2000:]})"

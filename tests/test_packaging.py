@@ -4,12 +4,15 @@ cache) and passes a fast subset of its own tests there."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import re
+import select
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -101,6 +104,7 @@ def test_the_sdist_installs_in_a_fresh_venv_and_passes_its_tests(tmp_path):
     assert pathlib.Path(first.stdout.strip()).parent == build
     again = _run([python, "-c", code], tmp_path, SAMBAYES_BUILD_DIR=str(build))
     assert "compiling" not in again.stderr  # cached: no second build, no message
+    _check_a_killed_build_is_cleared([python, "-c", code], tmp_path, build)
     info = _run([python, "-m", "sambayes", "info"], tmp_path, SAMBAYES_BUILD_DIR=str(build)).stdout
     spec = pathlib.Path(re.search(r"specification \(ALGORITHM.md\): (.+)", info).group(1))
     assert spec.is_file() and venv in spec.parents, info  # inside the installed package
@@ -134,3 +138,30 @@ def test_the_sdist_installs_in_a_fresh_venv_and_passes_its_tests(tmp_path):
     assert f"specification (ALGORITHM.md): {source / 'ALGORITHM.md'}" in info, info
     assert " passed" in summary and "failed" not in summary and "error" not in summary, result.stdout[-3000:]
     assert int(summary.split(" passed")[0].split()[-1]) >= 12, summary
+
+
+def _check_a_killed_build_is_cleared(command: list[str], cwd: pathlib.Path, build: pathlib.Path) -> None:
+    """A build killed midway (a job's time limit, kill -9) leaves PyTorch's lock file, on which every later load
+    waited, silently and forever: the next load says so, removes it and loads from the cache. And a load while
+    another process holds the folder's build lock (is building) waits for it, saying so."""
+    (build / "lock").touch()  # what the killed build left
+    env = {**os.environ, "SAMBAYES_BUILD_DIR": str(build)}
+    with open(build / ".sambayes-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a process building there holds it
+        load = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        said, deadline = b"", time.monotonic() + 300
+        try:
+            while b"waiting for another process's build" not in said:
+                ready, _, _ = select.select([load.stderr], [], [], max(0.0, deadline - time.monotonic()))
+                chunk = os.read(load.stderr.fileno(), 4096) if ready else b""
+                assert chunk, f"the load neither said it waits nor went on waiting: {said.decode()[-3000:]}"
+                said += chunk
+        except AssertionError:
+            load.kill()  # (a load that waits silently would wait forever)
+            raise
+        fcntl.flock(held, fcntl.LOCK_UN)
+    _, err = load.communicate(timeout=300)
+    err = said.decode() + err.decode()
+    assert load.returncode == 0, err[-3000:]
+    assert f"removing {build / 'lock'}, left by a build that was killed" in err and not (build / "lock").exists()
+    assert "compiling" not in err  # still the cached build
