@@ -204,6 +204,9 @@ def _build_lock(folder: pathlib.Path):
         except BlockingIOError:
             print(f"sambayes: waiting for another process's build in {folder}", file=sys.stderr)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network mounts): PyTorch's lock file alone
+            yield
+            return
         try:
             leftover = folder / "lock"
             if leftover.exists():

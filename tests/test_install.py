@@ -2,6 +2,8 @@
 is cached: tests/test_packaging.py, from the sdist in a fresh environment), names what is missing when it
 cannot compile; ``auto`` never falls back silently."""
 
+import errno
+import fcntl
 import os
 import pathlib
 import subprocess
@@ -38,6 +40,19 @@ def test_first_use_build_names_what_is_missing(tmp_path, monkeypatch):
         _build.compile_now()
     assert "a C++ compiler" in str(caught.value) and "ninja (pip install ninja)" in str(caught.value)
     assert not (tmp_path / "build").exists()  # stopped before doing anything
+
+
+def test_a_folder_without_file_locks_builds_under_pytorchs_lock_alone(tmp_path, monkeypatch):
+    """Some network file systems refuse locks: the build goes on without the folder's lock (a killed build's
+    leftover is then for the user to remove, as with PyTorch alone: tests/test_packaging.py has the rest)."""
+
+    def refused(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    (tmp_path / "lock").touch()  # not ours to remove without the folder's lock
+    monkeypatch.setattr(fcntl, "flock", refused)
+    with _build._build_lock(tmp_path):
+        assert (tmp_path / "lock").exists()
 
 
 def test_the_sources_ship_with_the_package():
