@@ -76,7 +76,7 @@ void bsam_sample_cpu(at::TensorList params, at::TensorList means, at::TensorList
       alignas(64) float z[kNoiseBlock];
       for (int64_t i = begin; i < end; i += kNoiseBlock) {
         const int64_t len = std::min(kNoiseBlock, end - i);
-        prefetch<true>(at_<P>(row.ptr[0], i), len);  // the block's memory under its noise's arithmetic
+        prefetch(at_<P>(row.ptr[0], i), len);  // the block's memory under its noise's arithmetic
         prefetch(at_<A>(row.ptr[1], i), len);
         prefetch(at_<S>(row.ptr[2], i), len);
         randn_range(z, row.offset + i, len, k0, k1);

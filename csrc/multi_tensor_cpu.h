@@ -38,13 +38,15 @@ void for_each_chunk(const std::vector<TensorRow<N>>& rows, F&& body) {
   });
 }
 
-// Elements [0, n) of an array asked into L2 (for writing: its lines owned already), before a block's noise is drawn:
-// the hardware prefetcher runs only a few lines ahead of the loads, so without this a block's memory traffic
-// waits until its arithmetic is done instead of going on under it.
-template <bool kWrite = false, typename T>
+// The cache lines of elements [0, n) of an array asked into L2, before a block's noise is drawn: the hardware
+// prefetcher runs only a few lines ahead of the loads, so without this a block's memory traffic waits until its
+// arithmetic is done instead of going on under it.
+template <typename T>
 inline void prefetch(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, kWrite, 2);
+  const auto end = reinterpret_cast<uintptr_t>(p + n);
+  for (auto line = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; line < end; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+  }
 }
 
 template <typename T>

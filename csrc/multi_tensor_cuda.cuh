@@ -447,6 +447,7 @@ class TableCache {
                   "torch.cuda.graphs recommends), with the same tensors");
       const auto chunks = plan_chunks(rows, kCudaChunk, /*noise_space=*/true);
       const size_t chunk_bytes = chunks.size() * sizeof(Chunk);
+      // (at::detail::empty_cpu, ATen/EmptyTensor.h: a CPU allocation without the op headers)
       const at::Tensor host{at::detail::empty_cpu({static_cast<int64_t>(row_bytes + chunk_bytes)}, at::kByte)};
       std::memcpy(host.data_ptr<uint8_t>(), rows.data(), row_bytes);
       std::memcpy(host.data_ptr<uint8_t>() + row_bytes, chunks.data(), chunk_bytes);

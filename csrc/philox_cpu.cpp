@@ -47,7 +47,7 @@ __attribute__((target("avx512f"), always_inline)) inline void philox_round_avx51
   s.x3 = p;                                                                       // lo(p)
 }
 
-// The low words of two lane sets, a's eight then b's: sixteen consecutive counters' word.
+// One of the four words for sixteen consecutive counters: the low halves of a's eight lanes, then b's.
 __attribute__((target("avx512f"), always_inline)) inline void store_low_words(uint32_t* out, __m512i a, __m512i b) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   _mm512_storeu_si512(out, _mm512_permutex2var_epi32(a, even, b));
@@ -68,7 +68,7 @@ __attribute__((target("avx512f"))) void philox_block_avx512(uint32_t* __restrict
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    // the counters' low words c0 + i + 0..7 and + 8..15 (no carry: the caller keeps them from wrapping)
+    // the counters' low words c0 + i + 0..7 and + 8..15 (a carry goes to the lanes' unread high halves)
     const __m512i first = _mm512_add_epi64(_mm512_set1_epi64(c0 + static_cast<uint32_t>(i)), lane);
     PhiloxLanes a{first, _mm512_set1_epi64(c1), _mm512_setzero_si512(), _mm512_setzero_si512()};
     PhiloxLanes b{_mm512_add_epi64(first, _mm512_set1_epi64(8)), a.x1, a.x2, a.x3};

@@ -172,7 +172,7 @@ at::Tensor sam_sq_norm_cuda(at::TensorList grads, at::TensorList weights, const 
   if (table.num_chunks == 0) return weights[0].new_zeros({});
   float* flag = device_scalar(found_inf, device, "found_inf");
   const float* inv = device_scalar(inv_scale, device, "inv_scale");
-  auto partial = weights[0].new_empty({table.num_chunks}, weights[0].options().dtype(at::kDouble));
+  auto partial = weights[0].new_empty({table.num_chunks}, at::kDouble);
   SB_DISPATCH_PARAM_DTYPE(grads[0].scalar_type(), "sam_sq_norm", [&] {
     using A = acc_t<scalar_t>;
     launch_kernel(sq_norm_kernel<scalar_t, A>, static_cast<unsigned>(table.num_chunks), kThreads,

@@ -16,8 +16,10 @@ import contextlib
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import sysconfig
+import time
 
 # csrc/: the ops by family and device (docs/cext.md says which file holds what)
 CPU_SOURCES = ["bindings.cpp", "bsam_cpu.cpp", "sam_cpu.cpp", "grads_cpu.cpp", "philox_cpu.cpp", "ivon_cpu.cpp"]
@@ -187,34 +189,67 @@ def compile_emulated(build: str = ""):
 
 @contextlib.contextmanager
 def _build_lock(folder: pathlib.Path):
-    """Hold the folder's build lock (``.sambayes-lock``, an OS file lock, which the system drops when its
-    process ends, however it ends) while PyTorch builds or loads there. PyTorch's own lock, the file
-    ``lock``, stays behind when a build is killed (a signal Python cannot catch: a job's time limit,
-    ``kill -9``), and every later build or load there then waits for it to go, silently and forever; while
-    this lock is held no other sambayes process is building there, so a ``lock`` file found is such a
-    leftover, and goes."""
+    """Hold the folder's build lock (an OS lock on ``.sambayes-lock``, which the system drops when its process
+    ends, however it ends) while PyTorch builds or loads there.
+
+    PyTorch's own lock, the file ``lock``, stays behind when a build is killed (a signal Python cannot catch:
+    a job's time limit, ``kill -9``), and every later build or load there then waits for it to go, silently
+    and forever. The holder writes its machine and process into ``.sambayes-lock``: a ``lock`` file found by
+    the next holder, when the last holder ran on this machine (OS locks always hold between processes of one
+    machine), is that holder's leftover, and goes. Otherwise (no locks on this file system, the last holder
+    on another machine sharing the folder, whose lock may not reach here) the ``lock`` file may be a live
+    build's: PyTorch waits for it, as before, but the wait is named.
+    """
+    handle = _hold(folder)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: PyTorch's lock file alone
-        yield
-        return
-    with open(folder / ".sambayes-lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"sambayes: waiting for another process's build in {folder}", file=sys.stderr)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (some network mounts): PyTorch's lock file alone
-            yield
-            return
-        try:
-            leftover = folder / "lock"
-            if leftover.exists():
+        previous = handle.read() if handle is not None else ""
+        if handle is not None:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+            handle.flush()
+        leftover = folder / "lock"
+        if leftover.exists():
+            if previous.split()[:1] == [socket.gethostname()]:
                 print(f"sambayes: removing {leftover}, left by a build that was killed", file=sys.stderr)
                 leftover.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            else:
+                print(
+                    f"sambayes: waiting for {leftover} to go: another machine may be building there; "
+                    "if no build runs, a killed one left it: delete it",
+                    file=sys.stderr,
+                )
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # (closing drops the lock)
+
+
+def _hold(folder: pathlib.Path):
+    """The folder's ``.sambayes-lock``, open at its start and locked (after saying so, when another process
+    holds it for over a second); None where the OS or the file system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    handle = open(folder / ".sambayes-lock", "a+")  # noqa: SIM115 - closed by _build_lock
+    try:
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print(f"sambayes: waiting for another process building or loading in {folder}", file=sys.stderr)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
+    except OSError:  # a file system without locks (some network mounts): PyTorch's lock file alone
+        handle.close()
+        return None
+    handle.seek(0)
+    return handle
 
 
 def _load(

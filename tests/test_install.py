@@ -3,9 +3,9 @@ is cached: tests/test_packaging.py, from the sdist in a fresh environment), name
 cannot compile; ``auto`` never falls back silently."""
 
 import errno
-import fcntl
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -42,17 +42,28 @@ def test_first_use_build_names_what_is_missing(tmp_path, monkeypatch):
     assert not (tmp_path / "build").exists()  # stopped before doing anything
 
 
-def test_a_folder_without_file_locks_builds_under_pytorchs_lock_alone(tmp_path, monkeypatch):
-    """Some network file systems refuse locks: the build goes on without the folder's lock (a killed build's
-    leftover is then for the user to remove, as with PyTorch alone: tests/test_packaging.py has the rest)."""
+@pytest.mark.parametrize("last_holder", ["this machine", "another machine", "no file locks"])
+def test_a_lock_file_goes_only_when_its_build_is_known_dead(tmp_path, monkeypatch, capfd, last_holder):
+    """PyTorch's ``lock`` file goes when the folder's last holder ran on this machine (it is not running: the
+    folder's OS lock is free); it stays, and the wait is named, when the last holder ran elsewhere or the file
+    system has no locks (tests/test_packaging.py has the whole of it, with a real build folder)."""
+    fcntl = pytest.importorskip("fcntl")
+    host = socket.gethostname() if last_holder == "this machine" else "another-machine"
+    (tmp_path / ".sambayes-lock").write_text(f"{host} 12345\n")
+    (tmp_path / "lock").touch()
+    if last_holder == "no file locks":
 
-    def refused(*args):
-        raise OSError(errno.ENOLCK, "No locks available")
+        def refused(*args):
+            raise OSError(errno.ENOLCK, "No locks available")
 
-    (tmp_path / "lock").touch()  # not ours to remove without the folder's lock
-    monkeypatch.setattr(fcntl, "flock", refused)
+        monkeypatch.setattr(fcntl, "flock", refused)
     with _build._build_lock(tmp_path):
-        assert (tmp_path / "lock").exists()
+        said = capfd.readouterr().err
+        if last_holder == "this machine":
+            assert not (tmp_path / "lock").exists() and "left by a build that was killed" in said
+            assert (tmp_path / ".sambayes-lock").read_text() == f"{host} {os.getpid()}\n"  # now this process
+        else:
+            assert (tmp_path / "lock").exists() and f"waiting for {tmp_path / 'lock'} to go" in said
 
 
 def test_the_sources_ship_with_the_package():
