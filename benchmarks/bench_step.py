@@ -32,8 +32,8 @@ Rows (``phase``):
   and the regenerated noise); ``kernels`` the three back to back. Its floor is a copy of 44 B per
   float32 parameter (sample 12, update 32); the closing lines compare its step with ivon-opt's,
   the floor, bSAM's and AdamW's. ``noise`` (the ``cpu`` backend): the normals a step draws (the
-  sample's, and the update's again for Price's estimator), alone, into a buffer the caches hold: the
-  arithmetic no implementation of the spec goes below on this device, whatever its memory.
+  sample's, and the update's again for Price's estimator), alone, into a 4 MB buffer the caches hold:
+  the arithmetic of the spec's noise with this generator, without memory traffic.
 
 GB/s divides the minimal bytes of a phase (the kernels' docstrings) by the time, whatever the
 implementation moves; "% copy" compares with a copy of the parameters measured in the same run,
@@ -255,7 +255,7 @@ def ivon_backend_phases(module, pb: Problem):
 
 def cpu_noise(numel: int, draws: int):
     """``draws`` passes of ``numel`` normals (ALGORITHM.md, "Noise") by the CPU extension, into a buffer of 2^20
-    (4 MB: it stays in the caches, so this times the generator's arithmetic, not memory)."""
+    (4 MB: it stays in the last-level cache, so this times the generator's arithmetic, not memory)."""
     buffer = torch.empty(min(numel, 1 << 20))
     randn = torch.ops.sambayes_C.philox_randn_
 
