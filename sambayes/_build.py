@@ -200,17 +200,11 @@ def _build_lock(folder: pathlib.Path):
     on another machine sharing the folder, whose lock may not reach here) the ``lock`` file may be a live
     build's: PyTorch waits for it, as before, but the wait is named.
     """
-    handle = _hold(folder)
+    handle, last_holder = _hold(folder)
     try:
-        previous = handle.read() if handle is not None else ""
-        if handle is not None:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
-            handle.flush()
         leftover = folder / "lock"
         if leftover.exists():
-            if previous.split()[:1] == [socket.gethostname()]:
+            if last_holder.split()[:1] == [socket.gethostname()]:
                 print(f"sambayes: removing {leftover}, left by a build that was killed", file=sys.stderr)
                 leftover.unlink(missing_ok=True)
             else:
@@ -226,12 +220,13 @@ def _build_lock(folder: pathlib.Path):
 
 
 def _hold(folder: pathlib.Path):
-    """The folder's ``.sambayes-lock``, open at its start and locked (after saying so, when another process
-    holds it for over a second); None where the OS or the file system has no such locks."""
+    """(the folder's ``.sambayes-lock``, locked, now naming this machine and process; the last holder it named):
+    locked after saying so when another process holds it for over a second; (None, "") where the OS or the
+    file system has no such locks."""
     try:
         import fcntl
     except ImportError:  # not POSIX
-        return None
+        return None, ""
     handle = open(folder / ".sambayes-lock", "a+")  # noqa: SIM115 - closed by _build_lock
     try:
         deadline = time.monotonic() + 1.0
@@ -247,9 +242,14 @@ def _hold(folder: pathlib.Path):
                 time.sleep(0.05)
     except OSError:  # a file system without locks (some network mounts): PyTorch's lock file alone
         handle.close()
-        return None
+        return None, ""
     handle.seek(0)
-    return handle
+    last_holder = handle.read()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+    handle.flush()
+    return handle, last_holder
 
 
 def _load(
